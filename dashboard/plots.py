@@ -311,7 +311,7 @@ def best_decay_over_training(drift: pd.DataFrame, metrics_shown: Sequence[str] |
                 name=str(metric),
                 line=dict(shape="hv"),
                 customdata=np.stack([g["variant"], [format_value(x) for x in g["value"]]], 1),
-                hovertemplate=f"{metric}<br>step %{{x:,}}<br>best %{{customdata[0]}}"
+                hovertemplate=f"{metric}<br>step %{{x:,}}<br>best %{{customdata[0]}} "
                 "(%{customdata[1]})<extra></extra>",
             )
         )
