@@ -39,7 +39,8 @@ STATE_ICON = {
 
 def cli_options() -> tuple[Path | None, bool]:
     """(root path, poll?) from argv after ``--`` or the environment."""
-    args = [a for a in sys.argv[1:]]
+    ours = bool(sys.argv) and Path(sys.argv[0]).resolve() == Path(__file__).resolve()
+    args = sys.argv[1:] if ours else []  # under `streamlit run app.py -- PATH`, not under a test runner
     poll = "--poll" in args
     paths = [a for a in args if not a.startswith("--")]
     root = paths[0] if paths else os.environ.get(ENV_PATH)
@@ -71,9 +72,7 @@ def live_poller(watcher: RunWatcher | None) -> None:
         return
     seen = st.session_state.get("_seen_changes")
     now = watcher.value
-    if seen is None:
-        st.session_state["_seen_changes"] = now
-    elif now != seen:
+    if seen is not None and now != seen:
         st.session_state["_seen_changes"] = now
         st.rerun(scope="app")
 
@@ -315,6 +314,8 @@ def main() -> None:
         st.error(f"No run directory to show (got {str(root)!r}). Start with `emascope dashboard PATH`.")
         return
     watcher = get_watcher(str(root), poll)
+    if watcher is not None:  # a full run reads everything: only changes after this point rerun it
+        st.session_state["_seen_changes"] = watcher.value
     runs = discover_runs(root)
     path = sidebar(root, runs)
     st.sidebar.toggle(
