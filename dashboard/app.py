@@ -29,11 +29,12 @@ from dashboard.data import (  # noqa: E402
 from dashboard.watch import RunWatcher, poll_requested  # noqa: E402
 
 ENV_PATH = "EMASCOPE_DASHBOARD_PATH"
-STATE_ICON = {
-    "live": "🟢 live",
-    "finished": "🏁 finished",
-    "stale": "🟠 stale (no heartbeat)",
-    "unknown": "⚪ unknown",
+STATE_LABEL = {"live": "live", "finished": "finished", "stale": "stale", "unknown": "unknown"}
+STATE_HELP = {
+    "live": "the agent's heartbeat is fresh",
+    "finished": "the agent closed the run",
+    "stale": "no fresh heartbeat: the job crashed, was killed or is hung",
+    "unknown": "no heartbeat file yet",
 }
 
 
@@ -143,7 +144,7 @@ def status_panel(run: RunData) -> None:
     errors = run.events_of("error")
     skips = [e.get("count") for e in run.events_of("nonfinite_skip") if isinstance(e.get("count"), int)]
     c = st.columns(5)
-    c[0].metric("Status", STATE_ICON[state], help=f"from the heartbeat file{age}")
+    c[0].metric("Status", STATE_LABEL[state], help=STATE_HELP[state] + age)
     c[1].metric("Last step", "—" if last is None else ranking.format_step(last))
     c[2].metric("Stages scored", f"{run.metrics['step'].nunique()}")
     c[3].metric(
@@ -154,7 +155,8 @@ def status_panel(run: RunData) -> None:
     c[4].metric("Errors · skipped updates", f"{len(errors)} · {max(skips) if skips else 0}")
     if age:
         st.caption(
-            f"{STATE_ICON[state]}{age}" + (" · live updates paused" if st.session_state.get("paused") else "")
+            f"{STATE_LABEL[state]}{age}"
+            + (" · live updates paused" if st.session_state.get("paused") else "")
         )
     bad = {k: v for k, v in run.bad_lines.items() if v}
     if bad:
@@ -362,7 +364,9 @@ def main() -> None:
         ]
     )
     with tabs[0]:
-        max_lines = st.slider("stages drawn", 1, 30, plots.MAX_LINES, key="max_lines")
+        max_lines = st.columns([1, 3])[0].slider(
+            "Stages drawn (evenly spaced)", 1, 30, plots.MAX_LINES, key="max_lines"
+        )
         st.plotly_chart(
             plots.metric_vs_decay(run.metrics, metric, direction, max_lines=max_lines),
             width="stretch",

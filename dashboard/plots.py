@@ -247,6 +247,9 @@ def precision_recall(metrics: pd.DataFrame, step: int, hover_metric: str | None 
 
     fixed = [v for v in wide.index if decay_of(v) is not None]
     gaps = np.array([1.0 - decay_of(v) for v in fixed])
+    exps = -np.log10(gaps) if len(fixed) else np.array([])
+    # colour-bar ticks at the decays 0.9, 0.99, ... (plus the ends) so close decays do not overlap
+    ticks = [i for i, e in enumerate(exps) if abs(e - round(e)) < 0.02 or i in (0, len(exps) - 1)]
     fig = go.Figure()
     if fixed:
         fig.add_trace(
@@ -262,7 +265,7 @@ def precision_recall(metrics: pd.DataFrame, step: int, hover_metric: str | None 
                     size=11,
                     color=-np.log10(gaps),
                     colorscale="Plasma",
-                    colorbar=dict(title="decay", tickvals=-np.log10(gaps), ticktext=fixed),
+                    colorbar=dict(title="decay", tickvals=exps[ticks], ticktext=[fixed[i] for i in ticks]),
                 ),
                 hovertext=hover(fixed),
                 hovertemplate="%{hovertext}<extra></extra>",
@@ -354,6 +357,10 @@ def compare_runs_figure(
                 hovertemplate=f"{run}<br>step %{{x:,}}<br>{fixed}: %{{y:.4g}}<extra></extra>",
             )
         )
+    rng = _robust_range(comparison[["fixed_value", "best_value"]].to_numpy(dtype=float).ravel())
+    if rng is not None:
+        pad = (rng[1] - rng[0]) * 0.08 or abs(rng[1]) * 0.05 or 1.0
+        fig.update_yaxes(range=[rng[0] - pad, rng[1] + pad])
     fig.update_layout(
         **_LAYOUT,
         title=f"{metric}: runs at decay {fixed} (dashed) vs at their best decay (solid)",

@@ -18,7 +18,8 @@ import pandas as pd
 DEFAULT_DECAY_VARIANT = "0.9999"  # the community default the recommendation compares against
 RAW = "raw"
 MAD_Z_THRESHOLD = 5.0  # robust z (0.6745 * |x - median| / MAD) above which a value is off the scale
-MIN_RELATIVE_GAP = 0.5  # ...and it must also be this far from the median, relative to |median|
+MIN_GAP_LOWER = 2.0  # ...and, for lower-is-better metrics, at least this x |median| above it (3x)
+MIN_GAP_HIGHER = 0.75  # ...for higher-is-better ones, this x |median| below it (a quarter of it)
 RECALL_COLLAPSE = 0.02  # recall at or below this is "recall ~ 0"
 
 
@@ -147,7 +148,9 @@ def detect_collapse(row: pd.Series, direction: str | None, metric: str = "") -> 
 
     Robust rule: robust z = 0.6745 * |x - median| / MAD above :data:`MAD_Z_THRESHOLD`, on the
     bad side (above the median for "lower" metrics, below for "higher"; either side when the
-    direction is unknown), and at least :data:`MIN_RELATIVE_GAP` x |median| away from the median.
+    direction is unknown), and far from the median in relative terms: at least 3x the median
+    for "lower" metrics, at most a quarter of it for "higher" ones (:data:`MIN_GAP_LOWER`,
+    :data:`MIN_GAP_HIGHER`).
     A recall at or below :data:`RECALL_COLLAPSE` is always a collapse ("recall ~ 0"). A non-finite
     value among finite ones is reported as "non-finite".
     """
@@ -168,7 +171,8 @@ def detect_collapse(row: pd.Series, direction: str | None, metric: str = "") -> 
     for v, x in finite.items():
         dev = x - med
         bad_side = dev > 0 if direction == "lower" else dev < 0 if direction == "higher" else dev != 0
-        if not bad_side or abs(dev) < MIN_RELATIVE_GAP * abs(med) or abs(dev) == 0:
+        min_gap = MIN_GAP_HIGHER if direction == "higher" else MIN_GAP_LOWER
+        if not bad_side or abs(dev) < min_gap * abs(med) or abs(dev) == 0:
             continue
         z = math.inf if mad == 0 else 0.6745 * abs(dev) / mad
         if z > MAD_Z_THRESHOLD:
@@ -283,13 +287,13 @@ def recommend(
     text = sentences[0] + (": " + "; ".join(comps) if comps else "") + "."
     extra = _disagreement(metrics, directions, step, metric)
     if extra:
-        text += " " + extra
+        text += "\n\n" + extra
     coll = collapses(metrics, directions, step)
     level = "info"
     if coll:
         level = "warning"
         text += (
-            " **Collapse** (ignore these variants): "
+            "\n\n**Collapse** (ignore these variants): "
             + "; ".join(f"{_decay_label(v)} ({', '.join(r)})" for v, r in coll.items())
             + "."
         )

@@ -70,7 +70,7 @@ def model_value(metric: str, step: int, variant: str, total: int = 10_000, shift
     x = 0.0 if variant == "raw" else -math.log10(1.0 - float(variant))  # 0.3 .. 6
     opt = 2.2 + 1.5 * frac  # best decay drifts from ~0.994 to ~0.9998
     collapsed = x > opt + 1.6
-    fid = 3.0 + shift - frac + 0.4 * (x - opt) ** 2
+    fid = 3.0 + shift - frac + 0.2 * (x - opt) ** 2
     prec = min(0.95, 0.55 + 0.06 * x)
     rec = max(0.0, 0.75 - 0.035 * x * x)
     if collapsed:
