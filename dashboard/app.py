@@ -99,14 +99,14 @@ def sidebar(root: Path, runs: list[Path]) -> Path | None:
     return Path(choice)
 
 
-def pick_metric(run: RunData) -> str | None:
+def pick_metric(run: RunData, box) -> str | None:
     names = ranking.order_metrics(run.metrics["metric"].unique())
     if not names:
         return None
     if st.session_state.get("metric") not in names:
         st.session_state["metric"] = next((m for m in ("fid", "fd") if m in names), names[0])
     dirs = run.directions
-    return st.sidebar.selectbox(
+    return box.selectbox(
         "Metric",
         names,
         key="metric",
@@ -116,7 +116,7 @@ def pick_metric(run: RunData) -> str | None:
     )
 
 
-def pick_stage(steps: list[int]) -> int | None:
+def pick_stage(steps: list[int], box) -> int | None:
     """Stage select_slider that follows the newest stage unless the user moved it back."""
     if not steps:
         return None
@@ -126,9 +126,9 @@ def pick_stage(steps: list[int]) -> int | None:
         st.session_state["stage"] = latest
     st.session_state["_latest_stage"] = latest
     if len(steps) == 1:
-        st.sidebar.markdown(f"**Stage:** step {ranking.format_step(latest)}")
+        box.markdown(f"**Stage:** step {ranking.format_step(latest)}")
         return latest
-    return st.sidebar.select_slider(
+    return box.select_slider(
         "Stage (optimizer step)", options=steps, key="stage", format_func=ranking.format_step
     )
 
@@ -309,8 +309,16 @@ def export_view(run: RunData) -> None:
         )
 
 
+_CSS = """<style>
+.block-container {padding-top: 2.2rem; padding-bottom: 1rem;}
+[data-testid="stMetricValue"] {font-size: 1.5rem;}
+h1 {padding-top: 0 !important; padding-bottom: 0.1rem !important;}
+</style>"""
+
+
 def main() -> None:
     st.set_page_config(page_title="emascope", page_icon="📈", layout="wide")
+    st.markdown(_CSS, unsafe_allow_html=True)
     root, poll = cli_options()
     if root is None or not root.is_dir():
         st.error(f"No run directory to show (got {str(root)!r}). Start with `emascope dashboard PATH`.")
@@ -320,6 +328,8 @@ def main() -> None:
         st.session_state["_seen_changes"] = watcher.value
     runs = discover_runs(root)
     path = sidebar(root, runs)
+    controls = st.sidebar.container()
+    st.sidebar.divider()
     st.sidebar.toggle(
         "Pause live updates",
         key="paused",
@@ -339,9 +349,17 @@ def main() -> None:
     if run.error:
         st.error(f"Cannot show this run: {run.error}")
         return
-    metric = pick_metric(run)
+    metric = pick_metric(run, controls)
     steps = sorted(int(s) for s in run.metrics["step"].unique()) if len(run.metrics) else []
-    stage = pick_stage(steps)
+    stage = pick_stage(steps, controls)
+    controls.slider(
+        "Stages drawn in 'metric vs decay'",
+        1,
+        30,
+        plots.MAX_LINES,
+        key="max_lines",
+        help="Evenly spaced stages, first and last always included.",
+    )
     if metric is None:
         status_panel(run)
         st.info("No scores yet: the first scoring sweep has not finished. This page updates live.")
@@ -364,9 +382,7 @@ def main() -> None:
         ]
     )
     with tabs[0]:
-        max_lines = st.columns([1, 3])[0].slider(
-            "Stages drawn (evenly spaced)", 1, 30, plots.MAX_LINES, key="max_lines"
-        )
+        max_lines = st.session_state.get("max_lines", plots.MAX_LINES)
         st.plotly_chart(
             plots.metric_vs_decay(run.metrics, metric, direction, max_lines=max_lines),
             width="stretch",

@@ -32,7 +32,7 @@ STAGE_SCALE = "Viridis"
 MAX_LINES = 12  # stages drawn as lines in the metric-vs-decay view
 MAX_HEATMAP_ROWS = 60
 _LAYOUT = dict(
-    template="plotly_white", margin=dict(l=60, r=20, t=50, b=60), height=430, hoverlabel=dict(namelength=-1)
+    template="plotly_white", margin=dict(l=60, r=20, t=50, b=60), height=500, hoverlabel=dict(namelength=-1)
 )
 
 
