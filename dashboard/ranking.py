@@ -79,7 +79,10 @@ def metric_table(metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
     sub = metrics[metrics["metric"] == metric]
     if sub.empty:
         return pd.DataFrame()
-    table = sub.pivot_table(index="step", columns="variant", values="value", aggfunc="last", dropna=False)
+    try:  # frames from data.metric_records_to_frame hold one row per (step, variant, metric)
+        table = sub.pivot(index="step", columns="variant", values="value")
+    except ValueError:
+        table = sub.pivot_table(index="step", columns="variant", values="value", aggfunc="last", dropna=False)
     table = table.reindex(columns=variant_order(table.columns)).sort_index()
     table.columns.name = None
     return table
@@ -106,13 +109,22 @@ def best_per_stage(metrics: pd.DataFrame, metric: str, direction: str | None) ->
     table = metric_table(metrics, metric)
     if table.empty or direction not in ("lower", "higher"):
         return pd.DataFrame(columns=cols)
-    rows = []
-    for step, row in table.iterrows():
-        v, val = best_of_row(row, direction)
-        if v is not None:
-            d = decay_of(v)
-            rows.append((int(step), v, math.nan if d is None else d, val))
-    return pd.DataFrame(rows, columns=cols)
+    arr = table.to_numpy(dtype=float)
+    ok = np.isfinite(arr)
+    has = ok.any(axis=1)
+    fill = np.inf if direction == "lower" else -np.inf
+    masked = np.where(ok, arr, fill)
+    idx = masked.argmin(axis=1) if direction == "lower" else masked.argmax(axis=1)  # first = smaller decay
+    variants = np.asarray(table.columns, dtype=object)[idx][has]
+    return pd.DataFrame(
+        {
+            "step": table.index.to_numpy(dtype="int64")[has],
+            "variant": variants,
+            "decay": [math.nan if (d := decay_of(v)) is None else d for v in variants],
+            "value": masked[np.arange(len(arr)), idx][has],
+        },
+        columns=cols,
+    )
 
 
 def best_decay_drift(metrics: pd.DataFrame, directions: Mapping[str, str]) -> pd.DataFrame:
