@@ -160,3 +160,35 @@ def test_export_finished_run_from_snapshot(tmp_path, monkeypatch):
     for k in want:
         torch.testing.assert_close(got[k].float(), want[k].float())
     assert any("ema-0.9.safetensors" in s.value for s in at.success)
+
+
+def test_stage_follows_newest_unless_moved_back(tmp_path, monkeypatch):
+    from dashboard_fixtures import metric_lines, write_jsonl
+
+    run = make_run(tmp_path, "r", steps=(1000, 2000), samples=False)
+    at = start(monkeypatch, tmp_path)
+    assert at.sidebar.select_slider(key="stage").value == 2000
+    write_jsonl(run / "metrics.jsonl", metric_lines([3000]))
+    at.run()
+    assert at.sidebar.select_slider(key="stage").value == 3000  # followed the new stage
+    at.sidebar.select_slider(key="stage").set_value(1000).run()
+    write_jsonl(run / "metrics.jsonl", metric_lines([4000]))
+    at.run()
+    assert at.sidebar.select_slider(key="stage").value == 1000  # the user's choice is kept
+    assert banner(at).startswith("At step 1,000")
+
+
+def test_image_previews_in_gallery(tmp_path, monkeypatch):
+    from PIL import Image
+
+    info = run_info("img", sample_kind="images")
+    run = make_run(tmp_path, "img", steps=(1000,), samples=False, info=info)
+    folder = run / "samples" / "step_000001000"
+    folder.mkdir(parents=True)
+    for i, v in enumerate(["raw", "0.9", "0.9999"]):
+        Image.new("RGB", (16, 16), (40 * i, 100, 200)).save(folder / f"{v}.png")
+    (folder / "0.999.png").write_bytes(b"\x89PNG\r\n\x1a\n half")  # torn preview: skipped, not fatal
+    at = start(monkeypatch, tmp_path)
+    captions = [c.value for c in at.caption]
+    assert any("0.999: preview not readable yet" in c for c in captions)
+    assert len(at.image) == 3
