@@ -159,6 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.poll:
         env["EMASCOPE_POLL"] = "1"
     proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):  # a terminated launcher must not leave the server running
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, forward)
+        except (ValueError, OSError, AttributeError):  # not the main thread / not on this platform
+            pass
     url = url_for(args.host, args.port)
 
     def announce() -> None:

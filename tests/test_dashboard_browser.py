@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -142,7 +143,9 @@ def test_dashboard_in_a_real_browser(tmp_path):
         "--port",
         str(port),
     ]
-    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         url = None
         deadline = time.monotonic() + 45
@@ -191,9 +194,18 @@ def test_dashboard_in_a_real_browser(tmp_path):
             browser.close()
     finally:
         agent.stop_flag.set()
-        server.terminate()
+        server.terminate()  # the launcher forwards SIGTERM to the Streamlit server
         try:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+        time.sleep(1)
+        try:  # nothing of ours may be left running
+            os.killpg(server.pid, 0)
+            leftover = True
+        except ProcessLookupError:
+            leftover = False
+        if leftover:
+            os.killpg(server.pid, signal.SIGKILL)
+        assert not leftover, "the Streamlit server outlived `emascope dashboard`"
