@@ -1,0 +1,339 @@
+"""Feature extractors (torch-fidelity registry or identity) and the reference-feature cache.
+
+A feature extractor turns a batch of samples into ``Features``: ``features`` ``[n, d]`` (used by
+FID/FD, KID, precision/recall, density/coverage) and optionally ``logits`` ``[n, classes]`` (used
+by the Inception Score). Both are float64 CPU tensors.
+
+Sample conventions:
+
+- **points**: float tensor ``[n, d]`` -> the identity extractor (features are the points).
+- **images**: tensor ``[n, C, H, W]`` with C in {1, 3}: ``uint8`` in [0, 255], or float in
+  [-1, 1] or [0, 1] (``image_range``; ``"auto"`` decides once from the reference data: any
+  negative value means [-1, 1]). Grayscale is repeated to 3 channels. torch-fidelity's image
+  extractors take uint8 ``[n, 3, H, W]`` and resize internally.
+
+Reference features are cached as ``RUN_DIR/reference/<key>.npz`` (``np.load(allow_pickle=False)``),
+keyed by extractor name + a hash of the extractor's weights + a hash of the reference data, so a
+different weights file never silently reuses stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agent.atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+IMAGE_RANGES = ("auto", "-1,1", "0,1")
+
+
+@dataclass
+class Features:
+    """Features of a set of samples: ``features`` [n, d] and optional ``logits`` [n, classes]."""
+
+    features: torch.Tensor
+    logits: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.features = _as_2d_float64("features", self.features)
+        if self.logits is not None:
+            self.logits = _as_2d_float64("logits", self.logits)
+            if len(self.logits) != len(self.features):
+                raise ValueError(f"logits have {len(self.logits)} rows, "
+                                 f"features have {len(self.features)}")
+
+
+#: Precomputed reference features can be passed to ``attach(reference=...)`` as this class.
+ReferenceFeatures = Features
+
+
+def _as_2d_float64(name: str, x: Any) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [n, d], got shape {tuple(t.shape)}")
+    return t.detach().to("cpu", torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# sample kinds and image conversion
+
+
+def sample_kind(samples: torch.Tensor) -> str:
+    """``"points"`` for ``[n, d]`` tensors, ``"images"`` for ``[n, C, H, W]`` with C in {1, 3}."""
+    if not torch.is_tensor(samples):
+        raise ValueError(f"samples must be a torch.Tensor, got {type(samples).__name__}")
+    if samples.dim() == 2 and samples.is_floating_point():
+        return "points"
+    if samples.dim() == 4 and samples.shape[1] in (1, 3):
+        return "images"
+    raise ValueError(f"samples must be float [n, d] points or [n, C, H, W] images with C in (1, 3); "
+                     f"got dtype {samples.dtype} shape {tuple(samples.shape)}")
+
+
+def resolve_image_range(image_range: str, reference: torch.Tensor | None) -> str:
+    """Fix ``"auto"`` to ``"-1,1"`` or ``"0,1"`` from the reference images (uint8 stays as is)."""
+    if image_range not in IMAGE_RANGES:
+        raise ValueError(f"image_range must be one of {IMAGE_RANGES}, got {image_range!r}")
+    if image_range != "auto":
+        return image_range
+    if reference is None or not torch.is_tensor(reference) or not reference.is_floating_point():
+        return "-1,1"
+    return "-1,1" if bool((reference < 0).any()) else "0,1"
+
+
+def images_to_uint8(images: torch.Tensor, image_range: str = "-1,1") -> torch.Tensor:
+    """Images ``[n, C, H, W]`` -> uint8 ``[n, 3, H, W]`` (float values clamped to the range)."""
+    if sample_kind(images) != "images":
+        raise ValueError(f"expected images [n, C, H, W], got shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        out = images
+    elif images.is_floating_point():
+        if image_range == "-1,1":
+            x = (images.float() + 1.0) * 127.5
+        elif image_range == "0,1":
+            x = images.float() * 255.0
+        else:
+            raise ValueError(f"image_range must be '-1,1' or '0,1' here, got {image_range!r}")
+        out = x.clamp(0, 255).round().to(torch.uint8)
+    else:
+        raise ValueError(f"images must be uint8 or float, got {images.dtype}")
+    if out.shape[1] == 1:
+        out = out.expand(-1, 3, -1, -1)
+    return out.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# extractors
+
+
+class IdentityExtractor:
+    """Features are the samples themselves (low-dimensional data, e.g. 2-D points)."""
+
+    name = "identity"
+    weights_hash = "none"
+    has_logits = False
+
+    def __call__(self, samples: torch.Tensor) -> Features:
+        if samples.dim() != 2:
+            raise ValueError(f"the identity extractor takes [n, d] samples, got shape {tuple(samples.shape)}")
+        return Features(samples)
+
+
+class CallableExtractor:
+    """A user function ``samples -> features [n, d]`` (or ``(features, logits)``)."""
+
+    has_logits = False
+
+    def __init__(self, fn: Callable[[torch.Tensor], Any], batch_size: int = 256) -> None:
+        self.fn = fn
+        self.batch_size = int(batch_size)
+        self.name = getattr(fn, "__name__", None) or type(fn).__name__
+        self.weights_hash = module_hash(fn) if isinstance(fn, nn.Module) else "none"
+
+    def __call__(self, samples: torch.Tensor) -> Features:
+        feats, logits = [], []
+        with torch.no_grad():
+            for chunk in samples.split(self.batch_size):
+                out = self.fn(chunk)
+                if isinstance(out, tuple):
+                    feats.append(torch.as_tensor(out[0]).detach().cpu())
+                    logits.append(torch.as_tensor(out[1]).detach().cpu())
+                else:
+                    feats.append(torch.as_tensor(out).detach().cpu())
+        return Features(torch.cat(feats), torch.cat(logits) if logits else None)
+
+
+class TorchFidelityExtractor:
+    """A feature extractor from torch-fidelity's registry (``register_feature_extractor``).
+
+    ``name``: registered name (``"inception-v3-compat"`` by default for images);
+    ``weights_path``: local weights file (no download), passed as
+    ``feature_extractor_weights_path``; ``device``: where the extractor runs ("cpu", "cuda:0").
+    Features come from the extractor's default FID layer, logits from its default ISC layer
+    (when it provides one, e.g. Inception's ``logits_unbiased``).
+    """
+
+    def __init__(self, name: str = "inception-v3-compat", *, weights_path: str | os.PathLike | None = None,
+                 device: str | torch.device = "cpu", batch_size: int = 64,
+                 image_range: str = "-1,1") -> None:
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        if name not in FEATURE_EXTRACTORS_REGISTRY:
+            raise ValueError(f"feature extractor {name!r} is not registered with torch-fidelity; "
+                             f"known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+        if weights_path is not None:
+            weights_path = Path(weights_path)
+            if not weights_path.is_file():
+                raise ValueError(f"feature_extractor_weights_path {str(weights_path)!r} is not a file")
+            # torch-fidelity loads it with weights_only=False; refuse anything that is not plain
+            # tensors first so a hostile file is never unpickled with arbitrary globals.
+            torch.load(weights_path, map_location="cpu", weights_only=True)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        cls = FEATURE_EXTRACTORS_REGISTRY[name]
+        self.feature_layer = cls.get_default_feature_layer_for_metric("fid")
+        try:
+            logits_layer = cls.get_default_feature_layer_for_metric("isc")
+        except Exception:  # extractors without a classifier head
+            logits_layer = None
+        if logits_layer not in cls.get_provided_features_list() or logits_layer == self.feature_layer:
+            logits_layer = None
+        self.logits_layer = logits_layer
+        layers = [self.feature_layer] + ([logits_layer] if logits_layer else [])
+        kwargs: dict[str, Any] = {"verbose": False}
+        if weights_path is not None:
+            kwargs["feature_extractor_weights_path"] = str(weights_path)
+        self.module = cls(name, layers, **kwargs).to(device).eval().requires_grad_(False)
+        self.name = name
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.image_range = image_range
+        self.has_logits = self.logits_layer is not None
+        self.weights_hash = module_hash(self.module)
+
+    def __call__(self, samples: torch.Tensor) -> Features:
+        images = images_to_uint8(samples, self.image_range)
+        feats: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
+        with torch.no_grad():
+            for chunk in images.split(self.batch_size):
+                out = self.module.convert_features_tuple_to_dict(self.module(chunk.to(self.device)))
+                feats.append(out[self.feature_layer].cpu())
+                if self.logits_layer is not None:
+                    logits.append(out[self.logits_layer].cpu())
+        return Features(torch.cat(feats), torch.cat(logits) if logits else None)
+
+
+Extractor = IdentityExtractor | TorchFidelityExtractor | CallableExtractor
+
+
+def make_extractor(spec: str | Callable | None, kind: str, *, weights_path: str | os.PathLike | None = None,
+                   device: str | torch.device = "cpu", batch_size: int = 64,
+                   image_range: str = "-1,1") -> Extractor:
+    """Build the extractor for ``spec``: ``None``/``"auto"`` (identity for points, Inception-v3 for
+    images), ``"identity"``, a torch-fidelity registered name, or a callable."""
+    if callable(spec) and not isinstance(spec, str):
+        return CallableExtractor(spec, batch_size=batch_size)
+    if spec in (None, "auto"):
+        spec = "identity" if kind == "points" else "inception-v3-compat"
+    if spec == "identity":
+        return IdentityExtractor()
+    if not isinstance(spec, str):
+        raise ValueError("feature_extractor must be 'auto', 'identity', a torch-fidelity name or a "
+                         f"callable, "
+                         f"got {spec!r}")
+    return TorchFidelityExtractor(spec, weights_path=weights_path, device=device, batch_size=batch_size,
+                                  image_range=image_range)
+
+
+# ----------------------------------------------------------------------------------------------
+# hashing and the reference cache
+
+
+def tensor_hash(t: torch.Tensor, h: Any = None) -> str:
+    """sha256 over dtype, shape and raw bytes of a tensor (updates ``h`` if given)."""
+    h = h or hashlib.sha256()
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def module_hash(module: nn.Module) -> str:
+    """sha256 over a module's state_dict (names, dtypes, shapes, bytes), first 16 hex digits."""
+    h = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        h.update(key.encode())
+        if torch.is_tensor(value):
+            tensor_hash(value, h)
+    return h.hexdigest()[:16]
+
+
+def reference_identity(reference: Any, max_items: int | None = None) -> str:
+    """A content hash of the reference data (tensor/ndarray: all bytes; dataset: length + items).
+
+    Datasets are identified by class name, length and the content of up to 16 evenly spaced items
+    (hashing everything would mean reading the whole dataset on every start).
+    """
+    h = hashlib.sha256()
+    if isinstance(reference, np.ndarray):
+        reference = torch.from_numpy(np.ascontiguousarray(reference))
+    if torch.is_tensor(reference):
+        n = len(reference) if max_items is None else min(len(reference), max_items)
+        tensor_hash(reference[:n], h)
+    elif hasattr(reference, "__len__") and hasattr(reference, "__getitem__"):
+        n = len(reference) if max_items is None else min(len(reference), max_items)
+        h.update(f"{type(reference).__module__}.{type(reference).__qualname__}:{n}".encode())
+        for i in sorted({int(j) for j in np.linspace(0, max(n - 1, 0), num=min(16, n))}):
+            item = reference[i]
+            item = item[0] if isinstance(item, (tuple, list)) else item
+            tensor_hash(torch.as_tensor(np.asarray(item)), h)
+    else:
+        raise ValueError("reference must be a tensor, ndarray, dataset or Features, "
+                         f"got {type(reference).__name__}")
+    return h.hexdigest()[:16]
+
+
+def reference_tensor(reference: Any, max_items: int | None = None) -> torch.Tensor:
+    """Materialise the reference samples as one tensor (datasets: first element of each item)."""
+    if isinstance(reference, np.ndarray):
+        return torch.from_numpy(np.array(reference[:max_items]))
+    if torch.is_tensor(reference):
+        return reference[:max_items].detach().cpu()
+    n = len(reference) if max_items is None else min(len(reference), max_items)
+    items = []
+    for i in range(n):
+        item = reference[i]
+        item = item[0] if isinstance(item, (tuple, list)) else item
+        items.append(torch.as_tensor(np.asarray(item)))
+    return torch.stack(items)
+
+
+def cache_key(extractor_name: str, weights_hash: str, ref_identity: str) -> str:
+    """File stem of a cached reference: safe characters only."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in extractor_name)
+    return f"{safe}-{weights_hash}-{ref_identity}"
+
+
+def save_cached(path: str | os.PathLike, feats: Features) -> None:
+    """Write features (and logits) as an ``.npz`` atomically."""
+    arrays = {"features": feats.features.numpy()}
+    if feats.logits is not None:
+        arrays["logits"] = feats.logits.numpy()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_cached(path: str | os.PathLike) -> Features | None:
+    """Read cached features; ``None`` if missing or unreadable (never unpickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Features(torch.from_numpy(z["features"]),
+                            torch.from_numpy(z["logits"]) if "logits" in z.files else None)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # torn or foreign file: recompute
+        log.warning("ignoring unreadable reference cache %s: %s", path, exc)
+        return None
+
+
+def extract_in_batches(extractor: Callable[[torch.Tensor], Features], samples: torch.Tensor,
+                       batch_size: int) -> Features:
+    """Run ``extractor`` over ``samples`` in chunks of ``batch_size`` and concatenate."""
+    parts = [extractor(chunk) for chunk in samples.split(max(1, int(batch_size)))]
+    logits: Sequence[torch.Tensor | None] = [p.logits for p in parts]
+    return Features(torch.cat([p.features for p in parts]),
+                    torch.cat(list(logits)) if all(x is not None for x in logits) else None)

@@ -1,0 +1,210 @@
+"""Sample-quality metrics as pure functions over features.
+
+Convention everywhere: ``gen`` are features of *generated* samples ``[n_gen, d]``, ``ref`` are
+features of *reference* (real) data ``[n_ref, d]``. Inputs are CPU tensors; they are converted to
+float64 here. Nothing in this module touches models, files or global state.
+
+FID/FD, KID, precision/recall and the Inception Score go through torch-fidelity's own metric
+functions (``metric_fid``, ``metric_kid``, ``metric_prc``, ``metric_isc``); this module only picks
+safe arguments (subset sizes, batch sizes) for them. Density and coverage (Naeem et al. 2020,
+"Reliable Fidelity and Diversity Metrics for Generative Models"), which torch-fidelity lacks, are
+implemented here with chunked ``torch.cdist`` so that no ``N x N`` matrix is ever built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+
+#: Memory budget (bytes) of one block of pairwise distances built at a time.
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+#: Direction of every built-in metric: ``"lower"`` or ``"higher"`` is better.
+METRIC_DIRECTIONS: dict[str, str] = {
+    "fid": "lower",
+    "fd": "lower",
+    "kid_mean": "lower",
+    "kid_std": "lower",
+    "isc_mean": "higher",
+    "isc_std": "lower",
+    "precision": "higher",
+    "recall": "higher",
+    "density": "higher",
+    "coverage": "higher",
+}
+
+
+def _check_features(name: str, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(x) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor [n, d], got {type(x).__name__} "
+                         f"with shape {tuple(getattr(x, 'shape', ()))}")
+    if x.shape[0] < 2:
+        raise ValueError(f"{name} needs at least 2 rows, got {x.shape[0]}")
+    return x.detach().to("cpu", torch.float64)
+
+
+def _check_pair(gen: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gen, ref = _check_features("gen", gen), _check_features("ref", ref)
+    if gen.shape[1] != ref.shape[1]:
+        raise ValueError(f"feature dimensions differ: gen has {gen.shape[1]}, ref has {ref.shape[1]}")
+    return gen, ref
+
+
+def rows_per_block(n_cols: int, block_bytes: int = DEFAULT_BLOCK_BYTES, itemsize: int = 8) -> int:
+    """Rows of an ``[rows, n_cols]`` distance block that fit in ``block_bytes`` (at least 1)."""
+    return max(1, int(block_bytes) // max(1, int(n_cols) * itemsize))
+
+
+def _cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # Direct differences, not the matmul expansion: exact enough that a ball-membership test on
+    # near-ties agrees with a float64 reference.
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+# ----------------------------------------------------------------------------------------------
+# Frechet distance (Heusel et al. 2017, eq. "FID = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^1/2)")
+
+
+def frechet_statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean ``mu`` [d] and covariance ``sigma`` [d, d] (float64) via torch-fidelity."""
+    return fid_features_to_statistics(_check_features("features", features))
+
+
+def frechet_distance_from_statistics(stats_gen: dict[str, np.ndarray],
+                                     stats_ref: dict[str, np.ndarray]) -> float:
+    """Frechet distance between two Gaussians given as ``{"mu", "sigma"}`` (torch-fidelity)."""
+    return float(fid_statistics_to_metric(stats_gen, stats_ref, False)["frechet_inception_distance"])
+
+
+def frechet_distance(gen: torch.Tensor, ref: torch.Tensor) -> float:
+    """Frechet distance between Gaussian fits of ``gen`` and ``ref`` (FID on Inception features)."""
+    gen, ref = _check_pair(gen, ref)
+    return frechet_distance_from_statistics(frechet_statistics(gen), frechet_statistics(ref))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel Inception Distance (Binkowski et al. 2018): unbiased MMD^2, cubic polynomial kernel
+
+
+def kid_subset_size_for(n_gen: int, n_ref: int, requested: int | None = None) -> int:
+    """KID subset size: ``requested`` (default torch-fidelity's 1000) capped at both set sizes.
+
+    torch-fidelity refuses a subset larger than either set; the unbiased estimator needs >= 2.
+    """
+    size = 1000 if requested is None else int(requested)
+    if size < 2:
+        raise ValueError(f"kid_subset_size must be >= 2, got {requested!r}")
+    size = min(size, int(n_gen), int(n_ref))
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 samples in each set, got n_gen={n_gen}, n_ref={n_ref}")
+    return size
+
+
+def kid(gen: torch.Tensor, ref: torch.Tensor, *, subset_size: int | None = None, subsets: int = 100,
+        seed: int = 2020) -> dict[str, float]:
+    """KID mean and std over ``subsets`` random subsets (torch-fidelity ``kid_features_to_metric``).
+
+    ``subset_size`` is capped by :func:`kid_subset_size_for`. Returns ``kid_mean``, ``kid_std``
+    and ``kid_subset_size`` (the size actually used).
+    """
+    gen, ref = _check_pair(gen, ref)
+    if subsets < 1:
+        raise ValueError(f"subsets must be >= 1, got {subsets}")
+    size = kid_subset_size_for(len(gen), len(ref), subset_size)
+    out = kid_features_to_metric(gen, ref, kid_subset_size=size, kid_subsets=int(subsets),
+                                 rng_seed=int(seed), verbose=False)
+    return {"kid_mean": float(out["kernel_inception_distance_mean"]),
+            "kid_std": float(out["kernel_inception_distance_std"]),
+            "kid_subset_size": size}
+
+
+# ----------------------------------------------------------------------------------------------
+# Improved precision / recall (Kynkaanniemi et al. 2019), k-NN balls, torch-fidelity's batched path
+
+
+def precision_recall(gen: torch.Tensor, ref: torch.Tensor, *, neighborhood: int = 3,
+                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, float]:
+    """Precision (gen inside ref balls) and recall (ref inside gen balls).
+
+    Uses torch-fidelity's ``save_cpu_ram`` path, which builds ``[batch, N]`` distance blocks
+    instead of the full ``N x N`` matrix; ``prc_batch_size`` is chosen from ``block_bytes``.
+    """
+    gen, ref = _check_pair(gen, ref)
+    if neighborhood < 1 or neighborhood >= min(len(gen), len(ref)):
+        raise ValueError(f"neighborhood must be in [1, min(n_gen, n_ref) - 1], got {neighborhood} "
+                         f"(n_gen={len(gen)}, n_ref={len(ref)})")
+    batch = rows_per_block(max(len(gen), len(ref)), block_bytes, itemsize=8)
+    out = prc_features_to_metric(gen, ref, prc_neighborhood=int(neighborhood), prc_batch_size=batch,
+                                 save_cpu_ram=True, verbose=False)
+    return {"precision": float(out["precision"]), "recall": float(out["recall"])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception Score (Salimans et al. 2016): exp E_x KL(p(y|x) || p(y))
+
+
+def inception_score(logits: torch.Tensor, *, splits: int = 10, seed: int = 2020) -> dict[str, float]:
+    """Inception Score mean/std over ``splits`` splits (torch-fidelity ``isc_features_to_metric``).
+
+    ``logits`` are unnormalised class scores ``[n, classes]``; ``splits`` is capped at ``n``.
+    """
+    logits = _check_features("logits", logits)
+    splits = max(1, min(int(splits), len(logits)))
+    out = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=int(seed))
+    return {"isc_mean": float(out["inception_score_mean"]), "isc_std": float(out["inception_score_std"])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Density and coverage (Naeem et al. 2020, eqs. for "density" and "coverage", k nearest neighbours)
+
+
+def knn_radii(ref: torch.Tensor, k: int = 5, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+    """Distance of every ref point to its k-th nearest *other* ref point, float64 ``[n_ref]``.
+
+    ``NND_k(X_i)`` of Naeem et al.: the k+1-th smallest distance counting the point itself.
+    """
+    ref = _check_features("ref", ref)
+    if k < 1 or k >= len(ref):
+        raise ValueError(f"k must be in [1, n_ref - 1], got {k} (n_ref={len(ref)})")
+    rows = rows_per_block(len(ref), block_bytes)
+    return torch.cat([_cdist(chunk, ref).kthvalue(k + 1, dim=1).values for chunk in ref.split(rows)])
+
+
+def density_coverage(gen: torch.Tensor, ref: torch.Tensor, *, k: int = 5,
+                     ref_radii: torch.Tensor | None = None,
+                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, float]:
+    """Density and coverage of ``gen`` w.r.t. ``ref`` with k-NN balls around the ref points.
+
+    density  = 1/(k M) * sum_j sum_i 1[ |Y_j - X_i| < NND_k(X_i) ]   (M = n_gen, can exceed 1)
+    coverage = 1/N     * sum_i 1[ min_j |Y_j - X_i| < NND_k(X_i) ]   (N = n_ref, in [0, 1])
+
+    ``ref_radii`` (from :func:`knn_radii` with the same ``k``) can be passed to skip recomputing
+    them for every variant. Distances are built in blocks of at most ``block_bytes``.
+    """
+    gen, ref = _check_pair(gen, ref)
+    radii = knn_radii(ref, k, block_bytes=block_bytes) if ref_radii is None else ref_radii.to(torch.float64)
+    if radii.shape != (len(ref),):
+        raise ValueError(f"ref_radii must have shape ({len(ref)},), got {tuple(radii.shape)}")
+    inside = 0.0
+    for chunk in gen.split(rows_per_block(len(ref), block_bytes)):
+        inside += (_cdist(chunk, ref) < radii[None, :]).sum().item()
+    covered = 0.0
+    rows = rows_per_block(len(gen), block_bytes)
+    for chunk, r in zip(ref.split(rows), radii.split(rows), strict=True):
+        covered += (_cdist(chunk, gen).min(dim=1).values < r).sum().item()
+    return {"density": inside / (k * len(gen)), "coverage": covered / len(ref)}
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``float(value)`` if finite, else ``None`` (the run format writes NaN/Inf as null)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None

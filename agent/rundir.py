@@ -1,0 +1,211 @@
+"""RunWriter: everything the agent writes into a run directory (format: docs/run-format.md, v1).
+
+Every write goes through :meth:`RunWriter._guard`: an ``OSError`` (full disk, permissions, a
+vanished folder) or any other exception raised while writing is caught, counted and logged, and
+never propagates into the training job. Files that are replaced use ``agent.atomic``; logs are
+appended one whole line per write.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.atomic import append_jsonl, atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "emascope-run"
+FORMAT_VERSION = 1
+#: Files and folders that mark a directory as an emascope run (removed by ``overwrite=True``).
+RUN_FILES = ("run.json", "metrics.jsonl", "events.jsonl", "heartbeat")
+RUN_DIRS = ("samples", "banks", "requests")
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create ``run_dir`` or check it may be used; returns it as a ``Path``.
+
+    A folder that already holds a run (any of ``run.json``, ``metrics.jsonl``, ``events.jsonl``)
+    is refused unless ``resume=True`` (append to it) or ``overwrite=True`` (delete that run's
+    files; the reference-feature cache and ``exports/`` are kept). Raises ``ValueError``.
+    """
+    if overwrite and resume:
+        raise ValueError("overwrite=True and resume=True exclude each other")
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"run_dir {str(path)!r} exists and is not a directory")
+    existing = [n for n in RUN_FILES[:3] if (path / n).exists()]
+    if existing and not (overwrite or resume):
+        raise ValueError(f"run_dir {str(path)!r} already holds a run ({', '.join(existing)}); "
+                         "pass resume=True to append to it or overwrite=True to replace it")
+    if existing and overwrite:
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(path / name, ignore_errors=True)
+    for sub in ("samples", "banks", "reference", "requests", "exports"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_run_id() -> str:
+    """``YYYYmmdd-HHMMSS-xxxxxx`` (UTC time + 6 random hex digits)."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+class RunWriter:
+    """Writes run.json, metrics.jsonl, events.jsonl, heartbeat and samples/ of one run.
+
+    ``step_fn`` returns the current optimizer step (read by the heartbeat thread). Writes never
+    raise: failures are counted in ``num_write_errors`` and the last one kept in ``last_error``.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, step_fn: Callable[[], int] = lambda: 0,
+                 heartbeat_interval: float = 2.0) -> None:
+        if heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be > 0 seconds, got {heartbeat_interval}")
+        self.run_dir = Path(run_dir)
+        self.step_fn = step_fn
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.num_write_errors = 0
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- failure isolation ---------------------------------------------------------------------
+
+    def _guard(self, where: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - a write must never reach the training loop
+            self.num_write_errors += 1
+            self.last_error = f"{where}: {type(exc).__name__}: {exc}"
+            if self.num_write_errors <= 3 or self.num_write_errors % 100 == 0:
+                log.warning("emascope: could not write %s (%s); training continues", where, exc)
+            return None
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def write_run_json(self, info: dict[str, Any]) -> None:
+        """Replace run.json atomically (``format``/``format_version`` are filled in)."""
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, **info}
+        self._guard("run.json", lambda: atomic_write_json(self.run_dir / "run.json", body))
+
+    def metric(self, step: int, variant: str, decay: float | None, metric: str, value: float | None) -> None:
+        """Append one metrics.jsonl line (``value`` must already be finite or None)."""
+        rec = {"step": int(step), "variant": variant, "decay": decay, "metric": metric,
+               "value": value, "time": time.time()}
+        self._append("metrics.jsonl", rec)
+
+    def event(self, type: str, step: int, **fields: Any) -> None:
+        """Append one events.jsonl line ``{"time", "step", "type", **fields}``."""
+        rec = {"time": time.time(), "step": int(step), "type": type, **fields}
+        self._append("events.jsonl", rec)
+
+    def error(self, where: str, step: int, exc: BaseException, variant: str | None = None) -> None:
+        """Record an ``error`` event with the exception's message and traceback."""
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.event("error", step, where=where, variant=variant, message=f"{type(exc).__name__}: {exc}",
+                   traceback=tb[-8000:])
+
+    def _append(self, name: str, rec: dict[str, Any]) -> None:
+        def write() -> None:
+            with self._lock:
+                append_jsonl(self.run_dir / name, _json_safe(rec))
+        self._guard(name, write)
+
+    def save_points(self, relpath: str, points: np.ndarray) -> None:
+        """Save float32 ``[n, d]`` points as ``.npy`` atomically (``relpath`` inside the run dir)."""
+        def write() -> None:
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(points, dtype=np.float32), allow_pickle=False)
+            atomic_write_bytes(self.run_dir / relpath, buf.getvalue())
+        self._guard(relpath, write)
+
+    def save_image_grid(self, relpath: str, images_uint8: np.ndarray) -> None:
+        """Save uint8 ``[n, C, H, W]`` images as one PNG grid atomically."""
+        def write() -> None:
+            atomic_write_bytes(self.run_dir / relpath, png_grid(images_uint8))
+        self._guard(relpath, write)
+
+    # -- heartbeat -----------------------------------------------------------------------------
+
+    def beat(self, state: str = "running") -> None:
+        """Rewrite the heartbeat file once."""
+        body = {"time": time.time(), "step": int(self.step_fn()), "pid": os.getpid(), "state": state,
+                "interval": self.heartbeat_interval}
+        self._guard("heartbeat", lambda: atomic_write_json(self.run_dir / "heartbeat", body))
+
+    def start_heartbeat(self) -> None:
+        """Start the daemon thread that rewrites the heartbeat every ``heartbeat_interval`` s."""
+        if self._thread is not None:
+            return
+        self.beat()
+
+        def loop() -> None:
+            while not self._stop.wait(self.heartbeat_interval):
+                self.beat()
+
+        self._thread = threading.Thread(target=loop, name="emascope-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        """Stop the thread and write the final ``"closed"`` heartbeat."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        self.beat("closed")
+
+
+def png_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> bytes:
+    """Tile uint8 images ``[n, C, H, W]`` (C = 1 or 3) into one PNG (PIL), ``pad`` px apart."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"png_grid takes uint8 [n, C, H, W] with C in (1, 3), got {images.dtype} "
+                         f"{images.shape}")
+    n, c, h, w = images.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    grid = np.zeros((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = images[i].transpose(1, 2, 0)
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def host_info() -> dict[str, Any]:
+    """``host`` and ``pid`` fields of run.json."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _json_safe(obj: Any) -> Any:
+    """Replace non-finite floats by None (JSON has no NaN) and numpy scalars by Python ones."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if np.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
