@@ -1,0 +1,271 @@
+"""One scoring sweep: for "raw" and every bank variant, swap it in, sample, extract features, score.
+
+Common random numbers: every variant draws its samples from a ``torch.Generator`` seeded with the
+same ``seed``, so differences between variants come from the weights, not from the noise.
+
+Failure isolation: a sampler, extractor, metric or ``evaluate`` that raises is recorded as an
+``error`` event (with traceback) and the sweep goes on with the next metric/variant. Whatever
+happens, the model leaves the sweep with its live weights (the bank's ``swap`` context restores
+them) and with every submodule's ``training`` flag exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from agent import metrics as M
+from agent.features import Features, images_to_uint8, sample_kind
+from agent.rundir import RunWriter
+
+log = logging.getLogger(__name__)
+
+Sampler = Callable[[nn.Module, int, torch.Generator], torch.Tensor]
+Evaluate = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass
+class ScoringConfig:
+    """Sampling and metric settings of a sweep (counts are numbers of samples)."""
+
+    num_samples: int = 2000          # samples drawn per variant
+    batch_size: int = 500            # samples per sampler call
+    seed: int = 0                    # generator seed, identical for every variant
+    preview: int = 64                # images in the PNG preview grid
+    preview_points: int = 2000       # points in the .npy preview
+    nearest_k: int = 5               # k of density/coverage (Naeem et al. 2020)
+    prc_neighborhood: int = 3        # k of precision/recall (torch-fidelity default)
+    kid_subset_size: int | None = None  # None: min(1000, num_samples, num_reference)
+    kid_subsets: int = 100
+    feature_batch_size: int = 64     # samples per feature-extractor call
+    image_range: str = "-1,1"        # float image convention: "-1,1" or "0,1"
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "batch_size", "feature_batch_size", "kid_subsets", "nearest_k",
+                     "prc_neighborhood"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
+        for name in ("preview", "preview_points"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+
+
+@dataclass
+class Reference:
+    """Reference features plus what every variant reuses: Gaussian statistics and k-NN radii."""
+
+    features: Features
+    stats: dict[str, Any]
+    radii: torch.Tensor
+    nearest_k: int
+
+    @classmethod
+    def build(cls, features: Features, nearest_k: int = 5) -> Reference:
+        return cls(features, M.frechet_statistics(features.features),
+                   M.knn_radii(features.features, nearest_k), nearest_k)
+
+
+@dataclass
+class SweepResult:
+    """Scores of one sweep: ``scores[variant][metric] = value`` (None if not finite)."""
+
+    step: int
+    scores: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("sampling", "features", "metrics", "user_metrics"), 0.0))
+    errors: int = 0
+    kid_subset_size: int | None = None
+    sample_kind: str | None = None
+
+
+@contextlib.contextmanager
+def preserved_training_flags(model: nn.Module) -> Iterator[None]:
+    """Record every submodule's ``training`` flag and restore each exactly on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def variant_decay(variant: str) -> float | None:
+    """The decay of a fixed-decay variant, ``None`` for ``"raw"``/``"bema"``."""
+    try:
+        return float(variant)
+    except ValueError:
+        return None
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the first parameter (or buffer); CPU for a model without tensors."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def draw_samples(model: nn.Module, sampler: Sampler, cfg: ScoringConfig) -> torch.Tensor:
+    """Call ``sampler(model, n, generator)`` in batches; one generator seeded with ``cfg.seed``.
+
+    Returns the samples on the CPU; raises ``ValueError`` if the sampler returns the wrong count.
+    """
+    gen = torch.Generator(device=model_device(model)).manual_seed(int(cfg.seed))
+    parts, remaining = [], cfg.num_samples
+    while remaining > 0:
+        n = min(cfg.batch_size, remaining)
+        out = sampler(model, n, gen)
+        if not torch.is_tensor(out) or out.dim() < 1 or len(out) != n:
+            raise ValueError(f"sampler must return a tensor with {n} samples on dim 0, got "
+                             f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        parts.append(out.detach().cpu())
+        remaining -= n
+    return torch.cat(parts)
+
+
+def feature_metric_jobs(feats: Features, ref: Reference, cfg: ScoringConfig,
+                        fd_name: str) -> list[tuple[str, Callable[[], dict[str, float]]]]:
+    """The metric groups to compute for one variant, as ``(name, thunk)`` pairs."""
+    gen, real = feats.features, ref.features.features
+
+    def fd() -> dict[str, float]:
+        return {fd_name: M.frechet_distance_from_statistics(M.frechet_statistics(gen), ref.stats)}
+
+    jobs: list[tuple[str, Callable[[], dict[str, float]]]] = [
+        (fd_name, fd),
+        ("kid", lambda: M.kid(gen, real, subset_size=cfg.kid_subset_size, subsets=cfg.kid_subsets,
+                              seed=cfg.seed)),
+        ("prc", lambda: M.precision_recall(gen, real, neighborhood=cfg.prc_neighborhood)),
+        ("density_coverage", lambda: M.density_coverage(gen, real, k=ref.nearest_k, ref_radii=ref.radii)),
+    ]
+    if feats.logits is not None:
+        logits = feats.logits
+        jobs.append(("isc", lambda: M.inception_score(logits, seed=cfg.seed)))
+    return jobs
+
+
+def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, writer: RunWriter,
+              cfg: ScoringConfig, sampler: Sampler | None = None,
+              extractor: Callable[[torch.Tensor], Features] | None = None,
+              reference: Reference | None = None, evaluate: Evaluate | None = None,
+              fd_name: str = "fid") -> SweepResult:
+    """Score every variant; write metrics/previews/events through ``writer``. Never raises.
+
+    ``model`` is the unwrapped module the bank was built on. Generative metrics need
+    ``sampler``, ``extractor`` and ``reference``; ``evaluate(model) -> {name: value}`` runs with
+    each variant's weights loaded (eval mode, ``torch.no_grad``).
+    """
+    res = SweepResult(step=step)
+    t_start = time.perf_counter()
+    writer.event("score_start", step, variants=list(variants))
+    for variant in variants:
+        res.scores[variant] = {}
+        try:
+            _score_variant(model, bank, variant, res, writer, cfg, sampler, extractor, reference,
+                           evaluate, fd_name)
+        except Exception as exc:  # noqa: BLE001 - e.g. swap itself failed
+            res.errors += 1
+            writer.error("swap", step, exc, variant=variant)
+    writer.event("score_done", step, seconds=time.perf_counter() - t_start, timings=dict(res.timings),
+                 num_samples=cfg.num_samples if sampler is not None else 0, errors=res.errors)
+    return res
+
+
+def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, writer: RunWriter,
+                   cfg: ScoringConfig, sampler: Sampler | None,
+                   extractor: Callable[[torch.Tensor], Features] | None, reference: Reference | None,
+                   evaluate: Evaluate | None, fd_name: str) -> None:
+    step, decay = res.step, variant_decay(variant)
+    samples: torch.Tensor | None = None
+    user: dict[str, Any] = {}
+    swap = contextlib.nullcontext(model) if variant == "raw" else bank.swap(model, variant)
+    with preserved_training_flags(model), swap, torch.no_grad():
+        model.eval()
+        if sampler is not None:
+            t = time.perf_counter()
+            try:
+                samples = draw_samples(model, sampler, cfg)
+            except Exception as exc:  # noqa: BLE001
+                res.errors += 1
+                writer.error("sampler", step, exc, variant=variant)
+            res.timings["sampling"] += time.perf_counter() - t
+        if evaluate is not None:
+            t = time.perf_counter()
+            try:
+                out = evaluate(model)
+                if not isinstance(out, dict):
+                    raise ValueError(f"evaluate must return dict[str, float], got {type(out).__name__}")
+                user = dict(out)
+            except Exception as exc:  # noqa: BLE001
+                res.errors += 1
+                writer.error("evaluate", step, exc, variant=variant)
+            res.timings["user_metrics"] += time.perf_counter() - t
+
+    for name, value in user.items():
+        _record(res, writer, variant, decay, str(name), value)
+    if samples is None:
+        return
+    _save_preview(writer, step, variant, samples, cfg, res)
+    if extractor is None or reference is None:
+        return
+    t = time.perf_counter()
+    try:
+        feats = extractor(samples)
+    except Exception as exc:  # noqa: BLE001
+        res.errors += 1
+        writer.error("features", step, exc, variant=variant)
+        return
+    finally:
+        res.timings["features"] += time.perf_counter() - t
+    t = time.perf_counter()
+    for group, job in feature_metric_jobs(feats, reference, cfg, fd_name):
+        try:
+            values = job()
+        except Exception as exc:  # noqa: BLE001
+            res.errors += 1
+            writer.error(f"metric:{group}", step, exc, variant=variant)
+            continue
+        if group == "kid":
+            res.kid_subset_size = int(values.pop("kid_subset_size"))
+        for name, value in values.items():
+            _record(res, writer, variant, decay, name, value)
+    res.timings["metrics"] += time.perf_counter() - t
+
+
+def _record(res: SweepResult, writer: RunWriter, variant: str, decay: float | None, name: str,
+            value: Any) -> None:
+    v = M.finite_or_none(value)
+    res.scores[variant][name] = v
+    writer.metric(res.step, variant, decay, name, v)
+
+
+def _save_preview(writer: RunWriter, step: int, variant: str, samples: torch.Tensor, cfg: ScoringConfig,
+                  res: SweepResult) -> None:
+    try:
+        kind = sample_kind(samples)
+    except ValueError:
+        return  # custom sample types: scored by a custom extractor, no preview
+    res.sample_kind = kind
+    folder = f"samples/step_{step:09d}"
+    if kind == "points" and cfg.preview_points > 0:
+        writer.save_points(f"{folder}/{variant}.npy", samples[: cfg.preview_points].float().numpy())
+    elif kind == "images" and cfg.preview > 0:
+        try:
+            grid = images_to_uint8(samples[: cfg.preview], cfg.image_range).numpy()
+        except ValueError:
+            return
+        if samples.shape[1] == 1:
+            grid = grid[:, :1]
+        writer.save_image_grid(f"{folder}/{variant}.png", grid)

@@ -1,0 +1,147 @@
+"""agent.metrics against independent references: prdc, float64 loops, scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from prdc import compute_prdc
+from torch_fidelity.metric_prc import prc_features_to_metric
+
+from agent import metrics as M
+
+
+def _sets(n_gen=300, n_ref=400, d=6, seed=0, shift=0.3):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(n_ref, d, generator=g)
+    gen = torch.randn(n_gen, d, generator=g) * 1.3 + shift
+    return gen, ref
+
+
+def _density_coverage_loop(gen: np.ndarray, ref: np.ndarray, k: int) -> tuple[float, float]:
+    """Naeem et al. 2020 by the definition, float64 double loop."""
+    gen, ref = gen.astype(np.float64), ref.astype(np.float64)
+    radii = []
+    for x in ref:
+        d = np.sort(np.sqrt(((ref - x) ** 2).sum(1)))
+        radii.append(d[k])  # d[0] = 0 is the point itself
+    radii = np.array(radii)
+    count, covered = 0, 0
+    for y in gen:
+        count += int((np.sqrt(((ref - y) ** 2).sum(1)) < radii).sum())
+    for i, x in enumerate(ref):
+        covered += int(np.sqrt(((gen - x) ** 2).sum(1)).min() < radii[i])
+    return count / (k * len(gen)), covered / len(ref)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_density_coverage_matches_prdc_and_loop(k):
+    gen, ref = _sets()
+    ours = M.density_coverage(gen, ref, k=k)
+    ref_pkg = compute_prdc(real_features=ref.numpy(), fake_features=gen.numpy(), nearest_k=k)
+    loop = _density_coverage_loop(gen.numpy(), ref.numpy(), k)
+    assert ours["density"] == pytest.approx(float(ref_pkg["density"]), abs=1e-12)
+    assert ours["coverage"] == pytest.approx(float(ref_pkg["coverage"]), abs=1e-12)
+    assert (ours["density"], ours["coverage"]) == pytest.approx(loop, abs=1e-12)
+    # a clearly different distribution: coverage drops
+    far = M.density_coverage(gen + 5.0, ref, k=k)
+    assert far["coverage"] < 0.2 < ours["coverage"]
+
+
+def test_density_coverage_blocks_give_same_answer_and_radii_reuse():
+    gen, ref = _sets(n_gen=257, n_ref=311, seed=3)
+    full = M.density_coverage(gen, ref, k=5)
+    tiny = M.density_coverage(gen, ref, k=5, block_bytes=8 * 311 * 7)  # 7 rows per block
+    radii = M.knn_radii(ref, 5)
+    reused = M.density_coverage(gen, ref, k=5, ref_radii=radii)
+    assert tiny == full == reused
+    assert M.rows_per_block(311, 8 * 311 * 7) == 7
+
+
+def test_precision_recall_matches_prdc_definition():
+    gen, ref = _sets(seed=1)
+    ours = M.precision_recall(gen, ref, neighborhood=3)
+    pkg = compute_prdc(real_features=ref.numpy(), fake_features=gen.numpy(), nearest_k=3)
+    # prdc uses "<", torch-fidelity "<="; with continuous data there are no ties
+    assert ours["precision"] == pytest.approx(float(pkg["precision"]), abs=1e-6)
+    assert ours["recall"] == pytest.approx(float(pkg["recall"]), abs=1e-6)
+
+
+def test_precision_recall_batched_never_builds_full_matrix(monkeypatch):
+    gen, ref = _sets(n_gen=500, n_ref=600, seed=2)
+    widths = []
+    real_cdist = torch.cdist
+
+    def spy(a, b, *args, **kw):
+        widths.append(a.shape[0] * b.shape[0])
+        return real_cdist(a, b, *args, **kw)
+
+    full = prc_features_to_metric(gen.double(), ref.double(), prc_neighborhood=3, verbose=False)
+    monkeypatch.setattr(torch, "cdist", spy)
+    small = M.precision_recall(gen, ref, neighborhood=3, block_bytes=8 * 600 * 50)
+    assert max(widths) <= 50 * 600  # blocks of at most 50 rows, never 500 x 600 / 600 x 600
+    assert small["precision"] == pytest.approx(full["precision"])
+    assert small["recall"] == pytest.approx(full["recall"])
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    gen, ref = _sets(d=5, seed=4)
+    g, r = gen.double().numpy(), ref.double().numpy()
+    mu1, mu2 = g.mean(0), r.mean(0)
+    s1, s2 = np.cov(g, rowvar=False), np.cov(r, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    assert M.frechet_distance(gen, ref) == pytest.approx(expected, rel=1e-8)
+    assert M.frechet_distance(ref, ref) == pytest.approx(0.0, abs=1e-8)
+
+
+def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    d = x.shape[1]
+    kxx = (x @ x.T / d + 1) ** 3
+    kyy = (y @ y.T / d + 1) ** 3
+    kxy = (x @ y.T / d + 1) ** 3
+    m = len(x)
+    return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+def test_kid_matches_float64_mmd_and_caps_subset():
+    gen, ref = _sets(n_gen=120, n_ref=150, d=4, seed=5)
+    out = M.kid(gen, ref, subset_size=1000, subsets=3, seed=7)
+    assert out["kid_subset_size"] == 120  # capped at the smaller set
+    rng = np.random.RandomState(7)
+    g, r = gen.double().numpy(), ref.double().numpy()
+    vals = []
+    for _ in range(3):
+        a = g[rng.choice(len(g), 120, replace=False)]
+        b = r[rng.choice(len(r), 120, replace=False)]
+        vals.append(_mmd2_unbiased(a, b))
+    assert out["kid_mean"] == pytest.approx(np.mean(vals), rel=1e-9)
+    assert out["kid_std"] == pytest.approx(np.std(vals), rel=1e-6, abs=1e-12)
+    same = M.kid(ref[:75], ref[75:], subsets=5)
+    assert abs(same["kid_mean"]) < out["kid_mean"]
+
+
+def test_inception_score_by_definition():
+    logits = torch.randn(200, 10, generator=torch.Generator().manual_seed(0)) * 4
+    out = M.inception_score(logits, splits=1)
+    p = torch.softmax(logits.double(), 1)
+    expected = torch.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean()).item()
+    assert out["isc_mean"] == pytest.approx(expected, rel=1e-10)
+    uniform = M.inception_score(torch.zeros(50, 10), splits=5)
+    assert uniform["isc_mean"] == pytest.approx(1.0)
+
+
+def test_bad_inputs_raise_clear_errors():
+    gen, ref = _sets()
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        M.frechet_distance(gen, ref[:, :3])
+    with pytest.raises(ValueError, match="2-D"):
+        M.density_coverage(gen[0], ref)
+    with pytest.raises(ValueError, match="k must be"):
+        M.knn_radii(ref[:4], k=5)
+    with pytest.raises(ValueError, match="kid_subset_size"):
+        M.kid(gen, ref, subset_size=1)
+    with pytest.raises(ValueError, match="neighborhood"):
+        M.precision_recall(gen[:3], ref, neighborhood=3)
+    assert M.finite_or_none(float("nan")) is None and M.finite_or_none(2) == 2.0
