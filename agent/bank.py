@@ -1,0 +1,603 @@
+"""EMABank: many EMA decays of one model's weights in one fp32 ``[K, N]`` buffer, one fused update.
+
+Layout. The model's ``state_dict`` entries are split into
+
+- *averaged* entries: trainable floating-point parameters (and floating-point buffers when
+  ``average_buffers=True``), flattened into columns ``[offset, offset + numel)`` of the bank
+  ``[R, N]`` (``R = K`` decays, ``+1`` row for BEMA's EMA). Always fp32, whatever the model dtype.
+- *fixed* entries: frozen parameters, buffers (unless averaged; integer buffers such as
+  ``num_batches_tracked`` always), stored nowhere while a model is attached: they are read from the
+  live model when a variant is materialised (a snapshot stores them once).
+
+Update (once per optimizer step, see :meth:`EMABank.update`): the live averaged tensors are copied
+into an fp32 staging vector with one ``torch._foreach_copy_`` onto views, then every row is
+lerped towards it in one pass: ``bank[:, a:b].lerp_(staging[a:b].expand(R, -1), w[:, None])``
+per cache-sized chunk on CPU (the staging chunk is read once for all rows), one call on GPU.
+``w`` holds ``1 - d**m`` per decay (Eq. U/L of :mod:`agent.ema_math`).
+
+Non-finite live weights skip the update for the whole bank; on GPU this is done without a sync
+(weights are multiplied by an ``isfinite`` flag kept on the device, the staging is ``nan_to_num``-ed).
+
+Tied parameters are stored once (deduplicated by identity) and appear under every name in
+materialised state dicts. Models wrapped in ``DistributedDataParallel``/``DataParallel`` or
+``torch.compile`` are unwrapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from agent.ema_math import (
+    BEMA,
+    RAW,
+    BEMAConfig,
+    bema_alpha,
+    bema_beta,
+    effective_decay,
+    parse_variant,
+    validate_decays,
+    validate_update_every,
+    variant_name,
+)
+
+__all__ = ["DEFAULT_DECAYS", "EMABank", "BEMAConfig", "variant_name", "parse_variant", "unwrap_model"]
+
+DEFAULT_DECAYS: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9993, 0.9995, 0.9997, 0.9999, 0.99999, 0.999999)
+
+STATE_FORMAT = "emascope.EMABank"
+STATE_VERSION = 1
+
+# Columns per chunk of the CPU fused lerp: R rows x CHUNK fp32 stay in L2 while the staging chunk
+# is reused by all rows (see bench/bank_update.py --chunks for the measurement behind it).
+CPU_CHUNK = 1 << 14
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def _dtype_from_str(name: str) -> torch.dtype:
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dt
+
+
+def _dtype_str(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+@dataclass
+class _Entry:
+    """One deduplicated state tensor. ``kind``: "avg" (in the bank), "frozen", "buffer", "int"."""
+
+    name: str
+    keys: list[str]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str
+    offset: int = -1
+    numel: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "keys": self.keys, "shape": list(self.shape),
+                "dtype": _dtype_str(self.dtype), "kind": self.kind,
+                "offset": self.offset, "numel": self.numel}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _Entry:
+        return cls(name=str(d["name"]), keys=[str(k) for k in d["keys"]],
+                   shape=tuple(int(s) for s in d["shape"]), dtype=_dtype_from_str(d["dtype"]),
+                   kind=str(d["kind"]), offset=int(d["offset"]), numel=int(d["numel"]))
+
+
+def _build_layout(model: nn.Module, average_buffers: bool) -> tuple[list[_Entry], list[torch.Tensor], int]:
+    """Entries in state_dict order (tied tensors merged), the live tensors per entry, and N."""
+    entries: list[_Entry] = []
+    live: list[torch.Tensor] = []
+    by_id: dict[int, int] = {}
+    n = 0
+    for key, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):
+            continue  # get_extra_state() payloads: not weights, left to the model
+        if id(t) in by_id:
+            entries[by_id[id(t)]].keys.append(key)
+            continue
+        is_param = isinstance(t, nn.Parameter)
+        floating = t.is_floating_point()
+        if is_param and floating and t.requires_grad:
+            kind = "avg"
+        elif is_param:
+            kind = "frozen"
+        elif floating:
+            kind = "avg" if average_buffers else "buffer"
+        else:
+            kind = "int"
+        e = _Entry(name=key, keys=[key], shape=tuple(t.shape), dtype=t.dtype, kind=kind)
+        if kind == "avg":
+            e.offset, e.numel = n, t.numel()
+            n += t.numel()
+        by_id[id(t)] = len(entries)
+        entries.append(e)
+        live.append(t)
+    return entries, live, n
+
+
+class EMABank:
+    """A bank of EMAs of one model's weights, one per decay, updated together. See docs/bank.md.
+
+    Args:
+        model: the training model (DDP-wrapped is fine). Its averaged tensors are read at every
+            :meth:`update`; keep the same parameter objects (``model.to()`` is fine).
+        decays: decays ``d`` in [0, 1) (weight kept per optimizer step; window ~ ``1/(1-d)`` steps).
+        device: where the bank lives. ``None``: the parameters' device. ``"cpu"``: host memory
+            (pinned when CUDA is available; GPU weights are copied with non-blocking transfers and
+            folded in at the next update or read).
+        update_every: read the weights every ``m`` optimizer steps and apply ``d**m``.
+        bias_correction: ``False`` (default): every EMA starts from the weights at attach time.
+            ``True``: Adam-style zero-initialised EMA divided by ``1 - (d**m)**n``.
+        bema: ``True`` or a :class:`BEMAConfig` adds the ``"bema"`` variant.
+        average_buffers: average floating-point buffers too (default: take them from the live model).
+    """
+
+    def __init__(self, model: nn.Module, decays: Sequence[float] = DEFAULT_DECAYS, *,
+                 device: str | torch.device | None = None, update_every: int = 1,
+                 bias_correction: bool = False, bema: bool | BEMAConfig = False,
+                 average_buffers: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._configure(decays, update_every, bias_correction, bema, average_buffers)
+        self._model: nn.Module | None = unwrap_model(model)
+        entries, live, n = _build_layout(self._model, self.average_buffers)
+        if n == 0:
+            raise ValueError("the model has no trainable floating-point parameters to average")
+        self._entries = entries
+        self._live = live
+        self._n = n
+        avg_live = [t for e, t in zip(entries, live, strict=True) if e.kind == "avg"]
+        param_device = avg_live[0].device
+        if device is None:
+            bank_device = param_device
+        else:
+            try:
+                bank_device = torch.device(device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"bad device {device!r}: {exc}") from None
+        self.device = bank_device
+        self._stored: dict[str, torch.Tensor] | None = None  # model-less banks only
+        self._allocate(param_device)
+        with torch.no_grad():
+            self._gather_into(self._staging)
+            self._init_rows(self._staging)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _configure(self, decays: Sequence[float], update_every: int, bias_correction: bool,
+                   bema: bool | BEMAConfig, average_buffers: bool) -> None:
+        self.decays: tuple[float, ...] = validate_decays(decays)
+        self.update_every: int = validate_update_every(update_every)
+        for name, value in (("bias_correction", bias_correction), ("average_buffers", average_buffers)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        self.bias_correction = bias_correction
+        self.average_buffers = average_buffers
+        if bema is True:
+            bema = BEMAConfig()
+        elif bema is False or bema is None:
+            bema = None
+        elif not isinstance(bema, BEMAConfig):
+            raise ValueError(f"bema must be a bool or a BEMAConfig, got {bema!r}")
+        self.bema: BEMAConfig | None = bema
+        names = [variant_name(d) for d in self.decays]
+        self.variants: list[str] = [RAW, *names] + ([BEMA] if self.bema is not None else [])
+        self._row_of = {v: i for i, v in enumerate(names)}
+        if self.bema is not None:
+            self._row_of[BEMA] = len(names)
+        self.step = 0          # optimizer steps seen by update()
+        self._events = 0       # update() calls that tried to fold weights in (step % m == 0)
+        self._pending: tuple[int, Any] | None = None
+
+    def _allocate(self, param_device: torch.device) -> None:
+        dev = self.device
+        rows = len(self.decays) + (1 if self.bema is not None else 0)
+        pin = dev.type == "cpu" and torch.cuda.is_available()
+        self.bank = torch.empty((rows, self._n), dtype=torch.float32, device=dev, pin_memory=pin)
+        self._staging = torch.empty(self._n, dtype=torch.float32, device=dev, pin_memory=pin)
+        self._cross = param_device != dev and self._model is not None
+        # fp32 staging on the parameters' device: the gather target when the bank lives elsewhere
+        self._dev_staging = (torch.empty(self._n, dtype=torch.float32, device=param_device)
+                             if self._cross else self._staging)
+        self._views = [self._dev_staging[e.offset:e.offset + e.numel].view(e.shape)
+                       for e in self._entries if e.kind == "avg"]
+        self._avg_live = ([t for e, t in zip(self._entries, self._live, strict=True) if e.kind == "avg"]
+                          if self._live else [])
+        deff = torch.tensor([effective_decay(d, self.update_every) for d in self.decays], dtype=torch.float64)
+        self._deff = deff.to(dev)
+        self._w_const = (1.0 - deff).to(dev)
+        self._bc_pow = torch.ones(len(self.decays), dtype=torch.float64, device=dev)  # (d**m)**n_applied
+        self._applied = torch.zeros((), dtype=torch.int64, device=dev)
+        self._w = torch.empty(rows, dtype=torch.float64, device=dev)
+        self._theta0 = (torch.empty(self._n, dtype=torch.float32, device=dev)
+                        if self.bema is not None else None)
+        # CPU: a Python-side isfinite check is free; accelerators use device-side flags (no sync).
+        self._sync_free = dev.type != "cpu"
+
+    def _init_rows(self, staging: torch.Tensor) -> None:
+        self.bank.copy_(staging.expand_as(self.bank))
+        if self._theta0 is not None:
+            self._theta0.copy_(staging)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_skipped(self) -> int:
+        """Bank updates skipped because the live weights held NaN/Inf (reads a device counter)."""
+        self._flush()
+        return self._events - int(self._applied.item())
+
+    @property
+    def num_updates(self) -> int:
+        """Bank updates applied so far (``n`` of the bias correction)."""
+        self._flush()
+        return int(self._applied.item())
+
+    @property
+    def has_model(self) -> bool:
+        return self._model is not None
+
+    @property
+    def numel(self) -> int:
+        """Averaged scalars per row (``N``)."""
+        return self._n
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the live weights in; call once per optimizer step (every ``update_every``-th acts)."""
+        if self._model is None:
+            raise RuntimeError("this EMABank was loaded from a snapshot and has no model; update() needs "
+                               "a bank built on a model (EMABank(model, ...)) and load_state_dict()")
+        self.step += 1
+        if self.step % self.update_every:
+            return
+        self._events += 1
+        if self._cross:
+            self._flush()
+            self._gather_into(self._dev_staging)
+            self._staging.copy_(self._dev_staging, non_blocking=True)
+            event = torch.cuda.Event() if self._dev_staging.is_cuda else None
+            if event is not None:
+                event.record()
+            self._pending = (self.step, event)
+            return
+        self._gather_into(self._staging)
+        self._apply(self._staging, self.step)
+
+    def _gather_into(self, staging: torch.Tensor) -> None:
+        views = self._views if staging is self._dev_staging else [
+            staging[e.offset:e.offset + e.numel].view(e.shape) for e in self._entries if e.kind == "avg"]
+        torch._foreach_copy_(views, [t.detach() for t in self._avg_live])
+
+    def _flush(self) -> None:
+        """Fold in a weight copy still in flight to a host bank (cross-device mode only)."""
+        if self._pending is None:
+            return
+        t, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        with torch.no_grad():
+            self._apply(self._staging, t)
+
+    def _apply(self, staging: torch.Tensor, t: int) -> None:
+        if self._sync_free:
+            flag = torch.isfinite(staging).all()
+            staging.nan_to_num_(0.0, 0.0, 0.0)
+        else:
+            if not bool(torch.isfinite(staging).all()):
+                return  # skipped: _events counted it, _applied did not
+            flag = None
+        w = self._row_weights(t, flag)
+        self._fused_lerp(staging, w.to(torch.float32).unsqueeze(1))
+        if flag is None:
+            self._applied.add_(1)
+        else:
+            self._applied.add_(flag.to(torch.int64))
+
+    def _row_weights(self, t: int, flag: torch.Tensor | None) -> torch.Tensor:
+        """Per-row lerp weight (float64, ``[R]``): Eq. L, or Eq. BC' with bias correction, then BEMA."""
+        k = len(self.decays)
+        if self.bias_correction:
+            new_pow = self._bc_pow * self._deff
+            if flag is not None:
+                new_pow = torch.where(flag, new_pow, self._bc_pow)
+            self._bc_pow.copy_(new_pow)
+            w = self._w_const / (1.0 - self._bc_pow)  # Eq. BC': (1 - b) / (1 - b**n)
+            self._w[:k].copy_(torch.where(self._bc_pow < 1.0, w, torch.zeros_like(w)))
+        else:
+            self._w[:k].copy_(self._w_const)
+        if self.bema is not None:
+            self._w[k] = bema_beta(t, self.bema)
+        if flag is not None:
+            return torch.where(flag, self._w, torch.zeros_like(self._w))
+        return self._w
+
+    def _fused_lerp(self, staging: torch.Tensor, wcol: torch.Tensor) -> None:
+        """All rows at once: ``bank[r] += w[r] * (staging - bank[r])``; staging chunk read once on CPU."""
+        rows, n = self.bank.shape
+        if self.bank.device.type != "cpu":
+            self.bank.lerp_(staging.expand(rows, -1), wcol)
+            return
+        chunk = CPU_CHUNK
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            self.bank[:, a:b].lerp_(staging[a:b].expand(rows, -1), wcol)
+
+    # ------------------------------------------------------------------ reading out
+    def resolve(self, variant: str | float) -> str:
+        """The canonical variant string, or a ValueError listing the available ones."""
+        v = parse_variant(variant)
+        if v not in self.variants:
+            raise ValueError(f"unknown variant {variant!r}; this bank has: {', '.join(self.variants)}")
+        return v
+
+    def _live_value(self, i: int) -> torch.Tensor:
+        """The current live value of entry ``i`` (model or snapshot), not a copy."""
+        if self._model is not None:
+            return self._live[i].detach()
+        assert self._stored is not None
+        return self._stored[self._entries[i].name]
+
+    def _raw_flat(self) -> torch.Tensor:
+        """Live averaged tensors as a fresh fp32 ``[N]`` vector on the bank device."""
+        out = torch.empty(self._n, dtype=torch.float32, device=self.device)
+        for i, e in enumerate(self._entries):
+            if e.kind == "avg":
+                out[e.offset:e.offset + e.numel].copy_(self._live_value(i).reshape(-1))
+        return out
+
+    @torch.no_grad()
+    def variant_flat(self, variant: str | float) -> torch.Tensor:
+        """The averaged tensors of a variant as an fp32 ``[N]`` vector (a view for decay variants)."""
+        v = self.resolve(variant)
+        self._flush()
+        if v == RAW:
+            return self._raw_flat()
+        row = self.bank[self._row_of[v]]
+        if v == BEMA:
+            assert self.bema is not None and self._theta0 is not None
+            # BEMA Eq. correction: theta'_t = EMA_t + alpha_t (theta_t - theta_0), t = self.step
+            return row + bema_alpha(self.step, self.bema) * (self._raw_flat() - self._theta0)
+        return row
+
+    @torch.no_grad()
+    def materialize(self, variant: str | float, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """A full state_dict of the model for ``variant`` ("raw", "bema", or a decay).
+
+        ``dtype=None`` keeps each entry's model dtype; a floating dtype (e.g. ``torch.float32``) casts
+        floating entries only. ``device=None``: the live tensor's device (cpu for snapshot banks).
+        Tensors are fresh copies; tied parameters share one tensor under all their names.
+        """
+        v = self.resolve(variant)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        flat = None if v == RAW else self.variant_flat(v)
+        out: dict[str, torch.Tensor] = {}
+        for i, e in enumerate(self._entries):
+            live = self._live_value(i)
+            dev = torch.device(device) if device is not None else live.device
+            dt = dtype if (dtype is not None and e.dtype.is_floating_point) else e.dtype
+            if flat is not None and e.kind == "avg":
+                src = flat[e.offset:e.offset + e.numel].view(e.shape)
+            else:
+                src = live
+            t = src.to(device=dev, dtype=dt, copy=True)
+            for key in e.keys:
+                out[key] = t
+        return out
+
+    def _check_model(self, model: nn.Module) -> dict[str, Any]:
+        sd = model.state_dict(keep_vars=True)
+        for e in self._entries:
+            for key in e.keys:
+                if key not in sd:
+                    raise ValueError(f"model has no entry {key!r} that the bank holds")
+                t = sd[key]
+                if tuple(t.shape) != e.shape:
+                    raise ValueError(f"entry {key!r} has shape {tuple(e.shape)} in the bank but "
+                                     f"{tuple(t.shape)} in the model")
+        known = {k for e in self._entries for k in e.keys}
+        extra = [k for k, t in sd.items() if isinstance(t, torch.Tensor) and k not in known]
+        if extra:
+            raise ValueError(f"model has entries the bank does not hold: {extra[:5]}")
+        return sd
+
+    @contextlib.contextmanager
+    def swap(self, model: nn.Module, variant: str | float) -> Iterator[nn.Module]:
+        """Load ``variant`` into ``model`` for the ``with`` body; restore the live weights bit-exactly.
+
+        The live state is restored also when the body raises. Parameter objects keep their identity
+        (values are copied in place), so optimizers and hooks are unaffected.
+        """
+        target = unwrap_model(model)
+        v = self.resolve(variant)
+        sd = self._check_model(target)
+        new = self.materialize(v)
+        dsts: dict[int, torch.Tensor] = {}
+        for key, t in sd.items():
+            if isinstance(t, torch.Tensor) and key in new:
+                dsts.setdefault(id(t), t)
+        backup = {i: t.detach().clone() for i, t in dsts.items()}
+        key_of = {}
+        for key, t in sd.items():
+            if isinstance(t, torch.Tensor) and key in new:
+                key_of.setdefault(id(t), key)
+        try:
+            with torch.no_grad():
+                for i, t in dsts.items():
+                    t.copy_(new[key_of[i]])
+            yield model
+        finally:
+            with torch.no_grad():
+                for i, t in dsts.items():
+                    t.copy_(backup[i])
+
+    # ------------------------------------------------------------------ state
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION,
+            "decays": list(self.decays), "update_every": self.update_every,
+            "bias_correction": self.bias_correction, "average_buffers": self.average_buffers,
+            "bema": None if self.bema is None else self.bema.as_dict(),
+            "step": self.step, "events": self._events, "numel": self._n,
+            "layout": [e.as_json() for e in self._entries],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: settings, counters, layout and the bank tensors.
+
+        Like ``nn.Module.state_dict`` the tensors are the bank's own (no copy): save them before the
+        next :meth:`update`, or clone them. Live (raw/fixed) weights are not included; see
+        :meth:`save_snapshot` for a self-contained file.
+        """
+        self._flush()
+        sd: dict[str, Any] = self._meta()
+        sd["bank"] = self.bank
+        sd["applied"] = self._applied
+        sd["bc_pow"] = self._bc_pow
+        if self._theta0 is not None:
+            sd["theta0"] = self._theta0
+        return sd
+
+    def _check_compatible(self, sd: dict[str, Any]) -> None:
+        if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
+            raise ValueError("not an EMABank state dict (missing format "
+                             f"{STATE_FORMAT!r}, got {sd.get('format') if isinstance(sd, dict) else sd!r})")
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"EMABank state version {sd.get('version')!r} is not supported "
+                             f"(this emascope reads version {STATE_VERSION})")
+        theirs = [float(d) for d in sd["decays"]]
+        if theirs != list(self.decays):
+            raise ValueError(f"decays differ: checkpoint has {theirs} but bank has {list(self.decays)}")
+        for key in ("update_every", "bias_correction", "average_buffers"):
+            if sd[key] != getattr(self, key):
+                raise ValueError(f"{key} differs: checkpoint has {sd[key]!r} but bank has "
+                                 f"{getattr(self, key)!r}")
+        mine_bema = None if self.bema is None else self.bema.as_dict()
+        if sd["bema"] != mine_bema:
+            raise ValueError(f"bema differs: checkpoint has {sd['bema']!r} but bank has {mine_bema!r}")
+        theirs_e = {e["name"]: e for e in sd["layout"]}
+        mine_e = {e.name: e for e in self._entries}
+        for name in mine_e:
+            if name not in theirs_e:
+                raise ValueError(f"parameter {name!r} is in the model but not in the checkpoint")
+        for name, te in theirs_e.items():
+            me = mine_e.get(name)
+            if me is None:
+                raise ValueError(f"parameter {name!r} is in the checkpoint but not in the model")
+            if tuple(te["shape"]) != me.shape:
+                raise ValueError(f"parameter {name!r} has shape {tuple(te['shape'])} in the checkpoint but "
+                                 f"{me.shape} in the model")
+            if te["kind"] != me.kind:
+                raise ValueError(f"parameter {name!r} is {te['kind']!r} in the checkpoint but {me.kind!r} "
+                                 "in the model (requires_grad or average_buffers changed?)")
+            if int(te["offset"]) != me.offset:
+                raise ValueError(f"parameter {name!r} is at offset {te['offset']} in the checkpoint but "
+                                 f"{me.offset} in the model (parameter order changed?)")
+        if tuple(sd["bank"].shape) != tuple(self.bank.shape):
+            raise ValueError(f"bank shape differs: checkpoint {tuple(sd['bank'].shape)} vs "
+                             f"{tuple(self.bank.shape)}")
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; ValueError naming what differs if it is for another model/setup."""
+        self._check_compatible(sd)
+        self._pending = None
+        self.bank.copy_(sd["bank"])
+        self._applied.copy_(torch.as_tensor(sd["applied"]))
+        self._bc_pow.copy_(torch.as_tensor(sd["bc_pow"]))
+        if self._theta0 is not None:
+            self._theta0.copy_(sd["theta0"])
+        self.step = int(sd["step"])
+        self._events = int(sd["events"])
+
+    # ------------------------------------------------------------------ files
+    def save_snapshot(self, path: str | Path, metadata: dict[str, str] | None = None) -> int:
+        """Write the whole state (bank + live weights) as one .safetensors, atomically; returns bytes."""
+        from agent.checkpoint import save_bank_snapshot
+
+        return save_bank_snapshot(self, path, metadata)
+
+    @classmethod
+    def load_snapshot(cls, path: str | Path) -> EMABank:
+        """A model-less bank from a snapshot: materialize()/export()/swap() work, update() raises."""
+        from agent.checkpoint import load_bank_snapshot
+
+        return load_bank_snapshot(cls, path)
+
+    def export(self, variant: str | float, path: str | Path, *, dtype: torch.dtype | str | None = None,
+               metadata: dict[str, str] | None = None) -> Path:
+        """Write ``variant`` as a .safetensors state_dict (atomic); see ``checkpoint.export_variant``."""
+        from agent.checkpoint import export_variant
+
+        return export_variant(self, variant, path, dtype=dtype, metadata=metadata)
+
+    def snapshot_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors (bank, counters, live values per entry) and JSON metadata of a snapshot."""
+        sd = self.state_dict()
+        tensors: dict[str, torch.Tensor] = {"bank": sd["bank"], "applied": sd["applied"].reshape(1),
+                                            "bc_pow": sd["bc_pow"]}
+        if "theta0" in sd:
+            tensors["theta0"] = sd["theta0"]
+        for i, e in enumerate(self._entries):
+            tensors[f"live/{e.name}"] = self._live_value(i)
+        meta = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+        return tensors, meta
+
+    @classmethod
+    def from_snapshot_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> EMABank:
+        """Build a model-less bank (cpu) from :meth:`snapshot_tensors` output."""
+        self = cls.__new__(cls)
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"not an emascope bank snapshot (format {meta.get('format')!r})")
+        bema = meta.get("bema")
+        self._configure(meta["decays"], int(meta["update_every"]), bool(meta["bias_correction"]),
+                        BEMAConfig(**bema) if bema else False, bool(meta["average_buffers"]))
+        self._model = None
+        self._entries = [_Entry.from_json(e) for e in meta["layout"]]
+        self._live = []
+        self._n = int(meta["numel"])
+        self.device = torch.device("cpu")
+        stored: dict[str, torch.Tensor] = {}
+        for e in self._entries:
+            t = tensors.get(f"live/{e.name}")
+            if t is None:
+                raise ValueError(f"snapshot lacks the live value of {e.name!r}")
+            if tuple(t.shape) != e.shape or t.dtype != e.dtype:
+                raise ValueError(f"snapshot entry {e.name!r} is {tuple(t.shape)} {t.dtype}, layout says "
+                                 f"{e.shape} {e.dtype}")
+            stored[e.name] = t
+        self._stored = stored
+        self._allocate(self.device)
+        sd = dict(meta)
+        sd["applied"] = tensors["applied"].reshape(())
+        sd["bank"] = tensors["bank"]
+        sd["bc_pow"] = tensors["bc_pow"]
+        if self.bema is not None:
+            sd["theta0"] = tensors["theta0"]
+        self.load_state_dict(sd)
+        return self
+

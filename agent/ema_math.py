@@ -1,0 +1,152 @@
+"""Pure EMA equations used by the bank: no tensors, no state, float64 Python arithmetic.
+
+Conventions (shared with :mod:`agent.bank`):
+
+- ``decay`` (``d``, also called beta in ema-pytorch) is the weight kept from the old average per
+  optimizer step; ``1 - d`` is the weight given to the new weights. The averaging window of a decay
+  is about ``1 / (1 - d)`` optimizer steps (0.999 -> ~1000 steps).
+- ``update_every = m``: the bank reads the weights only every ``m`` optimizer steps and then applies
+  the decay ``d**m`` (Eq. U below), so a decay names the same window in optimizer steps whatever
+  ``m`` is.
+- ``t`` counts optimizer steps after attach (1, 2, ...); ``n`` counts *applied* bank updates.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+RAW = "raw"
+BEMA = "bema"
+
+
+def effective_decay(decay: float, update_every: int) -> float:
+    """Eq. U: the decay applied per bank update when updating every ``update_every`` steps: ``d**m``."""
+    return float(decay) ** int(update_every)
+
+
+def update_weight(decay: float, update_every: int) -> float:
+    """Eq. L: the lerp weight of the new weights per bank update, ``1 - d**m`` (the "1 - decay" side)."""
+    return 1.0 - effective_decay(decay, update_every)
+
+
+def bias_correction_denominator(decay: float, update_every: int, num_updates: int) -> float:
+    """Eq. BC (Adam-style): ``1 - (d**m)**n`` for a zero-initialised EMA after ``n`` applied updates.
+
+    The bias-corrected average is ``EMA_zero_init / (1 - (d**m)**n)``; 0 when ``n == 0``.
+    """
+    return 1.0 - effective_decay(decay, update_every) ** int(num_updates)
+
+
+def bias_corrected_weight(decay: float, update_every: int, num_updates: int) -> float:
+    """Eq. BC': the lerp weight at the ``n``-th applied update (``n >= 1``) of the bias-corrected EMA.
+
+    ``EMA_n = EMA_{n-1} + w_n (theta - EMA_{n-1})`` with ``w_n = (1 - b) / (1 - b**n)``, ``b = d**m``,
+    equals the zero-initialised EMA divided by ``1 - b**n`` (Eq. BC) exactly in exact arithmetic;
+    ``w_1 = 1`` (the first update copies the weights).
+    """
+    if num_updates < 1:
+        raise ValueError(f"num_updates must be >= 1, got {num_updates!r}")
+    return update_weight(decay, update_every) / bias_correction_denominator(decay, update_every, num_updates)
+
+
+@dataclass(frozen=True)
+class BEMAConfig:
+    """BEMA (bias-corrected EMA, arXiv 2508.00180 "EMA Without the Lag") hyperparameters.
+
+    ``beta_t = max((rho + gamma t)**-kappa, beta_min)`` (EMA weight of the new weights, i.e. the
+    "1 - decay" side) and ``alpha_t = (rho + gamma t)**-eta`` (weight of the bias correction).
+    Defaults are those of the authors' reference implementation.
+    """
+
+    kappa: float = 0.5
+    eta: float = 0.2
+    rho: float = 10.0
+    gamma: float = 1.0
+    beta_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("kappa", "eta", "rho", "gamma", "beta_min"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"BEMAConfig.{name} must be a finite number, got {value!r}")
+        if self.kappa < 0:
+            raise ValueError(f"BEMAConfig.kappa must be >= 0, got {self.kappa!r}")
+        if self.eta < 0:
+            raise ValueError(f"BEMAConfig.eta must be >= 0, got {self.eta!r}")
+        if self.rho <= 0:
+            raise ValueError(f"BEMAConfig.rho must be > 0, got {self.rho!r}")
+        if self.gamma < 0:
+            raise ValueError(f"BEMAConfig.gamma must be >= 0, got {self.gamma!r}")
+        if not 0.0 <= self.beta_min <= 1.0:
+            raise ValueError(f"BEMAConfig.beta_min must be in [0, 1], got {self.beta_min!r}")
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in ("kappa", "eta", "rho", "gamma", "beta_min")}
+
+
+def bema_beta(t: int, cfg: BEMAConfig) -> float:
+    """BEMA Eq. beta: ``beta_t = max((rho + gamma t)**-kappa, beta_min)``, capped at 1."""
+    return min(1.0, max((cfg.rho + cfg.gamma * t) ** (-cfg.kappa), cfg.beta_min))
+
+
+def bema_alpha(t: int, cfg: BEMAConfig) -> float:
+    """BEMA Eq. alpha: ``alpha_t = (rho + gamma t)**-eta``."""
+    return (cfg.rho + cfg.gamma * t) ** (-cfg.eta)
+
+
+def validate_decays(decays: Sequence[float]) -> tuple[float, ...]:
+    """Check a decay set: at least one, each a real number in [0, 1), no duplicates. Returns floats."""
+    if isinstance(decays, (str, bytes)) or not isinstance(decays, Sequence):
+        try:
+            decays = list(decays)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(f"decays must be a sequence of floats, got {decays!r}") from None
+    if len(decays) == 0:
+        raise ValueError("decays must hold at least one decay, got an empty sequence")
+    out: list[float] = []
+    for d in decays:
+        if isinstance(d, bool) or not isinstance(d, numbers.Real):
+            raise ValueError(f"decay {d!r} is not a number")
+        f = float(d)
+        if not (0.0 <= f < 1.0):  # also rejects NaN
+            raise ValueError(f"decay {d!r} is outside [0, 1)")
+        if f in out:
+            raise ValueError(f"decay {d!r} is given twice")
+        out.append(f)
+    return tuple(out)
+
+
+def validate_update_every(update_every: int) -> int:
+    """``update_every`` must be an int >= 1 (bools refused)."""
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+    return update_every
+
+
+def variant_name(decay: float) -> str:
+    """The variant string of a decay: ``repr(float(decay))``, e.g. ``0.9999 -> "0.9999"``."""
+    (d,) = validate_decays([decay])
+    return repr(d)
+
+
+def parse_variant(v: str | float) -> str:
+    """Normalise a variant: ``"raw"``, ``"bema"``, or a decay given as float or string.
+
+    ``"0.99990"``, ``0.9999`` and ``"0.9999"`` all give ``"0.9999"``. Anything else is a ValueError.
+    Whether the variant exists in a given bank is checked by the bank.
+    """
+    if isinstance(v, str):
+        s = v.strip().lower()
+        if s in (RAW, BEMA):
+            return s
+        try:
+            f = float(s)
+        except ValueError:
+            raise ValueError(f"variant {v!r} is not 'raw', 'bema' or a decay in [0, 1)") from None
+        return variant_name(f)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"variant {v!r} is not 'raw', 'bema' or a decay in [0, 1)")
+    return variant_name(v)
