@@ -4,3 +4,4 @@ __version__ = "0.1.0"
 
 from agent.bank import DEFAULT_DECAYS, EMABank  # noqa: E402, F401
 from agent.ema_math import BEMAConfig, parse_variant, variant_name  # noqa: E402, F401
+from agent.scope import Scope, attach  # noqa: E402, F401

@@ -18,9 +18,16 @@ and recorded in ``events.jsonl``. If ``bank.update()`` raises, the bank is *disa
 may be half-updated): no more updates, EMA variants are no longer scored or snapshotted, only
 ``raw`` is; a ``bank_disabled`` event says so.
 
-Under ``torch.distributed`` only rank 0 builds a bank and writes files; other ranks count steps
-and do nothing else (``scope.bank`` is ``None`` there). Scoring uses the unwrapped module
-(``ddp.module``), so it issues no collective.
+Under ``torch.distributed`` only rank 0 builds a bank, scores and writes files; other ranks count
+steps and do nothing else (``scope.bank`` is ``None`` there, ``score_now``/``export`` return
+``None``). ``attach`` issues no collective, so it may be called on every rank or on rank 0 only.
+Scoring runs on rank 0 alone with the unwrapped module (``ddp.module``): the sampler and
+``evaluate`` must use the model they are given and must not call collectives (the other ranks wait
+in their next collective meanwhile, so a sweep must finish within the process group's timeout).
+Sharded parameters (FSDP2 ``fully_shard``, DTensor) raise ``NotImplementedError``.
+
+Scoring forks the global random generators (``torch.random.fork_rng``) and restores them, so the
+training job's random stream is the same with and without the agent.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from torch import nn
 
 from agent import __version__
 from agent import features as F
+from agent.bank import DEFAULT_DECAYS, EMABank, unwrap_model
+from agent.ema_math import BEMAConfig, validate_decays, validate_update_every
 from agent.metrics import METRIC_DIRECTIONS
 from agent.requests import RequestPoller
 from agent.rundir import RunWriter, host_info, new_run_id, prepare_run_dir
@@ -46,24 +55,6 @@ from agent.scoring import Evaluate, Reference, Sampler, ScoringConfig, SweepResu
 log = logging.getLogger(__name__)
 
 _DIRECTIONS = ("lower", "higher")
-
-
-def _bank_api() -> Any:
-    import agent.bank as bank_module
-
-    return bank_module
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module that holds the weights: strips DistributedDataParallel/DataParallel and
-    ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def dist_rank() -> int:
@@ -92,7 +83,30 @@ def model_info(model: nn.Module) -> dict[str, Any]:
 
 
 class Scope:
-    """A training job with an EMA bank attached. Build it with :func:`attach` (same arguments)."""
+    """A training job with an EMA bank attached. Build it with :func:`attach` (same arguments).
+
+    Main arguments (steps are optimizer steps, sample counts are numbers of samples):
+
+    - ``model``, ``optimizer``: the training model (DDP / ``torch.compile`` wrappers are unwrapped)
+      and its optimizer (``None``: call :meth:`step` after every optimizer step).
+    - ``run_dir``: the run directory (docs/run-format.md). A folder that already holds a run is
+      refused unless ``resume=True`` (continue it: the bank is reloaded from
+      ``banks/latest.safetensors`` and the step count continues from it) or ``overwrite=True``.
+    - ``sampler(model, n, generator) -> samples``: ``[n, d]`` points or ``[n, C, H, W]`` images;
+      the same seeded generator for every variant. ``reference``: real data (tensor, ndarray,
+      dataset) or precomputed :class:`agent.features.Features`.
+    - ``evaluate(model) -> {name: value}``: user metrics; ``metric_directions={name: "lower" |
+      "higher"}`` declares which way is better (built-in metrics have theirs).
+    - ``score_every`` (``None``: only at close / :meth:`score_now`), ``score_at_close``,
+      ``snapshot_every`` (default: ``score_every``), ``num_samples``, ``batch_size`` (per sampler
+      call), ``seed``, ``preview`` (images in the PNG grid), ``feature_extractor`` (``"auto"``:
+      identity for points, ``inception-v3-compat`` for images; a torch-fidelity name or a callable),
+      ``feature_extractor_weights_path``, ``feature_device``, ``kid_subset_size``, ``nearest_k``.
+    - ``decays``, ``device``, ``update_every``, ``bias_correction``, ``bema``, ``average_buffers``:
+      passed to :class:`agent.bank.EMABank`, same defaults.
+    - ``heartbeat_interval`` (s), ``request_interval`` (s between checks of ``requests/`` and of the
+      bank's non-finite skip counter).
+    """
 
     def __init__(
         self,
@@ -119,11 +133,11 @@ class Scope:
         reference_size: int | None = None,
         kid_subset_size: int | None = None,
         nearest_k: int = 5,
-        decays: Sequence[float] | None = None,
+        decays: Sequence[float] = DEFAULT_DECAYS,
         device: str | torch.device | None = None,
         update_every: int = 1,
         bias_correction: bool = False,
-        bema: Any = False,
+        bema: bool | BEMAConfig = False,
         average_buffers: bool = False,
         name: str | None = None,
         overwrite: bool = False,
@@ -165,6 +179,10 @@ class Scope:
         F.resolve_image_range(image_range, None)  # validates the value
         if reference is not None and not isinstance(reference, F.Features):
             F.reference_identity(reference, max_items=2)  # validates the type early
+        # the bank's settings are checked on every rank, so a bad value fails everywhere alike
+        validate_decays(decays)
+        validate_update_every(update_every)
+        _refuse_sharded_params(model)
         self.cfg = ScoringConfig(num_samples=num_samples, batch_size=batch_size, seed=seed, preview=preview,
                                  nearest_k=nearest_k, kid_subset_size=kid_subset_size,
                                  feature_batch_size=feature_batch_size)
@@ -187,8 +205,11 @@ class Scope:
         self.last_scores: SweepResult | None = None
         self._step = 0
         self._last_scored: int | None = None
+        self._last_snapshot: int | None = None
         self._bank_ok = True
         self._skipped_seen = 0
+        self._housekeeping_at = -float("inf")
+        self.request_interval = float(request_interval)
         self._reference: Reference | None = None
         self._extractor: Any = None
         self._reference_failed = False
@@ -201,27 +222,27 @@ class Scope:
         self.t0 = time.time()
 
         if self.is_writer:
-            bank_api = _bank_api()
-            self.bank = bank_api.EMABank(
-                self.model, bank_api.DEFAULT_DECAYS if decays is None else decays, device=device,
-                update_every=update_every, bias_correction=bias_correction, bema=bema,
-                average_buffers=average_buffers)
+            self.bank = EMABank(self.model, decays, device=device, update_every=update_every,
+                                bias_correction=bias_correction, bema=bema, average_buffers=average_buffers)
             self.run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+            resumed_from = self._resume_bank() if resume else None
             self.run_id = self._existing_run_id() if resume else None
             self.run_id = self.run_id or new_run_id()
             self.name = name or self.run_dir.resolve().name
             self.writer = RunWriter(self.run_dir, step_fn=lambda: self._step,
                                     heartbeat_interval=heartbeat_interval)
-            self.settings = {"device": str(device) if device is not None else None,
+            self.settings = {"device": str(self.bank.device),
                              "update_every": update_every, "bias_correction": bool(bias_correction),
-                             "bema": bema if isinstance(bema, bool) or bema is None else repr(bema),
+                             "bema": None if self.bank.bema is None else self.bank.bema.as_dict(),
                              "average_buffers": bool(average_buffers), "score_every": score_every,
                              "snapshot_every": self.snapshot_every, "num_samples": num_samples,
                              "batch_size": batch_size, "seed": seed, "nearest_k": nearest_k,
                              "feature_extractor": self._extractor_label(), "image_range": image_range}
             self.sample_kind: str | None = self._reference_kind()
             self._write_run_json()
-            self.writer.event("start", 0)
+            self.writer.event("start", self._step)
+            if resumed_from is not None:
+                self.writer.event("resume", self._step, snapshot_step=resumed_from)
             self.writer.start_heartbeat()
             self.requests = RequestPoller(self.run_dir, self._export_for_request,
                                           parse_variant=self._parse_variant, on_result=self._export_event,
@@ -279,9 +300,11 @@ class Scope:
         if not self.is_writer:
             return
         try:
+            self._check_skipped()
             if self.score_at_close and self._last_scored != self._step and (self.sampler or self.evaluate):
                 self._score()
-            self._snapshot()
+            if self._last_snapshot != self._step:
+                self._snapshot()
             self.requests.poll(self._step)
         except Exception as exc:  # noqa: BLE001
             self.writer.error("close", self._step, exc)
@@ -312,7 +335,12 @@ class Scope:
                 self._snapshot()
             if self.score_every and step % self.score_every == 0:
                 self._score()
-            self.requests.maybe_poll(step)
+            now = time.monotonic()
+            if now - self._housekeeping_at >= self.request_interval:
+                # at most about once a second: reading the skip counter syncs a GPU bank
+                self._housekeeping_at = now
+                self._check_skipped()
+                self.requests.poll(step)
         except Exception as exc:  # noqa: BLE001 - never into optimizer.step
             self.writer.error("agent", self._step, exc)
 
@@ -326,8 +354,12 @@ class Scope:
             self.writer.error("bank", self._step, exc)
             self.writer.event("bank_disabled", self._step,
                               message="bank.update() raised; EMA updates stopped, only 'raw' is scored")
+
+    def _check_skipped(self) -> None:
+        """Write a ``nonfinite_skip`` event if the bank skipped updates since the last check."""
+        if not self._bank_ok:
             return
-        skipped = int(getattr(self.bank, "num_skipped", 0))
+        skipped = int(self.bank.num_skipped)
         if skipped != self._skipped_seen:
             self._skipped_seen = skipped
             self.writer.event("nonfinite_skip", self._step, count=skipped)
@@ -340,10 +372,14 @@ class Scope:
     def _score(self) -> SweepResult:
         step = self._step
         self._last_scored = step
-        reference = self._prepare_reference() if self.sampler is not None else None
-        result = run_sweep(model=self.model, bank=self.bank, variants=self._variants(), step=step,
-                           writer=self.writer, cfg=self.cfg, sampler=self.sampler, extractor=self._extractor,
-                           reference=reference, evaluate=self.evaluate, fd_name=self._fd_name())
+        # the sweep must not move the training job's random streams (a sampler or evaluate that
+        # uses the global generators, dropout, ...): fork them and restore them afterwards
+        with torch.random.fork_rng(devices=_cuda_devices(self.model)):
+            reference = self._prepare_reference() if self.sampler is not None else None
+            result = run_sweep(model=self.model, bank=self.bank, variants=self._variants(), step=step,
+                               writer=self.writer, cfg=self.cfg, sampler=self.sampler,
+                               extractor=self._extractor, reference=reference, evaluate=self.evaluate,
+                               fd_name=self._fd_name())
         self.last_scores = result
         if result.kid_subset_size is not None and not self._kid_noted:
             self._kid_noted = True
@@ -429,14 +465,12 @@ class Scope:
         except Exception as exc:  # noqa: BLE001 (OSError: full disk, ...)
             self.writer.error("snapshot", self._step, exc)
             return
+        self._last_snapshot = self._step
         self.writer.event("snapshot", self._step, path="banks/latest.safetensors", bytes=int(nbytes),
                           seconds=time.perf_counter() - t)
 
     def _parse_variant(self, variant: str | float) -> str:
-        v = _bank_api().parse_variant(variant)
-        if v not in self.bank.variants:
-            raise ValueError(f"unknown variant {variant!r}; available: {', '.join(self.bank.variants)}")
-        return v
+        return self.bank.resolve(variant)
 
     def _export(self, variant: str, path: Path, dtype: str | torch.dtype | None) -> Path:
         if dtype == "float32":
@@ -480,6 +514,25 @@ class Scope:
             return None
         return None
 
+    def _resume_bank(self) -> int | None:
+        """Load ``banks/latest.safetensors`` into the new bank and continue its step count.
+
+        Returns the snapshot's step, or ``None`` when the run has no snapshot yet (the bank then
+        starts from the current weights at step 0). Raises ``ValueError`` if the snapshot belongs
+        to another model or other bank settings.
+        """
+        path = self.run_dir / "banks" / "latest.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            saved = EMABank.load_snapshot(path)
+            self.bank.load_state_dict(saved.state_dict())
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"resume=True: cannot continue the bank snapshot {str(path)!r}: {exc}") from exc
+        self._step = int(self.bank.step)
+        self._skipped_seen = int(self.bank.num_skipped)
+        return self._step
+
     def _existing_run_id(self) -> str | None:
         import json
         try:
@@ -497,13 +550,30 @@ class Scope:
         })
 
 
+def _refuse_sharded_params(model: nn.Module) -> None:
+    """FSDP2 (``fully_shard``) and other DTensor-sharded models are not supported yet."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise NotImplementedError(
+            "attach() does not support sharded parameters (DTensor, e.g. FSDP2 fully_shard) yet: the "
+            "EMA bank needs each rank to hold full weights (plain or DistributedDataParallel models)")
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """CUDA device indices the model lives on (for ``torch.random.fork_rng``)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+
+
 def _model_device(model: nn.Module) -> torch.device:
     from agent.scoring import model_device
     return model_device(model)
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> Scope:
-    """Attach an EMA bank and scorer to a training job; see :class:`Scope` and docs/agent.md.
+    """Attach an EMA bank and scorer to a training job; see :class:`Scope` for the arguments.
 
     Keyword arguments are those of :class:`Scope` (``run_dir`` is required).
     """
