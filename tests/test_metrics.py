@@ -6,10 +6,60 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch_fidelity
 from prdc import compute_prdc
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from agent import metrics as M
+
+PASSTHROUGH = "emascope-test-passthrough"
+FEAT_DIM = 6
+
+
+class _Passthrough(FeatureExtractorBase):
+    """torch-fidelity extractor whose "features" are the first FEAT_DIM columns of each row and whose
+    "logits" are the rest, so ``calculate_metrics`` scores exactly the features we score."""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("feat", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "logits" if metric == "isc" else "feat"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return None
+
+    def forward(self, x):
+        parts = {"feat": x[:, :FEAT_DIM], "logits": x[:, FEAT_DIM:]}
+        return tuple(parts[name] for name in self.features_list)
+
+
+if PASSTHROUGH not in FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(PASSTHROUGH, _Passthrough)
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
 
 
 def _sets(n_gen=300, n_ref=400, d=6, seed=0, shift=0.3):
@@ -145,3 +195,57 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="neighborhood"):
         M.precision_recall(gen[:3], ref, neighborhood=3)
     assert M.finite_or_none(float("nan")) is None and M.finite_or_none(2) == 2.0
+
+
+def test_all_metrics_equal_torch_fidelity_calculate_metrics():
+    """End to end against torch-fidelity's own pipeline (calculate_metrics, CPU) on the same features."""
+    gen, ref = _sets(n_gen=180, n_ref=220, d=FEAT_DIM, seed=6)
+    g = torch.Generator().manual_seed(1)
+    gen_logits, ref_logits = torch.randn(180, 10, generator=g) * 3, torch.randn(220, 10, generator=g)
+    size = M.kid_subset_size_for(len(gen), len(ref))  # torch-fidelity's default 1000 would be refused
+    assert size == 180
+    tf = torch_fidelity.calculate_metrics(
+        input1=_Rows(torch.cat([gen, gen_logits], 1).double()),
+        input2=_Rows(torch.cat([ref, ref_logits], 1).double()),
+        feature_extractor=PASSTHROUGH, cuda=False, isc=True, fid=True, kid=True, prc=True,
+        kid_subset_size=size, kid_subsets=7, cache=False, save_cpu_ram=True, verbose=False)
+    assert M.frechet_distance(gen, ref) == pytest.approx(tf["frechet_inception_distance"], rel=1e-12)
+    stats = M.frechet_statistics(ref)
+    assert M.frechet_distance_from_statistics(M.frechet_statistics(gen), stats) == \
+        pytest.approx(tf["frechet_inception_distance"], rel=1e-12)
+    k = M.kid(gen, ref, subsets=7)  # default seed is torch-fidelity's rng_seed 2020
+    assert k["kid_subset_size"] == size
+    assert k["kid_mean"] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-12)
+    assert k["kid_std"] == pytest.approx(tf["kernel_inception_distance_std"], rel=1e-12)
+    pr = M.precision_recall(gen, ref)
+    assert pr["precision"] == pytest.approx(tf["precision"], abs=1e-12)
+    assert pr["recall"] == pytest.approx(tf["recall"], abs=1e-12)
+    isc = M.inception_score(gen_logits)  # torch-fidelity's isc_splits 10, shuffle, rng_seed 2020
+    assert isc["isc_mean"] == pytest.approx(tf["inception_score_mean"], rel=1e-12)
+    assert isc["isc_std"] == pytest.approx(tf["inception_score_std"], rel=1e-12)
+
+
+def test_kid_subset_size_guard_is_needed_and_reported():
+    gen, ref = _sets(n_gen=40, n_ref=500, d=4, seed=8)
+    with pytest.raises(Exception, match="KID subset size"):  # torch-fidelity's default 1000 > 40
+        kid_features_to_metric(gen.double(), ref.double(), kid_subset_size=1000, verbose=False)
+    out = M.kid(gen, ref, subsets=4)
+    assert out["kid_subset_size"] == 40
+    assert M.kid(gen, ref, subset_size=25, subsets=4)["kid_subset_size"] == 25
+    assert M.kid_subset_size_for(5000, 3000) == 1000  # torch-fidelity's default when both sets are big
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        M.kid_subset_size_for(1, 100)
+
+
+def test_precision_recall_bigger_than_block_budget_equals_unbatched():
+    """A set whose N x N distance matrix is 50x the block budget scores exactly like the full matrix."""
+    gen, ref = _sets(n_gen=700, n_ref=650, d=8, seed=9)
+    budget = 8 * 700 * 700 // 50
+    assert M.rows_per_block(700, budget) < 700 // 10
+    full = prc_features_to_metric(gen.double(), ref.double(), prc_neighborhood=3, save_cpu_ram=False,
+                                  prc_batch_size=10_000, verbose=False)
+    batched = M.precision_recall(gen, ref, neighborhood=3, block_bytes=budget)
+    # equal up to a float-rounding tie flipping one point (in practice: exactly equal)
+    assert batched["precision"] == pytest.approx(full["precision"], abs=1.01 / 700)
+    assert batched["recall"] == pytest.approx(full["recall"], abs=1.01 / 650)
+    assert M.precision_recall(gen, ref, neighborhood=3) == pytest.approx(batched, abs=1.01 / 650)
