@@ -1,0 +1,178 @@
+"""EMABank numbers against independent references: a float64 loop, torch AveragedModel, direct BEMA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from bank_helpers import (
+    EPS32,
+    ReferenceBEMA,
+    ReferenceEMA,
+    make_tiny,
+    max_abs,
+    max_abs_diff,
+    random_step,
+    trainable,
+)
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from agent.bank import DEFAULT_DECAYS, BEMAConfig, EMABank, variant_name
+
+torch.set_num_threads(1)
+
+STEPS = 301
+
+
+def _bank_params(bank: EMABank, variant, model) -> dict[str, torch.Tensor]:
+    sd = bank.materialize(variant, dtype=torch.float32)
+    return {k: sd[k] for k in trainable(model)}
+
+
+@pytest.mark.parametrize("update_every", [1, 7])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_every_default_decay_matches_float64_reference(update_every, bias_correction):
+    model = make_tiny(1)
+    bank = EMABank(model, update_every=update_every, bias_correction=bias_correction)
+    ref = ReferenceEMA(trainable(model), DEFAULT_DECAYS, update_every, bias_correction)
+    theta0 = {k: v.detach().double().clone() for k, v in trainable(model).items()}
+    gen = torch.Generator().manual_seed(11)
+    checked = 0
+    for t in range(1, STEPS + 1):
+        random_step(model, gen, scale=0.1)
+        bank.update()
+        ref.step(trainable(model))
+        if t % 50 == 0 or t == STEPS:
+            n = t // update_every
+            assert bank.step == t and bank.num_updates == n and bank.num_skipped == 0
+            for d in DEFAULT_DECAYS:
+                want = ref.value(d)
+                got = _bank_params(bank, d, model)
+                # fp32 lerp: at most ~1 ulp of the magnitude per applied update (worst case)
+                tol = 2 * EPS32 * max(n, 1) * max_abs(want) + 1e-7
+                err = max_abs_diff(got, want)
+                assert err <= tol, (d, t, err, tol)
+                if not bias_correction:
+                    # sensitivity: the EMA's movement away from theta_0 is resolved to 2 %, so a
+                    # wrong per-update decay (d instead of d**m) or a lost update would fail here
+                    moved = max_abs_diff(want, theta0)
+                    assert err <= 0.02 * moved, (d, t, err, moved)
+                checked += 1
+    assert checked == len(DEFAULT_DECAYS) * 7
+
+
+def test_update_every_uses_decay_power_m_window():
+    """update_every=m names the same window in optimizer steps: a step change is followed at rate d/step."""
+    model = make_tiny(2)
+    d, m = 0.99, 10
+    bank = EMABank(model, [d], update_every=m)
+    start = {k: v.detach().clone() for k, v in trainable(model).items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # a unit step held constant
+    for _ in range(100):
+        bank.update()
+    got = _bank_params(bank, d, model)
+    # after 100 optimizer steps the EMA has covered 1 - d**100 of the unit step (~63 %), not 1 - d**10
+    for k in got:
+        torch.testing.assert_close((got[k] - start[k]).double(),
+                                   torch.full_like(got[k], 1 - d ** 100, dtype=torch.float64),
+                                   rtol=0, atol=1e-5)
+
+
+def test_bias_correction_first_update_copies_and_differs_from_default_init():
+    model = make_tiny(3)
+    gen = torch.Generator().manual_seed(3)
+    bc = EMABank(model, [0.999], bias_correction=True)
+    plain = EMABank(model, [0.999])
+    random_step(model, gen, scale=1.0)
+    bc.update()
+    plain.update()
+    live = trainable(model)
+    got_bc = _bank_params(bc, 0.999, model)
+    got_plain = _bank_params(plain, 0.999, model)
+    for k in live:
+        assert torch.equal(got_bc[k], live[k].detach())  # w_1 = 1: the zero-init average is all theta_1
+        assert not torch.allclose(got_plain[k], live[k].detach())  # starts from attach weights
+
+
+@pytest.mark.parametrize("decay", DEFAULT_DECAYS)
+def test_each_decay_matches_torch_averaged_model(decay):
+    model = make_tiny(4)
+    bank = EMABank(model, [decay])
+    # AveragedModel copies the weights at its first update_parameters() call: make that the attach step
+    swa = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+    swa.update_parameters(model)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(STEPS):
+        random_step(model, gen, scale=0.1)
+        bank.update()
+        swa.update_parameters(model)
+    got = _bank_params(bank, decay, model)
+    theirs = {k: p.detach() for k, p in swa.module.named_parameters()}
+    # both are fp32 lerps with weight 1 - d from the same fp32 states: identical up to lerp rounding
+    err = max_abs_diff(got, theirs)
+    assert err <= 4 * EPS32 * max_abs(theirs) * math.sqrt(STEPS), err
+
+
+@pytest.mark.parametrize("cfg,update_every", [
+    (BEMAConfig(), 1),
+    (BEMAConfig(kappa=0.7, eta=0.4, rho=3.0, gamma=2.0, beta_min=0.02), 1),
+    (BEMAConfig(), 4),
+])
+def test_bema_matches_direct_formulas(cfg, update_every):
+    model = make_tiny(6)
+    bank = EMABank(model, [0.9, 0.999], bema=cfg, update_every=update_every)
+    assert bank.variants[-1] == "bema"
+    ref = ReferenceBEMA(trainable(model), update_every=update_every, **cfg.as_dict())
+    gen = torch.Generator().manual_seed(6)
+    for t in range(1, STEPS + 1):
+        random_step(model, gen, scale=0.1)
+        bank.update()
+        ref.step(trainable(model))
+        if t % 60 == 0 or t == 1 or t == 5:
+            want = ref.value(trainable(model))
+            got = _bank_params(bank, "bema", model)
+            err = max_abs_diff(got, want)
+            assert err <= 4 * EPS32 * t * max_abs(want) + 1e-6, (t, err)
+
+
+def test_bema_true_uses_reference_defaults():
+    assert BEMAConfig().as_dict() == {"kappa": 0.5, "eta": 0.2, "rho": 10.0, "gamma": 1.0, "beta_min": 0.0}
+    bank = EMABank(make_tiny(), [0.9], bema=True)
+    assert bank.bema == BEMAConfig()
+
+
+def test_bema_at_attach_is_the_attach_weights():
+    model = make_tiny(7)
+    bank = EMABank(model, [0.9], bema=True)
+    got = _bank_params(bank, "bema", model)
+    for k, v in trainable(model).items():
+        assert torch.equal(got[k], v.detach())
+
+
+def test_decay_zero_follows_the_live_weights():
+    model = make_tiny(8)
+    bank = EMABank(model, [0.0, 0.5])
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(5):
+        random_step(model, gen)
+        bank.update()
+    got = _bank_params(bank, 0.0, model)
+    for k, v in trainable(model).items():
+        assert torch.equal(got[k], v.detach())
+
+
+def test_variant_names_and_parsing():
+    from agent.bank import parse_variant
+
+    assert variant_name(0.9999) == "0.9999"
+    assert parse_variant("0.99990") == "0.9999"
+    assert parse_variant(0.9999) == "0.9999"
+    assert parse_variant(" RAW ") == "raw"
+    assert parse_variant("bema") == "bema"
+    bank = EMABank(make_tiny())
+    assert bank.variants == ["raw", *[repr(float(d)) for d in DEFAULT_DECAYS]]
+    assert bank.decays == DEFAULT_DECAYS
+    assert bank.resolve("0.999990") == "0.99999"
