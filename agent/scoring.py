@@ -190,7 +190,9 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
     step, decay = res.step, variant_decay(variant)
     samples: torch.Tensor | None = None
     user: dict[str, Any] = {}
-    swap = contextlib.nullcontext(model) if variant == "raw" else bank.swap(model, variant)
+    # "raw" goes through swap too: its backup/restore undoes a sampler or evaluate that writes to
+    # the weights in place (the live weights leave the sweep bit-identical whatever happens)
+    swap = bank.swap(model, variant)
     with preserved_training_flags(model), swap, torch.no_grad():
         model.eval()
         if sampler is not None:
