@@ -56,7 +56,30 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resu
             shutil.rmtree(path / name, ignore_errors=True)
     for sub in ("samples", "banks", "reference", "requests", "exports"):
         (path / sub).mkdir(parents=True, exist_ok=True)
+    if resume:
+        for name in ("metrics.jsonl", "events.jsonl"):
+            terminate_torn_line(path / name)
     return path
+
+
+def terminate_torn_line(path: str | os.PathLike) -> bool:
+    """End a JSONL file whose last line is torn (a killed writer) with a newline; True if it did.
+
+    Without it the first record appended by a resumed run would be glued to the fragment and
+    both would be lost to readers; with it only the fragment is (an invalid line, skipped).
+    """
+    try:
+        with open(path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return False
+            f.write(b"\n")
+            return True
+    except FileNotFoundError:
+        return False
 
 
 def new_run_id() -> str:
