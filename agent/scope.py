@@ -285,7 +285,11 @@ class Scope:
         if path is None:
             path = self.run_dir / "exports" / f"ema-{variant}-step{self._step}.safetensors"
         out = self._export(variant, Path(path), dtype)
-        self.writer.event("export", self._step, request_id=None, variant=variant, path=str(out),
+        try:  # relative to the run directory when inside it, as in export requests
+            shown = out.resolve().relative_to(self.run_dir.resolve()).as_posix()
+        except ValueError:
+            shown = str(out.resolve())
+        self.writer.event("export", self._step, request_id=None, variant=variant, path=shown,
                           bytes=out.stat().st_size, ok=True, error=None)
         return out
 
@@ -384,7 +388,7 @@ class Scope:
         if result.kid_subset_size is not None and not self._kid_noted:
             self._kid_noted = True
             n_ref = len(reference.features.features) if reference is not None else None
-            self.writer.event("notice", step, where="metric:kid",
+            self.writer.event("notice", step, where="metric:kid", kid_subset_size=result.kid_subset_size,
                               message=f"KID subset size {result.kid_subset_size} "
                                       f"(num_samples={self.cfg.num_samples}, num_reference={n_ref})")
         seen = {m for scores in result.scores.values() for m in scores}
