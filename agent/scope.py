@@ -93,7 +93,9 @@ class Scope:
       refused unless ``resume=True`` (continue it: the bank is reloaded from
       ``banks/latest.safetensors`` and the step count continues from it) or ``overwrite=True``.
     - ``sampler(model, n, generator) -> samples``: ``[n, d]`` points or ``[n, C, H, W]`` images;
-      the same seeded generator for every variant. ``reference``: real data (tensor, ndarray,
+      called in eval mode under ``torch.no_grad`` with one ``torch.Generator`` on the model's
+      device, seeded with ``seed`` afresh for every variant (pass ``generator=generator,
+      device=generator.device`` to ``torch.randn``). ``reference``: real data (tensor, ndarray,
       dataset) or precomputed :class:`agent.features.Features`.
     - ``evaluate(model) -> {name: value}``: user metrics; ``metric_directions={name: "lower" |
       "higher"}`` declares which way is better (built-in metrics have theirs).
