@@ -471,3 +471,26 @@ def test_resume_continues_the_bank_and_the_step_count(tmp_path):
     assert len(resume_ev) == 1 and resume_ev[0]["snapshot_step"] == 7 and resume_ev[0]["step"] == 7
     with pytest.raises(ValueError, match="resume=True.*decays differ"):
         attach(Denoiser(), run_dir=run_dir, resume=True, decays=(0.5,))
+
+
+# ---------------------------------------------------------------------------------------------- docs
+
+
+def test_docs_run_format_names_what_is_written(trained):
+    """docs/run-format.md documents every event type, settings key and built-in metric written."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "run-format.md").read_text()
+    events_section = doc.split("## `events.jsonl`")[1].split("## `heartbeat`")[0]
+    documented_types = set(re.findall(r"^\| `([a-z_]+)`", events_section, flags=re.M))
+    written = {e["type"] for e in _events(trained["run_dir"])}
+    assert written <= documented_types, written - documented_types
+    example = json.loads(doc.split("## `run.json`")[1].split("```json")[1].split("```")[0])
+    info = json.loads((trained["run_dir"] / "run.json").read_text())
+    assert set(info) == set(example)
+    assert set(info["settings"]) == set(example["settings"])
+    metrics_row = next(line for line in doc.splitlines() if line.startswith("| `metric`"))
+    from agent.metrics import METRIC_DIRECTIONS
+
+    assert all(f"`{m}`" in metrics_row for m in METRIC_DIRECTIONS)
