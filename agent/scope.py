@@ -163,6 +163,12 @@ class Scope:
         _check_int("snapshot_every", snapshot_every, 1, allow_none=True)
         _check_int("reference_size", reference_size, 2, allow_none=True)
         _check_int("seed", seed, 0)
+        for key, value in (("heartbeat_interval", heartbeat_interval),
+                           ("request_interval", request_interval)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{key} must be a number of seconds >= 0, got {value!r}")
+        if heartbeat_interval == 0:
+            raise ValueError("heartbeat_interval must be > 0 seconds, got 0")
         directions = dict(metric_directions or {})
         for key, value in directions.items():
             if value not in _DIRECTIONS:
@@ -222,14 +228,21 @@ class Scope:
         self.writer: RunWriter | None = None
         self.requests: RequestPoller | None = None
         self.t0 = time.time()
+        self.start_time = self.t0
 
         if self.is_writer:
             self.bank = EMABank(self.model, decays, device=device, update_every=update_every,
                                 bias_correction=bias_correction, bema=bema, average_buffers=average_buffers)
             self.run_dir = prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
             resumed_from = self._resume_bank() if resume else None
-            self.run_id = self._existing_run_id() if resume else None
-            self.run_id = self.run_id or new_run_id()
+            previous = self._previous_run() if resume else {}
+            self.run_id = str(previous.get("run_id") or new_run_id())
+            if isinstance(previous.get("start_time"), (int, float)):
+                self.start_time = float(previous["start_time"])
+            old_dirs = previous.get("metric_directions")
+            if isinstance(old_dirs, dict):  # keep the directions of metrics already written
+                self.metric_directions = {str(k): self.user_directions.get(k, v) for k, v in old_dirs.items()
+                                          if v in _DIRECTIONS}
             self.name = name or self.run_dir.resolve().name
             self.writer = RunWriter(self.run_dir, step_fn=lambda: self._step,
                                     heartbeat_interval=heartbeat_interval)
@@ -539,17 +552,19 @@ class Scope:
         self._skipped_seen = int(self.bank.num_skipped)
         return self._step
 
-    def _existing_run_id(self) -> str | None:
+    def _previous_run(self) -> dict[str, Any]:
+        """The run.json of the run being resumed (``{}`` if missing or unreadable)."""
         import json
         try:
-            return json.loads((self.run_dir / "run.json").read_text())["run_id"]
+            info = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
         except Exception:  # noqa: BLE001
-            return None
+            return {}
+        return info if isinstance(info, dict) else {}
 
     def _write_run_json(self) -> None:
         directions = {k: v for k, v in self.metric_directions.items() if v in _DIRECTIONS}
         self.writer.write_run_json({
-            "run_id": self.run_id, "name": self.name, "start_time": self.t0, **host_info(),
+            "run_id": self.run_id, "name": self.name, "start_time": self.start_time, **host_info(),
             "emascope_version": __version__, "decays": [float(d) for d in self.bank.decays],
             "variants": list(self.bank.variants), "model": model_info(self.model),
             "settings": self.settings, "metric_directions": directions, "sample_kind": self.sample_kind,

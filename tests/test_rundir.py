@@ -112,6 +112,8 @@ def test_resume_terminates_a_torn_line_so_new_records_survive(closed_run):
                 score_every=None, decays=(0.9,)) as scope:
         assert scope.current_step == 1
         scope.step()
+        info = json.loads((closed_run / "run.json").read_text())
+        assert info["metric_directions"] == {"a": "lower"}  # kept from the first run before any score
     run = load_run(closed_run)
     assert run.bad_lines["metrics.jsonl"] == 1  # only the fragment is lost
     assert len(run.metrics) == rows + 2  # raw and 0.9 at step 2

@@ -18,6 +18,7 @@ import pytest
 import torch
 from prdc import compute_prdc
 from scope_helpers import Denoiser, mixture, sampler, train_step, val_loss
+from torch import nn
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
@@ -418,6 +419,14 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         attach(model, run_dir=tmp_path / "a", metric_directions={"x": "up"})
     with pytest.raises(ValueError, match="optimizer"):
         attach(model, "adam", run_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="heartbeat_interval"):
+        attach(model, run_dir=tmp_path / "a", heartbeat_interval=0)
+    with pytest.raises(ValueError, match="request_interval"):
+        attach(model, run_dir=tmp_path / "a", request_interval=-1)
+    with pytest.raises(ValueError, match="num_samples"):
+        attach(model, run_dir=tmp_path / "a", num_samples=1)
+    with pytest.raises(ValueError, match="trainable"):
+        attach(nn.Linear(2, 2).requires_grad_(False), run_dir=tmp_path / "a")
     with pytest.raises(TypeError, match="run_dir"):
         attach(model)
     assert not (tmp_path / "a").exists()  # nothing written before the arguments are checked
@@ -456,6 +465,7 @@ def test_resume_continues_the_bank_and_the_step_count(tmp_path):
         opt2.load_state_dict(ckpt["opt"])
         scope2 = attach(model2, opt2, run_dir=run_dir, resume=True, score_every=None, decays=(0.9, 0.99))
         assert scope2.current_step == steps_a and scope2.run_id == scope.run_id
+        assert scope2.start_time == scope.start_time
         for _ in range(steps_b):
             train_step(model2, opt2, data, g)
         scope2.close()
