@@ -100,6 +100,19 @@ def preserved_training_flags(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def restored_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Back up every tensor of ``model.state_dict()`` and copy it back on exit (bank-less sweeps)."""
+    live = model.state_dict(keep_vars=True)
+    backup = {k: t.detach().clone() for k, t in live.items() if torch.is_tensor(t)}
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, t in backup.items():
+                live[k].copy_(t)
+
+
 def variant_decay(variant: str) -> float | None:
     """The decay of a fixed-decay variant, ``None`` for ``"raw"``/``"bema"``."""
     try:
@@ -192,7 +205,7 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
     user: dict[str, Any] = {}
     # "raw" goes through swap too: its backup/restore undoes a sampler or evaluate that writes to
     # the weights in place (the live weights leave the sweep bit-identical whatever happens)
-    swap = bank.swap(model, variant)
+    swap = bank.swap(model, variant) if bank is not None else restored_state(model)
     with preserved_training_flags(model), swap, torch.no_grad():
         model.eval()
         if sampler is not None:

@@ -504,3 +504,22 @@ def test_docs_run_format_names_what_is_written(trained):
     from agent.metrics import METRIC_DIRECTIONS
 
     assert all(f"`{m}`" in metrics_row for m in METRIC_DIRECTIONS)
+
+
+def test_run_sweep_without_bank_scores_raw_and_restores_weights(tmp_path):
+    from agent.rundir import RunWriter, prepare_run_dir
+    from agent.scoring import ScoringConfig, run_sweep
+
+    model = Denoiser()
+    before = _bits(model)
+
+    def scribbling_evaluate(m):
+        m.net[0].weight.data.zero_()
+        return {"v": 1.0}
+
+    writer = RunWriter(prepare_run_dir(tmp_path / "r"))
+    res = run_sweep(model=model, bank=None, variants=["raw"], step=0, writer=writer,
+                    cfg=ScoringConfig(num_samples=10), evaluate=scribbling_evaluate)
+    assert res.scores == {"raw": {"v": 1.0}} and res.errors == 0
+    for k, v in before.items():
+        assert torch.equal(v, model.state_dict()[k])
