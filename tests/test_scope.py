@@ -523,3 +523,34 @@ def test_run_sweep_without_bank_scores_raw_and_restores_weights(tmp_path):
     assert res.scores == {"raw": {"v": 1.0}} and res.errors == 0
     for k, v in before.items():
         assert torch.equal(v, model.state_dict()[k])
+
+
+def test_every_bank_parameter_is_an_attach_argument_with_the_same_default():
+    import inspect
+
+    from agent.bank import EMABank
+
+    bank_params = inspect.signature(EMABank.__init__).parameters
+    attach_params = inspect.signature(attach).parameters
+    for name, p in bank_params.items():
+        if name in ("self", "model"):
+            continue
+        assert name in attach_params, name
+        assert attach_params[name].default == p.default, name
+
+
+def test_nonfinite_weights_skip_the_bank_and_are_reported(tmp_path):
+    model = Denoiser()
+    scope = attach(model, run_dir=tmp_path / "r", score_every=None, decays=(0.5,), request_interval=0)
+    good = model.net[0].bias.detach().clone()
+    with torch.no_grad():
+        model.net[0].bias[0] = float("nan")
+    scope.step()
+    with torch.no_grad():
+        model.net[0].bias.copy_(good + 1.0)
+    scope.step()
+    scope.close()
+    assert scope.bank.num_skipped == 1 and scope.bank.step == 2
+    torch.testing.assert_close(scope.bank.materialize(0.5)["net.0.bias"], good + 0.5)
+    skips = _events(tmp_path / "r", "nonfinite_skip")
+    assert [(e["step"], e["count"]) for e in skips] == [(1, 1)]
