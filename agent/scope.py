@@ -58,10 +58,14 @@ _DIRECTIONS = ("lower", "higher")
 
 
 def dist_rank() -> int:
-    """Rank in the default process group, 0 when torch.distributed is not initialised."""
+    """Rank in the default process group; before ``init_process_group`` the launcher's ``RANK``
+    environment variable (torchrun sets it), else 0."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_rank())
-    return 0
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:

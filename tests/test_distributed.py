@@ -131,3 +131,17 @@ def test_ddp_two_ranks_only_rank0_writes_no_hang(tmp_path, attach_on):
         if r["fsdp"].startswith("unavailable"):
             continue
         assert r["fsdp"].startswith("NotImplementedError") and "FSDP2" in r["fsdp"], r["fsdp"]
+
+
+def test_rank_from_launcher_env_before_init(tmp_path, monkeypatch):
+    """attach() called before init_process_group under torchrun: RANK decides who writes."""
+    from scope_helpers import Denoiser
+
+    from agent import attach
+
+    monkeypatch.setenv("RANK", "1")
+    scope = attach(Denoiser(), run_dir=tmp_path / "run", score_every=None)
+    scope.step()
+    scope.close()
+    assert not scope.is_writer and scope.bank is None and scope.current_step == 1
+    assert not (tmp_path / "run").exists()
