@@ -188,7 +188,8 @@ class Scope:
         if feature_extractor_weights_path is not None and not Path(feature_extractor_weights_path).is_file():
             raise ValueError(f"feature_extractor_weights_path {str(feature_extractor_weights_path)!r} "
                              "is not a file")
-        F.resolve_image_range(image_range, None)  # validates the value
+        # validates the value; "auto" is decided from the reference images when they are seen
+        fixed_range = F.resolve_image_range(image_range, None)
         if reference is not None and not isinstance(reference, F.Features):
             F.reference_identity(reference, max_items=2)  # validates the type early
         # the bank's settings are checked on every rank, so a bad value fails everywhere alike
@@ -197,7 +198,7 @@ class Scope:
         _refuse_sharded_params(model)
         self.cfg = ScoringConfig(num_samples=num_samples, batch_size=batch_size, seed=seed, preview=preview,
                                  nearest_k=nearest_k, kid_subset_size=kid_subset_size,
-                                 feature_batch_size=feature_batch_size)
+                                 feature_batch_size=feature_batch_size, image_range=fixed_range)
 
         self.model = unwrap_model(model)
         self.optimizer = optimizer
@@ -452,7 +453,8 @@ class Scope:
             kind = self.sample_kind or "points"
             self._extractor = F.make_extractor(self.feature_extractor_spec, kind,
                                                weights_path=self.feature_extractor_weights_path,
-                                               device=device, batch_size=self.cfg.feature_batch_size)
+                                               device=device, batch_size=self.cfg.feature_batch_size,
+                                               image_range=self.cfg.image_range)
             return Reference.build(ref, self.cfg.nearest_k)
         data = F.reference_tensor(ref, self.reference_size)
         kind = F.sample_kind(data) if torch.is_tensor(data) else None

@@ -127,3 +127,14 @@ def test_cuda_model_bank_on_gpu(tmp_path):
         assert scope.bank.bank.is_cuda
     recs = (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()
     assert len(recs) == 2 * 7 and not _events(tmp_path / "gpu", "error")
+
+
+def test_image_range_applies_to_previews_without_reference(tmp_path):
+    def half_grey(model, n, generator):  # images in [0, 1]
+        return torch.full((n, 1, 8, 8), 0.5) + 0 * model.fc.bias.sum()
+
+    with attach(TinyGenerator(), run_dir=tmp_path / "r", sampler=half_grey, image_range="0,1",
+                score_every=None, num_samples=4, preview=4, decays=(0.9,)):
+        pass
+    img = np.asarray(Image.open(tmp_path / "r" / "samples" / "step_000000000" / "raw.png"))
+    assert img[2:10, 2:10].min() == img[2:10, 2:10].max() == 128  # 0.5 * 255, not (0.5 + 1) * 127.5
