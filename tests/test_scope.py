@@ -554,3 +554,28 @@ def test_nonfinite_weights_skip_the_bank_and_are_reported(tmp_path):
     torch.testing.assert_close(scope.bank.materialize(0.5)["net.0.bias"], good + 0.5)
     skips = _events(tmp_path / "r", "nonfinite_skip")
     assert [(e["step"], e["count"]) for e in skips] == [(1, 1)]
+
+
+@pytest.mark.parametrize("kind", ["features", "dataset", "ndarray"])
+def test_reference_forms(tmp_path, kind):
+    from torch.utils.data import TensorDataset
+
+    from agent.features import Features
+
+    ref = mixture(120, seed=3)
+    reference = {"features": Features(ref), "dataset": TensorDataset(ref, torch.zeros(len(ref))),
+                 "ndarray": ref.numpy()}[kind]
+    extra = {"feature_extractor": "identity"} if kind == "features" else {}
+    torch.manual_seed(0)
+    model = Denoiser()
+    with attach(model, run_dir=tmp_path / "r", sampler=sampler, reference=reference, score_every=None,
+                num_samples=60, decays=(0.9,), **extra) as scope:
+        scope.step()
+    fd = [r for r in _metrics(tmp_path / "r") if r["metric"] == "fd" and r["variant"] == "raw"]
+    model.eval()
+    with torch.no_grad():
+        gen = sampler(model, 60, torch.Generator().manual_seed(0)).double()
+    expected = fid_statistics_to_metric(fid_features_to_statistics(gen),
+                                        fid_features_to_statistics(ref.double()), False)
+    assert len(fd) == 1 and fd[0]["value"] == pytest.approx(expected["frechet_inception_distance"], rel=1e-9)
+    assert not _events(tmp_path / "r", "error")
