@@ -59,8 +59,27 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous cpu tensor with its own storage (safetensors refuses shared/strided tensors)."""
-    return t.detach().to("cpu", copy=True).contiguous()
+    """A contiguous cpu tensor with its own storage (safetensors refuses shared/strided tensors).
+
+    Tensors that already are one (e.g. the fresh ``[R, N]`` copy of the bank) are not copied again.
+    """
+    t = t.detach()
+    owns = (t.device.type == "cpu" and t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+    return t if owns else t.to("cpu", copy=True).contiguous()
+
+
+def _own_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`_own` for every tensor; a tensor met twice (tied weights) gets a copy the second time."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, t in tensors.items():
+        o = _own(t)
+        if o.numel() and o.data_ptr() in seen:
+            o = o.clone()
+        seen.add(o.data_ptr())
+        out[k] = o
+    return out
 
 
 def save_bank_snapshot(bank: EMABank, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> int:
@@ -68,7 +87,7 @@ def save_bank_snapshot(bank: EMABank, path: str | os.PathLike, metadata: dict[st
     meta = _check_metadata(metadata)
     tensors, state = bank.snapshot_tensors()
     meta[META_KEY] = json.dumps(state, allow_nan=False, separators=(",", ":"))
-    out = _atomic_save({k: _own(v) for k, v in tensors.items()}, path, meta)
+    out = _atomic_save(_own_all(tensors), path, meta)
     return out.stat().st_size
 
 
@@ -114,5 +133,4 @@ def export_variant(bank: EMABank, variant: str | float, path: str | os.PathLike,
     meta.update(_check_metadata(metadata))
     sd = bank.materialize(v, dtype=_parse_dtype(dtype), device="cpu")
     # tied names share one tensor in sd: give each key its own storage
-    tensors = {k: _own(t) for k, t in sd.items()}
-    return _atomic_save(tensors, path, meta)
+    return _atomic_save(_own_all(sd), path, meta)

@@ -132,7 +132,7 @@ def test_bf16_model_keeps_fp32_banks_that_follow_sub_resolution_updates():
             p.copy_(1 + torch.rand(p.shape, generator=torch.Generator().manual_seed(13)))
     d = 0.999
     bank = EMABank(model, [d, 0.9999])
-    assert bank.bank.dtype == torch.float32
+    assert bank.state_dict()["bank"].dtype == torch.float32
     start = {k: v.detach().double().clone() for k, v in trainable(model).items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -173,10 +173,10 @@ def test_non_finite_step_is_skipped_counted_and_banks_untouched(bad, kw):
             saved = model.fc2.bias.detach().clone()
             with torch.no_grad():
                 model.fc2.bias[1] = bad
-            before = bank.bank.clone()
+            before = bank.state_dict()["bank"].clone()
             bank.update()
             ref.step(trainable(model), finite=False)
-            assert torch.equal(bank.bank, before)
+            assert torch.equal(bank.state_dict()["bank"], before)
             assert bank.num_skipped == 1 and bank.step == 10 and bank.num_updates == 9
             with torch.no_grad():
                 model.fc2.bias.copy_(saved)
@@ -184,7 +184,7 @@ def test_non_finite_step_is_skipped_counted_and_banks_untouched(bad, kw):
         bank.update()
         ref.step(trainable(model))
     assert bank.num_skipped == 1 and bank.num_updates == 29
-    assert torch.isfinite(bank.bank).all()
+    assert torch.isfinite(bank.state_dict()["bank"]).all()
     for d in DEFAULT_DECAYS:
         got = bank.materialize(d, dtype=torch.float32)
         for k, want in ref.value(d).items():
@@ -223,7 +223,7 @@ def test_frozen_parameters_are_not_duplicated():
     bank = EMABank(model, DEFAULT_DECAYS)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert bank.numel == n_trainable
-    assert tuple(bank.bank.shape) == (len(DEFAULT_DECAYS), n_trainable)
+    assert tuple(bank.state_dict()["bank"].shape) == (len(DEFAULT_DECAYS), n_trainable)
     gen = torch.Generator().manual_seed(16)
     for _ in range(3):
         random_step(model, gen)
@@ -314,15 +314,15 @@ def test_device_cpu_bank_works_and_matches_default():
     model = make_tiny(21)
     a = EMABank(model, [0.9, 0.999], device="cpu")
     b = EMABank(model, [0.9, 0.999])
-    assert a.device == torch.device("cpu") and a.bank.device.type == "cpu"
+    assert a.device == torch.device("cpu") and a.state_dict()["bank"].device.type == "cpu"
     if torch.cuda.is_available():
-        assert a.bank.is_pinned()
+        assert a._blocks.is_pinned() and a._staging.is_pinned()
     gen = torch.Generator().manual_seed(21)
     for _ in range(10):
         random_step(model, gen)
         a.update()
         b.update()
-    assert torch.equal(a.bank, b.bank)
+    assert torch.equal(a.state_dict()["bank"], b.state_dict()["bank"])
     with pytest.raises(ValueError, match="bad device"):
         EMABank(model, [0.9], device="not-a-device")
 
