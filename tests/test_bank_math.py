@@ -18,7 +18,7 @@ from bank_helpers import (
 )
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from agent.bank import DEFAULT_DECAYS, BEMAConfig, EMABank, variant_name
+from agent.bank import BLOCK, DEFAULT_DECAYS, BEMAConfig, EMABank, variant_name
 
 torch.set_num_threads(1)
 
@@ -176,3 +176,39 @@ def test_variant_names_and_parsing():
     assert bank.variants == ["raw", *[repr(float(d)) for d in DEFAULT_DECAYS]]
     assert bank.decays == DEFAULT_DECAYS
     assert bank.resolve("0.999990") == "0.99999"
+
+
+class _Vectors(torch.nn.Module):
+    """Parameters of given sizes: puts the bank's block boundaries (agent.bank.BLOCK) where we want."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.ps = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(n)) for n in sizes)
+
+
+@pytest.mark.parametrize("sizes", [[BLOCK * 3], [BLOCK * 2 + 5, 7], [BLOCK - 1], [3, BLOCK, BLOCK + 1]])
+def test_block_boundaries(sizes):
+    torch.manual_seed(sum(sizes))
+    model = _Vectors(sizes)
+    decays = [0.5, 0.9, 0.999]
+    bank = EMABank(model, decays, bema=True)
+    ref = ReferenceEMA(trainable(model), decays)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        random_step(model, gen, scale=0.5)
+        bank.update()
+        ref.step(trainable(model))
+    rows = bank.state_dict()["bank"]
+    assert tuple(rows.shape) == (len(decays) + 1, sum(sizes))
+    for i, d in enumerate(decays):
+        flat = torch.cat([v.reshape(-1) for v in ref.value(d).values()])
+        torch.testing.assert_close(rows[i].double(), flat, rtol=0, atol=1e-5)
+        got = _bank_params(bank, d, model)
+        assert torch.equal(torch.cat([v.reshape(-1) for v in got.values()]), rows[i])
+    # round trip through the row-major form is exact, padding included
+    other = EMABank(model, decays, bema=True)
+    other.load_state_dict(bank.state_dict())
+    assert torch.equal(other._blocks, bank._blocks)
+    n_pad = bank._blocks.shape[0] * BLOCK - sum(sizes)
+    if n_pad:
+        assert torch.count_nonzero(bank._blocks[-1, :, BLOCK - n_pad:]) == 0
