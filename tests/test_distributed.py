@@ -59,10 +59,10 @@ def _worker(rank: int, world: int, tmp: str, attach_on: str) -> None:
             scope.close()
             out["bank_is_none"] = scope.bank is None
             if scope.bank is not None:
-                out["scope_bank"] = scope.bank.bank.clone()
+                out["scope_bank"] = scope.bank.state_dict()["bank"]
                 out["scope_step"] = scope.bank.step
             out["current_step"] = scope.current_step
-        out["own_bank"] = own.bank.clone()
+        out["own_bank"] = own.state_dict()["bank"]
         out["weights"] = {k: v.clone() for k, v in model.module.state_dict().items()}
         dist.barrier()  # both ranks reach the end: nobody is stuck in a collective
 

@@ -124,7 +124,7 @@ def test_cuda_model_bank_on_gpu(tmp_path):
             model(torch.randn(8, 8, device="cuda")).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
-        assert scope.bank.bank.is_cuda
+        assert scope.bank.device.type == "cuda"
     recs = (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()
     assert len(recs) == 2 * 7 and not _events(tmp_path / "gpu", "error")
 
