@@ -313,8 +313,12 @@ class Scope:
                           bytes=out.stat().st_size, ok=True, error=None)
         return out
 
-    def close(self) -> None:
-        """Final score (if due), final snapshot, ``close`` event, heartbeat ``closed``. Idempotent."""
+    def close(self, *, score: bool | None = None) -> None:
+        """Final score (if due), final snapshot, ``close`` event, heartbeat ``closed``. Idempotent.
+
+        ``score``: run the final sweep (default ``score_at_close``); the context manager passes
+        ``False`` when the training loop raised, so a crash or Ctrl-C does not wait for a sweep.
+        """
         if self.closed:
             return
         self.closed = True
@@ -325,7 +329,8 @@ class Scope:
             return
         try:
             self._check_skipped()
-            if self.score_at_close and self._last_scored != self._step and (self.sampler or self.evaluate):
+            final = self.score_at_close if score is None else bool(score)
+            if final and self._last_scored != self._step and (self.sampler or self.evaluate):
                 self._score()
             if self._last_snapshot != self._step:
                 self._snapshot()
@@ -338,8 +343,10 @@ class Scope:
     def __enter__(self) -> Scope:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and self.is_writer and not self.closed:
+            self.writer.error("training", self._step, exc)
+        self.close(score=False if exc is not None else None)
 
     # ------------------------------------------------------------------ per step
 

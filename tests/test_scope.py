@@ -579,3 +579,23 @@ def test_reference_forms(tmp_path, kind):
                                         fid_features_to_statistics(ref.double()), False)
     assert len(fd) == 1 and fd[0]["value"] == pytest.approx(expected["frechet_inception_distance"], rel=1e-9)
     assert not _events(tmp_path / "r", "error")
+
+
+def test_training_exception_inside_with_is_recorded_and_skips_the_final_sweep(tmp_path):
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        return {"v": 1.0}
+
+    model = Denoiser()
+    with pytest.raises(KeyboardInterrupt):
+        with attach(model, run_dir=tmp_path / "r", evaluate=evaluate, score_every=None,
+                    decays=(0.9,)) as scope:
+            scope.step()
+            raise KeyboardInterrupt
+    assert calls == [] and scope.closed
+    ev = _events(tmp_path / "r")
+    assert [e["type"] for e in ev] == ["start", "error", "snapshot", "close"]
+    assert ev[1]["where"] == "training" and "KeyboardInterrupt" in ev[1]["message"]
+    assert json.loads((tmp_path / "r" / "heartbeat").read_text())["state"] == "closed"
