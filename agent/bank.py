@@ -151,17 +151,28 @@ class EMABank:
     """A bank of EMAs of one model's weights, one per decay, updated together. See docs/design.md.
 
     Args:
-        model: the training model (DDP-wrapped is fine). Its averaged tensors are read at every
-            :meth:`update`; keep the same parameter objects (``model.to()`` is fine).
-        decays: decays ``d`` in [0, 1) (weight kept per optimizer step; window ~ ``1/(1-d)`` steps).
-        device: where the bank lives. ``None``: the parameters' device. ``"cpu"``: host memory
-            (pinned when CUDA is available; GPU weights are copied with non-blocking transfers and
-            folded in at the next update or read).
-        update_every: read the weights every ``m`` optimizer steps and apply ``d**m``.
-        bias_correction: ``False`` (default): every EMA starts from the weights at attach time.
-            ``True``: Adam-style zero-initialised EMA divided by ``1 - (d**m)**n``.
-        bema: ``True`` or a :class:`BEMAConfig` adds the ``"bema"`` variant.
+        model: the training model (DDP/DataParallel/``torch.compile`` wrappers are unwrapped). Its
+            averaged tensors are read at every :meth:`update`; keep the same parameter objects
+            (in-place changes such as ``model.half()`` are fine).
+        decays: decays ``d`` in [0, 1): the weight *kept* from the old average per optimizer step
+            (``1 - d`` goes to the new weights); the averaging window is ~``1/(1-d)`` optimizer steps.
+        device: where the bank lives. ``None``: the parameters' device. ``"cpu"`` with parameters on
+            an accelerator: host memory, pinned, filled by non-blocking device-to-host copies; each
+            copy is folded in at the next :meth:`update` or read (one step late, never lost).
+        update_every: ``m``; read the weights at every ``m``-th optimizer step only and apply the
+            decay ``d**m`` there, so each decay still averages over ~``1/(1-d)`` optimizer steps.
+        bias_correction: ``False`` (default): every EMA starts from the weights at attach time
+            (``EMA_0 = theta_attach``). ``True``: Adam style, a zero-initialised EMA divided by
+            ``1 - (d**m)**n`` after ``n`` applied updates, which equals an average of only the
+            weights seen since attach (the first update copies them); before the first update the
+            attach weights are returned.
+        bema: ``True`` or a :class:`BEMAConfig` adds the ``"bema"`` variant (arXiv 2508.00180), with
+            ``theta_0`` = the weights at attach and ``t`` = optimizer steps since attach.
         average_buffers: average floating-point buffers too (default: take them from the live model).
+            Integer buffers are always taken from the live model.
+
+    Counters: :attr:`step` counts :meth:`update` calls (optimizer steps); :attr:`num_updates` the
+    bank updates applied; :attr:`num_skipped` those skipped because the live weights were non-finite.
     """
 
     def __init__(self, model: nn.Module, decays: Sequence[float] = DEFAULT_DECAYS, *,
@@ -225,7 +236,8 @@ class EMABank:
     def _allocate(self, param_device: torch.device) -> None:
         dev = self.device
         rows = len(self.decays) + (1 if self.bema is not None else 0)
-        pin = dev.type == "cpu" and torch.cuda.is_available()
+        # page-locked host memory only where it serves: non-blocking copies from an accelerator
+        pin = dev.type == "cpu" and param_device.type == "cuda" and self._model is not None
         self._rows = rows
         self._nb = -(-self._n // BLOCK)
         padded = self._nb * BLOCK
@@ -306,7 +318,11 @@ class EMABank:
     # ------------------------------------------------------------------ update
     @torch.no_grad()
     def update(self) -> None:
-        """Fold the live weights in; call once per optimizer step (every ``update_every``-th acts)."""
+        """Fold the live weights in; call once after every optimizer step.
+
+        Only every ``update_every``-th call reads the weights (Eq. U: decay ``d**m``). A call whose
+        weights hold NaN/Inf changes no bank and is counted in :attr:`num_skipped`.
+        """
         if self._model is None:
             raise RuntimeError("this EMABank was loaded from a snapshot and has no model; update() needs "
                                "a bank built on a model (EMABank(model, ...)) and load_state_dict()")

@@ -58,6 +58,9 @@ class BEMAConfig:
 
     ``beta_t = max((rho + gamma t)**-kappa, beta_min)`` (EMA weight of the new weights, i.e. the
     "1 - decay" side) and ``alpha_t = (rho + gamma t)**-eta`` (weight of the bias correction).
+    ``t`` counts optimizer steps since attach. With ``update_every = m`` the EMA is updated at
+    steps ``m, 2m, ...`` with ``beta_t`` of that step (no ``**m`` adjustment, as in the authors'
+    reference implementation with its update frequency); the correction uses the current step.
     Defaults are those of the authors' reference implementation.
     """
 

@@ -315,8 +315,6 @@ def test_device_cpu_bank_works_and_matches_default():
     a = EMABank(model, [0.9, 0.999], device="cpu")
     b = EMABank(model, [0.9, 0.999])
     assert a.device == torch.device("cpu") and a.state_dict()["bank"].device.type == "cpu"
-    if torch.cuda.is_available():
-        assert a._blocks.is_pinned() and a._staging.is_pinned()
     gen = torch.Generator().manual_seed(21)
     for _ in range(10):
         random_step(model, gen)
@@ -412,3 +410,29 @@ def test_load_state_dict_names_what_differs():
         EMABank(frozen, [0.9, 0.99]).load_state_dict(sd)
     with pytest.raises(ValueError, match="not an EMABank state dict"):
         EMABank(model, [0.9, 0.99]).load_state_dict({"bank": torch.zeros(2, 3)})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_with_pinned_host_bank_matches_device_bank():
+    model = make_tiny(22).cuda()
+    host = EMABank(model, [0.9, 0.999], device="cpu", bema=True, bias_correction=True)
+    dev = EMABank(model, [0.9, 0.999], bema=True, bias_correction=True)
+    assert host._blocks.is_pinned() and host._staging.is_pinned()
+    assert dev.state_dict()["bank"].is_cuda
+    gen = torch.Generator().manual_seed(22)
+    for t in range(1, 21):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen).cuda() * 0.1)
+            if t == 7:
+                model.fc1.weight[0, 0] = float("nan")
+        host.update()
+        dev.update()
+        if t == 7:
+            with torch.no_grad():
+                model.fc1.weight[0, 0] = 0.0
+    assert host.num_skipped == dev.num_skipped == 1
+    for v in host.variants:
+        a, b = host.materialize(v, device="cpu"), dev.materialize(v, device="cpu")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
