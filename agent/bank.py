@@ -52,6 +52,7 @@ from agent.ema_math import (
     bema_beta,
     effective_decay,
     parse_variant,
+    update_weight,
     validate_decays,
     validate_update_every,
     variant_name,
@@ -252,9 +253,10 @@ class EMABank:
                        for e in self._entries if e.kind == "avg"]
         self._avg_live = ([t for e, t in zip(self._entries, self._live, strict=True) if e.kind == "avg"]
                           if self._live else [])
-        deff = torch.tensor([effective_decay(d, self.update_every) for d in self.decays], dtype=torch.float64)
-        self._deff = deff.to(dev)
-        self._w_const = (1.0 - deff).to(dev)
+        m, f64 = self.update_every, torch.float64
+        # per decay: d**m kept (Eq. U) and 1 - d**m given to the new weights (Eq. L) per bank update
+        self._deff = torch.tensor([effective_decay(d, m) for d in self.decays], dtype=f64, device=dev)
+        self._w_const = torch.tensor([update_weight(d, m) for d in self.decays], dtype=f64, device=dev)
         self._bc_pow = torch.ones(len(self.decays), dtype=torch.float64, device=dev)  # (d**m)**n_applied
         self._applied = torch.zeros((), dtype=torch.int64, device=dev)
         self._w = torch.empty(rows, dtype=torch.float64, device=dev)

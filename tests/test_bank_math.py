@@ -212,3 +212,21 @@ def test_block_boundaries(sizes):
     n_pad = bank._blocks.shape[0] * BLOCK - sum(sizes)
     if n_pad:
         assert torch.count_nonzero(bank._blocks[-1, :, BLOCK - n_pad:]) == 0
+
+
+def test_ema_math_bias_corrected_weight_equals_zero_init_division():
+    """Eq. BC' (the running lerp weight the bank uses) == Eq. BC (zero-init EMA / (1 - b**n))."""
+    from agent.ema_math import bias_corrected_weight, bias_correction_denominator, effective_decay
+
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(200, generator=gen, dtype=torch.float64).tolist()
+    for d, m in [(0.9, 1), (0.999, 7), (0.5, 3)]:
+        b = d ** m
+        assert effective_decay(d, m) == b
+        z, ema = 0.0, 123.0  # the running form ignores its start value: w_1 = 1
+        for n, x in enumerate(xs, start=1):
+            z = b * z + (1 - b) * x
+            ema = ema + bias_corrected_weight(d, m, n) * (x - ema)
+            assert ema == pytest.approx(z / bias_correction_denominator(d, m, n), rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="num_updates"):
+        bias_corrected_weight(0.9, 1, 0)
