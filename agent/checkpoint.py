@@ -51,6 +51,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
     tmp = temp_path_for(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:  # durable before it becomes visible, like agent.atomic
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -96,16 +98,25 @@ def load_bank_snapshot(cls: type[EMABank], path: str | os.PathLike) -> EMABank:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no bank snapshot at {str(path)!r}")
-    with safe_open(str(path), framework="pt") as f:
-        file_meta: dict[str, str] = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            file_meta: dict[str, str] = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a truncated/corrupt header
+        raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {exc}") from None
     if META_KEY not in file_meta:
         raise ValueError(f"{str(path)!r} is not an emascope bank snapshot (no {META_KEY!r} metadata)")
     try:
         state: dict[str, Any] = json.loads(file_meta[META_KEY])
     except json.JSONDecodeError as exc:
         raise ValueError(f"{str(path)!r}: bad {META_KEY!r} metadata: {exc}") from None
-    tensors = load_file(str(path))
-    bank = cls.from_snapshot_tensors(tensors, state)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise ValueError(f"{str(path)!r}: cannot read the snapshot tensors: {exc}") from None
+    try:
+        bank = cls.from_snapshot_tensors(tensors, state)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{str(path)!r}: malformed bank snapshot ({type(exc).__name__}: {exc})") from None
     bank.snapshot_metadata = {k: v for k, v in file_meta.items() if k != META_KEY}
     return bank
 

@@ -168,3 +168,29 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
         bank.save_snapshot(tmp_path / "snap.safetensors")
     assert target.read_bytes() == old
     assert sorted(os.listdir(tmp_path)) == ["export.safetensors"]
+
+
+def test_corrupt_or_malformed_snapshot_is_a_clear_error(tmp_path):
+    _, bank = _trained_bank()
+    good = tmp_path / "snap.safetensors"
+    bank.save_snapshot(good)
+    data = good.read_bytes()
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(data[: len(data) // 2])  # a torn copy (e.g. copied while being written elsewhere)
+    with pytest.raises(ValueError, match="torn.safetensors"):
+        EMABank.load_snapshot(torn)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a readable"):
+        EMABank.load_snapshot(garbage)
+    # valid file, metadata without the layout
+    from safetensors.torch import save_file
+
+    tensors = load_file(good)
+    with safe_open(str(good), framework="pt") as f:
+        state = json.loads(f.metadata()["emascope"])
+    del state["layout"]
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, str(broken), metadata={"emascope": json.dumps(state)})
+    with pytest.raises(ValueError, match="malformed bank snapshot.*layout"):
+        EMABank.load_snapshot(broken)
