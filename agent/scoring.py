@@ -130,22 +130,70 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def draw_samples(model: nn.Module, sampler: Sampler, cfg: ScoringConfig) -> torch.Tensor:
-    """Call ``sampler(model, n, generator)`` in batches; one generator seeded with ``cfg.seed``.
+class StageError(Exception):
+    """A sampler or feature-extractor failure inside :func:`draw_and_extract` (``where`` names it)."""
 
-    Returns the samples on the CPU; raises ``ValueError`` if the sampler returns the wrong count.
+    def __init__(self, where: str, exc: BaseException) -> None:
+        super().__init__(f"{where}: {type(exc).__name__}: {exc}")
+        self.where, self.exc = where, exc
+
+
+def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
+                     extractor: Callable[[torch.Tensor], Features] | None,
+                     timings: dict[str, float],
+                     ) -> tuple[torch.Tensor | None, Features | None, StageError | None]:
+    """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size`` from one generator seeded with
+    ``cfg.seed`` (on the model's device), and turn each batch into features as it arrives.
+
+    Only the features and the first ``preview`` images or ``preview_points`` points (CPU) are kept, so a
+    sweep over many large images never holds all samples in memory. Returns ``(head, features,
+    error)``: a sampler error leaves ``head`` and ``features`` ``None``; an extractor error keeps the
+    head (for the preview) and stops extracting. Without an extractor, drawing stops once the head
+    is full (nothing else would use the samples). ``timings["sampling"|"features"]`` are increased.
     """
     gen = torch.Generator(device=model_device(model)).manual_seed(int(cfg.seed))
-    parts, remaining = [], cfg.num_samples
+    keep = -1  # samples kept for the preview: decided from the first batch's kind
+    head: list[torch.Tensor] = []
+    feats: list[Features] = []
+    kept, remaining, error = 0, cfg.num_samples, None
     while remaining > 0:
         n = min(cfg.batch_size, remaining)
-        out = sampler(model, n, gen)
-        if not torch.is_tensor(out) or out.dim() < 1 or len(out) != n:
-            raise ValueError(f"sampler must return a tensor with {n} samples on dim 0, got "
-                             f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
-        parts.append(out.detach().cpu())
+        t = time.perf_counter()
+        try:
+            out = sampler(model, n, gen)
+            if not torch.is_tensor(out) or out.dim() < 1 or len(out) != n:
+                raise ValueError(f"sampler must return a tensor with {n} samples on dim 0, got "
+                                 f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+            out = out.detach().cpu()
+        except Exception as exc:  # noqa: BLE001
+            return None, None, StageError("sampler", exc)
+        finally:
+            timings["sampling"] += time.perf_counter() - t
         remaining -= n
-    return torch.cat(parts)
+        if keep < 0:
+            try:
+                keep = cfg.preview if sample_kind(out) == "images" else cfg.preview_points
+            except ValueError:
+                keep = 0  # a custom sample type: no preview
+        if kept < keep:
+            head.append(out[: keep - kept])
+            kept += len(head[-1])
+        if extractor is not None:
+            t = time.perf_counter()
+            try:
+                feats.append(extractor(out))
+            except Exception as exc:  # noqa: BLE001
+                error, extractor, feats = StageError("features", exc), None, []
+            finally:
+                timings["features"] += time.perf_counter() - t
+        if extractor is None and kept >= keep:
+            break  # nothing more to keep: the preview head is full and no features are wanted
+    features = None
+    if feats:
+        logits = [f.logits for f in feats]
+        features = Features(torch.cat([f.features for f in feats]),
+                            torch.cat(logits) if all(x is not None for x in logits) else None)  # type: ignore[arg-type]
+    return (torch.cat(head) if head else None), features, error
 
 
 def feature_metric_jobs(feats: Features, ref: Reference, cfg: ScoringConfig,
@@ -202,6 +250,7 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
                    evaluate: Evaluate | None, fd_name: str) -> None:
     step, decay = res.step, variant_decay(variant)
     samples: torch.Tensor | None = None
+    feats: Features | None = None
     user: dict[str, Any] = {}
     # "raw" goes through swap too: its backup/restore undoes a sampler or evaluate that writes to
     # the weights in place (the live weights leave the sweep bit-identical whatever happens)
@@ -209,13 +258,11 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
     with preserved_training_flags(model), swap, torch.no_grad():
         model.eval()
         if sampler is not None:
-            t = time.perf_counter()
-            try:
-                samples = draw_samples(model, sampler, cfg)
-            except Exception as exc:  # noqa: BLE001
+            samples, feats, err = draw_and_extract(model, sampler, cfg,
+                                                   extractor if reference is not None else None, res.timings)
+            if err is not None:
                 res.errors += 1
-                writer.error("sampler", step, exc, variant=variant)
-            res.timings["sampling"] += time.perf_counter() - t
+                writer.error(err.where, step, err.exc, variant=variant)
         if evaluate is not None:
             t = time.perf_counter()
             try:
@@ -230,20 +277,10 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
 
     for name, value in user.items():
         _record(res, writer, variant, decay, str(name), value)
-    if samples is None:
+    if samples is not None:
+        _save_preview(writer, step, variant, samples, cfg, res)
+    if feats is None or reference is None:
         return
-    _save_preview(writer, step, variant, samples, cfg, res)
-    if extractor is None or reference is None:
-        return
-    t = time.perf_counter()
-    try:
-        feats = extractor(samples)
-    except Exception as exc:  # noqa: BLE001
-        res.errors += 1
-        writer.error("features", step, exc, variant=variant)
-        return
-    finally:
-        res.timings["features"] += time.perf_counter() - t
     t = time.perf_counter()
     for group, job in feature_metric_jobs(feats, reference, cfg, fd_name):
         try:

@@ -138,3 +138,26 @@ def test_image_range_applies_to_previews_without_reference(tmp_path):
         pass
     img = np.asarray(Image.open(tmp_path / "r" / "samples" / "step_000000000" / "raw.png"))
     assert img[2:10, 2:10].min() == img[2:10, 2:10].max() == 128  # 0.5 * 255, not (0.5 + 1) * 127.5
+
+
+def test_features_are_extracted_batch_by_batch_and_extractor_failure_keeps_preview(tmp_path):
+    seen = []
+
+    def extractor(x):
+        seen.append(len(x))
+        if len(seen) == 8:  # fails on the 2nd batch of the 2nd variant
+            raise RuntimeError("extractor died")
+        return x.flatten(1)[:, :5]
+
+    torch.manual_seed(0)
+    with attach(TinyGenerator(), run_dir=tmp_path / "r", sampler=image_sampler, reference=_reference(),
+                feature_extractor=extractor, score_every=None, num_samples=50, batch_size=20, preview=8,
+                decays=(0.9,)):
+        pass
+    # reference (150 in feature_batch_size chunks), then each sampler batch as it arrives: never all samples
+    assert seen == [64, 64, 22, 20, 20, 10, 20, 20]
+    errors = _events(tmp_path / "r", "error")
+    assert [(e["where"], e["variant"]) for e in errors] == [("features", "0.9")]
+    assert (tmp_path / "r" / "samples" / "step_000000000" / "0.9.png").exists()
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["variant"] for r in recs} == {"raw"}
