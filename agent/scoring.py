@@ -85,6 +85,7 @@ class SweepResult:
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("sampling", "features", "metrics", "user_metrics"), 0.0))
     errors: int = 0
+    num_samples: int = 0             # most samples drawn for one variant in this sweep
     kid_subset_size: int | None = None
     sample_kind: str | None = None
 
@@ -141,15 +142,16 @@ class StageError(Exception):
 def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
                      timings: dict[str, float],
-                     ) -> tuple[torch.Tensor | None, Features | None, StageError | None]:
+                     ) -> tuple[torch.Tensor | None, Features | None, StageError | None, int]:
     """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size`` from one generator seeded with
     ``cfg.seed`` (on the model's device), and turn each batch into features as it arrives.
 
-    Only the features and the first ``preview`` images or ``preview_points`` points (CPU) are kept, so a
-    sweep over many large images never holds all samples in memory. Returns ``(head, features,
-    error)``: a sampler error leaves ``head`` and ``features`` ``None``; an extractor error keeps the
-    head (for the preview) and stops extracting. Without an extractor, drawing stops once the head
-    is full (nothing else would use the samples). ``timings["sampling"|"features"]`` are increased.
+    Only the features and the first ``preview`` images or ``preview_points`` points (CPU) are
+    kept, so a sweep over many large images never holds all samples in memory. Returns ``(head,
+    features, error, num_drawn)``: a sampler error leaves ``head`` and ``features`` ``None``; an
+    extractor error keeps the head (for the preview) and stops extracting. Without an extractor,
+    drawing stops once the head is full (nothing else would use the samples).
+    ``timings["sampling"|"features"]`` are increased.
     """
     gen = torch.Generator(device=model_device(model)).manual_seed(int(cfg.seed))
     keep = -1  # samples kept for the preview: decided from the first batch's kind
@@ -166,7 +168,7 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                                  f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
             out = out.detach().cpu()
         except Exception as exc:  # noqa: BLE001
-            return None, None, StageError("sampler", exc)
+            return None, None, StageError("sampler", exc), cfg.num_samples - remaining
         finally:
             timings["sampling"] += time.perf_counter() - t
         remaining -= n
@@ -193,7 +195,7 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
         logits = [f.logits for f in feats]
         features = Features(torch.cat([f.features for f in feats]),
                             torch.cat(logits) if all(x is not None for x in logits) else None)  # type: ignore[arg-type]
-    return (torch.cat(head) if head else None), features, error
+    return (torch.cat(head) if head else None), features, error, cfg.num_samples - remaining
 
 
 def feature_metric_jobs(feats: Features, ref: Reference, cfg: ScoringConfig,
@@ -240,7 +242,7 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
             res.errors += 1
             writer.error("swap", step, exc, variant=variant)
     writer.event("score_done", step, seconds=time.perf_counter() - t_start, timings=dict(res.timings),
-                 num_samples=cfg.num_samples if sampler is not None else 0, errors=res.errors)
+                 num_samples=res.num_samples, errors=res.errors)
     return res
 
 
@@ -258,8 +260,9 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
     with preserved_training_flags(model), swap, torch.no_grad():
         model.eval()
         if sampler is not None:
-            samples, feats, err = draw_and_extract(model, sampler, cfg,
-                                                   extractor if reference is not None else None, res.timings)
+            samples, feats, err, drawn = draw_and_extract(
+                model, sampler, cfg, extractor if reference is not None else None, res.timings)
+            res.num_samples = max(res.num_samples, drawn)
             if err is not None:
                 res.errors += 1
                 writer.error(err.where, step, err.exc, variant=variant)
