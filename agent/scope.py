@@ -407,7 +407,8 @@ class Scope:
         # uses the global generators, dropout, ...): fork them and restore them afterwards
         with torch.random.fork_rng(devices=_cuda_devices(self.model)):
             reference = self._prepare_reference() if self.sampler is not None else None
-            result = run_sweep(model=self.model, bank=self.bank, variants=self._variants(), step=step,
+            result = run_sweep(model=self.model, bank=self.bank if self._bank_ok else None,
+                               variants=self._variants(), step=step,
                                writer=self.writer, cfg=self.cfg, sampler=self.sampler,
                                extractor=self._extractor, reference=reference, evaluate=self.evaluate,
                                fd_name=self._fd_name())

@@ -59,4 +59,5 @@ def val_loss(model: nn.Module, data: torch.Tensor, sigma: float = 0.4, seed: int
     """Denoising loss on held-out data at one noise level (fixed noise)."""
     g = torch.Generator().manual_seed(seed)
     noisy = data + sigma * torch.randn(data.shape, generator=g)
-    return float(((model(noisy, sigma) - data) ** 2).mean())
+    with torch.no_grad():
+        return float(((model(noisy, sigma) - data) ** 2).mean())

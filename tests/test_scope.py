@@ -599,3 +599,28 @@ def test_training_exception_inside_with_is_recorded_and_skips_the_final_sweep(tm
     assert [e["type"] for e in ev] == ["start", "error", "snapshot", "close"]
     assert ev[1]["where"] == "training" and "KeyboardInterrupt" in ev[1]["message"]
     assert json.loads((tmp_path / "r" / "heartbeat").read_text())["state"] == "closed"
+
+
+def test_bank_update_error_disables_the_bank_training_goes_on(tmp_path):
+    model = Denoiser()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data, g = mixture(300, seed=1), torch.Generator().manual_seed(0)
+    scope = attach(model, opt, run_dir=tmp_path / "r", evaluate=lambda m: {"v": val_loss(m, data[:50])},
+                   score_every=2, decays=(0.9,))
+    train_step(model, opt, data, g)
+
+    def broken():
+        raise RuntimeError("bank broke")
+
+    scope.bank.update = broken
+    for _ in range(3):
+        train_step(model, opt, data, g)
+    scope.close()
+    assert scope.current_step == 4
+    ev = _events(tmp_path / "r")
+    assert [e["where"] for e in ev if e["type"] == "error"] == ["bank"]
+    assert [e["step"] for e in ev if e["type"] == "bank_disabled"] == [2]
+    assert [e["step"] for e in ev if e["type"] == "snapshot"] == []  # a half-updated bank is never saved
+    recs = _metrics(tmp_path / "r")
+    assert [(r["step"], r["variant"]) for r in recs] == [(2, "raw"), (4, "raw")]
+    assert recs[-1]["value"] == pytest.approx(val_loss(model.eval(), data[:50]))
