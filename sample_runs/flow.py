@@ -74,15 +74,17 @@ class Preconditioned(nn.Module):
         return (x - self.denoise(x, t)) / tt
 
 
-def flow_matching_loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Training loss (a scalar) for one batch of data ``x0``.
+def flow_matching_loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator, *,
+                       logit_mean: float = -0.4, logit_std: float = 1.2) -> torch.Tensor:
+    """Training loss (a scalar) for one batch of data ``x0``; times from :func:`sample_times`.
 
     For a :class:`Preconditioned` model: EDM's loss, the MSE between ``F(c_in x_t, t)`` and its
     target ``(x_0 - c_skip x_t) / c_out``. Otherwise: the MSE between ``model(x_t, t)`` and the
     velocity target (Eq. FM-2).
     """
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = sample_times(len(x0), generator, device=x0.device).to(x0.dtype)
+    t = sample_times(len(x0), generator, device=x0.device, logit_mean=logit_mean,
+                     logit_std=logit_std).to(x0.dtype)
     xt = interpolate(x0, eps, t)
     if isinstance(model, Preconditioned):
         c_in, c_skip, c_out = model._coef(x0, t)
