@@ -15,9 +15,11 @@ machine noise hits all of them alike. Prints the median ms per full update, each
 relative to the bank's, and the bank's effective bandwidth (bytes it must move: K rows read and
 written plus the live weights read, ``(2K + 1) * N * 4``) against the plain copy's. Asserts nothing.
 
-    .venv/bin/python bench/bank_update.py                       # ~25M params, CPU (+ GPU when present)
-    .venv/bin/python bench/bank_update.py --device cpu --repeats 31 --threads 1
-    .venv/bin/python bench/bank_update.py --quick               # tiny smoke run
+    .venv/bin/python bench/bank_update.py                   # ~25M params, CPU (+ GPU when present), 1 thread
+    .venv/bin/python bench/bank_update.py --device cpu --repeats 31 --threads 0   # torch's thread count
+    .venv/bin/python bench/bank_update.py --quick           # tiny smoke run
+
+Memory: ~7 GB for 25M parameters (the bank, K copies per peer, the copy source and target).
 """
 
 from __future__ import annotations
@@ -68,10 +70,11 @@ class BenchModel(nn.Module):
 
 
 def build_model(target_params: int, quick: bool) -> BenchModel:
+    """Width 512 (64 with ``quick``); depth for ~``target_params``, the vocabulary takes the rest."""
     dim, vocab, ctx = (64, 512, 64) if quick else (512, 8192, 1024)
     per_block = 12 * dim * dim + 13 * dim
-    fixed = (vocab + ctx + 2) * dim
-    depth = max(1, round((target_params - fixed) / per_block))
+    depth = max(1, round((target_params - (vocab + ctx + 2) * dim) / per_block))
+    vocab = max(256, (target_params - depth * per_block) // dim - ctx - 2)
     torch.manual_seed(0)
     return BenchModel(dim, depth, vocab, ctx)
 
@@ -176,8 +179,10 @@ def run_device(device: torch.device, args: argparse.Namespace, decays: tuple[flo
     copy_bytes = 2 * k * n * 4
     bank_bw = bank_bytes / (med[BANK] / 1e3) / 1e9
     copy_bw = copy_bytes / (med[COPY] / 1e3) / 1e9
+    goal = " (goal on GPU: >= 85%)" if device.type == "cuda" else ""
     print(f"bank effective bandwidth: {bank_bw:.1f} GB/s ((2K+1)*N*4 = {bank_bytes / 1e9:.2f} GB per update) "
-          f"= {100 * bank_bw / copy_bw:.0f}% of plain copy ({copy_bw:.1f} GB/s)")
+          f"= {100 * bank_bw / copy_bw:.0f}% of plain copy ({copy_bw:.1f} GB/s, counted as 2*K*N*4 bytes)"
+          f"{goal}")
     del contenders, model
     gc.collect()
     if device.type == "cuda":
@@ -191,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per contender first (default 2)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto: cpu, then cuda when available")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: stable on a shared machine; 0: torch default)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 3 repetitions: a smoke test")
     args = ap.parse_args(argv)
     if args.quick:
@@ -199,13 +205,14 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats = min(args.repeats, 3)
         args.warmup = 1
     args.params = int(args.params)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else (
         ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    print("command: python " + " ".join(sys.argv if argv is None else ["bench/bank_update.py", *argv]))
     for dev in devices:
         run_device(torch.device(dev), args, DEFAULT_DECAYS)
 

@@ -435,4 +435,4 @@ def test_cuda_model_with_pinned_host_bank_matches_device_bank():
     for v in host.variants:
         a, b = host.materialize(v, device="cpu"), dev.materialize(v, device="cpu")
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)  # CPU vs GPU lerp rounding
