@@ -13,13 +13,16 @@ Sample conventions:
   extractors take uint8 ``[n, 3, H, W]`` and resize internally.
 
 Reference features are cached as ``RUN_DIR/reference/<key>.npz`` (``np.load(allow_pickle=False)``),
-keyed by extractor name + a hash of the extractor's weights + a hash of the reference data, so a
-different weights file never silently reuses stale features.
+keyed by extractor name + a hash of the extractor's weights (for a plain callable: its code and the
+weights it closes over, :func:`callable_hash`) + a hash of the reference data, so a different
+weights file never silently reuses stale features.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import io
 import logging
 import os
@@ -140,7 +143,7 @@ class CallableExtractor:
         self.fn = fn
         self.batch_size = int(batch_size)
         self.name = getattr(fn, "__name__", None) or type(fn).__name__
-        self.weights_hash = module_hash(fn) if isinstance(fn, nn.Module) else "none"
+        self.weights_hash = callable_hash(fn)
 
     def __call__(self, samples: torch.Tensor) -> Features:
         feats, logits = [], []
@@ -259,6 +262,72 @@ def module_hash(module: nn.Module) -> str:
         if torch.is_tensor(value):
             tensor_hash(value, h)
     return h.hexdigest()[:16]
+
+
+def callable_hash(fn: Any) -> str:
+    """A hash of what a callable extractor computes, first 16 hex digits, for the cache key.
+
+    ``nn.Module``: its state_dict (:func:`module_hash`). Functions (and bound methods, partials):
+    qualified name, bytecode and constants, plus the weights of any module or tensor it closes
+    over, is bound to, or takes as default/partial argument. So editing the function or changing
+    the weights it uses gives a new key; state the callable reaches through globals is not seen.
+    """
+    if isinstance(fn, nn.Module):
+        return module_hash(fn)
+    h = hashlib.sha256()
+    _hash_callable(fn, h, depth=0)
+    return h.hexdigest()[:16]
+
+
+def _hash_callable(obj: Any, h: Any, depth: int) -> None:
+    if depth > 4:
+        return
+    if isinstance(obj, nn.Module):
+        h.update(f"module:{type(obj).__qualname__}:{module_hash(obj)}".encode())
+        return
+    if torch.is_tensor(obj):
+        tensor_hash(obj, h)
+        return
+    if isinstance(obj, functools.partial):
+        _hash_callable(obj.func, h, depth + 1)
+        for value in (*obj.args, *obj.keywords.values()):
+            _hash_callable(value, h, depth + 1)
+        return
+    if inspect.ismethod(obj):
+        _hash_callable(obj.__self__, h, depth + 1)
+        obj = obj.__func__
+    code = getattr(obj, "__code__", None)
+    if code is None:  # a callable object: its class and its tensor/module attributes
+        h.update(f"{type(obj).__module__}.{type(obj).__qualname__}:"
+                 f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}".encode())
+        for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
+            if isinstance(value, nn.Module) or torch.is_tensor(value):
+                _hash_callable(value, h, depth + 1)
+        call_code = getattr(inspect.getattr_static(type(obj), "__call__", None), "__code__", None)
+        if call_code is not None:
+            _hash_code(call_code, h)
+        return
+    h.update(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}".encode())
+    _hash_code(code, h)
+    for cell in getattr(obj, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # empty cell
+            continue
+        if isinstance(value, nn.Module) or torch.is_tensor(value) or callable(value):
+            _hash_callable(value, h, depth + 1)
+    for value in getattr(obj, "__defaults__", None) or ():
+        if isinstance(value, nn.Module) or torch.is_tensor(value):
+            _hash_callable(value, h, depth + 1)
+
+
+def _hash_code(code: Any, h: Any) -> None:
+    h.update(code.co_code)
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            _hash_code(const, h)  # nested functions and lambdas
+        else:
+            h.update(repr(const).encode())
 
 
 def reference_identity(reference: Any, max_items: int | None = None) -> str:

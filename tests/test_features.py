@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -97,7 +99,7 @@ def test_identity_and_callable_extractors():
 
     ext = F.make_extractor(fn, "points", batch_size=4)
     out = ext(pts)
-    assert calls == [4, 4, 2] and ext.name == "fn" and ext.weights_hash == "none"
+    assert calls == [4, 4, 2] and ext.name == "fn"
     assert torch.allclose(out.features, pts[:, :2].double() * 2) and out.logits.shape == (10, 1)
     net = nn.Linear(3, 4)
     mod_ext = F.make_extractor(net, "points")
@@ -132,6 +134,44 @@ def test_registered_torch_fidelity_extractor_on_cpu_with_weights_file(tmp_path):
     assert not torch.allclose(other(imgs).features, out.features)
     same = F.make_extractor(TINY, "images", weights_path=path)
     assert same.weights_hash == other.weights_hash
+
+
+def test_callable_hash_follows_code_and_weights():
+    """The cache key of a callable extractor changes when its code or the weights it uses change."""
+
+    def double(x):
+        return x * 2
+
+    def triple(x):
+        return x * 3
+
+    assert F.callable_hash(double) == F.callable_hash(double) != F.callable_hash(triple)
+    net = nn.Linear(2, 2)
+
+    def through(module):
+        return lambda x: module(x)
+
+    before = F.callable_hash(through(net))
+    assert F.callable_hash(through(net)) == before
+    with torch.no_grad():
+        net.weight += 1
+    assert F.callable_hash(through(net)) != before
+    assert F.callable_hash(net) == F.module_hash(net)
+    assert F.callable_hash(net.forward) != F.callable_hash(nn.Linear(2, 2).forward)
+
+    class Proj:
+        def __init__(self, w):
+            self.w = w
+
+        def __call__(self, x):
+            return x @ self.w
+
+    assert F.callable_hash(Proj(torch.ones(2))) != F.callable_hash(Proj(torch.zeros(2)))
+    p1 = functools.partial(torch.matmul, other=torch.ones(2, 2))
+    p2 = functools.partial(torch.matmul, other=torch.zeros(2, 2))
+    p3 = functools.partial(torch.add, other=torch.ones(2, 2))
+    assert len({F.callable_hash(p1), F.callable_hash(p2), F.callable_hash(p3)}) == 3
+    assert F.make_extractor(double, "points").weights_hash == F.callable_hash(double)
 
 
 def test_tensor_and_module_hash():
