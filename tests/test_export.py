@@ -154,12 +154,13 @@ def test_cli_export_after_close_reproduces_the_bank(live_run, tmp_path):
         assert f.metadata()["run_id"] == live_run["scope"].run_id
 
 
-@pytest.mark.skipif(not EMASCOPE.exists(), reason="emascope console script not installed in this venv")
-def test_cli_export_errors(live_run, tmp_path):
-    res = _cli(str(live_run["run_dir"]), "--variant", "0.5")
-    assert res.returncode == 2 and "unknown variant" in res.stderr and "0.99" in res.stderr
-    res = _cli(str(tmp_path / "nope"), "--variant", "0.99")
-    assert res.returncode == 2 and "does not exist" in res.stderr
+def test_cli_export_errors(live_run, tmp_path, capsys):
+    """Bad input: exit code 2 and a message naming the problem (in-process: no torch start-up per case)."""
+    assert cli_main(["export", str(live_run["run_dir"]), "--variant", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown variant" in err and "0.99" in err
+    assert cli_main(["export", str(tmp_path / "nope"), "--variant", "0.99"]) == 2
+    assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    res = _cli(str(tmp_path / "empty"), "--variant", "0.99")
-    assert res.returncode == 2 and "no bank snapshot" in res.stderr
+    assert cli_main(["export", str(tmp_path / "empty"), "--variant", "0.99"]) == 2
+    assert "no bank snapshot" in capsys.readouterr().err
