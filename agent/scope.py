@@ -313,6 +313,35 @@ class Scope:
                           bytes=out.stat().st_size, ok=True, error=None)
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """The agent's state for the training checkpoint: ``{"step", "bank"}`` (``bank`` is
+        ``EMABank.state_dict()``, copies; ``None`` off rank 0). Saves and loads with ``torch.save`` /
+        ``torch.load(weights_only=True)``.
+
+        Putting it in the training checkpoint makes a restart exact: ``attach(..., resume=True)``
+        then ``scope.load_state_dict(ckpt["emascope"])`` continues from the checkpoint's step even
+        when the run directory's snapshot is newer or older than the checkpoint.
+        """
+        bank = self.bank.state_dict() if self.bank is not None and self._bank_ok else None
+        return {"format": "emascope.Scope", "step": self._step, "bank": bank}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (step count and bank); ``ValueError`` if it does not fit."""
+        if not isinstance(state, dict) or state.get("format") != "emascope.Scope":
+            raise ValueError("not a Scope state dict (expected the dict returned by Scope.state_dict())")
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"Scope state dict has a bad step {step!r}")
+        if self.bank is not None:
+            if state.get("bank") is None:
+                raise ValueError("Scope state dict holds no bank (saved off rank 0 or after a bank error)")
+            self.bank.load_state_dict(state["bank"])
+            self._skipped_seen = int(self.bank.num_skipped)
+        self._step = step
+        self._last_scored = self._last_snapshot = None
+        if self.writer is not None:
+            self.writer.event("resume", step, snapshot_step=None, source="state_dict")
+
     def close(self, *, score: bool | None = None) -> None:
         """Final score (if due), final snapshot, ``close`` event, heartbeat ``closed``. Idempotent.
 

@@ -624,3 +624,53 @@ def test_bank_update_error_disables_the_bank_training_goes_on(tmp_path):
     recs = _metrics(tmp_path / "r")
     assert [(r["step"], r["variant"]) for r in recs] == [(2, "raw"), (4, "raw")]
     assert recs[-1]["value"] == pytest.approx(val_loss(model.eval(), data[:50]))
+
+
+def test_scope_state_dict_in_the_training_checkpoint_makes_a_restart_exact(tmp_path):
+    """The job checkpoints at step 7, runs on to 10 (snapshot at close), crashes, restarts from step 7."""
+
+    def setup():
+        torch.manual_seed(0)
+        model = Denoiser()
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    data = mixture(1000, seed=1)
+    model, opt = setup()
+    g = torch.Generator().manual_seed(0)
+    straight = attach(model, opt, run_dir=tmp_path / "straight", score_every=None, decays=(0.9, 0.99))
+    for _ in range(12):
+        train_step(model, opt, data, g)
+    straight.close()
+
+    model, opt = setup()
+    g = torch.Generator().manual_seed(0)
+    scope = attach(model, opt, run_dir=tmp_path / "r", score_every=None, decays=(0.9, 0.99))
+    for _ in range(7):
+        train_step(model, opt, data, g)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
+                "g": g.get_state(), "emascope": scope.state_dict()}, tmp_path / "ckpt.pt")
+    for _ in range(3):
+        train_step(model, opt, data, g)
+    scope.close()  # snapshot at step 10: newer than the checkpoint
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model, opt = setup()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    g.set_state(ckpt["g"])
+    resumed = attach(model, opt, run_dir=tmp_path / "r", resume=True, score_every=None, decays=(0.9, 0.99))
+    assert resumed.current_step == 10  # from the snapshot ...
+    resumed.load_state_dict(ckpt["emascope"])
+    assert resumed.current_step == 7  # ... then from the checkpoint
+    for _ in range(5):
+        train_step(model, opt, data, g)
+    resumed.close()
+    assert resumed.bank.step == straight.bank.step == 12
+    for v in ("raw", "0.9", "0.99"):
+        for k, t in straight.bank.materialize(v).items():
+            assert torch.equal(t, resumed.bank.materialize(v)[k]), (v, k)
+    ev = _events(tmp_path / "r", "resume")
+    assert [(e["step"], e.get("source")) for e in ev] == [(10, None), (7, "state_dict")]
+    with pytest.raises(ValueError, match="not a Scope state dict"):
+        resumed.load_state_dict({"step": 3})
