@@ -112,6 +112,9 @@ class Scope:
       passed to :class:`agent.bank.EMABank`, same defaults.
     - ``heartbeat_interval`` (s), ``request_interval`` (s between checks of ``requests/`` and of the
       bank's non-finite skip counter).
+
+    Put :meth:`state_dict` in the training checkpoint and call :meth:`load_state_dict` after
+    ``attach(..., resume=True)`` to restart exactly at the checkpoint's step.
     """
 
     def __init__(
