@@ -160,6 +160,11 @@ class Scope:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError("optimizer must be a torch.optim.Optimizer or None, "
                              f"got {type(optimizer).__name__}")
+        if optimizer is not None:
+            own = {id(p) for p in model.parameters()}
+            if not any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
+                raise ValueError("optimizer does not update any parameter of model: pass the optimizer that "
+                                 "trains this model (its steps drive the EMA bank)")
         if sampler is not None and not callable(sampler):
             raise ValueError(f"sampler must be callable (model, n, generator) -> samples, got {sampler!r}")
         if evaluate is not None and not callable(evaluate):

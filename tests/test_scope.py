@@ -427,6 +427,8 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         attach(model, run_dir=tmp_path / "a", num_samples=1)
     with pytest.raises(ValueError, match="trainable"):
         attach(nn.Linear(2, 2).requires_grad_(False), run_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="does not update any parameter"):
+        attach(model, torch.optim.SGD(Denoiser().parameters(), lr=0.1), run_dir=tmp_path / "a")
     with pytest.raises(TypeError, match="run_dir"):
         attach(model)
     assert not (tmp_path / "a").exists()  # nothing written before the arguments are checked
