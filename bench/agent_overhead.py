@@ -87,8 +87,10 @@ def make_batches(kind: str, batch: int, count: int) -> list[tuple[torch.Tensor, 
     return out
 
 
-def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches, steps: int, start: int) -> list[float]:
-    """``steps`` training steps; returns each step's wall time in seconds."""
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches, steps: int, start: int,
+                opt_times: list[float] | None = None) -> list[float]:
+    """``steps`` training steps; returns each step's wall time in seconds (``opt_times`` gets the
+    time of each ``optimizer.step()`` call, which includes the agent's post-step hook)."""
     times = []
     for i in range(steps):
         x, y = batches[(start + i) % len(batches)]
@@ -96,8 +98,12 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches, steps: in
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
+        t_opt = time.perf_counter()
         opt.step()  # the agent's bank update runs here, in the optimizer's post-step hook
-        times.append(time.perf_counter() - t)
+        t_end = time.perf_counter()
+        times.append(t_end - t)
+        if opt_times is not None:
+            opt_times.append(t_end - t_opt)
     return times
 
 
@@ -146,13 +152,14 @@ def part1(a: argparse.Namespace, run_dir: Path):
     train_steps(agent_model, opt_agent, batches, a.warmup, 0)
     # blocks alternate A B / B A; each block's ratio compares steps taken seconds apart
     all_plain, all_agent, paired = [], [], []
+    opt_times: dict[str, list[float]] = {"plain": [], "agent": []}
     step = a.warmup
     for b in range(a.blocks):
         order = ("plain", "agent") if b % 2 == 0 else ("agent", "plain")
         res = {}
         for arm in order:
             model, opt = (plain, opt_plain) if arm == "plain" else (agent_model, opt_agent)
-            res[arm] = train_steps(model, opt, batches, a.steps, step)
+            res[arm] = train_steps(model, opt, batches, a.steps, step, opt_times[arm])
         step += a.steps
         all_plain += res["plain"]
         all_agent += res["agent"]
@@ -160,6 +167,8 @@ def part1(a: argparse.Namespace, run_dir: Path):
     t_plain, t_agent = statistics.median(all_plain), statistics.median(all_agent)
     ratio = statistics.median(paired)
     q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [ratio, ratio, ratio]
+    p10_plain, p10_agent = (statistics.quantiles(x, n=10)[0] for x in (all_plain, all_agent))
+    opt_plain_t, opt_agent_t = (statistics.median(opt_times[k]) for k in ("plain", "agent"))
 
     # the bank update alone, on a separate bank of the same model (same decays)
     bank = EMABank(agent_model, DEFAULT_DECAYS)
@@ -179,6 +188,13 @@ def part1(a: argparse.Namespace, run_dir: Path):
     print(f"  {'ratio agent / plain':<34}{ratio:8.3f}   (median of per-block ratios; overhead "
           f"{100 * (ratio - 1):+.1f} %; quartiles {q[0]:.3f} .. {q[2]:.3f}, "
           f"min {min(paired):.3f}, max {max(paired):.3f})")
+    print(f"  {'ratio of 10th-percentile steps':<34}{p10_agent / p10_plain:8.3f}   "
+          f"({fmt_ms(p10_agent).strip()} / {fmt_ms(p10_plain).strip()}: least disturbed steps)")
+    print(f"  {'optimizer.step(), plain':<34}{fmt_ms(opt_plain_t)}")
+    print(f"  {'optimizer.step() + agent hook':<34}{fmt_ms(opt_agent_t)}   (agent work per step "
+          f"{fmt_ms(opt_agent_t - opt_plain_t).strip()} = "
+          f"{100 * (opt_agent_t - opt_plain_t) / t_plain:.1f} % "
+          "of a plain step)")
     print(f"  {'bank.update() alone':<34}{fmt_ms(t_update)}   "
           f"({100 * t_update / t_plain:.1f} % of a plain step; moves ~{bank_bytes(scope.bank) / 2**20:.0f} "
           "MiB per update)")

@@ -22,6 +22,9 @@ def test_agent_overhead_bench_quick_prints_the_tables():
     assert re.search(r"^  with agent attached \(median step\) +[\d.]+ ms$", text, re.M), text
     assert re.search(r"^  ratio agent / plain +\d+\.\d{3} +\(median of per-block ratios", text, re.M), text
     assert re.search(r"^  bank\.update\(\) alone +[\d.]+ ms", text, re.M), text
+    assert re.search(r"^  ratio of 10th-percentile steps +\d+\.\d{3} ", text, re.M), text
+    assert re.search(r"^  optimizer\.step\(\) \+ agent hook +[\d.]+ ms +\(agent work per step -?[\d.]+ ms",
+                     text, re.M), text
     assert "11 variants x 64 samples" in text  # raw + the 10 default decays, every sample drawn
     for part in ("sampling", "features", "metrics", "other (swaps, previews, files)", "total"):
         assert re.search(rf"^  {re.escape(part)} +[\d.]+ s ", text, re.M), f"{part!r} missing:\n{text}"
