@@ -68,6 +68,11 @@ STATE_VERSION = 1
 # Columns per block of the blocked bank layout (see the module docstring): a block's staging slice
 # (8 KiB) stays in L1 while R rows of it are updated. 1024-4096 measured alike on the development CPU.
 BLOCK = 2048
+# CPU only: an fp32 parameter of at least this many elements is lerped straight from its own storage
+# over the blocks it fully covers (no staging copy); smaller ones and block remainders go through the
+# staging vector. Saves ~3 of the ~20 bytes/element of non-bank memory traffic per update (measured
+# 6-11 % faster on the 25M-parameter bench model, bit-identical results).
+DIRECT_MIN = 64 * BLOCK
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -264,6 +269,51 @@ class EMABank:
                         if self.bema is not None else None)
         # CPU: a Python-side isfinite check is free; accelerators use device-side flags (no sync).
         self._sync_free = dev.type != "cpu"
+        self._plan_direct()
+
+    def _plan_direct(self) -> None:
+        """CPU same-device banks: which blocks are lerped straight from a parameter, which from staging.
+
+        ``_direct``: ``(avg index, start in the flat parameter, first block, end block)`` for every run
+        of blocks lying inside one large fp32 parameter. ``_staged_runs``: the other runs of blocks,
+        and ``_pieces``: ``(avg index, start, end, staging column)`` copies that fill their columns.
+        ``_direct`` is None where the plain full-staging path is used (accelerators, cross-device,
+        snapshots, models without large fp32 parameters).
+        """
+        self._direct: list[tuple[int, int, int, int]] | None = None
+        self._staged_runs: list[tuple[int, int]] = []
+        self._pieces: list[tuple[int, int, int, int]] = []
+        if self._model is None or self._cross or self.device.type != "cpu":
+            return
+        avg = [e for e in self._entries if e.kind == "avg"]
+        direct = []
+        covered = [False] * self._nb
+        for i, e in enumerate(avg):
+            if e.numel < DIRECT_MIN or e.dtype != torch.float32:
+                continue
+            j0, j1 = -(-e.offset // BLOCK), (e.offset + e.numel) // BLOCK
+            if j1 > j0:
+                direct.append((i, j0 * BLOCK - e.offset, j0, j1))
+                covered[j0:j1] = [True] * (j1 - j0)
+        if not direct:
+            return
+        j = 0
+        while j < self._nb:
+            if covered[j]:
+                j += 1
+                continue
+            k = j
+            while k < self._nb and not covered[k]:
+                k += 1
+            self._staged_runs.append((j, k))
+            j = k
+        for j, k in self._staged_runs:
+            c0, c1 = j * BLOCK, k * BLOCK
+            for i, e in enumerate(avg):
+                lo, hi = max(e.offset, c0), min(e.offset + e.numel, c1)
+                if lo < hi:
+                    self._pieces.append((i, lo - e.offset, hi - e.offset, lo))
+        self._direct = direct
 
     def _init_rows(self, staging: torch.Tensor) -> None:
         self._blocks.copy_(self._blocked(staging))
@@ -341,8 +391,34 @@ class EMABank:
                 event.record()
             self._pending = (self.step, event)
             return
+        f32 = torch.float32
+        if self._direct is not None and all(self._avg_live[i].dtype == f32 for i, *_ in self._direct):
+            self._apply_direct(self.step)
+            return
         self._gather_into(self._staging)
         self._apply(self._staging, self.step)
+
+    def _apply_direct(self, t: int) -> None:
+        """CPU path of :meth:`_apply`: large parameters are read in place, the rest via staging."""
+        flats = [x.detach().reshape(-1) for x in self._avg_live]
+        st = self._staging
+        if self._pieces:
+            torch._foreach_copy_([st[d:d + (b - a)] for i, a, b, d in self._pieces],
+                                 [flats[i][a:b] for i, a, b, d in self._pieces])
+        parts = ([flats[i][a:a + (j1 - j0) * BLOCK] for i, a, j0, j1 in self._direct]
+                 + [st[j * BLOCK:k * BLOCK] for j, k in self._staged_runs])
+        # every averaged column is in exactly one part; finite sums imply finite elements (see _apply)
+        if not bool(torch.isfinite(torch.stack([p.sum() for p in parts]).sum())):
+            if not all(bool(torch.isfinite(p).all()) for p in parts):
+                return  # skipped: _events counted it, _applied did not
+        w = self._row_weights(t, None).to(torch.float32).view(1, self._rows, 1)
+        for p, (_, _, j0, j1) in zip(parts, self._direct, strict=False):
+            n = j1 - j0
+            self._blocks[j0:j1].lerp_(p.view(n, 1, BLOCK).expand(n, self._rows, BLOCK), w)
+        for j, k in self._staged_runs:
+            n = k - j
+            self._blocks[j:k].lerp_(st[j * BLOCK:k * BLOCK].view(n, 1, BLOCK).expand(n, self._rows, BLOCK), w)
+        self._applied.add_(1)
 
     def _gather_into(self, staging: torch.Tensor) -> None:
         """Copy (and cast to fp32) every live averaged tensor into its columns of ``staging``."""

@@ -230,3 +230,39 @@ def test_ema_math_bias_corrected_weight_equals_zero_init_division():
             assert ema == pytest.approx(z / bias_correction_denominator(d, m, n), rel=1e-12, abs=1e-12)
     with pytest.raises(ValueError, match="num_updates"):
         bias_corrected_weight(0.9, 1, 0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias_correction": True, "bema": True, "update_every": 2}])
+def test_direct_cpu_path_is_bit_identical_to_staging_path(kw):
+    """Large fp32 parameters are lerped in place on CPU (agent.bank.DIRECT_MIN); same bits as staging."""
+    from agent.bank import DIRECT_MIN
+
+    sizes = [5, DIRECT_MIN + 3 * BLOCK + 17, 7, DIRECT_MIN, 3 * BLOCK]
+    torch.manual_seed(3)
+    model = _Vectors(sizes)
+    fast = EMABank(model, [0.5, 0.99, 0.9999], **kw)
+    plain = EMABank(model, [0.5, 0.99, 0.9999], **kw)
+    plain._direct = None  # force the full-staging path
+    assert fast._direct is not None and len(fast._direct) == 2
+    ref = ReferenceEMA(trainable(model), [0.5, 0.99, 0.9999], kw.get("update_every", 1),
+                       kw.get("bias_correction", False))
+    gen = torch.Generator().manual_seed(4)
+    for t in range(1, 13):
+        random_step(model, gen, scale=0.3)
+        bad = t in (4, 9)
+        if bad:  # non-finite inside a directly-read parameter, then inside a staged one
+            p = model.ps[1] if t == 4 else model.ps[2]
+            saved = p.detach().clone()
+            with torch.no_grad():
+                p[len(p) // 2] = float("nan") if t == 4 else float("inf")
+        fast.update()
+        plain.update()
+        ref.step(trainable(model), finite=not bad)
+        if bad:
+            with torch.no_grad():
+                p.copy_(saved)
+    assert torch.equal(fast._blocks, plain._blocks)
+    assert fast.num_skipped == plain.num_skipped == (2 if kw.get("update_every", 1) == 1 else 1)
+    for d in (0.5, 0.99, 0.9999):
+        got = _bank_params(fast, d, model)
+        assert max_abs_diff(got, ref.value(d)) <= 1e-5

@@ -310,6 +310,16 @@ def test_ddp_wrapped_model_is_unwrapped(tmp_path):
         dist.destroy_process_group()
 
 
+def test_compiled_and_data_parallel_models_are_unwrapped():
+    model = make_tiny(23)
+    keys = set(model.state_dict())
+    for wrapped in (torch.compile(model), nn.DataParallel(model)):
+        bank = EMABank(wrapped, [0.9])
+        assert set(bank.materialize("0.9")) == keys
+        with bank.swap(wrapped, "0.9"):
+            pass
+
+
 def test_device_cpu_bank_works_and_matches_default():
     model = make_tiny(21)
     a = EMABank(model, [0.9, 0.999], device="cpu")
