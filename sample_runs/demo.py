@@ -248,7 +248,7 @@ def train_sample(sample: str, run_dir: Path, steps: int, num_samples: int, progr
         from sample_runs.tree2d import train as train_tree2d
 
         cfg = Tree2DConfig(steps=steps, score_every=every, num_samples=num_samples,
-                           reference_size=max(num_samples, 2000))
+                           reference_size=num_samples)
         train_tree2d(run_dir, cfg, progress=progress, name=f"demo-{sample}", score_at_close=False)
     else:
         from sample_runs.digits import SHIPPED_CLASSIFIER, DigitsConfig

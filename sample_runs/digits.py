@@ -34,13 +34,9 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from agent import attach
 from sample_runs.flow import Preconditioned, flow_matching_loss, sample_heun
 from sample_runs.models import ConvDenoiser
-
-try:  # the public API; agent.scope is the fallback while agent/__init__ does not export it yet
-    from agent import attach
-except ImportError:  # pragma: no cover
-    from agent.scope import attach
 
 #: Name of the digits classifier in torch-fidelity's feature-extractor registry.
 EXTRACTOR_NAME = "emascope-digits-cnn"
@@ -180,16 +176,17 @@ def register_extractor() -> str:
 class DigitsConfig:
     """Settings of the digits sample (counts are optimizer steps or numbers of images)."""
 
-    steps: int = 3000             # optimizer steps
+    steps: int = 2000             # optimizer steps
     batch_size: int = 128         # training images per step
     lr: float = 2e-3              # Adam learning rate (constant)
     channels: int = 32            # ConvDenoiser width
     blocks: int = 4               # ConvDenoiser residual blocks
     sigma_data: float = 0.75      # EDM preconditioning: std of the [-1, 1] digit pixels (~0.76)
-    score_every: int = 375        # scoring stages every this many steps (+ one at the end)
-    num_samples: int = 1000       # images per variant per stage
+    score_every: int = 250        # scoring stages every this many steps (+ one at the end)
+    num_samples: int = 500        # images per variant per stage
     sample_batch: int = 500       # images per sampler call
     sample_steps: int = 8         # Heun steps of the sampler (15 model calls)
+    reference_size: int | None = None  # reference digits (None: all 1797)
     seed: int = 0                 # training seed; scoring uses seed + 1
     decays: tuple[float, ...] | None = None  # None: emascope's default sweep
 
@@ -242,6 +239,7 @@ def train(run_dir: str | Path, cfg: DigitsConfig | None = None, *,
                    score_at_close=score_at_close,
                    sampler=make_sampler(cfg.sample_steps), reference=images, image_range="-1,1",
                    feature_extractor=EXTRACTOR_NAME, feature_extractor_weights_path=weights,
+                   reference_size=cfg.reference_size,
                    score_every=cfg.score_every, num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
                    seed=cfg.seed + 1, **({} if cfg.decays is None else {"decays": cfg.decays}))
     with scope:

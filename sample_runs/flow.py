@@ -34,8 +34,13 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 def sample_times(n: int, generator: torch.Generator, *, device: torch.device | str = "cpu",
-                 logit_mean: float = -0.4, logit_std: float = 1.2) -> torch.Tensor:
-    """Training times ``t`` from a logit-normal law (weights mid/low noise more, as in SD3)."""
+                 logit_mean: float = -1.2, logit_std: float = 1.2) -> torch.Tensor:
+    """Training times ``t`` from a logit-normal law: ``logit(t) ~ N(logit_mean, logit_std^2)``.
+
+    For this interpolant ``x_t / (1 - t) = x_0 + sigma eps`` with ``sigma = t / (1 - t)``, so
+    ``logit(t) = log(sigma)`` and the defaults are EDM's log-normal noise levels (P_mean = -1.2,
+    P_std = 1.2, Karras et al. 2022), which weight the low-noise end where thin structure is learned.
+    """
     z = torch.randn(n, generator=generator, device=device)
     return torch.sigmoid(logit_mean + logit_std * z)
 
@@ -75,7 +80,7 @@ class Preconditioned(nn.Module):
 
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, generator: torch.Generator, *,
-                       logit_mean: float = -0.4, logit_std: float = 1.2) -> torch.Tensor:
+                       logit_mean: float = -1.2, logit_std: float = 1.2) -> torch.Tensor:
     """Training loss (a scalar) for one batch of data ``x0``; times from :func:`sample_times`.
 
     For a :class:`Preconditioned` model: EDM's loss, the MSE between ``F(c_in x_t, t)`` and its

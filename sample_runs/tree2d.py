@@ -1,7 +1,7 @@
 """Sample 1, ``tree2d``: a small flow-matching MLP on the 2-D tree mixture, with the agent attached.
 
 ```bash
-python -m sample_runs.tree2d --run-dir runs/tree2d          # ~4000 Adam steps on CPU, 8 stages
+python -m sample_runs.tree2d --run-dir runs/tree2d          # 8000 Adam steps on CPU, 8 stages
 emascope dashboard runs/tree2d
 ```
 
@@ -36,14 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from agent import attach
 from sample_runs.flow import Preconditioned, flow_matching_loss, sample_heun
 from sample_runs.models import MLPDenoiser
 from sample_runs.tree_mixture import TreeMixture, make_tree, mean_log_likelihood, tail_coverage, tail_share
-
-try:  # the public API; agent.scope is the fallback while agent/__init__ does not export it yet
-    from agent import attach
-except ImportError:  # pragma: no cover
-    from agent.scope import attach
 
 #: Directions of the two custom metrics (run.json ``metric_directions``).
 TREE_METRIC_DIRECTIONS = {"log_likelihood": "higher", "tail_coverage": "higher"}
@@ -55,13 +51,13 @@ Progress = Callable[[int, int], None]
 class Tree2DConfig:
     """Settings of the tree2d sample (counts are optimizer steps or numbers of points)."""
 
-    steps: int = 4000             # optimizer steps
+    steps: int = 8000             # optimizer steps
     batch_size: int = 512         # training points per step (fresh exact samples each step)
     lr: float = 2e-3              # Adam learning rate (constant)
     hidden: int = 128             # MLP width
     layers: int = 4               # MLP hidden layers
     sigma_data: float = 0.8       # EDM preconditioning: data std (the tree's std is ~0.5 x ~1.0)
-    score_every: int = 500        # scoring stages every this many steps (+ one at the end)
+    score_every: int = 1000       # scoring stages every this many steps (+ one at the end)
     num_samples: int = 4000       # samples per variant per stage
     sample_batch: int = 1000      # samples per sampler call
     reference_size: int = 4000    # exact mixture samples used as the reference set
