@@ -16,7 +16,7 @@ from scipy.stats import multivariate_normal
 
 from agent.cli import main as emascope
 from dashboard.data import load_run, sample_files, sample_stages
-from sample_runs import digits, tree2d
+from sample_runs import digits, report, tree2d
 from sample_runs.flow import Preconditioned, flow_matching_loss, sample_heun, time_grid
 from sample_runs.tree_mixture import make_tree, mean_log_likelihood, tail_coverage, tail_share
 
@@ -186,6 +186,18 @@ def test_tree2d_end_to_end(tmp_path):
     ref = tree.sample(cfg.reference_size, torch.Generator().manual_seed(cfg.seed + 2))
     assert row["fd"] == pytest.approx(frechet_distance_scipy(x.double().numpy(), ref.double().numpy()),
                                       rel=1e-4, abs=1e-7)
+
+
+def test_report_tables(tmp_path, capsys):
+    cfg = _tiny_tree_cfg()
+    run_dir = tree2d.train(tmp_path / "run", cfg)
+    assert report.main([str(run_dir), "--step", "20"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(ALL_VARIANTS) + 1 + 2  # stage table (+header), best table (+header)
+    fd = load_run(run_dir).metrics.query("step == 20 and metric == 'fd'").set_index("variant")["value"]
+    assert f"| {fd.idxmin()} | **" in out  # the best FD is bold in its row
+    assert report.main([str(run_dir), "--step", "7"]) == 2
 
 
 def test_tree2d_cli_refuses_an_existing_run(tmp_path, capsys):

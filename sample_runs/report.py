@@ -1,0 +1,100 @@
+"""Markdown tables of a finished run, read with the dashboard's data layer (no torch).
+
+```bash
+python -m sample_runs.report sample_runs/runs/tree2d --step 8000
+```
+
+Prints, for one stage, a table in the form the field uses (one row per variant, one column per
+metric, the best value of each column in bold), then the best variant per metric at every stage.
+Used to write sample_runs/README.md from the shipped runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from dashboard.data import load_run
+from dashboard.ranking import best_per_stage, variant_order
+
+DEFAULT_METRICS = {
+    "points": ["fd", "precision", "recall", "coverage", "tail_coverage", "log_likelihood"],
+    "images": ["fd", "isc_mean", "kid_mean", "precision", "recall", "coverage"],
+}
+
+
+def _fmt(v: float) -> str:
+    if v is None or not math.isfinite(v):
+        return "—"
+    if v != 0 and abs(v) < 0.01:
+        return f"{v:.2e}"
+    return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+
+
+def stage_table(metrics: pd.DataFrame, directions: dict[str, str], step: int, names: Sequence[str]) -> str:
+    """Markdown table of ``names`` for every variant at ``step``; best of each column in bold."""
+    sub = metrics[metrics["step"] == step]
+    table = sub.pivot_table(index="variant", columns="metric", values="value", aggfunc="last")
+    names = [n for n in names if n in table.columns]
+    table = table.reindex(variant_order(table.index))
+    best = {}
+    for n in names:
+        col = table[n].dropna()
+        if len(col) and directions.get(n) in ("lower", "higher"):
+            best[n] = col.idxmin() if directions[n] == "lower" else col.idxmax()
+    arrows = {n: {"lower": " ↓", "higher": " ↑"}.get(directions.get(n, ""), "") for n in names}
+    lines = ["| variant | " + " | ".join(f"{n}{arrows[n]}" for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for variant, row in table.iterrows():
+        cells = []
+        for n in names:
+            text = _fmt(row[n])
+            cells.append(f"**{text}**" if best.get(n) == variant else text)
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best_table(metrics: pd.DataFrame, directions: dict[str, str], names: Sequence[str]) -> str:
+    """Markdown table: best variant per metric (columns) at every stage (rows)."""
+    names = [n for n in names if directions.get(n) in ("lower", "higher") and n in set(metrics["metric"])]
+    per = {n: best_per_stage(metrics, n, directions[n]).set_index("step")["variant"] for n in names}
+    steps = sorted(metrics["step"].unique())
+    lines = ["| step | " + " | ".join(names) + " |", "|---:|" + "---|" * len(names)]
+    for s in steps:
+        lines.append(f"| {int(s)} | " + " | ".join(str(per[n].get(s, "—")) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sample_runs.report", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, default=None, help="stage of the table (default: the last)")
+    p.add_argument("--metrics", default=None, help="comma-separated metric names")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    run = load_run(Path(args.run_dir))
+    if run.error:
+        print(f"report: {args.run_dir}: {run.error}", file=sys.stderr)
+        return 2
+    if run.metrics.empty:
+        print(f"report: {args.run_dir}: no metrics yet", file=sys.stderr)
+        return 2
+    steps = sorted(int(s) for s in run.metrics["step"].unique())
+    step = args.step if args.step is not None else steps[-1]
+    if step not in steps:
+        print(f"report: no stage at step {step}; stages: {steps}", file=sys.stderr)
+        return 2
+    names = args.metrics.split(",") if args.metrics else DEFAULT_METRICS.get(run.sample_kind or "", [])
+    print(f"Stage {step} of {run.name} ({len(steps)} stages: {', '.join(map(str, steps))})\n")
+    print(stage_table(run.metrics, run.directions, step, names))
+    print("\nBest variant per metric and stage\n")
+    print(best_table(run.metrics, run.directions, names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
