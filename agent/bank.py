@@ -21,6 +21,8 @@ Update (once per optimizer step, see :meth:`EMABank.update`): the live averaged 
 into an fp32 staging vector with one ``torch._foreach_copy_`` onto views, then all rows are lerped
 towards it in one call, ``blocks.lerp_(staging.view(nb, 1, B).expand(nb, R, B), w.view(1, R, 1))``,
 where ``w[r]`` is the weight given to the new weights (``1 - d**m``, Eq. U/L of :mod:`agent.ema_math`).
+On CPU, the blocks lying inside a large fp32 parameter are lerped straight from the parameter's
+storage instead (one call per parameter, see ``DIRECT_MIN``); only the rest goes through staging.
 
 Non-finite live weights skip the update for the whole bank. On CPU the check is a float32 sum of
 the staging (a finite sum implies finite elements; a non-finite sum is confirmed element-wise, so a
