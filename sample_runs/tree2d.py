@@ -126,6 +126,32 @@ class TreeMetrics:
                 "tail_coverage": tail_coverage(self.tree, x, self.cfg.tail_depth, self.true_tail_share)}
 
 
+def exact_baseline(cfg: Tree2DConfig | None = None,
+                   seeds: Sequence[int] = range(10, 16)) -> dict[str, list[float]]:
+    """The run's metrics for *exact* mixture samples (``cfg.num_samples`` per seed) against the run's
+    reference set: the noise floor of each metric at this sample size (what a perfect model scores).
+
+    Uses the agent's metric functions (``agent.metrics``) with the same settings as the run.
+    """
+    from agent import metrics as M
+
+    cfg = cfg or Tree2DConfig()
+    tree = make_tree(**cfg.tree)
+    ref = tree.sample(cfg.reference_size, torch.Generator().manual_seed(cfg.seed + 2)).double()
+    ref_stats = M.frechet_statistics(ref)
+    true_share = TreeMetrics(tree, cfg).true_tail_share
+    out: dict[str, list[float]] = {}
+    for s in seeds:
+        x = tree.sample(cfg.num_samples, torch.Generator().manual_seed(int(s))).double()
+        values = {"fd": M.frechet_distance_from_statistics(M.frechet_statistics(x), ref_stats),
+                  **M.precision_recall(x, ref), **M.density_coverage(x, ref),
+                  "tail_coverage": tail_coverage(tree, x, cfg.tail_depth, true_share),
+                  "log_likelihood": mean_log_likelihood(tree, x)}
+        for k, v in values.items():
+            out.setdefault(k, []).append(float(v))
+    return out
+
+
 def train(run_dir: str | Path, cfg: Tree2DConfig | None = None, *, overwrite: bool = False,
           progress: Progress | None = None, name: str = "tree2d",
           score_at_close: bool = True) -> Path:
@@ -169,6 +195,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=Tree2DConfig.num_samples, help="samples per variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    p.add_argument("--exact-baseline", action="store_true",
+                   help="print the metrics of exact samples (the noise floor at this sample size) and exit")
     return p.parse_args(list(argv))
 
 
@@ -180,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tree2d: {exc}", file=sys.stderr)
         return 2
+    if args.exact_baseline:
+        for name, values in exact_baseline(cfg).items():
+            print(f"{name:>15}: {min(values):.4g} .. {max(values):.4g} (exact samples, {len(values)} seeds)")
+        return 0
     t0 = time.time()
     try:
         train(args.run_dir, cfg, overwrite=args.overwrite)

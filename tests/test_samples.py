@@ -200,6 +200,15 @@ def test_report_tables(tmp_path, capsys):
     assert report.main([str(run_dir), "--step", "7"]) == 2
 
 
+def test_exact_samples_score_near_perfect():
+    """The noise floor the README quotes: exact samples of the mixture against the reference."""
+    cfg = tree2d.Tree2DConfig(num_samples=1000, reference_size=1000)
+    base = tree2d.exact_baseline(cfg, seeds=[10, 11])
+    assert max(base["fd"]) < 0.02 and min(base["precision"]) > 0.9 and min(base["coverage"]) > 0.9
+    assert all(0.8 < v < 1.2 for v in base["tail_coverage"])
+    assert all(-0.8 < v < -0.55 for v in base["log_likelihood"])
+
+
 def test_tree2d_cli_refuses_an_existing_run(tmp_path, capsys):
     cfg = tree2d.Tree2DConfig(steps=2, score_every=1000, num_samples=20, sample_batch=20, reference_size=50,
                               sample_steps=1, hidden=8, layers=1)
