@@ -160,11 +160,15 @@ def tail_share(tree: TreeMixture, points: torch.Tensor, tail_depth: int) -> floa
 
 
 def tail_coverage(tree: TreeMixture, samples: torch.Tensor, tail_depth: int, true_share: float) -> float:
-    """Tail coverage: share of samples on deep branches divided by the true share.
+    """Tail coverage ``= tail_share(samples) / true_share`` (dimensionless, 1 = exact).
 
-    1.0 means the rare deep branches get exactly their share; below 1 they are under-covered
-    (soft mode collapse), above 1 over-covered. ``true_share`` is :func:`tail_share` of exact
-    samples (the same gate applied to the true distribution).
+    ``tail_share(x)`` is the fraction of points ``x`` that lie on a component of depth
+    ``>= tail_depth``, where a point lies on component ``m* = argmax_m w_m N(x | mu_m, Sigma_m)``
+    if its squared Mahalanobis distance to ``m*`` is at most :data:`CHI2_2DOF_99` (the 99%
+    quantile of chi-square with 2 dof), and on no component otherwise (:meth:`TreeMixture.assign`).
+    ``true_share`` is the same fraction for exact samples of the mixture (the same gate, so its
+    misses cancel in the ratio). Below 1 the rare deep branches are under-covered (soft mode
+    collapse), above 1 over-covered; off-tree samples count as not on the tail.
     """
     if not true_share > 0:
         raise ValueError(f"true_share must be > 0, got {true_share}")
