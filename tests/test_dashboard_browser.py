@@ -8,7 +8,7 @@ checks that the charts render, that changing the metric changes the page, that a
 scores while the page is open shows up live, and that the export button is fulfilled by the agent's
 own request poller: the checkpoint appears, loads into a fresh model and equals
 ``scope.bank.materialize(variant)`` at the step of the export. Saves a screenshot to the test's tmp
-dir, or to $EMASCOPE_SCREENSHOT when set (how docs/dashboard.png is made).
+dir, or to $EMASCOPE_SCREENSHOT when set (to look at the page).
 """
 
 from __future__ import annotations
