@@ -164,6 +164,7 @@ class EMABank:
             (in-place changes such as ``model.half()`` are fine).
         decays: decays ``d`` in [0, 1): the weight *kept* from the old average per optimizer step
             (``1 - d`` goes to the new weights); the averaging window is ~``1/(1-d)`` optimizer steps.
+            ``None``: :data:`DEFAULT_DECAYS`.
         device: where the bank lives. ``None``: the parameters' device. ``"cpu"`` with parameters on
             an accelerator: host memory, pinned, filled by non-blocking device-to-host copies; each
             copy is folded in at the next :meth:`update` or read (one step late, never lost).
@@ -183,13 +184,14 @@ class EMABank:
     bank updates applied; :attr:`num_skipped` those skipped because the live weights were non-finite.
     """
 
-    def __init__(self, model: nn.Module, decays: Sequence[float] = DEFAULT_DECAYS, *,
+    def __init__(self, model: nn.Module, decays: Sequence[float] | None = DEFAULT_DECAYS, *,
                  device: str | torch.device | None = None, update_every: int = 1,
                  bias_correction: bool = False, bema: bool | BEMAConfig = False,
                  average_buffers: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self._configure(decays, update_every, bias_correction, bema, average_buffers)
+        self._configure(DEFAULT_DECAYS if decays is None else decays, update_every, bias_correction, bema,
+                        average_buffers)
         self._model: nn.Module | None = unwrap_model(model)
         entries, live, n = _build_layout(self._model, self.average_buffers)
         if n == 0:

@@ -13,10 +13,10 @@ counted; gradient accumulation counts one step per ``optimizer.step``). Without 
 ``scope.step()`` after each optimizer step.
 
 Failure behaviour: nothing the agent does may raise into training. Exceptions from the bank
-update, sampler, extractor, metrics, ``evaluate``, snapshots, exports or file writes are caught
-and recorded in ``events.jsonl``. If ``bank.update()`` raises, the bank is *disabled* (its state
-may be half-updated): no more updates, EMA variants are no longer scored or snapshotted, only
-``raw`` is; a ``bank_disabled`` event says so.
+update, sampler, extractor, metrics, ``evaluate``, ``sample_metrics``, snapshots, exports or file
+writes are caught and recorded in ``events.jsonl``. If ``bank.update()`` raises, the bank is
+*disabled* (its state may be half-updated): no more updates, EMA variants are no longer scored
+or snapshotted, only ``raw`` is; a ``bank_disabled`` event says so.
 
 Under ``torch.distributed`` only rank 0 builds a bank, scores and writes files; other ranks count
 steps and do nothing else (``scope.bank`` is ``None`` there, ``score_now``/``export`` return
@@ -50,7 +50,15 @@ from agent.ema_math import BEMAConfig, validate_decays, validate_update_every
 from agent.metrics import METRIC_DIRECTIONS
 from agent.requests import RequestPoller
 from agent.rundir import RunWriter, host_info, new_run_id, prepare_run_dir
-from agent.scoring import Evaluate, Reference, Sampler, ScoringConfig, SweepResult, run_sweep
+from agent.scoring import (
+    Evaluate,
+    Reference,
+    SampleMetrics,
+    Sampler,
+    ScoringConfig,
+    SweepResult,
+    run_sweep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +111,21 @@ class Scope:
       dataset) or precomputed :class:`agent.features.Features`.
     - ``evaluate(model) -> {name: value}``: user metrics; ``metric_directions={name: "lower" |
       "higher"}`` declares which way is better (built-in metrics have theirs).
+    - ``sample_metrics(samples) -> {name: value}``: user metrics over the agent's own samples,
+      called once per variant per sweep with all ``num_samples`` samples the sampler drew for that
+      variant (on CPU, as the sampler returned them, concatenated; the preview and the features
+      come from the same samples). Needs ``sampler``. Recorded like ``evaluate``'s (directions
+      from ``metric_directions``); a raise is an ``error`` event ``where: "sample_metrics"``. Memory:
+      only with this hook are a variant's samples all kept at once (``num_samples`` x one sample's
+      size on the host); without it they are turned into features batch by batch and dropped.
     - ``score_every`` (``None``: only at close / :meth:`score_now`), ``score_at_close``,
       ``snapshot_every`` (default: ``score_every``), ``num_samples``, ``batch_size`` (per sampler
       call), ``seed``, ``preview`` (images in the PNG grid), ``feature_extractor`` (``"auto"``:
       identity for points, ``inception-v3-compat`` for images; a torch-fidelity name or a callable),
       ``feature_extractor_weights_path``, ``feature_device``, ``kid_subset_size``, ``nearest_k``.
     - ``decays``, ``device``, ``update_every``, ``bias_correction``, ``bema``, ``average_buffers``:
-      passed to :class:`agent.bank.EMABank`, same defaults.
+      passed to :class:`agent.bank.EMABank`, same defaults (``decays=None``: the default sweep
+      :data:`agent.bank.DEFAULT_DECAYS`).
     - ``heartbeat_interval`` (s), ``request_interval`` (s between checks of ``requests/`` and of the
       bank's non-finite skip counter).
 
@@ -126,6 +142,7 @@ class Scope:
         sampler: Sampler | None = None,
         reference: Any = None,
         evaluate: Evaluate | None = None,
+        sample_metrics: SampleMetrics | None = None,
         metric_directions: dict[str, str] | None = None,
         score_every: int | None = 1000,
         score_at_close: bool = True,
@@ -142,7 +159,7 @@ class Scope:
         reference_size: int | None = None,
         kid_subset_size: int | None = None,
         nearest_k: int = 5,
-        decays: Sequence[float] = DEFAULT_DECAYS,
+        decays: Sequence[float] | None = DEFAULT_DECAYS,
         device: str | torch.device | None = None,
         update_every: int = 1,
         bias_correction: bool = False,
@@ -169,6 +186,11 @@ class Scope:
             raise ValueError(f"sampler must be callable (model, n, generator) -> samples, got {sampler!r}")
         if evaluate is not None and not callable(evaluate):
             raise ValueError(f"evaluate must be callable (model) -> dict[str, float], got {evaluate!r}")
+        if sample_metrics is not None and not callable(sample_metrics):
+            raise ValueError("sample_metrics must be callable (samples) -> dict[str, float], "
+                             f"got {sample_metrics!r}")
+        if sample_metrics is not None and sampler is None:
+            raise ValueError("sample_metrics was given but sampler is None: there are no samples to pass it")
         if reference is not None and sampler is None:
             raise ValueError("reference was given but sampler is None: nothing to compare it with")
         _check_int("score_every", score_every, 1, allow_none=True)
@@ -201,6 +223,8 @@ class Scope:
         if reference is not None and not isinstance(reference, F.Features):
             F.reference_identity(reference, max_items=2)  # validates the type early
         # the bank's settings are checked on every rank, so a bad value fails everywhere alike
+        if decays is None:
+            decays = DEFAULT_DECAYS
         validate_decays(decays)
         validate_update_every(update_every)
         _refuse_sharded_params(model)
@@ -211,6 +235,7 @@ class Scope:
         self.model = unwrap_model(model)
         self.optimizer = optimizer
         self.sampler, self.reference_input, self.evaluate = sampler, reference, evaluate
+        self.sample_metrics = sample_metrics
         self.score_every = score_every
         self.snapshot_every = snapshot_every if snapshot_every is not None else score_every
         self.score_at_close = bool(score_at_close)
@@ -448,7 +473,7 @@ class Scope:
                                variants=self._variants(), step=step,
                                writer=self.writer, cfg=self.cfg, sampler=self.sampler,
                                extractor=self._extractor, reference=reference, evaluate=self.evaluate,
-                               fd_name=self._fd_name())
+                               sample_metrics=self.sample_metrics, fd_name=self._fd_name())
         self.last_scores = result
         if result.kid_subset_size is not None and not self._kid_noted:
             self._kid_noted = True

@@ -3,8 +3,13 @@
 Common random numbers: every variant draws its samples from a ``torch.Generator`` seeded with the
 same ``seed``, so differences between variants come from the weights, not from the noise.
 
-Failure isolation: a sampler, extractor, metric or ``evaluate`` that raises is recorded as an
-``error`` event (with traceback) and the sweep goes on with the next metric/variant. Whatever
+Memory: samples are turned into features batch by batch and dropped; only the features and the
+preview head are kept. The one exception is a ``sample_metrics`` hook: it receives all
+``num_samples`` samples of a variant at once, so they are kept in host memory for that variant
+(``num_samples`` x one sample's size, e.g. 2000 x 3x64x64 float32 = 98 MB).
+
+Failure isolation: a sampler, extractor, metric, ``evaluate`` or ``sample_metrics`` that raises is
+recorded as an ``error`` event (with traceback) and the sweep goes on with the next metric/variant. Whatever
 happens, the model leaves the sweep with its live weights (the bank's ``swap`` context restores
 them) and with every submodule's ``training`` flag exactly as it was.
 """
@@ -16,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 
 Sampler = Callable[[nn.Module, int, torch.Generator], torch.Tensor]
 Evaluate = Callable[[nn.Module], dict[str, float]]
+SampleMetrics = Callable[[torch.Tensor], dict[str, float]]
 
 
 @dataclass
@@ -83,7 +89,7 @@ class SweepResult:
     step: int
     scores: dict[str, dict[str, float | None]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("sampling", "features", "metrics", "user_metrics"), 0.0))
+        ("sampling", "features", "metrics", "user_metrics", "sample_metrics"), 0.0))
     errors: int = 0
     num_samples: int = 0             # most samples drawn for one variant in this sweep
     kid_subset_size: int | None = None
@@ -139,23 +145,35 @@ class StageError(Exception):
         self.where, self.exc = where, exc
 
 
+class Drawn(NamedTuple):
+    """What :func:`draw_and_extract` returns for one variant."""
+
+    head: torch.Tensor | None          # the first preview images / points (CPU)
+    features: Features | None          # features of all drawn samples (None: no extractor / error)
+    error: StageError | None           # a sampler or extractor failure
+    num_drawn: int                     # samples drawn
+    samples: torch.Tensor | None       # all samples (CPU), only with keep_all=True and no sampler error
+
+
 def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
-                     timings: dict[str, float],
-                     ) -> tuple[torch.Tensor | None, Features | None, StageError | None, int]:
+                     timings: dict[str, float], *, keep_all: bool = False) -> Drawn:
     """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size`` from one generator seeded with
     ``cfg.seed`` (on the model's device), and turn each batch into features as it arrives.
 
     Only the features and the first ``preview`` images or ``preview_points`` points (CPU) are
-    kept, so a sweep over many large images never holds all samples in memory. Returns ``(head,
-    features, error, num_drawn)``: a sampler error leaves ``head`` and ``features`` ``None``; an
-    extractor error keeps the head (for the preview) and stops extracting. Without an extractor,
+    kept, so a sweep over many large images never holds all samples in memory. ``keep_all=True``
+    (a ``sample_metrics`` hook wants them) also keeps every batch and returns them concatenated as
+    ``samples``: ``num_samples`` x one sample's size of host memory. A sampler error leaves
+    ``head``, ``features`` and ``samples`` ``None``; an extractor error keeps the head (for the
+    preview) and ``samples`` and stops extracting. Without an extractor and without ``keep_all``,
     drawing stops once the head is full (nothing else would use the samples).
     ``timings["sampling"|"features"]`` are increased.
     """
     gen = torch.Generator(device=model_device(model)).manual_seed(int(cfg.seed))
     keep = -1  # samples kept for the preview: decided from the first batch's kind
     head: list[torch.Tensor] = []
+    everything: list[torch.Tensor] = []
     feats: list[Features] = []
     kept, remaining, error = 0, cfg.num_samples, None
     while remaining > 0:
@@ -168,10 +186,12 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                                  f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
             out = out.detach().cpu()
         except Exception as exc:  # noqa: BLE001
-            return None, None, StageError("sampler", exc), cfg.num_samples - remaining
+            return Drawn(None, None, StageError("sampler", exc), cfg.num_samples - remaining, None)
         finally:
             timings["sampling"] += time.perf_counter() - t
         remaining -= n
+        if keep_all:
+            everything.append(out)
         if keep < 0:
             try:
                 keep = cfg.preview if sample_kind(out) == "images" else cfg.preview_points
@@ -188,14 +208,16 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                 error, extractor, feats = StageError("features", exc), None, []
             finally:
                 timings["features"] += time.perf_counter() - t
-        if extractor is None and kept >= keep:
+        if extractor is None and not keep_all and kept >= keep:
             break  # nothing more to keep: the preview head is full and no features are wanted
     features = None
     if feats:
         logits = [f.logits for f in feats]
         features = Features(torch.cat([f.features for f in feats]),
                             torch.cat(logits) if all(x is not None for x in logits) else None)  # type: ignore[arg-type]
-    return (torch.cat(head) if head else None), features, error, cfg.num_samples - remaining
+    # the only place all samples are concatenated: only when a sample_metrics hook asked for them
+    samples = torch.cat(everything) if keep_all else None
+    return Drawn(torch.cat(head) if head else None, features, error, cfg.num_samples - remaining, samples)
 
 
 def feature_metric_jobs(feats: Features, ref: Reference, cfg: ScoringConfig,
@@ -223,12 +245,15 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
               cfg: ScoringConfig, sampler: Sampler | None = None,
               extractor: Callable[[torch.Tensor], Features] | None = None,
               reference: Reference | None = None, evaluate: Evaluate | None = None,
-              fd_name: str = "fid") -> SweepResult:
+              sample_metrics: SampleMetrics | None = None, fd_name: str = "fid") -> SweepResult:
     """Score every variant; write metrics/previews/events through ``writer``. Never raises.
 
     ``model`` is the unwrapped module the bank was built on. Generative metrics need
     ``sampler``, ``extractor`` and ``reference``; ``evaluate(model) -> {name: value}`` runs with
-    each variant's weights loaded (eval mode, ``torch.no_grad``).
+    each variant's weights loaded (eval mode, ``torch.no_grad``). ``sample_metrics(samples) ->
+    {name: value}`` (needs ``sampler``) is called once per variant with all ``num_samples``
+    samples the sampler drew for it, on CPU (the same samples the features and the preview come
+    from); they are kept in memory for it (``num_samples`` x one sample's size).
     """
     res = SweepResult(step=step)
     t_start = time.perf_counter()
@@ -237,7 +262,7 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
         res.scores[variant] = {}
         try:
             _score_variant(model, bank, variant, res, writer, cfg, sampler, extractor, reference,
-                           evaluate, fd_name)
+                           evaluate, sample_metrics, fd_name)
         except Exception as exc:  # noqa: BLE001 - e.g. swap itself failed
             res.errors += 1
             writer.error("swap", step, exc, variant=variant)
@@ -249,9 +274,10 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
 def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, writer: RunWriter,
                    cfg: ScoringConfig, sampler: Sampler | None,
                    extractor: Callable[[torch.Tensor], Features] | None, reference: Reference | None,
-                   evaluate: Evaluate | None, fd_name: str) -> None:
+                   evaluate: Evaluate | None, sample_metrics: SampleMetrics | None, fd_name: str) -> None:
     step, decay = res.step, variant_decay(variant)
     samples: torch.Tensor | None = None
+    every: torch.Tensor | None = None
     feats: Features | None = None
     user: dict[str, Any] = {}
     # "raw" goes through swap too: its backup/restore undoes a sampler or evaluate that writes to
@@ -260,23 +286,20 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
     with preserved_training_flags(model), swap, torch.no_grad():
         model.eval()
         if sampler is not None:
-            samples, feats, err, drawn = draw_and_extract(
-                model, sampler, cfg, extractor if reference is not None else None, res.timings)
+            samples, feats, err, drawn, every = draw_and_extract(
+                model, sampler, cfg, extractor if reference is not None else None, res.timings,
+                keep_all=sample_metrics is not None)
             res.num_samples = max(res.num_samples, drawn)
             if err is not None:
                 res.errors += 1
                 writer.error(err.where, step, err.exc, variant=variant)
         if evaluate is not None:
-            t = time.perf_counter()
-            try:
-                out = evaluate(model)
-                if not isinstance(out, dict):
-                    raise ValueError(f"evaluate must return dict[str, float], got {type(out).__name__}")
-                user = dict(out)
-            except Exception as exc:  # noqa: BLE001
-                res.errors += 1
-                writer.error("evaluate", step, exc, variant=variant)
-            res.timings["user_metrics"] += time.perf_counter() - t
+            user.update(_user_hook("evaluate", evaluate, model, res, writer, variant, "user_metrics"))
+    if every is not None and sample_metrics is not None:
+        with torch.no_grad():
+            user.update(_user_hook("sample_metrics", sample_metrics, every, res, writer, variant,
+                                   "sample_metrics"))
+        del every  # free the variant's samples before the next one is drawn
 
     for name, value in user.items():
         _record(res, writer, variant, decay, str(name), value)
@@ -297,6 +320,24 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
         for name, value in values.items():
             _record(res, writer, variant, decay, name, value)
     res.timings["metrics"] += time.perf_counter() - t
+
+
+def _user_hook(where: str, hook: Callable[[Any], Any], arg: Any, res: SweepResult, writer: RunWriter,
+               variant: str, timing: str) -> dict[str, Any]:
+    """Call ``evaluate(model)`` or ``sample_metrics(samples)``; a raise or a non-dict result is an
+    ``error`` event named ``where`` and gives ``{}``. Time goes to ``res.timings[timing]``."""
+    t = time.perf_counter()
+    try:
+        out = hook(arg)
+        if not isinstance(out, dict):
+            raise ValueError(f"{where} must return dict[str, float], got {type(out).__name__}")
+        return dict(out)
+    except Exception as exc:  # noqa: BLE001
+        res.errors += 1
+        writer.error(where, res.step, exc, variant=variant)
+        return {}
+    finally:
+        res.timings[timing] += time.perf_counter() - t
 
 
 def _record(res: SweepResult, writer: RunWriter, variant: str, decay: float | None, name: str,

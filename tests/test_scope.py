@@ -117,7 +117,7 @@ def test_events_heartbeat_samples_bank(trained):
     assert [e["step"] for e in ev if e["type"] == "snapshot"] == [10, 20, 30]  # none repeated at close
     assert "error" not in types
     done = _events(run_dir, "score_done")[0]
-    assert set(done["timings"]) == {"sampling", "features", "metrics", "user_metrics"}
+    assert set(done["timings"]) == {"sampling", "features", "metrics", "user_metrics", "sample_metrics"}
     assert done["num_samples"] == NUM_SAMPLES and done["seconds"] >= sum(done["timings"].values()) * 0.99
     notices = _events(run_dir, "notice")
     assert any("undeclared" in e["message"] for e in notices)  # user metric without a direction
