@@ -241,7 +241,7 @@ def train(run_dir: str | Path, cfg: DigitsConfig | None = None, *,
                    feature_extractor=EXTRACTOR_NAME, feature_extractor_weights_path=weights,
                    reference_size=cfg.reference_size,
                    score_every=cfg.score_every, num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
-                   seed=cfg.seed + 1, **({} if cfg.decays is None else {"decays": cfg.decays}))
+                   seed=cfg.seed + 1, decays=cfg.decays)
     with scope:
         model.train()
         for step in range(cfg.steps):

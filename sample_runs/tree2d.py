@@ -8,7 +8,7 @@ emascope dashboard runs/tree2d
 The training loop below is an ordinary PyTorch loop; emascope is attached to it with one
 ``attach(...)`` call (default decay sweep, identity features -> FD, precision, recall, density,
 coverage) plus two metrics only a toy with a known density allows, computed by :class:`TreeMetrics`
-through ``attach(evaluate=...)``:
+through ``attach(sample_metrics=...)``:
 
 - ``log_likelihood``: mean ``log p_true(x)`` of the samples under the exact mixture (nats per
   sample, higher is better);
@@ -16,9 +16,10 @@ through ``attach(evaluate=...)``:
   by the true share, see :func:`sample_runs.tree_mixture.tail_coverage` (1 = the rare branches get
   exactly their mass; < 1 = soft mode collapse; > 1 = over-covered).
 
-Both are computed on exactly the samples the agent scores: ``evaluate`` draws them with the same
-seed, batch size and sampler as the agent (``draw_like_agent``), so every variant is judged on the
-same noise (common random numbers).
+Both are computed on exactly the samples the agent scores: the agent hands ``sample_metrics`` the
+``num_samples`` points it drew for each variant (the ones its FD, precision, ... and preview come
+from), so nothing is drawn twice and every variant is judged on the same noise (common random
+numbers).
 
 Steps are optimizer steps; decays are EMA decays ``d`` in ``ema <- d * ema + (1 - d) * theta``.
 """
@@ -93,21 +94,8 @@ def make_sampler(sample_steps: int) -> Callable[[nn.Module, int, torch.Generator
     return sampler
 
 
-def draw_like_agent(model: nn.Module, sampler: Callable[[nn.Module, int, torch.Generator], torch.Tensor],
-                    num_samples: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Draw ``num_samples`` the way the agent does: one CPU generator seeded with ``seed``,
-    ``sampler`` called on batches of ``batch_size``. Same arguments -> the agent's exact samples."""
-    gen = torch.Generator().manual_seed(int(seed))
-    parts, remaining = [], num_samples
-    while remaining > 0:
-        n = min(batch_size, remaining)
-        parts.append(sampler(model, n, gen).cpu())
-        remaining -= n
-    return torch.cat(parts)
-
-
 class TreeMetrics:
-    """``attach(evaluate=...)`` hook: log-likelihood and tail coverage of the agent's samples.
+    """``attach(sample_metrics=...)`` hook: log-likelihood and tail coverage of the agent's samples.
 
     ``true_tail_share`` is measured once on ``true_size`` exact samples with the same gate
     (:meth:`TreeMixture.assign`), so gate effects cancel in the ratio.
@@ -115,13 +103,11 @@ class TreeMetrics:
 
     def __init__(self, tree: TreeMixture, cfg: Tree2DConfig, *, true_size: int = 200_000) -> None:
         self.tree, self.cfg = tree, cfg
-        self.sampler = make_sampler(cfg.sample_steps)
         exact = tree.sample(true_size, torch.Generator().manual_seed(cfg.seed + 3))
         self.true_tail_share = tail_share(tree, exact, cfg.tail_depth)
 
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        cfg = self.cfg
-        x = draw_like_agent(model, self.sampler, cfg.num_samples, cfg.sample_batch, cfg.seed + 1)
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
+        """Metrics of one variant's samples ``x`` (``[num_samples, 2]`` points, CPU)."""
         return {"log_likelihood": mean_log_likelihood(self.tree, x),
                 "tail_coverage": tail_coverage(self.tree, x, self.cfg.tail_depth, self.true_tail_share)}
 
@@ -170,10 +156,10 @@ def train(run_dir: str | Path, cfg: Tree2DConfig | None = None, *, overwrite: bo
     scope = attach(model, opt, run_dir=run_dir, name=name, overwrite=overwrite,
                    score_at_close=score_at_close,
                    sampler=make_sampler(cfg.sample_steps), reference=reference, feature_extractor="identity",
-                   evaluate=TreeMetrics(tree, cfg), metric_directions=TREE_METRIC_DIRECTIONS,
+                   sample_metrics=TreeMetrics(tree, cfg), metric_directions=TREE_METRIC_DIRECTIONS,
                    score_every=cfg.score_every, num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
                    kid_subset_size=cfg.kid_subset_size,
-                   seed=cfg.seed + 1, **({} if cfg.decays is None else {"decays": cfg.decays}))
+                   seed=cfg.seed + 1, decays=cfg.decays)
     with scope:
         model.train()
         for step in range(cfg.steps):

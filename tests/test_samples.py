@@ -33,6 +33,15 @@ def _few_threads():
     torch.set_num_threads(old)
 
 
+def redraw(model, sampler, num_samples: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The agent's samples, drawn again independently: one CPU generator seeded with ``seed``,
+    ``sampler`` on batches of ``batch_size`` (the agent's convention, see agent/scoring.py)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    sizes = [min(batch_size, num_samples - i) for i in range(0, num_samples, batch_size)]
+    with torch.no_grad():
+        return torch.cat([sampler(model, n, gen).cpu() for n in sizes])
+
+
 def frechet_distance_scipy(a: np.ndarray, b: np.ndarray) -> float:
     """Independent float64 Frechet distance (Heusel et al. 2017) with scipy's sqrtm."""
     mu1, mu2 = a.mean(0), b.mean(0)
@@ -173,7 +182,7 @@ def test_tree2d_end_to_end(tmp_path):
     model.load_state_dict(safetensors.torch.load_file(out))
     model.eval()
     sampler = tree2d.make_sampler(cfg.sample_steps)
-    x = tree2d.draw_like_agent(model, sampler, cfg.num_samples, cfg.sample_batch, cfg.seed + 1)
+    x = redraw(model, sampler, cfg.num_samples, cfg.sample_batch, cfg.seed + 1)
     preview = np.load(run_dir / "samples" / "step_000000040" / "0.9.npy", allow_pickle=False)
     np.testing.assert_allclose(preview, x[: len(preview)].numpy(), rtol=1e-5, atol=1e-6)
 
@@ -284,7 +293,7 @@ def test_digits_end_to_end(tmp_path, tiny_classifier):
     model.load_state_dict(safetensors.torch.load_file(out))
     model.eval()
     sampler = digits.make_sampler(cfg.sample_steps)
-    x = tree2d.draw_like_agent(model, sampler, cfg.num_samples, cfg.sample_batch, cfg.seed + 1)
+    x = redraw(model, sampler, cfg.num_samples, cfg.sample_batch, cfg.seed + 1)
     # torch-fidelity's own pipeline with the registered extractor on the regenerated samples.
     images, _ = digits.load_digit_images()
 
@@ -340,10 +349,17 @@ def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
         last = max(steps)
         cfg = tree2d.Tree2DConfig()
         model.eval()
-        x = tree2d.draw_like_agent(model, tree2d.make_sampler(cfg.sample_steps), 2000, cfg.sample_batch,
-                                   info["settings"]["seed"])
+        settings = info["settings"]
+        x = redraw(model, tree2d.make_sampler(cfg.sample_steps), settings["num_samples"],
+                   settings["batch_size"], settings["seed"])
         preview = np.load(run_dir / "samples" / f"step_{last:09d}" / "0.999.npy", allow_pickle=False)
-        np.testing.assert_allclose(preview[:2000], x.numpy(), atol=1e-4)
+        np.testing.assert_allclose(preview, x[: len(preview)].numpy(), atol=1e-4)
+        # the shipped log-likelihood / tail coverage are those of exactly these samples, i.e. what
+        # attach(sample_metrics=TreeMetrics) computes from the agent's own samples
+        row = run.metrics.query("step == @last and variant == '0.999'").set_index("metric")["value"]
+        mine = tree2d.TreeMetrics(make_tree(), cfg)(x)
+        assert row["log_likelihood"] == pytest.approx(mine["log_likelihood"], rel=1e-5)
+        assert row["tail_coverage"] == pytest.approx(mine["tail_coverage"], rel=1e-5)
 
 
 def test_shipped_runs_are_small():
