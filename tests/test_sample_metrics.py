@@ -10,6 +10,7 @@ concatenated only when the hook is given.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,16 @@ def test_raising_hook_is_recorded_and_training_goes_on(tmp_path):
     # the built-in metrics of every variant were still recorded
     fd = [r for r in _metrics(tmp_path / "r") if r["metric"] == "fd"]
     assert len(fd) == 2 * len(VARIANTS)
+
+
+def test_run_format_doc_names_the_new_where_and_timing(recorded):
+    run_dir = recorded[0]
+    doc = (Path(__file__).parents[1] / "docs" / "run-format.md").read_text()
+    score_done = next(line for line in doc.splitlines() if line.startswith("| `score_done`"))
+    for key in _events(run_dir, "score_done")[0]["timings"]:
+        assert f'"{key}": s' in score_done, key
+    where_list = doc.split("`where` of an `error` is one of")[1].split("A sweep goes on")[0]
+    assert '`"sample_metrics"`' in where_list
 
 
 def test_hook_without_reference_still_gets_all_samples(tmp_path):
