@@ -20,7 +20,7 @@ the plain row-major ``[R, N]`` form.
 Update (once per optimizer step, see :meth:`EMABank.update`): the live averaged tensors are copied
 into an fp32 staging vector with one ``torch._foreach_copy_`` onto views, then all rows are lerped
 towards it in one call, ``blocks.lerp_(staging.view(nb, 1, B).expand(nb, R, B), w.view(1, R, 1))``,
-where ``w[r]`` is the weight given to the new weights (``1 - d**m``, Eq. U/L of :mod:`agent.ema_math`).
+where ``w[r]`` is the weight given to the new weights (``1 - d**m``, Eq. U/L of :mod:`emascope.ema_math`).
 On CPU, the blocks lying inside a large fp32 parameter are lerped straight from the parameter's
 storage instead (one call per parameter, see ``DIRECT_MIN``); only the rest goes through staging.
 
@@ -40,29 +40,24 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from agent.ema_math import (
-    BEMA,
-    RAW,
+from emascope.ema_math import (
+    DEFAULT_DECAYS,
     BEMAConfig,
     bema_alpha,
     bema_beta,
     effective_decay,
-    parse_variant,
     update_weight,
     validate_decays,
     validate_update_every,
-    variant_name,
 )
+from emascope.runformat import BEMA, RAW, parse_variant, variant_name
 
-__all__ = ["DEFAULT_DECAYS", "EMABank", "BEMAConfig", "variant_name", "parse_variant", "unwrap_model"]
-
-DEFAULT_DECAYS: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9993, 0.9995, 0.9997, 0.9999, 0.99999, 0.999999)
+__all__ = ["DEFAULT_DECAYS", "EMABank", "BEMAConfig", "unwrap_model"]
 
 STATE_FORMAT = "emascope.EMABank"
 STATE_VERSION = 1
@@ -684,70 +679,44 @@ class EMABank:
         self.step = int(sd["step"])
         self._events = int(sd["events"])
 
-    # ------------------------------------------------------------------ files
-    def save_snapshot(self, path: str | Path, metadata: dict[str, str] | None = None) -> int:
-        """Write the whole state (bank + live weights) as one .safetensors, atomically; returns bytes."""
-        from agent.checkpoint import save_bank_snapshot
+    # ------------------------------------------------------------------ model-less banks
+    def live_values(self) -> dict[str, torch.Tensor]:
+        """Every state entry's current live value (not a copy), by entry name (tied names once).
 
-        return save_bank_snapshot(self, path, metadata)
-
-    @classmethod
-    def load_snapshot(cls, path: str | Path) -> EMABank:
-        """A model-less bank from a snapshot: materialize()/export()/swap() work, update() raises."""
-        from agent.checkpoint import load_bank_snapshot
-
-        return load_bank_snapshot(cls, path)
-
-    def export(self, variant: str | float, path: str | Path, *, dtype: torch.dtype | str | None = None,
-               metadata: dict[str, str] | None = None) -> Path:
-        """Write ``variant`` as a .safetensors state_dict (atomic); see ``checkpoint.export_variant``."""
-        from agent.checkpoint import export_variant
-
-        return export_variant(self, variant, path, dtype=dtype, metadata=metadata)
-
-    def snapshot_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors (bank, counters, live values per entry) and JSON metadata of a snapshot."""
-        sd = self.state_dict()
-        tensors: dict[str, torch.Tensor] = {"bank": sd["bank"], "applied": sd["applied"].reshape(1),
-                                            "bc_pow": sd["bc_pow"]}
-        if "theta0" in sd:
-            tensors["theta0"] = sd["theta0"]
-        for i, e in enumerate(self._entries):
-            tensors[f"live/{e.name}"] = self._live_value(i)
-        meta = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
-        return tensors, meta
+        With :meth:`state_dict`, all a model-less bank needs (:meth:`from_state`); the snapshot
+        format (:mod:`emascope.snapshot`) stores both.
+        """
+        return {e.name: self._live_value(i) for i, e in enumerate(self._entries)}
 
     @classmethod
-    def from_snapshot_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> EMABank:
-        """Build a model-less bank (cpu) from :meth:`snapshot_tensors` output."""
+    def from_state(cls, state: dict[str, Any], live: dict[str, torch.Tensor]) -> EMABank:
+        """A model-less bank (cpu) from a :meth:`state_dict` and :meth:`live_values`.
+
+        ``materialize``/``variant_flat``/``swap`` work; ``update`` raises. ``ValueError`` naming
+        the problem when the state is not an EMABank state or the live values do not fit its layout.
+        """
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not an emascope bank state (format {got!r})")
         self = cls.__new__(cls)
-        if meta.get("format") != STATE_FORMAT:
-            raise ValueError(f"not an emascope bank snapshot (format {meta.get('format')!r})")
-        bema = meta.get("bema")
-        self._configure(meta["decays"], int(meta["update_every"]), bool(meta["bias_correction"]),
-                        BEMAConfig(**bema) if bema else False, bool(meta["average_buffers"]))
+        bema = state.get("bema")
+        self._configure(state["decays"], int(state["update_every"]), bool(state["bias_correction"]),
+                        BEMAConfig(**bema) if bema else False, bool(state["average_buffers"]))
         self._model = None
-        self._entries = [_Entry.from_json(e) for e in meta["layout"]]
+        self._entries = [_Entry.from_json(e) for e in state["layout"]]
         self._live = []
-        self._n = int(meta["numel"])
+        self._n = int(state["numel"])
         self.device = torch.device("cpu")
         stored: dict[str, torch.Tensor] = {}
         for e in self._entries:
-            t = tensors.get(f"live/{e.name}")
+            t = live.get(e.name)
             if t is None:
-                raise ValueError(f"snapshot lacks the live value of {e.name!r}")
+                raise ValueError(f"the live value of {e.name!r} is missing")
             if tuple(t.shape) != e.shape or t.dtype != e.dtype:
-                raise ValueError(f"snapshot entry {e.name!r} is {tuple(t.shape)} {t.dtype}, layout says "
+                raise ValueError(f"entry {e.name!r} is {tuple(t.shape)} {t.dtype}, the layout says "
                                  f"{e.shape} {e.dtype}")
             stored[e.name] = t
         self._stored = stored
         self._allocate(self.device)
-        sd = dict(meta)
-        sd["applied"] = tensors["applied"].reshape(())
-        sd["bank"] = tensors["bank"]
-        sd["bc_pow"] = tensors["bc_pow"]
-        if self.bema is not None:
-            sd["theta0"] = tensors["theta0"]
-        self.load_state_dict(sd)
+        self.load_state_dict(state)
         return self
-

@@ -1,6 +1,6 @@
 """Pure EMA equations used by the bank: no tensors, no state, float64 Python arithmetic.
 
-Conventions (shared with :mod:`agent.bank`):
+Conventions (shared with :mod:`emascope.bank`):
 
 - ``decay`` (``d``, also called beta in ema-pytorch) is the weight kept from the old average per
   optimizer step; ``1 - d`` is the weight given to the new weights. The averaging window of a decay
@@ -14,12 +14,14 @@ Conventions (shared with :mod:`agent.bank`):
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-RAW = "raw"
-BEMA = "bema"
+from emascope.runformat import check_decay
+
+#: The default decay sweep: from a few steps (0.5) to a million steps (0.999999) of averaging window,
+#: dense around the community default 0.9999 where the field's sweeps find the cliff.
+DEFAULT_DECAYS: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9993, 0.9995, 0.9997, 0.9999, 0.99999, 0.999999)
 
 
 def effective_decay(decay: float, update_every: int) -> float:
@@ -111,11 +113,7 @@ def validate_decays(decays: Sequence[float]) -> tuple[float, ...]:
         raise ValueError("decays must hold at least one decay, got an empty sequence")
     out: list[float] = []
     for d in decays:
-        if isinstance(d, bool) or not isinstance(d, numbers.Real):
-            raise ValueError(f"decay {d!r} is not a number")
-        f = float(d)
-        if not (0.0 <= f < 1.0):  # also rejects NaN
-            raise ValueError(f"decay {d!r} is outside [0, 1)")
+        f = check_decay(d)
         if f in out:
             raise ValueError(f"decay {d!r} is given twice")
         out.append(f)
@@ -127,29 +125,3 @@ def validate_update_every(update_every: int) -> int:
     if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
         raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
     return update_every
-
-
-def variant_name(decay: float) -> str:
-    """The variant string of a decay: ``repr(float(decay))``, e.g. ``0.9999 -> "0.9999"``."""
-    (d,) = validate_decays([decay])
-    return repr(d)
-
-
-def parse_variant(v: str | float) -> str:
-    """Normalise a variant: ``"raw"``, ``"bema"``, or a decay given as float or string.
-
-    ``"0.99990"``, ``0.9999`` and ``"0.9999"`` all give ``"0.9999"``. Anything else is a ValueError.
-    Whether the variant exists in a given bank is checked by the bank.
-    """
-    if isinstance(v, str):
-        s = v.strip().lower()
-        if s in (RAW, BEMA):
-            return s
-        try:
-            f = float(s)
-        except ValueError:
-            raise ValueError(f"variant {v!r} is not 'raw', 'bema' or a decay in [0, 1)") from None
-        return variant_name(f)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise ValueError(f"variant {v!r} is not 'raw', 'bema' or a decay in [0, 1)")
-    return variant_name(v)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.atomic import atomic_write_bytes
+from emascope.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ class Features:
             if len(self.logits) != len(self.features):
                 raise ValueError(f"logits have {len(self.logits)} rows, "
                                  f"features have {len(self.features)}")
-
-
-#: Precomputed reference features can be passed to ``attach(reference=...)`` as this class.
-ReferenceFeatures = Features
 
 
 def _as_2d_float64(name: str, x: Any) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""RunWriter: everything the agent writes into a run directory (format: docs/run-format.md, v1).
+"""RunWriter: everything the agent writes into a run directory (docs/run-format.md; names: emascope.runformat).
 
 Every write goes through :meth:`RunWriter._guard`: an ``OSError`` (full disk, permissions, a
 vanished folder) or any other exception raised while writing is caught, counted and logged, and
-never propagates into the training job. Files that are replaced use ``agent.atomic``; logs are
+never propagates into the training job. Files that are replaced use ``emascope.atomic``; logs are
 appended one whole line per write.
 """
 
@@ -22,15 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.atomic import append_jsonl, atomic_write_bytes, atomic_write_json
+from emascope import runformat as rf
+from emascope.atomic import append_jsonl, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
-
-FORMAT = "emascope-run"
-FORMAT_VERSION = 1
-#: Files and folders that mark a directory as an emascope run (removed by ``overwrite=True``).
-RUN_FILES = ("run.json", "metrics.jsonl", "events.jsonl", "heartbeat")
-RUN_DIRS = ("samples", "banks", "requests")
 
 
 def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
@@ -45,19 +40,19 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resu
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"run_dir {str(path)!r} exists and is not a directory")
-    existing = [n for n in RUN_FILES[:3] if (path / n).exists()]
+    existing = [n for n in rf.RUN_MARKERS if (path / n).exists()]
     if existing and not (overwrite or resume):
         raise ValueError(f"run_dir {str(path)!r} already holds a run ({', '.join(existing)}); "
                          "pass resume=True to append to it or overwrite=True to replace it")
     if existing and overwrite:
-        for name in RUN_FILES:
+        for name in rf.RUN_FILES:
             (path / name).unlink(missing_ok=True)
-        for name in RUN_DIRS:
+        for name in rf.RUN_DIRS:
             shutil.rmtree(path / name, ignore_errors=True)
-    for sub in ("samples", "banks", "reference", "requests", "exports"):
+    for sub in rf.SUBDIRS:
         (path / sub).mkdir(parents=True, exist_ok=True)
     if resume:
-        for name in ("metrics.jsonl", "events.jsonl"):
+        for name in rf.APPENDED:
             terminate_torn_line(path / name)
     return path
 
@@ -123,19 +118,16 @@ class RunWriter:
 
     def write_run_json(self, info: dict[str, Any]) -> None:
         """Replace run.json atomically (``format``/``format_version`` are filled in)."""
-        body = {"format": FORMAT, "format_version": FORMAT_VERSION, **info}
-        self._guard("run.json", lambda: atomic_write_json(self.run_dir / "run.json", body))
+        body = {**rf.run_json_header(), **info}
+        self._guard(rf.RUN_JSON, lambda: atomic_write_json(self.run_dir / rf.RUN_JSON, body))
 
-    def metric(self, step: int, variant: str, decay: float | None, metric: str, value: float | None) -> None:
+    def metric(self, step: int, variant: str, metric: str, value: float | None) -> None:
         """Append one metrics.jsonl line (``value`` must already be finite or None)."""
-        rec = {"step": int(step), "variant": variant, "decay": decay, "metric": metric,
-               "value": value, "time": time.time()}
-        self._append("metrics.jsonl", rec)
+        self._append(rf.METRICS, rf.metric_record(step, variant, metric, value, time.time()))
 
     def event(self, type: str, step: int, **fields: Any) -> None:
         """Append one events.jsonl line ``{"time", "step", "type", **fields}``."""
-        rec = {"time": time.time(), "step": int(step), "type": type, **fields}
-        self._append("events.jsonl", rec)
+        self._append(rf.EVENTS, rf.event_record(type, step, time.time(), **fields))
 
     def error(self, where: str, step: int, exc: BaseException, variant: str | None = None) -> None:
         """Record an ``error`` event with the exception's message and traceback."""
@@ -165,11 +157,11 @@ class RunWriter:
 
     # -- heartbeat -----------------------------------------------------------------------------
 
-    def beat(self, state: str = "running") -> None:
+    def beat(self, state: str = rf.STATE_RUNNING) -> None:
         """Rewrite the heartbeat file once."""
-        body = {"time": time.time(), "step": int(self.step_fn()), "pid": os.getpid(), "state": state,
-                "interval": self.heartbeat_interval}
-        self._guard("heartbeat", lambda: atomic_write_json(self.run_dir / "heartbeat", body))
+        body = rf.heartbeat_record(step=self.step_fn(), pid=os.getpid(), state=state,
+                                   interval=self.heartbeat_interval, time=time.time())
+        self._guard(rf.HEARTBEAT, lambda: atomic_write_json(self.run_dir / rf.HEARTBEAT, body))
 
     def start_heartbeat(self) -> None:
         """Start the daemon thread that rewrites the heartbeat every ``heartbeat_interval`` s."""
@@ -190,7 +182,7 @@ class RunWriter:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
             self._thread = None
-        self.beat("closed")
+        self.beat(rf.STATE_CLOSED)
 
 
 def png_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> bytes:

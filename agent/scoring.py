@@ -17,54 +17,36 @@ them) and with every submodule's ``training`` flag exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import logging
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from agent import metrics as M
-from agent.features import Features, images_to_uint8, sample_kind
-from agent.rundir import RunWriter
-
-log = logging.getLogger(__name__)
+from emascope import metrics as M
+from emascope import runformat as rf
+from emascope.config import Hooks, ScoringConfig
+from emascope.features import (
+    Features,
+    cache_key,
+    images_to_uint8,
+    load_cached,
+    make_extractor,
+    reference_identity,
+    reference_tensor,
+    resolve_image_range,
+    sample_kind,
+    save_cached,
+)
+from emascope.rundir import RunWriter
 
 Sampler = Callable[[nn.Module, int, torch.Generator], torch.Tensor]
 Evaluate = Callable[[nn.Module], dict[str, float]]
 SampleMetrics = Callable[[torch.Tensor], dict[str, float]]
-
-
-@dataclass
-class ScoringConfig:
-    """Sampling and metric settings of a sweep (counts are numbers of samples)."""
-
-    num_samples: int = 2000          # samples drawn per variant
-    batch_size: int = 500            # samples per sampler call
-    seed: int = 0                    # generator seed, identical for every variant
-    preview: int = 64                # images in the PNG preview grid
-    preview_points: int = 2000       # points in the .npy preview
-    nearest_k: int = 5               # k of density/coverage (Naeem et al. 2020)
-    prc_neighborhood: int = 3        # k of precision/recall (torch-fidelity default)
-    kid_subset_size: int | None = None  # None: min(1000, num_samples, num_reference)
-    kid_subsets: int = 100
-    feature_batch_size: int = 64     # samples per feature-extractor call
-    image_range: str = "-1,1"        # float image convention: "-1,1" or "0,1"
-
-    def __post_init__(self) -> None:
-        for name in ("num_samples", "batch_size", "feature_batch_size", "kid_subsets", "nearest_k",
-                     "prc_neighborhood"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if self.num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
-        for name in ("preview", "preview_points"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
 
 
 @dataclass
@@ -118,14 +100,6 @@ def restored_state(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad():
             for k, t in backup.items():
                 live[k].copy_(t)
-
-
-def variant_decay(variant: str) -> float | None:
-    """The decay of a fixed-decay variant, ``None`` for ``"raw"``/``"bema"``."""
-    try:
-        return float(variant)
-    except ValueError:
-        return None
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -275,7 +249,7 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
                    cfg: ScoringConfig, sampler: Sampler | None,
                    extractor: Callable[[torch.Tensor], Features] | None, reference: Reference | None,
                    evaluate: Evaluate | None, sample_metrics: SampleMetrics | None, fd_name: str) -> None:
-    step, decay = res.step, variant_decay(variant)
+    step = res.step
     samples: torch.Tensor | None = None
     every: torch.Tensor | None = None
     feats: Features | None = None
@@ -302,7 +276,7 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
         del every  # free the variant's samples before the next one is drawn
 
     for name, value in user.items():
-        _record(res, writer, variant, decay, str(name), value)
+        _record(res, writer, variant, str(name), value)
     if samples is not None:
         _save_preview(writer, step, variant, samples, cfg, res)
     if feats is None or reference is None:
@@ -318,7 +292,7 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
         if group == "kid":
             res.kid_subset_size = int(values.pop("kid_subset_size"))
         for name, value in values.items():
-            _record(res, writer, variant, decay, name, value)
+            _record(res, writer, variant, name, value)
     res.timings["metrics"] += time.perf_counter() - t
 
 
@@ -340,11 +314,10 @@ def _user_hook(where: str, hook: Callable[[Any], Any], arg: Any, res: SweepResul
         res.timings[timing] += time.perf_counter() - t
 
 
-def _record(res: SweepResult, writer: RunWriter, variant: str, decay: float | None, name: str,
-            value: Any) -> None:
+def _record(res: SweepResult, writer: RunWriter, variant: str, name: str, value: Any) -> None:
     v = M.finite_or_none(value)
     res.scores[variant][name] = v
-    writer.metric(res.step, variant, decay, name, v)
+    writer.metric(res.step, variant, name, v)
 
 
 def _save_preview(writer: RunWriter, step: int, variant: str, samples: torch.Tensor, cfg: ScoringConfig,
@@ -354,14 +327,146 @@ def _save_preview(writer: RunWriter, step: int, variant: str, samples: torch.Ten
     except ValueError:
         return  # custom sample types: scored by a custom extractor, no preview
     res.sample_kind = kind
-    folder = f"samples/step_{step:09d}"
     if kind == "points" and cfg.preview_points > 0:
-        writer.save_points(f"{folder}/{variant}.npy", samples[: cfg.preview_points].float().numpy())
+        writer.save_points(rf.preview_file(step, variant, ".npy"), samples[: cfg.preview_points].float().numpy())
     elif kind == "images" and cfg.preview > 0:
         try:
-            grid = images_to_uint8(samples[: cfg.preview], cfg.image_range).numpy()
+            grid = images_to_uint8(samples[: cfg.preview], resolve_image_range(cfg.image_range, None)).numpy()
         except ValueError:
             return
         if samples.shape[1] == 1:
             grid = grid[:, :1]
-        writer.save_image_grid(f"{folder}/{variant}.png", grid)
+        writer.save_image_grid(rf.preview_file(step, variant, ".png"), grid)
+
+
+class Scorer:
+    """The scoring side of a run: the reference (built once, cached on disk), the extractor, the
+    metrics' directions and the sample kind, and :meth:`sweep`, which scores every variant.
+
+    ``on_info_change()`` is called when something run.json shows changed (a metric seen for the
+    first time, the sample kind). ``known_directions``: directions of metrics already written by
+    the run being resumed. Nothing here raises into training: failures become ``error`` events.
+    """
+
+    def __init__(self, cfg: ScoringConfig, hooks: Hooks, writer: RunWriter, run_dir: Path, *,
+                 on_info_change: Callable[[], None] = lambda: None,
+                 known_directions: dict[str, str] | None = None) -> None:
+        self.cfg, self.hooks, self.writer, self.run_dir = cfg, hooks, writer, Path(run_dir)
+        self.on_info_change = on_info_change
+        self.user_directions = dict(hooks.metric_directions)
+        self.metric_directions: dict[str, str | None] = {
+            k: self.user_directions.get(k, v) for k, v in (known_directions or {}).items()}
+        self.sample_kind: str | None = reference_kind(hooks.reference)
+        self.reference: Reference | None = None
+        self.extractor: Any = None
+        self._reference_failed = False
+        self._kid_noted = False
+
+    @property
+    def active(self) -> bool:
+        """Whether a sweep has anything to do (a sampler or an ``evaluate`` hook)."""
+        return self.hooks.sampler is not None or self.hooks.evaluate is not None
+
+    def extractor_label(self) -> str:
+        """The extractor's name for run.json (``"auto"`` resolved from the reference's kind)."""
+        if self.cfg.feature_extractor in (None, "auto"):
+            return {"points": "identity", "images": "inception-v3-compat"}.get(self.sample_kind or "", "auto")
+        return self.cfg.extractor_label()
+
+    def fd_name(self) -> str:
+        """``"fid"`` on Inception features, ``"fd"`` on any other."""
+        spec = self.cfg.feature_extractor
+        if isinstance(spec, str) and spec.startswith("inception"):
+            return "fid"
+        return "fid" if spec in (None, "auto") and self.sample_kind == "images" else "fd"
+
+    def sweep(self, model: nn.Module, bank: Any, variants: list[str], step: int) -> SweepResult:
+        """Score ``variants`` at ``step`` (see :func:`run_sweep`). The training job's global random
+        streams are forked and restored, so they are the same with and without the sweep."""
+        with torch.random.fork_rng(devices=cuda_devices(model)):
+            reference = self._prepare_reference(model, step) if self.hooks.sampler is not None else None
+            result = run_sweep(model=model, bank=bank, variants=variants, step=step, writer=self.writer,
+                               cfg=self.cfg, sampler=self.hooks.sampler, extractor=self.extractor,
+                               reference=reference, evaluate=self.hooks.evaluate,
+                               sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name())
+        self._note(result, reference, step)
+        return result
+
+    def _note(self, result: SweepResult, reference: Reference | None, step: int) -> None:
+        if result.kid_subset_size is not None and not self._kid_noted:
+            self._kid_noted = True
+            n_ref = len(reference.features.features) if reference is not None else None
+            self.writer.event("notice", step, where="metric:kid", kid_subset_size=result.kid_subset_size,
+                              message=f"KID subset size {result.kid_subset_size} "
+                                      f"(num_samples={self.cfg.num_samples}, num_reference={n_ref})")
+        changed = False
+        if result.sample_kind and result.sample_kind != self.sample_kind:
+            self.sample_kind, changed = result.sample_kind, True
+        seen = {m for scores in result.scores.values() for m in scores}
+        for m in sorted(seen - set(self.metric_directions)):
+            direction = self.user_directions.get(m, M.METRIC_DIRECTIONS.get(m))
+            if direction is None:
+                self.writer.event("notice", step, where="evaluate", message=f"metric {m!r} has no declared "
+                                  "direction (pass metric_directions={...}); it is shown but never ranked")
+            self.metric_directions[m] = direction
+            changed = True
+        if changed:
+            self.on_info_change()
+
+    def _prepare_reference(self, model: nn.Module, step: int) -> Reference | None:
+        if self.reference is not None or self._reference_failed or self.hooks.reference is None:
+            return self.reference
+        try:
+            self.reference = self._build_reference(model, step)
+        except Exception as exc:  # noqa: BLE001
+            self._reference_failed = True
+            self.writer.error("reference", step, exc)
+        return self.reference
+
+    def _build_reference(self, model: nn.Module, step: int) -> Reference:
+        ref, cfg = self.hooks.reference, self.cfg
+        device = cfg.feature_device if cfg.feature_device is not None else model_device(model)
+        if isinstance(ref, Features):
+            self.extractor = make_extractor(cfg.feature_extractor, self.sample_kind or "points",
+                                            weights_path=cfg.feature_extractor_weights_path, device=device,
+                                            batch_size=cfg.feature_batch_size,
+                                            image_range=resolve_image_range(cfg.image_range, None))
+            return Reference.build(ref, cfg.nearest_k)
+        data = reference_tensor(ref, cfg.reference_size)
+        kind = sample_kind(data) if torch.is_tensor(data) else None
+        image_range = resolve_image_range(cfg.image_range, data if kind == "images" else None)
+        self.cfg = cfg = dataclasses.replace(cfg, image_range=image_range)
+        self.extractor = make_extractor(cfg.feature_extractor, kind or "points",
+                                        weights_path=cfg.feature_extractor_weights_path, device=device,
+                                        batch_size=cfg.feature_batch_size, image_range=image_range)
+        key = cache_key(self.extractor.name, self.extractor.weights_hash,
+                        reference_identity(ref, cfg.reference_size))
+        cache = self.run_dir / rf.reference_cache_file(key)
+        feats = load_cached(cache)
+        hit = feats is not None
+        t = time.perf_counter()
+        if feats is None:
+            feats = self.extractor(data)
+            self.writer._guard("reference cache", lambda: save_cached(cache, feats))
+        self.writer.event("reference", step, key=key, cached=hit, num=len(feats.features),
+                          seconds=time.perf_counter() - t)
+        if kind == "points" and not (self.run_dir / rf.REFERENCE_POINTS).exists():
+            self.writer.save_points(rf.REFERENCE_POINTS, data[: cfg.preview_points].float().numpy())
+        return Reference.build(feats, cfg.nearest_k)
+
+
+def reference_kind(reference: Any) -> str | None:
+    """``"points"``/``"images"`` of a reference given as data (``None`` for features or unknown)."""
+    try:
+        if isinstance(reference, torch.Tensor) or hasattr(reference, "shape"):
+            return sample_kind(torch.as_tensor(reference[:1]))
+        if reference is not None and not isinstance(reference, Features):
+            return sample_kind(reference_tensor(reference, 1))
+    except (ValueError, TypeError):
+        return None
+    return None
+
+
+def cuda_devices(model: nn.Module) -> list[int]:
+    """CUDA device indices the model lives on (for ``torch.random.fork_rng``)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})

@@ -36,9 +36,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import DEFAULT_DECAYS, EMABank, attach  # noqa: E402
-from agent.features import make_extractor  # noqa: E402
-from agent.scoring import Reference, ScoringConfig, feature_metric_jobs  # noqa: E402
+from emascope import DEFAULT_DECAYS, EMABank, attach  # noqa: E402
+from emascope.features import make_extractor  # noqa: E402
+from emascope.scoring import Reference, ScoringConfig, feature_metric_jobs  # noqa: E402
 
 
 class ConvNet(nn.Module):

@@ -1,7 +1,7 @@
 """Time one full K-decay EMA update: emascope's EMABank vs K copies of each peer EMA, side by side.
 
 Contenders, all updating the same fp32 model with the same K decays (default: the 10 of
-``agent.bank.DEFAULT_DECAYS``), all built and timed in one process:
+``emascope.bank.DEFAULT_DECAYS``), all built and timed in one process:
 
 - ``emascope EMABank``: one fused pass over a ``[K, N]`` fp32 bank;
 - ``timm ModelEmaV3 xK``: K instances, ``foreach=True``;
@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.bank import DEFAULT_DECAYS, EMABank  # noqa: E402
+from emascope.bank import DEFAULT_DECAYS, EMABank  # noqa: E402
 
 BANK = "emascope EMABank"
 COPY = "plain copy [K,N] fp32"

@@ -10,20 +10,49 @@ to JSON (what Streamlit sends to the browser). Prints medians and ratios; assert
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from dashboard_fixtures import make_run, metric_lines, write_jsonl  # noqa: E402
-
-from dashboard import plots, ranking  # noqa: E402
-from dashboard.data import RunReader  # noqa: E402
+from emascope.dashboard import plots, ranking
+from emascope.dashboard.data import RunReader
+from emascope.ema_math import DEFAULT_DECAYS
+from emascope.metrics import METRIC_DIRECTIONS
+from emascope.rundir import RunWriter
+from emascope.runformat import RAW, variant_name
 
 METRICS = ("fid", "precision", "recall", "density", "coverage", "kid_mean", "isc_mean", "fd")
+VARIANTS = [RAW] + [variant_name(d) for d in DEFAULT_DECAYS]
+
+
+def synthetic_value(metric: str, step: int, variant: str, total: int) -> float:
+    """A decay sweep's shape: FID U-shaped in log10(1 - decay) with a drifting optimum."""
+    frac = min(step / total, 1.0)
+    x = 0.0 if variant == RAW else -math.log10(1.0 - float(variant))
+    fid = 3.0 - frac + 0.2 * (x - 2.2 - 1.5 * frac) ** 2
+    prec, rec = min(0.95, 0.55 + 0.06 * x), max(0.0, 0.75 - 0.035 * x * x)
+    return {"fid": fid, "fd": fid / 100, "precision": prec, "recall": rec, "density": 1.1 * prec,
+            "coverage": 0.9 * rec, "kid_mean": fid / 1000, "isc_mean": 10 - fid}[metric]
+
+
+def write_stage(writer: RunWriter, step: int, total: int) -> None:
+    for v in VARIANTS:
+        for m in METRICS:
+            writer.metric(step, v, m, synthetic_value(m, step, v, total))
+
+
+def make_run(root: Path, steps: list[int]) -> tuple[Path, RunWriter]:
+    """A run directory written by the agent's own RunWriter: run.json and every stage's metrics."""
+    run_dir = root / "big"
+    writer = RunWriter(run_dir)
+    writer.write_run_json({"run_id": "bench", "name": "big", "decays": list(DEFAULT_DECAYS), "variants": VARIANTS,
+                           "metric_directions": {m: METRIC_DIRECTIONS[m] for m in METRICS},
+                           "sample_kind": "points"})
+    for s in steps:
+        write_stage(writer, s, steps[-1])
+    return run_dir, writer
 
 
 def render(run, metric: str, stage: int, max_lines: int) -> int:
@@ -55,8 +84,8 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         steps = list(range(1000, 1000 * (a.stages + 1), 1000))
-        run_dir = make_run(Path(tmp), "big", steps=steps, metrics=METRICS, samples=False)
-        n = sum(1 for _ in open(run_dir / "metrics.jsonl"))
+        run_dir, writer = make_run(Path(tmp), steps)
+        n = len(RunReader(run_dir).load().metrics)
         print(f"run: {a.stages} stages x 11 variants x {len(METRICS)} metrics = {n} records")
 
         cold = timeit(lambda: RunReader(run_dir).load(), a.repeats)
@@ -64,12 +93,14 @@ def main() -> None:
         reader.load()
         next_step = [steps[-1]]
 
-        def incremental():
+        incs = []
+        for _ in range(a.repeats):  # the agent appends one stage (not timed), the reader catches up (timed)
             next_step[0] += 1000
-            write_jsonl(run_dir / "metrics.jsonl", metric_lines([next_step[0]], metrics=METRICS))
+            write_stage(writer, next_step[0], steps[-1])
+            t = time.perf_counter()
             reader.load()
-
-        inc = timeit(incremental, a.repeats)
+            incs.append(time.perf_counter() - t)
+        inc = statistics.median(incs)
         unchanged = timeit(reader.load, a.repeats)
         print(f"read: cold {cold * 1e3:.1f} ms | after one appended stage {inc * 1e3:.1f} ms "
               f"| unchanged {unchanged * 1e3:.2f} ms | cold/incremental = {cold / inc:.1f}x")

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import streamlit as st
 
-if __package__ in (None, ""):  # run as a script by Streamlit: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dashboard import exporting, plots, ranking  # noqa: E402
-from dashboard.data import (  # noqa: E402
+from emascope import runformat as rf
+from emascope.dashboard import exporting, plots, ranking
+from emascope.dashboard.data import (
     RunData,
     RunReader,
     discover_runs,
@@ -26,7 +24,7 @@ from dashboard.data import (  # noqa: E402
     sample_files,
     sample_stages,
 )
-from dashboard.watch import RunWatcher, poll_requested  # noqa: E402
+from emascope.dashboard.watch import RunWatcher, poll_requested
 
 ENV_PATH = "EMASCOPE_DASHBOARD_PATH"
 STATE_LABEL = {"live": "live", "finished": "finished", "stale": "stale", "unknown": "unknown"}
@@ -188,7 +186,7 @@ def samples_view(run: RunData, stage: int | None) -> None:
     files = sample_files(run.path, at)
     names = ranking.variant_order(files)
     if run.sample_kind == "points" or all(files[v].suffix == ".npy" for v in names):
-        ref_path = run.path / "samples" / "reference.npy"
+        ref_path = run.path / rf.REFERENCE_POINTS
         ref = load_points(ref_path) if ref_path.exists() else None
         pts = {v: a for v in names if files[v].suffix == ".npy" and (a := load_points(files[v])) is not None}
         st.plotly_chart(plots.points_gallery(ref, pts), width="stretch", key="gallery")
@@ -301,7 +299,7 @@ def export_view(run: RunData) -> None:
     done = st.session_state.get("export_done")
     if done and done[0] == str(run.path) and Path(done[1]).exists():
         st.success(f"Exported `{done[1]}` ({Path(done[1]).stat().st_size / 1e6:.2f} MB)")
-    exports = sorted((run.path / "exports").glob("*.safetensors"))
+    exports = exporting.list_exports(run.path)
     if exports:
         st.caption(
             "Checkpoints in exports/: "

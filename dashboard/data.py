@@ -25,33 +25,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-KNOWN_FORMAT_VERSION = 1
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-EVENTS_FILE = "events.jsonl"
-HEARTBEAT_FILE = "heartbeat"
-METRIC_COLUMNS = ["step", "variant", "decay", "metric", "value", "time"]
+from emascope import runformat as rf
+from emascope.runformat import FormatVersionError, check_format_version  # noqa: F401 (re-exported)
+
+METRIC_COLUMNS = list(rf.METRIC_KEYS)
 _PREFIX_CHECK = 64  # bytes before the read offset compared to detect a rewritten file
-_SKIP_DIRS = {"samples", "banks", "reference", "requests", "exports", "__pycache__", "node_modules"}
-
-
-class FormatVersionError(ValueError):
-    """The run was written by a newer emascope than this dashboard understands."""
-
-
-def check_format_version(info: dict[str, Any]) -> None:
-    """Raise :class:`FormatVersionError` if ``info['format_version']`` is newer than known.
-
-    A missing or non-integer version is a ``ValueError`` naming the bad value.
-    """
-    version = info.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(f"run.json has an invalid format_version {version!r} (expected an integer)")
-    if version > KNOWN_FORMAT_VERSION:
-        raise FormatVersionError(
-            f"this run uses run-directory format_version {version}, but this dashboard only knows "
-            f"format_version {KNOWN_FORMAT_VERSION}: upgrade emascope to view it"
-        )
+_SKIP_DIRS = {*rf.SUBDIRS, "__pycache__", "node_modules"}
 
 
 def discover_runs(root: str | os.PathLike) -> list[Path]:
@@ -65,7 +44,7 @@ def discover_runs(root: str | os.PathLike) -> list[Path]:
         raise ValueError(f"not a directory: {str(root)!r}")
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        if RUN_FILE in filenames:
+        if rf.RUN_JSON in filenames:
             found.append(Path(dirpath))
             dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
         else:
@@ -244,26 +223,8 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
 
 
 def run_state(heartbeat: dict[str, Any] | None, now: float | None = None) -> str:
-    """``"live"``, ``"finished"``, ``"stale"`` or ``"unknown"`` from a heartbeat record.
-
-    Live: ``state == "running"`` and ``time`` less than ``3 * interval`` seconds old (docs).
-    """
-    if not heartbeat:
-        return "unknown"
-    state = heartbeat.get("state")
-    if state == "closed":
-        return "finished"
-    t = _finite_or_none(heartbeat.get("time"))
-    interval = _finite_or_none(heartbeat.get("interval")) or 2.0
-    now = time.time() if now is None else now
-    if state == "running" and t is not None and now - t < 3 * interval:
-        return "live"
-    return "stale"
-
-
-def stage_dir_name(step: int) -> str:
-    """``samples/`` folder name of a scoring stage: ``step_<step:09d>``."""
-    return f"step_{int(step):09d}"
+    """``"live"``, ``"finished"``, ``"stale"`` or ``"unknown"`` (:func:`emascope.runformat.run_state`)."""
+    return rf.run_state(heartbeat, time.time() if now is None else now)
 
 
 @dataclass
@@ -291,12 +252,12 @@ class RunData:
         raw = (self.info or {}).get("metric_directions") or {}
         if not isinstance(raw, dict):
             return {}
-        return {str(k): v for k, v in raw.items() if v in ("lower", "higher")}
+        return {str(k): v for k, v in raw.items() if v in rf.DIRECTIONS}
 
     @property
     def sample_kind(self) -> str | None:
         kind = (self.info or {}).get("sample_kind")
-        return kind if kind in ("images", "points") else None
+        return kind if kind in rf.SAMPLE_KINDS else None
 
     def state(self, now: float | None = None) -> str:
         return run_state(self.heartbeat, now)
@@ -322,10 +283,10 @@ class RunReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._run = JsonFileCache(self.path / RUN_FILE)
-        self._heartbeat = JsonFileCache(self.path / HEARTBEAT_FILE)
-        self._metrics = JsonlReader(self.path / METRICS_FILE)
-        self._events = JsonlReader(self.path / EVENTS_FILE)
+        self._run = JsonFileCache(self.path / rf.RUN_JSON)
+        self._heartbeat = JsonFileCache(self.path / rf.HEARTBEAT)
+        self._metrics = JsonlReader(self.path / rf.METRICS)
+        self._events = JsonlReader(self.path / rf.EVENTS)
         self._frame = pd.DataFrame(columns=METRIC_COLUMNS)
         self._invalid = 0
         self._lock = threading.Lock()
@@ -357,10 +318,10 @@ class RunReader:
                 heartbeat=self._heartbeat.value,
                 error=error,
                 bad_lines={
-                    METRICS_FILE: self._metrics.bad_lines + self._invalid,
-                    EVENTS_FILE: self._events.bad_lines,
+                    rf.METRICS: self._metrics.bad_lines + self._invalid,
+                    rf.EVENTS: self._events.bad_lines,
                 },
-                torn_tail={METRICS_FILE: self._metrics.torn_tail, EVENTS_FILE: self._events.torn_tail},
+                torn_tail={rf.METRICS: self._metrics.torn_tail, rf.EVENTS: self._events.torn_tail},
             )
 
 
@@ -371,21 +332,22 @@ def load_run(path: str | os.PathLike) -> RunData:
 
 def sample_stages(run_dir: str | os.PathLike) -> list[int]:
     """Steps that have a ``samples/step_<step:09d>/`` folder, ascending."""
-    base = Path(run_dir) / "samples"
+    base = Path(run_dir) / rf.SAMPLES
     steps = []
     try:
         entries = list(os.scandir(base))
     except OSError:
         return []
     for e in entries:
-        if e.is_dir() and e.name.startswith("step_") and e.name[5:].isdigit():
-            steps.append(int(e.name[5:]))
+        step = rf.parse_stage_dir_name(e.name)
+        if step is not None and e.is_dir():
+            steps.append(step)
     return sorted(steps)
 
 
 def sample_files(run_dir: str | os.PathLike, step: int) -> dict[str, Path]:
     """Variant -> preview file (``.png`` or ``.npy``) of one stage; temp/hidden files are ignored."""
-    folder = Path(run_dir) / "samples" / stage_dir_name(step)
+    folder = Path(run_dir) / rf.stage_dir(step)
     out: dict[str, Path] = {}
     try:
         entries = list(os.scandir(folder))
@@ -395,7 +357,7 @@ def sample_files(run_dir: str | os.PathLike, step: int) -> dict[str, Path]:
         if e.name.startswith(".") or not e.is_file():
             continue
         stem, ext = os.path.splitext(e.name)
-        if ext in (".png", ".npy"):
+        if ext in rf.PREVIEW_EXTS:
             out[stem] = Path(e.path)
     return out
 

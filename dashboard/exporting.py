@@ -1,72 +1,50 @@
 """Export a variant of a run as a checkpoint, from the dashboard (docs/run-format.md, requests/exports).
 
-Two paths:
+The dashboard process never imports torch. Two paths:
 
 - a **live** run: :func:`request_export` writes ``requests/<id>.json`` atomically; the agent
-  fulfils it at a step boundary and writes ``exports/<id>.status.json`` (poll
-  :func:`export_status`);
-- a **finished** (or stale) run: :func:`export_from_snapshot` rebuilds the variant from
-  ``banks/latest.safetensors`` with ``agent.bank.EMABank.load_snapshot(...).export(...)``.
+  fulfils it at a step boundary and writes ``exports/<id>.status.json`` (poll :func:`export_status`);
+- a **finished** (or stale) run: :func:`export_from_snapshot` runs ``emascope export`` in a child
+  process (``python -m emascope.cli export RUN --variant V --out exports/<name>.safetensors``),
+  which rebuilds the variant from ``banks/latest.safetensors``.
 
 Names typed by a user never leave the run's ``exports/`` folder: :func:`export_path` validates the
-name, resolves the path and checks containment, raising ValueError otherwise.
+name with the one shared check (:func:`emascope.runformat.validate_export_name`), resolves the path
+and checks containment, raising ValueError otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.atomic import atomic_write_json
+from emascope import runformat as rf
+from emascope.atomic import atomic_write_json
 
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
-SNAPSHOT = Path("banks") / "latest.safetensors"
-SUFFIX = ".safetensors"
+#: Seconds a finished-run export may take before the child process is stopped.
+EXPORT_TIMEOUT_S = 900.0
 
 
 def default_name(variant: str) -> str:
     """The default export stem of a variant: ``ema-0.9999``, ``raw``, ``bema``."""
-    return f"ema-{variant}" if variant not in ("raw", "bema") else variant
-
-
-def validate_variant(variant: str) -> str:
-    """The variant string if it is well formed (``raw``, ``bema`` or a decay in [0, 1)); else ValueError."""
-    if variant in ("raw", "bema"):
-        return variant
-    try:
-        d = float(variant)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"unknown variant {variant!r}: expected 'raw', 'bema' or a decay like '0.9999'"
-        ) from None
-    if not 0.0 <= d < 1.0:
-        raise ValueError(f"variant {variant!r} is not a decay in [0, 1)")
-    return repr(d)
+    return rf.default_export_name(variant)
 
 
 def export_path(run_dir: str | os.PathLike, name: str) -> Path:
     """``RUN_DIR/exports/<name>.safetensors`` for a user-typed ``name``, guaranteed inside ``exports/``.
 
-    ``name`` may end in ``.safetensors``; it must otherwise match ``[A-Za-z0-9._-]{1,128}``, must not
-    start with a dot, and the resolved path (symlinks followed) must stay inside ``exports/``.
-    Anything else is a ValueError naming the bad value.
+    ``name`` may end in ``.safetensors``; see :func:`emascope.runformat.validate_export_name`. The
+    resolved path (symlinks followed) must stay inside ``exports/``; anything else is a ValueError.
     """
-    if not isinstance(name, str):
-        raise ValueError(f"export name must be a string, got {name!r}")
-    stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
-    if not _NAME_RE.fullmatch(stem) or stem.startswith("."):
-        raise ValueError(
-            f"invalid export name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "not starting with '.' (files are always written inside the run's exports/)"
-        )
-    base = (Path(run_dir) / "exports").resolve()
-    target = (base / f"{stem}{SUFFIX}").resolve()
+    rel = rf.export_file(name)
+    base = rf.inside_run(run_dir, rf.EXPORTS)
+    target = rf.inside_run(run_dir, rel)
     if target.parent != base:
         raise ValueError(f"export name {name!r} resolves outside {base}")
     return target
@@ -79,24 +57,17 @@ def new_request_id() -> str:
 
 def request_export(run_dir: str | os.PathLike, variant: str, name: str, dtype: str | None = None) -> str:
     """Ask a live agent for a checkpoint: write ``requests/<id>.json`` atomically; returns the id."""
-    variant = validate_variant(variant)
-    path = export_path(run_dir, name)
-    if dtype not in (None, "float32"):
-        raise ValueError(f"dtype must be None or 'float32', got {dtype!r}")
-    rid = new_request_id()
-    atomic_write_json(
-        Path(run_dir) / "requests" / f"{rid}.json",
-        {"id": rid, "variant": variant, "name": path.stem, "dtype": dtype, "time": time.time()},
-    )
-    return rid
+    request = rf.ExportRequest(id=new_request_id(), variant=rf.parse_variant(variant),
+                               name=export_path(run_dir, name).stem, dtype=rf.validate_export_dtype(dtype))
+    atomic_write_json(Path(run_dir) / rf.request_file(request.id), rf.request_body(request, time.time()))
+    return request.id
 
 
 def export_status(run_dir: str | os.PathLike, request_id: str) -> dict[str, Any] | None:
     """The agent's ``exports/<id>.status.json`` for a request, or None while there is none (or it is torn)."""
-    if not _ID_RE.fullmatch(request_id or ""):
-        raise ValueError(f"invalid request id {request_id!r}")
+    path = Path(run_dir) / rf.status_file(request_id)  # ValueError for a bad id
     try:
-        obj = json.loads((Path(run_dir) / "exports" / f"{request_id}.status.json").read_bytes())
+        obj = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
@@ -104,9 +75,7 @@ def export_status(run_dir: str | os.PathLike, request_id: str) -> dict[str, Any]
 
 def request_pending(run_dir: str | os.PathLike, request_id: str) -> bool:
     """True while the request file is still waiting in ``requests/``."""
-    if not _ID_RE.fullmatch(request_id or ""):
-        raise ValueError(f"invalid request id {request_id!r}")
-    return (Path(run_dir) / "requests" / f"{request_id}.json").exists()
+    return (Path(run_dir) / rf.request_file(request_id)).exists()
 
 
 def resolve_status_path(run_dir: str | os.PathLike, status: dict[str, Any]) -> Path | None:
@@ -114,38 +83,45 @@ def resolve_status_path(run_dir: str | os.PathLike, status: dict[str, Any]) -> P
     rel = status.get("path")
     if not isinstance(rel, str) or not rel:
         return None
-    base = (Path(run_dir) / "exports").resolve()
-    p = (Path(run_dir) / rel).resolve()
-    return p if p.parent == base else None
+    try:
+        p = rf.inside_run(run_dir, rel)
+        return p if p.parent == rf.inside_run(run_dir, rf.EXPORTS) else None
+    except (ValueError, OSError):
+        return None
 
 
-def has_snapshot(run_dir: str | os.PathLike) -> bool:
-    """Whether the run has a bank snapshot to export from."""
-    return (Path(run_dir) / SNAPSHOT).is_file()
+def list_exports(run_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints in the run's ``exports/`` (sorted by name)."""
+    try:
+        return sorted((Path(run_dir) / rf.EXPORTS).glob(f"*{rf.EXPORT_SUFFIX}"))
+    except OSError:
+        return []
 
 
-def export_from_snapshot(
-    run_dir: str | os.PathLike, variant: str, name: str, dtype: str | None = None
-) -> Path:
-    """Rebuild ``variant`` from ``banks/latest.safetensors`` and write ``exports/<name>.safetensors``.
+def export_command(run_dir: str | os.PathLike, variant: str, out: Path, dtype: str | None) -> list[str]:
+    """The ``emascope export`` command line run in a child process (pure; tested)."""
+    cmd = [sys.executable, "-m", "emascope.cli", "export", str(run_dir), "--variant", variant, "--out", str(out)]
+    return cmd + (["--dtype", dtype] if dtype else [])
 
-    Imports the agent (and torch) lazily. Raises ValueError for a bad name/variant, FileNotFoundError
-    when there is no snapshot; errors from the agent propagate (the UI shows them).
+
+def export_from_snapshot(run_dir: str | os.PathLike, variant: str, name: str, dtype: str | None = None) -> Path:
+    """Rebuild ``variant`` from ``banks/latest.safetensors`` into ``exports/<name>.safetensors``.
+
+    Runs ``emascope export`` in a child process (torch is imported there, never here). Raises
+    ValueError for a bad name/variant/dtype, FileNotFoundError when there is no snapshot, and
+    RuntimeError with the command's own message when the export fails.
     """
-    variant = validate_variant(variant)
+    variant = rf.parse_variant(variant)
     out = export_path(run_dir, name)
-    snap = Path(run_dir) / SNAPSHOT
-    if not snap.is_file():
-        raise FileNotFoundError(f"no bank snapshot at {snap}")
-    from agent.bank import EMABank  # lazy: torch is only needed for this path
-
-    kwargs: dict[str, Any] = {}
-    if dtype == "float32":
-        import torch
-
-        kwargs["dtype"] = torch.float32
-    elif dtype is not None:
-        raise ValueError(f"dtype must be None or 'float32', got {dtype!r}")
-    bank = EMABank.load_snapshot(snap)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(bank.export(variant, out, **kwargs))
+    rf.validate_export_dtype(dtype)
+    if not (Path(run_dir) / rf.SNAPSHOT).is_file():
+        raise FileNotFoundError(f"no bank snapshot at {Path(run_dir) / rf.SNAPSHOT}")
+    try:
+        done = subprocess.run(export_command(run_dir, variant, out, dtype), capture_output=True, text=True,
+                              timeout=EXPORT_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"emascope export took more than {EXPORT_TIMEOUT_S:.0f} s and was stopped") from None
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip().splitlines()
+        raise RuntimeError(message[-1] if message else f"emascope export exited with {done.returncode}")
+    return out

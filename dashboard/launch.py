@@ -21,6 +21,8 @@ import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
+from emascope.procs import restore_sigint
+
 APP = Path(__file__).with_name("app.py")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 ENV_PATH = "EMASCOPE_DASHBOARD_PATH"
@@ -143,6 +145,7 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> bo
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``emascope dashboard``; returns the exit code of the server."""
+    restore_sigint()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     path = Path(args.path).expanduser().resolve()
     if not path.is_dir():

@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from dashboard.ranking import (
+from emascope.dashboard.ranking import (
     DEFAULT_DECAY_VARIANT,
     best_of_row,
     decay_of,
@@ -126,32 +126,15 @@ def metric_vs_decay(
     for step, row in table.iterrows():
         c = colors[step]
         name = f"step {format_step(step)}"
-        fig.add_trace(
-            go.Scatter(
-                x=[pos[v] for v in fixed],
-                y=row[fixed].to_numpy(),
-                mode="lines+markers",
-                name=name,
-                legendgroup=name,
-                line=dict(color=c, width=2),
-                marker=dict(size=6),
-                customdata=fixed,
-                hovertemplate=f"{name}<br>decay %{{customdata}}<br>{metric} %{{y:.4g}}<extra></extra>",
-            )
-        )
+        hover = f"{name}<br>%{{customdata}}<br>{metric} %{{y:.4g}}<extra></extra>"
+        fig.add_trace(go.Scatter(x=[pos[v] for v in fixed], y=row[fixed].to_numpy(), mode="lines+markers",
+                                 name=name, legendgroup=name, line=dict(color=c, width=2), marker=dict(size=6),
+                                 customdata=fixed, hovertemplate=hover.replace("<br>%", "<br>decay %", 1)))
         if apart:
-            fig.add_trace(
-                go.Scatter(
-                    x=[pos[v] for v in apart],
-                    y=row[apart].to_numpy(),
-                    mode="markers",
-                    legendgroup=name,
-                    showlegend=False,
-                    marker=dict(color=c, size=9, symbol="diamond"),
-                    customdata=apart,
-                    hovertemplate=f"{name}<br>%{{customdata}}<br>{metric} %{{y:.4g}}<extra></extra>",
-                )
-            )
+            fig.add_trace(go.Scatter(x=[pos[v] for v in apart], y=row[apart].to_numpy(), mode="markers",
+                                     legendgroup=name, showlegend=False,
+                                     marker=dict(color=c, size=9, symbol="diamond"), customdata=apart,
+                                     hovertemplate=hover))
         b, val = best_of_row(row, direction)
         if b is not None and b in pos:
             best_x.append(pos[b])
@@ -335,28 +318,13 @@ def compare_runs_figure(
     for i, (run, g) in enumerate(comparison.groupby("run", sort=False)):
         c = palette[i % len(palette)]
         g = g.sort_values("step")
-        fig.add_trace(
-            go.Scatter(
-                x=g["step"],
-                y=g["best_value"],
-                name=f"{run} @ best decay",
-                mode="lines+markers",
-                line=dict(color=c),
-                customdata=g["best_variant"],
-                hovertemplate=f"{run}<br>step %{{x:,}}<br>best %{{customdata}}: %{{y:.4g}}<extra></extra>",
-            )
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=g["step"],
-                y=g["fixed_value"],
-                name=f"{run} @ {fixed}",
-                mode="lines+markers",
-                line=dict(color=c, dash="dash"),
-                marker=dict(symbol="x"),
-                hovertemplate=f"{run}<br>step %{{x:,}}<br>{fixed}: %{{y:.4g}}<extra></extra>",
-            )
-        )
+        where = f"{run}<br>step %{{x:,}}<br>"
+        fig.add_trace(go.Scatter(x=g["step"], y=g["best_value"], name=f"{run} @ best decay", mode="lines+markers",
+                                 line=dict(color=c), customdata=g["best_variant"],
+                                 hovertemplate=where + "best %{customdata}: %{y:.4g}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=g["step"], y=g["fixed_value"], name=f"{run} @ {fixed}", mode="lines+markers",
+                                 line=dict(color=c, dash="dash"), marker=dict(symbol="x"),
+                                 hovertemplate=where + f"{fixed}: %{{y:.4g}}<extra></extra>"))
     rng = _robust_range(comparison[["fixed_value", "best_value"]].to_numpy(dtype=float).ravel())
     if rng is not None:
         pad = (rng[1] - rng[0]) * 0.08 or abs(rng[1]) * 0.05 or 1.0
@@ -388,40 +356,19 @@ def points_gallery(
     ref = None
     if reference is not None and reference.ndim == 2 and reference.shape[1] >= 2:
         ref = reference[:: max(1, len(reference) // max_points)]
+
+    def scatter(pts: np.ndarray, name: str, group: str, color: str, first: bool) -> go.Scatter:
+        return go.Scatter(x=pts[:, 0], y=pts[:, 1], mode="markers", showlegend=first, name=name,
+                          legendgroup=group, marker=dict(size=2, color=color), hoverinfo="skip")
+
     for i, v in enumerate(names):
         r, c = i // cols + 1, i % cols + 1
         if ref is not None:
-            fig.add_trace(
-                go.Scatter(
-                    x=ref[:, 0],
-                    y=ref[:, 1],
-                    mode="markers",
-                    showlegend=i == 0,
-                    name="reference",
-                    legendgroup="ref",
-                    marker=dict(size=2, color="#c8ccd0"),
-                    hoverinfo="skip",
-                ),
-                row=r,
-                col=c,
-            )
+            fig.add_trace(scatter(ref, "reference", "ref", "#c8ccd0", i == 0), row=r, col=c)
         pts = samples[v]
         if pts.ndim == 2 and pts.shape[1] >= 2:
             pts = pts[:: max(1, len(pts) // max_points)]
-            fig.add_trace(
-                go.Scatter(
-                    x=pts[:, 0],
-                    y=pts[:, 1],
-                    mode="markers",
-                    showlegend=i == 0,
-                    name="samples",
-                    legendgroup="samples",
-                    marker=dict(size=2, color="#d62728"),
-                    hoverinfo="skip",
-                ),
-                row=r,
-                col=c,
-            )
+            fig.add_trace(scatter(pts, "samples", "samples", "#d62728", i == 0), row=r, col=c)
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
     fig.update_layout(

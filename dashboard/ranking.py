@@ -15,21 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from emascope.runformat import BEMA, RAW, decay_of
+
 DEFAULT_DECAY_VARIANT = "0.9999"  # the community default the recommendation compares against
-RAW = "raw"
 MAD_Z_THRESHOLD = 5.0  # robust z (0.6745 * |x - median| / MAD) above which a value is off the scale
 MIN_GAP_LOWER = 2.0  # ...and, for lower-is-better metrics, at least this x |median| above it (3x)
 MIN_GAP_HIGHER = 0.75  # ...for higher-is-better ones, this x |median| below it (a quarter of it)
 RECALL_COLLAPSE = 0.02  # recall at or below this is "recall ~ 0"
-
-
-def decay_of(variant: str) -> float | None:
-    """The EMA decay of a variant string (``"0.9999"`` -> 0.9999); None for raw/bema/others."""
-    try:
-        d = float(variant)
-    except (TypeError, ValueError):
-        return None
-    return d if 0.0 <= d < 1.0 else None
 
 
 def variant_order(variants: Iterable[str]) -> list[str]:
@@ -42,7 +34,7 @@ def variant_order(variants: Iterable[str]) -> list[str]:
         d = decay_of(v)
         if d is not None:
             return (1, d, v)
-        return (2, 0.0, v) if v == "bema" else (3, 0.0, v)
+        return (2, 0.0, v) if v == BEMA else (3, 0.0, v)
 
     return sorted(uniq, key=key)
 

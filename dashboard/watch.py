@@ -20,8 +20,10 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-WATCHED_FILES = frozenset({"run.json", "metrics.jsonl", "events.jsonl", "heartbeat"})
-WATCHED_DIRS = frozenset({"samples", "exports"})
+from emascope import runformat as rf
+
+WATCHED_FILES = frozenset(rf.WATCHED_FILES)
+WATCHED_DIRS = frozenset(rf.WATCHED_DIRS)
 WATCHED_EVENT_TYPES = frozenset({"modified", "created", "moved"})
 
 

@@ -7,14 +7,14 @@ emascope demo --steps 400 --no-dashboard --run-dir /tmp/demo
 ```
 
 What happens: a fresh run directory is created (default ``./emascope-demo/<sample>-<time>``), the
-dashboard (``emascope dashboard RUN_DIR``, i.e. :mod:`dashboard.launch`) is started on it as a child
+dashboard (``emascope dashboard RUN_DIR``, i.e. :mod:`emascope.dashboard.launch`) is started on it as a child
 process, and the sample trains in this process with a progress bar in the terminal; every
 ``steps / 8`` optimizer steps the agent scores every EMA decay and the dashboard shows the new
 stage. When training ends the dashboard keeps running until Ctrl-C (``--exit-when-done`` stops it
 instead). The dashboard child is always stopped on exit: nothing is left running.
 
 The demo is a shorter version of the shipped runs (fewer steps and samples, so it finishes in a
-few minutes on a laptop CPU); ``python -m sample_runs.tree2d`` / ``sample_runs.digits`` are the
+few minutes on a laptop CPU); ``python -m emascope.samples.tree2d`` / ``emascope.samples.digits`` are the
 full-size scripts.
 """
 
@@ -32,6 +32,9 @@ import time
 import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
+
+from emascope import runformat as rf
+from emascope.procs import restore_sigint
 
 SAMPLES = ("tree2d", "digits")
 DEFAULT_STEPS = {"tree2d": 2000, "digits": 1200}
@@ -100,7 +103,7 @@ def _scoring_state(run_dir: Path) -> tuple[int, bool]:
     """(stages scored, a sweep in progress) from ``events.jsonl`` (torn last lines are skipped)."""
     done, busy = 0, False
     try:
-        with open(run_dir / "events.jsonl", encoding="utf-8") as f:
+        with open(run_dir / rf.EVENTS, encoding="utf-8") as f:
             for line in f:
                 try:
                     kind = json.loads(line).get("type")
@@ -184,24 +187,24 @@ class ProgressBar:
 
 
 class Dashboard:
-    """``python -m dashboard.launch RUN_DIR --no-browser --port P`` as a child process; its output
+    """``python -m emascope.dashboard.launch RUN_DIR --no-browser --port P`` as a child process; its output
     goes to a log file (printed if it fails). ``stop()`` terminates it and waits."""
 
     def __init__(self, run_dir: Path, port: int, open_browser: bool, say) -> None:
-        from dashboard.launch import probe_url, url_for
+        from emascope.dashboard.launch import probe_url, url_for
 
         self.port, self.open_browser, self.say = port, open_browser, say
         self.url = url_for("127.0.0.1", port)
         self._probe = probe_url("127.0.0.1", port)
         self.log = tempfile.NamedTemporaryFile(prefix="emascope-demo-dashboard-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "dashboard.launch", str(run_dir), "--port", str(port), "--no-browser"]
+        cmd = [sys.executable, "-m", "emascope.dashboard.launch", str(run_dir), "--port", str(port), "--no-browser"]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.up = threading.Event()
         self._thread = threading.Thread(target=self._wait_up, daemon=True)
         self._thread.start()
 
     def _wait_up(self) -> None:
-        from dashboard.launch import wait_until_up
+        from emascope.dashboard.launch import wait_until_up
 
         if wait_until_up(self._probe, self.proc, timeout=120.0):
             self.up.set()
@@ -225,7 +228,7 @@ class Dashboard:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # dashboard.launch forwards it to the Streamlit server
+            self.proc.send_signal(signal.SIGTERM)  # emascope.dashboard.launch forwards it to the Streamlit server
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -244,15 +247,15 @@ def train_sample(sample: str, run_dir: Path, steps: int, num_samples: int, progr
     """Train the demo-sized version of ``sample`` into ``run_dir``."""
     every = stage_interval(steps)
     if sample == "tree2d":
-        from sample_runs.tree2d import Tree2DConfig
-        from sample_runs.tree2d import train as train_tree2d
+        from emascope.samples.tree2d import Tree2DConfig
+        from emascope.samples.tree2d import train as train_tree2d
 
         cfg = Tree2DConfig(steps=steps, score_every=every, num_samples=num_samples,
                            reference_size=num_samples)
         train_tree2d(run_dir, cfg, progress=progress, name=f"demo-{sample}", score_at_close=False)
     else:
-        from sample_runs.digits import SHIPPED_CLASSIFIER, DigitsConfig
-        from sample_runs.digits import train as train_digits
+        from emascope.samples.digits import SHIPPED_CLASSIFIER, DigitsConfig
+        from emascope.samples.digits import train as train_digits
 
         classifier = SHIPPED_CLASSIFIER if SHIPPED_CLASSIFIER.is_file() else run_dir.parent / "digits_cnn.pt"
         cfg = DigitsConfig(steps=steps, score_every=every, num_samples=num_samples)
@@ -263,8 +266,8 @@ def train_sample(sample: str, run_dir: Path, steps: int, num_samples: int, progr
 def summary(run_dir: Path) -> tuple[str, str | None]:
     """(text, variant): the best decay per ranked metric at the first and the last stage, read back
     from the run directory with the dashboard's data layer, and the FD/FID-best variant at the end."""
-    from dashboard.data import load_run
-    from dashboard.ranking import best_per_stage
+    from emascope.dashboard.data import load_run
+    from emascope.dashboard.ranking import best_per_stage
 
     run = load_run(run_dir)
     lines, pick = [], None
@@ -281,6 +284,7 @@ def summary(run_dir: Path) -> tuple[str, str | None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``emascope demo``; returns the exit code."""
+    restore_sigint()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.sample)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):

@@ -1,7 +1,7 @@
 """Sample 2, ``digits``: a small flow-matching CNN on scikit-learn's bundled 8x8 digits (no download).
 
 ```bash
-python -m sample_runs.digits --run-dir runs/digits
+python -m emascope.samples.digits --run-dir runs/digits
 emascope dashboard runs/digits
 ```
 
@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +33,16 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from agent import attach
-from sample_runs.flow import Preconditioned, flow_matching_loss, sample_heun
-from sample_runs.models import ConvDenoiser
+from emascope import attach
+from emascope.config import check_int
+from emascope.samples.flow import Preconditioned, sample_heun
+from emascope.samples.models import ConvDenoiser
+from emascope.samples.training import Progress, parse, run_sample, sample_parser, train_flow
 
 #: Name of the digits classifier in torch-fidelity's feature-extractor registry.
 EXTRACTOR_NAME = "emascope-digits-cnn"
 #: The shipped classifier weights.
 SHIPPED_CLASSIFIER = Path(__file__).with_name("weights") / "digits_cnn.pt"
-
-Progress = Callable[[int, int], None]
 
 
 def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +127,7 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
             raise ValueError(f"{name}: pass feature_extractor_weights_path (a digits_cnn.pt state dict, "
-                             "see sample_runs.digits.ensure_classifier)")
+                             "see emascope.samples.digits.ensure_classifier)")
         self.net = DigitsClassifier()
         state = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state)
@@ -193,9 +192,7 @@ class DigitsConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "channels", "blocks", "score_every", "num_samples",
                      "sample_batch", "sample_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -242,49 +239,21 @@ def train(run_dir: str | Path, cfg: DigitsConfig | None = None, *,
                    reference_size=cfg.reference_size,
                    score_every=cfg.score_every, num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
                    seed=cfg.seed + 1, decays=cfg.decays)
-    with scope:
-        model.train()
-        for step in range(cfg.steps):
-            x0 = images[torch.randint(len(images), (cfg.batch_size,), generator=gen)]
-            loss = flow_matching_loss(model, x0, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()  # the agent's optimizer hook updates the bank (and scores every score_every)
-            if progress is not None:
-                progress(step + 1, cfg.steps)
+    train_flow(model, opt, scope, steps=cfg.steps, generator=gen, progress=progress,
+               draw_batch=lambda g: images[torch.randint(len(images), (cfg.batch_size,), generator=g)])
     return Path(run_dir)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sample_runs.digits", description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", default="runs/digits", help="run directory to write (default runs/digits)")
-    p.add_argument("--steps", type=int, default=DigitsConfig.steps, help="optimizer steps")
-    p.add_argument("--score-every", type=int, default=DigitsConfig.score_every, help="steps between stages")
-    p.add_argument("--num-samples", type=int, default=DigitsConfig.num_samples, help="images per variant")
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = sample_parser("digits", __doc__.split("\n")[0], DigitsConfig)
     p.add_argument("--classifier", default=str(SHIPPED_CLASSIFIER),
                    help="feature-classifier weights (trained and written here if missing)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
-    return p.parse_args(list(argv))
+    return parse(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = DigitsConfig(steps=args.steps, score_every=args.score_every, num_samples=args.num_samples,
-                           seed=args.seed)
-    except ValueError as exc:
-        print(f"digits: {exc}", file=sys.stderr)
-        return 2
-    t0 = time.time()
-    try:
-        train(args.run_dir, cfg, classifier=args.classifier, overwrite=args.overwrite)
-    except ValueError as exc:
-        print(f"digits: {exc}", file=sys.stderr)
-        return 2
-    print(f"digits: {cfg.steps} steps in {time.time() - t0:.0f} s -> {args.run_dir}")
-    print(f"settings: {asdict(cfg)}")
-    return 0
+    args = parse_args(argv)
+    return run_sample("digits", args, DigitsConfig, train, classifier=args.classifier)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Markdown tables of a finished run, read with the dashboard's data layer (no torch).
 
 ```bash
-python -m sample_runs.report sample_runs/runs/tree2d --step 8000
+python -m emascope.samples.report sample_runs/runs/tree2d --step 8000
 ```
 
 Prints, for one stage, a table in the form the field uses (one row per variant, one column per
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dashboard.data import load_run
-from dashboard.ranking import best_per_stage, variant_order
+from emascope.dashboard.data import load_run
+from emascope.dashboard.ranking import best_per_stage, variant_order
 
 DEFAULT_METRICS = {
     "points": ["fd", "precision", "recall", "coverage", "tail_coverage", "log_likelihood"],
@@ -71,7 +71,7 @@ def best_table(metrics: pd.DataFrame, directions: dict[str, str], names: Sequenc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sample_runs.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m emascope.samples.report", description=__doc__.split("\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, default=None, help="stage of the table (default: the last)")
     p.add_argument("--metrics", default=None, help="comma-separated metric names")

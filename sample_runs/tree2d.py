@@ -1,7 +1,7 @@
 """Sample 1, ``tree2d``: a small flow-matching MLP on the 2-D tree mixture, with the agent attached.
 
 ```bash
-python -m sample_runs.tree2d --run-dir runs/tree2d          # 8000 Adam steps on CPU, 8 stages
+python -m emascope.samples.tree2d --run-dir runs/tree2d          # 8000 Adam steps on CPU, 8 stages
 emascope dashboard runs/tree2d
 ```
 
@@ -13,7 +13,7 @@ through ``attach(sample_metrics=...)``:
 - ``log_likelihood``: mean ``log p_true(x)`` of the samples under the exact mixture (nats per
   sample, higher is better);
 - ``tail_coverage``: the share of samples lying on deep branches (depth >= ``tail_depth``) divided
-  by the true share, see :func:`sample_runs.tree_mixture.tail_coverage` (1 = the rare branches get
+  by the true share, see :func:`emascope.samples.tree_mixture.tail_coverage` (1 = the rare branches get
   exactly their mass; < 1 = soft mode collapse; > 1 = over-covered).
 
 Both are computed on exactly the samples the agent scores: the agent hands ``sample_metrics`` the
@@ -28,24 +28,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from agent import attach
-from sample_runs.flow import Preconditioned, flow_matching_loss, sample_heun
-from sample_runs.models import MLPDenoiser
-from sample_runs.tree_mixture import TreeMixture, make_tree, mean_log_likelihood, tail_coverage, tail_share
+from emascope import attach
+from emascope.config import check_int
+from emascope.samples.flow import Preconditioned, sample_heun
+from emascope.samples.models import MLPDenoiser
+from emascope.samples.training import Progress, parse, run_sample, sample_parser, train_flow
+from emascope.samples.tree_mixture import (
+    TreeMixture,
+    make_tree,
+    mean_log_likelihood,
+    tail_coverage,
+    tail_share,
+)
 
 #: Directions of the two custom metrics (run.json ``metric_directions``).
 TREE_METRIC_DIRECTIONS = {"log_likelihood": "higher", "tail_coverage": "higher"}
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -72,9 +77,7 @@ class Tree2DConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "hidden", "layers", "score_every", "num_samples", "sample_batch",
                      "reference_size", "sample_steps", "tail_depth", "kid_subset_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -117,9 +120,9 @@ def exact_baseline(cfg: Tree2DConfig | None = None,
     """The run's metrics for *exact* mixture samples (``cfg.num_samples`` per seed) against the run's
     reference set: the noise floor of each metric at this sample size (what a perfect model scores).
 
-    Uses the agent's metric functions (``agent.metrics``) with the same settings as the run.
+    Uses the agent's metric functions (``emascope.metrics``) with the same settings as the run.
     """
-    from agent import metrics as M
+    from emascope import metrics as M
 
     cfg = cfg or Tree2DConfig()
     tree = make_tree(**cfg.tree)
@@ -160,53 +163,26 @@ def train(run_dir: str | Path, cfg: Tree2DConfig | None = None, *, overwrite: bo
                    score_every=cfg.score_every, num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
                    kid_subset_size=cfg.kid_subset_size,
                    seed=cfg.seed + 1, decays=cfg.decays)
-    with scope:
-        model.train()
-        for step in range(cfg.steps):
-            x0 = tree.sample(cfg.batch_size, data_gen)
-            loss = flow_matching_loss(model, x0, data_gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()  # the agent's optimizer hook updates the bank (and scores every score_every)
-            if progress is not None:
-                progress(step + 1, cfg.steps)
+    train_flow(model, opt, scope, steps=cfg.steps, draw_batch=lambda g: tree.sample(cfg.batch_size, g),
+               generator=data_gen, progress=progress)
     return Path(run_dir)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sample_runs.tree2d", description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", default="runs/tree2d", help="run directory to write (default runs/tree2d)")
-    p.add_argument("--steps", type=int, default=Tree2DConfig.steps, help="optimizer steps")
-    p.add_argument("--score-every", type=int, default=Tree2DConfig.score_every, help="steps between stages")
-    p.add_argument("--num-samples", type=int, default=Tree2DConfig.num_samples, help="samples per variant")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = sample_parser("tree2d", __doc__.split("\n")[0], Tree2DConfig)
     p.add_argument("--exact-baseline", action="store_true",
                    help="print the metrics of exact samples (the noise floor at this sample size) and exit")
-    return p.parse_args(list(argv))
+    return parse(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = Tree2DConfig(steps=args.steps, score_every=args.score_every, num_samples=args.num_samples,
-                           seed=args.seed)
-    except ValueError as exc:
-        print(f"tree2d: {exc}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
     if args.exact_baseline:
+        cfg = Tree2DConfig(num_samples=args.num_samples, seed=args.seed)
         for name, values in exact_baseline(cfg).items():
             print(f"{name:>15}: {min(values):.4g} .. {max(values):.4g} (exact samples, {len(values)} seeds)")
         return 0
-    t0 = time.time()
-    try:
-        train(args.run_dir, cfg, overwrite=args.overwrite)
-    except ValueError as exc:  # e.g. the run directory already holds a run
-        print(f"tree2d: {exc}", file=sys.stderr)
-        return 2
-    print(f"tree2d: {cfg.steps} steps in {time.time() - t0:.0f} s -> {args.run_dir}")
-    print(f"settings: {asdict(cfg)}")
-    return 0
+    return run_sample("tree2d", args, Tree2DConfig, train)
 
 
 if __name__ == "__main__":

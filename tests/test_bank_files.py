@@ -11,7 +11,8 @@ from bank_helpers import TinyNet, make_tiny, random_step
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from agent.bank import EMABank
+from emascope.bank import EMABank
+from emascope.snapshot import export_checkpoint, load_snapshot, save_snapshot, snapshot_metadata
 
 torch.set_num_threads(1)
 
@@ -38,12 +39,12 @@ def _no_temp_files(folder) -> None:
 def test_snapshot_round_trip_without_the_model(tmp_path, kw):
     model, bank = _trained_bank(**kw)
     path = tmp_path / "banks" / "latest.safetensors"
-    nbytes = bank.save_snapshot(path, metadata={"run_id": "r1", "step": "25"})
+    nbytes = save_snapshot(bank, path, metadata={"run_id": "r1", "step": "25"})
     assert nbytes == path.stat().st_size > bank.state_dict()["bank"].numel() * 4
     _no_temp_files(path.parent)
-    loaded = EMABank.load_snapshot(path)
+    loaded = load_snapshot(path)
     assert not loaded.has_model
-    assert loaded.snapshot_metadata == {"run_id": "r1", "step": "25"}
+    assert snapshot_metadata(path) == {"run_id": "r1", "step": "25"}
     assert loaded.variants == bank.variants and loaded.decays == bank.decays
     assert loaded.step == bank.step == 25 and loaded.num_skipped == bank.num_skipped
     for v in bank.variants:
@@ -69,7 +70,7 @@ def test_snapshot_round_trip_without_the_model(tmp_path, kw):
 def test_snapshot_is_plain_safetensors_with_json_layout(tmp_path):
     _, bank = _trained_bank()
     path = tmp_path / "snap.safetensors"
-    bank.save_snapshot(path)
+    save_snapshot(bank, path)
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["emascope"])
         keys = set(f.keys())
@@ -79,18 +80,18 @@ def test_snapshot_is_plain_safetensors_with_json_layout(tmp_path):
 
 def test_snapshot_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no bank snapshot"):
-        EMABank.load_snapshot(tmp_path / "missing.safetensors")
+        load_snapshot(tmp_path / "missing.safetensors")
     from safetensors.torch import save_file
 
     other = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="not an emascope bank snapshot"):
-        EMABank.load_snapshot(other)
+        load_snapshot(other)
     _, bank = _trained_bank()
     with pytest.raises(ValueError, match="reserved"):
-        bank.save_snapshot(tmp_path / "x.safetensors", metadata={"emascope": "x"})
+        save_snapshot(bank, tmp_path / "x.safetensors", metadata={"emascope": "x"})
     with pytest.raises(ValueError, match="str to str"):
-        bank.save_snapshot(tmp_path / "x.safetensors", metadata={"step": 3})  # type: ignore[dict-item]
+        save_snapshot(bank, tmp_path / "x.safetensors", metadata={"step": 3})  # type: ignore[dict-item]
     assert list(tmp_path.iterdir()) == [other]
 
 
@@ -98,7 +99,7 @@ def test_snapshot_errors(tmp_path):
 def test_export_round_trip_into_a_fresh_model(tmp_path, variant):
     model, bank = _trained_bank(bema=True)
     model.eval()
-    path = bank.export(variant, tmp_path / "export.safetensors", metadata={"run_id": "r1"})
+    path = export_checkpoint(bank, variant, tmp_path / "export.safetensors", metadata={"run_id": "r1"})
     assert path == tmp_path / "export.safetensors"
     _no_temp_files(tmp_path)
     fresh = TinyNet().eval()
@@ -119,14 +120,14 @@ def test_export_round_trip_into_a_fresh_model(tmp_path, variant):
 
 def test_export_dtype_and_snapshot_bank_export(tmp_path):
     model, bank = _trained_bank()
-    p16 = bank.export(0.999, tmp_path / "half.safetensors", dtype="bfloat16")
+    p16 = export_checkpoint(bank, 0.999, tmp_path / "half.safetensors", dtype="bfloat16")
     sd = load_file(p16)
     assert sd["fc1.weight"].dtype == torch.bfloat16 and sd["bn.num_batches_tracked"].dtype == torch.int64
     with pytest.raises(ValueError, match="dtype"):
-        bank.export(0.999, tmp_path / "bad.safetensors", dtype="int8")
-    bank.save_snapshot(tmp_path / "snap.safetensors")
-    loaded = EMABank.load_snapshot(tmp_path / "snap.safetensors")
-    p = loaded.export("0.9", tmp_path / "from_snapshot.safetensors")
+        export_checkpoint(bank, 0.999, tmp_path / "bad.safetensors", dtype="int8")
+    save_snapshot(bank, tmp_path / "snap.safetensors")
+    loaded = load_snapshot(tmp_path / "snap.safetensors")
+    p = export_checkpoint(loaded, "0.9", tmp_path / "from_snapshot.safetensors")
     a, b = load_file(p), bank.materialize("0.9")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
 
@@ -139,21 +140,21 @@ def test_export_is_atomic(tmp_path):
     blocked = tmp_path / "blocked.safetensors"
     blocked.mkdir()
     with pytest.raises(OSError):
-        bank.export("0.9", blocked)
+        export_checkpoint(bank, "0.9", blocked)
     assert blocked.is_dir()
     _no_temp_files(tmp_path)
-    bank.export("0.9", target)
+    export_checkpoint(bank, "0.9", target)
     assert len(load_file(target)) == len(bank.materialize("0.9"))
     _no_temp_files(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["blocked.safetensors", "export.safetensors"]
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
-    import agent.checkpoint as ckpt
+    import emascope.snapshot as ckpt
 
     _, bank = _trained_bank()
     target = tmp_path / "export.safetensors"
-    bank.export("0.9", target)
+    export_checkpoint(bank, "0.9", target)
     old = target.read_bytes()
 
     def half_write(tensors, filename, metadata=None):  # a full disk in the middle of the write
@@ -163,9 +164,9 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "save_file", half_write)
     with pytest.raises(OSError, match="No space"):
-        bank.export("0.99", target)
+        export_checkpoint(bank, "0.99", target)
     with pytest.raises(OSError, match="No space"):
-        bank.save_snapshot(tmp_path / "snap.safetensors")
+        save_snapshot(bank, tmp_path / "snap.safetensors")
     assert target.read_bytes() == old
     assert sorted(os.listdir(tmp_path)) == ["export.safetensors"]
 
@@ -173,16 +174,16 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
 def test_corrupt_or_malformed_snapshot_is_a_clear_error(tmp_path):
     _, bank = _trained_bank()
     good = tmp_path / "snap.safetensors"
-    bank.save_snapshot(good)
+    save_snapshot(bank, good)
     data = good.read_bytes()
     torn = tmp_path / "torn.safetensors"
     torn.write_bytes(data[: len(data) // 2])  # a torn copy (e.g. copied while being written elsewhere)
     with pytest.raises(ValueError, match="torn.safetensors"):
-        EMABank.load_snapshot(torn)
+        load_snapshot(torn)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a readable"):
-        EMABank.load_snapshot(garbage)
+        load_snapshot(garbage)
     # valid file, metadata without the layout
     from safetensors.torch import save_file
 
@@ -193,4 +194,4 @@ def test_corrupt_or_malformed_snapshot_is_a_clear_error(tmp_path):
     broken = tmp_path / "broken.safetensors"
     save_file(tensors, str(broken), metadata={"emascope": json.dumps(state)})
     with pytest.raises(ValueError, match="malformed bank snapshot.*layout"):
-        EMABank.load_snapshot(broken)
+        load_snapshot(broken)

@@ -18,7 +18,7 @@ from bank_helpers import (
 )
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from agent.bank import BLOCK, DEFAULT_DECAYS, BEMAConfig, EMABank, variant_name
+from emascope.bank import BLOCK, DEFAULT_DECAYS, BEMAConfig, EMABank, variant_name
 
 torch.set_num_threads(1)
 
@@ -165,7 +165,7 @@ def test_decay_zero_follows_the_live_weights():
 
 
 def test_variant_names_and_parsing():
-    from agent.bank import parse_variant
+    from emascope.bank import parse_variant
 
     assert variant_name(0.9999) == "0.9999"
     assert parse_variant("0.99990") == "0.9999"
@@ -179,7 +179,7 @@ def test_variant_names_and_parsing():
 
 
 class _Vectors(torch.nn.Module):
-    """Parameters of given sizes: puts the bank's block boundaries (agent.bank.BLOCK) where we want."""
+    """Parameters of given sizes: puts the bank's block boundaries (emascope.bank.BLOCK) where we want."""
 
     def __init__(self, sizes: list[int]) -> None:
         super().__init__()
@@ -216,7 +216,7 @@ def test_block_boundaries(sizes):
 
 def test_ema_math_bias_corrected_weight_equals_zero_init_division():
     """Eq. BC' (the running lerp weight the bank uses) == Eq. BC (zero-init EMA / (1 - b**n))."""
-    from agent.ema_math import bias_corrected_weight, bias_correction_denominator, effective_decay
+    from emascope.ema_math import bias_corrected_weight, bias_correction_denominator, effective_decay
 
     gen = torch.Generator().manual_seed(0)
     xs = torch.randn(200, generator=gen, dtype=torch.float64).tolist()
@@ -234,8 +234,8 @@ def test_ema_math_bias_corrected_weight_equals_zero_init_division():
 
 @pytest.mark.parametrize("kw", [{}, {"bias_correction": True, "bema": True, "update_every": 2}])
 def test_direct_cpu_path_is_bit_identical_to_staging_path(kw):
-    """Large fp32 parameters are lerped in place on CPU (agent.bank.DIRECT_MIN); same bits as staging."""
-    from agent.bank import DIRECT_MIN
+    """Large fp32 parameters are lerped in place on CPU (emascope.bank.DIRECT_MIN); same bits as staging."""
+    from emascope.bank import DIRECT_MIN
 
     sizes = [5, DIRECT_MIN + 3 * BLOCK + 17, 7, DIRECT_MIN, 3 * BLOCK]
     torch.manual_seed(3)

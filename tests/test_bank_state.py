@@ -9,7 +9,8 @@ import torch
 from bank_helpers import EPS32, ReferenceEMA, TiedNet, TinyNet, make_tiny, random_step, trainable
 from torch import nn
 
-from agent.bank import DEFAULT_DECAYS, BEMAConfig, EMABank
+from emascope.bank import DEFAULT_DECAYS, BEMAConfig, EMABank
+from emascope.snapshot import export_checkpoint
 
 torch.set_num_threads(1)
 
@@ -284,7 +285,7 @@ def test_tied_parameters_are_stored_once_and_exported_under_every_name(tmp_path)
     sd = bank.materialize("0.9")
     assert set(sd) == {"emb.weight", "mid.weight", "mid.bias", "out.weight"}
     assert torch.equal(sd["emb.weight"], sd["out.weight"])
-    path = bank.export("0.9", tmp_path / "tied.safetensors")
+    path = export_checkpoint(bank, "0.9", tmp_path / "tied.safetensors")
     from safetensors.torch import load_file
 
     fresh = TiedNet()

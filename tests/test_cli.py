@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import agent
-from agent.cli import main
+import emascope
+from emascope.cli import main
 
 
 def test_version_flag_prints_package_version(capsys):
@@ -14,13 +14,13 @@ def test_version_flag_prints_package_version(capsys):
         main(["--version"])
     except SystemExit as exc:  # argparse's version action exits 0
         assert exc.code == 0
-    assert capsys.readouterr().out.strip() == f"emascope {agent.__version__}"
+    assert capsys.readouterr().out.strip() == f"emascope {emascope.__version__}"
 
 
 def test_console_script_runs_as_a_module():
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "--version"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "emascope.cli", "--version"], capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == f"emascope {agent.__version__}"
+    assert out.stdout.strip() == f"emascope {emascope.__version__}"
 
 
 def test_no_arguments_prints_help_listing_subcommands(capsys):

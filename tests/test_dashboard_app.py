@@ -10,8 +10,9 @@ import pytest
 from dashboard_fixtures import make_run, run_info, write_heartbeat
 from streamlit.testing.v1 import AppTest
 
-from dashboard import ranking
-from dashboard.data import KNOWN_FORMAT_VERSION, load_run
+from emascope.dashboard import ranking
+from emascope.dashboard.data import load_run
+from emascope.runformat import FORMAT_VERSION as KNOWN_FORMAT_VERSION
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 
@@ -132,9 +133,11 @@ def test_export_name_outside_exports_is_rejected(tmp_path, monkeypatch, bad):
 
 
 def test_export_finished_run_from_snapshot(tmp_path, monkeypatch):
-    bank_mod = pytest.importorskip("agent.bank", reason="agent/bank.py not written yet")
-    torch = pytest.importorskip("torch")
+    import torch
     from safetensors.torch import load_file
+
+    from emascope import bank as bank_mod
+    from emascope.snapshot import save_snapshot
 
     run = make_run(tmp_path, "done", steps=(1000,), samples=False)
     torch.manual_seed(0)
@@ -146,7 +149,7 @@ def test_export_finished_run_from_snapshot(tmp_path, monkeypatch):
         model(torch.randn(8, 3)).pow(2).mean().backward()
         opt.step()
         bank.update()
-    bank.save_snapshot(run / "banks" / "latest.safetensors")
+    save_snapshot(bank, run / "banks" / "latest.safetensors")
     at = start(monkeypatch, tmp_path)
     at.selectbox(key="export_variant").set_value("0.9").run()
     name, button = _export_tab_widgets(at)

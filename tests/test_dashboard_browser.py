@@ -28,7 +28,7 @@ import pytest
 import torch
 from scope_helpers import Denoiser, mixture, sampler, train_step
 
-from agent import attach
+from emascope import attach
 
 pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parent.parent
@@ -166,7 +166,7 @@ def test_dashboard_in_a_real_browser(tmp_path):
         time.sleep(0.05)
     port = _free_port()
     exe = shutil.which("emascope", path=str(Path(sys.executable).parent))
-    cmd = ([exe] if exe else [sys.executable, "-m", "agent.cli"]) + [
+    cmd = ([exe] if exe else [sys.executable, "-m", "emascope.cli"]) + [
         "dashboard",
         str(run),
         "--no-browser",

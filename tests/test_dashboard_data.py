@@ -13,9 +13,8 @@ import pandas as pd
 import pytest
 from dashboard_fixtures import DIRECTIONS, VARIANTS, make_run, metric_lines, run_info, write_jsonl
 
-from dashboard import ranking
-from dashboard.data import (
-    KNOWN_FORMAT_VERSION,
+from emascope.dashboard import ranking
+from emascope.dashboard.data import (
     FormatVersionError,
     JsonlReader,
     RunReader,
@@ -28,6 +27,7 @@ from dashboard.data import (
     sample_files,
     sample_stages,
 )
+from emascope.runformat import FORMAT_VERSION as KNOWN_FORMAT_VERSION
 
 # The RAE sweep at 80 epochs from the seed article (FID, precision, recall per decay).
 BLOG = {
@@ -69,7 +69,8 @@ def blog_frame(step: int = 80) -> pd.DataFrame:
 
 def test_data_layer_imports_neither_torch_nor_streamlit():
     code = (
-        "import sys, dashboard.data, dashboard.ranking, dashboard.plots, dashboard.watch;"
+        "import sys, emascope.dashboard.data, emascope.dashboard.ranking, emascope.dashboard.plots,"
+        " emascope.dashboard.watch;"
         "bad = [m for m in ('torch', 'streamlit') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

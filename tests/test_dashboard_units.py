@@ -9,9 +9,9 @@ import time
 import pytest
 from dashboard_fixtures import DIRECTIONS, make_run, metric_lines, write_jsonl
 
-from dashboard import exporting, launch, plots, ranking
-from dashboard.data import load_run, metric_records_to_frame
-from dashboard.watch import RunWatcher, is_relevant, poll_requested
+from emascope.dashboard import exporting, launch, plots, ranking
+from emascope.dashboard.data import load_run, metric_records_to_frame
+from emascope.dashboard.watch import RunWatcher, is_relevant, poll_requested
 
 # ---------------------------------------------------------------- watcher
 

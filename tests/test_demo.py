@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dashboard.data import load_run
-from sample_runs import demo
+from emascope.dashboard.data import load_run
+from emascope.samples import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -45,7 +45,7 @@ def _assert_nothing_left(run_dir: Path, port: int) -> None:
 
 
 def _demo_cmd(run_dir: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli", "demo", "--no-browser", "--run-dir", str(run_dir),
+    return [sys.executable, "-m", "emascope.cli", "demo", "--no-browser", "--run-dir", str(run_dir),
             "--port", str(port), *extra]
 
 
@@ -71,8 +71,11 @@ def test_demo_trains_with_the_dashboard_and_exits_cleanly(tmp_path):
 def test_demo_interrupted_leaves_nothing_running(tmp_path):
     run_dir = tmp_path / "demo-int"
     port = demo.free_port(8640)
+    # started the way a non-interactive shell's background job starts it: SIGINT ignored. The demo
+    # restores the default handler, so Ctrl-C works all the same.
     proc = subprocess.Popen(_demo_cmd(run_dir, port, "--steps", "4000", "--num-samples", "40"), cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines = []
     try:
         deadline = time.time() + 180
@@ -89,7 +92,7 @@ def test_demo_interrupted_leaves_nothing_running(tmp_path):
         rest, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 130, "".join(lines) + rest
     assert "interrupted" in rest

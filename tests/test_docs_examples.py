@@ -28,7 +28,7 @@ def python_blocks(path: Path) -> list[str]:
 def run_script(code: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     script = cwd / "example.py"
     script.write_text(code)
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}  # emascope only as installed
     proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"example failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -96,9 +96,9 @@ def test_readme_quickstart_runs(tmp_path: Path):
     # the export command shown right after it
     cmd = next(line for line in (REPO / "README.md").read_text().splitlines()
                if line.startswith("emascope export runs/exp1"))
-    out = subprocess.run([sys.executable, "-m", "agent.cli", *cmd.split()[1:]], cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "emascope.cli", *cmd.split()[1:]], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                         env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert "0.weight" in load_file(tmp_path / "ema.safetensors")
 
@@ -119,3 +119,17 @@ def test_agent_md_example_runs_verbatim(tmp_path: Path):
     tensors = load_file(exported[0])
     assert set(tensors) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
     assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_agent_md_documents_every_attach_argument_with_its_default():
+    import inspect
+    import re
+
+    from emascope import attach
+
+    text = (REPO / "docs" / "agent.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", text, flags=re.M))
+    for name, p in inspect.signature(attach).parameters.items():
+        assert name in rows, f"docs/agent.md lacks a row for attach argument {name!r}"
+        if p.default is inspect.Parameter.empty:
+            assert rows[name].strip() == "required", name

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from scope_helpers import Denoiser, mixture, train_step
 
-from agent import attach
-from agent.cli import main as cli_main
+from emascope import attach
+from emascope.cli import main as cli_main
 
 torch.set_num_threads(1)
 
@@ -107,7 +107,7 @@ def test_request_is_fulfilled_at_the_next_step(live_run):
 
 def test_bad_requests_are_refused_and_nothing_escapes_exports(live_run):
     run_dir = live_run["run_dir"]
-    for rid, needle in (("trav", "bad name"), ("abs", "bad name"), ("idx", "bad request id"),
+    for rid, needle in (("trav", "invalid export name"), ("abs", "invalid export name"), ("idx", "bad request id"),
                         ("unk", "unknown variant"), ("junk", "JSONDecodeError")):
         st = _status(run_dir, rid)
         assert st["state"] == "error" and needle in st["error"], (rid, st)

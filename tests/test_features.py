@@ -1,4 +1,4 @@
-"""agent.features: sample kinds, image conversion, extractors, hashing and the reference cache."""
+"""emascope.features: sample kinds, image conversion, extractors, hashing and the reference cache."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from agent import features as F
+from emascope import features as F
 
 TINY = "emascope-test-tinyconv"
 

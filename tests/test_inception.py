@@ -16,9 +16,9 @@ import torch_fidelity.feature_extractor_inceptionv3 as tfi
 from torch import nn
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-from agent import attach
-from agent import metrics as M
-from agent.features import TorchFidelityExtractor, cache_key, load_cached, make_extractor
+from emascope import attach
+from emascope import metrics as M
+from emascope.features import TorchFidelityExtractor, cache_key, load_cached, make_extractor
 
 pytestmark = pytest.mark.slow  # Inception at 299 px on the CPU: ~0.15 s/image, ~40 s for this file
 

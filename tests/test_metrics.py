@@ -1,4 +1,4 @@
-"""agent.metrics against independent references: prdc, float64 loops, scipy."""
+"""emascope.metrics against independent references: prdc, float64 loops, scipy."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from agent import metrics as M
+from emascope import metrics as M
 
 PASSTHROUGH = "emascope-test-passthrough"
 FEAT_DIM = 6

@@ -1,6 +1,6 @@
 """The run directory as files: concurrent reading while the agent writes, torn lines, RunWriter rules.
 
-The reader is the dashboard's own (``dashboard.data.RunReader``): it must never fail on a run that
+The reader is the dashboard's own (``emascope.dashboard.data.RunReader``): it must never fail on a run that
 is being written, and must see every record once it is complete.
 """
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 from scope_helpers import Denoiser, mixture, sampler, train_step
 
-from agent import attach
-from agent.rundir import RunWriter, prepare_run_dir, terminate_torn_line
-from dashboard.data import JsonlReader, RunReader, load_run
+from emascope import attach
+from emascope.dashboard.data import JsonlReader, RunReader, load_run
+from emascope.rundir import RunWriter, prepare_run_dir, terminate_torn_line
 
 torch.set_num_threads(1)
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from scope_helpers import Denoiser, mixture, sampler, train_step
 
-from agent import attach
-from agent.bank import DEFAULT_DECAYS, EMABank
-from agent.features import Features
-from agent.scoring import ScoringConfig, draw_and_extract
+from emascope import attach
+from emascope.bank import DEFAULT_DECAYS, EMABank
+from emascope.features import Features
+from emascope.scoring import ScoringConfig, draw_and_extract
 
 torch.set_num_threads(1)
 

@@ -1,5 +1,5 @@
 """The sample runs: the tree mixture, flow matching, short end-to-end runs of tree2d and digits
-(train with the agent, score, read back with dashboard.data, export a variant and load it), and
+(train with the agent, score, read back with emascope.dashboard.data, export a variant and load it), and
 the shipped run directories under sample_runs/runs/."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 from scipy import linalg
 from scipy.stats import multivariate_normal
 
-from agent.cli import main as emascope
-from dashboard.data import load_run, sample_files, sample_stages
-from sample_runs import digits, report, tree2d
-from sample_runs.flow import Preconditioned, flow_matching_loss, sample_heun, time_grid
-from sample_runs.tree_mixture import make_tree, mean_log_likelihood, tail_coverage, tail_share
+from emascope.cli import main as emascope
+from emascope.dashboard.data import load_run, sample_files, sample_stages
+from emascope.samples import digits, report, tree2d
+from emascope.samples.flow import Preconditioned, flow_matching_loss, sample_heun, time_grid
+from emascope.samples.tree_mixture import make_tree, mean_log_likelihood, tail_coverage, tail_share
 
 RUNS = Path(__file__).resolve().parents[1] / "sample_runs" / "runs"
 ALL_VARIANTS = {"raw", "0.5", "0.9", "0.99", "0.999", "0.9993", "0.9995", "0.9997", "0.9999", "0.99999",

@@ -23,8 +23,8 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-import agent.atomic
-from agent import attach
+import emascope.atomic
+from emascope import attach
 
 torch.set_num_threads(1)
 
@@ -136,7 +136,7 @@ def test_events_heartbeat_samples_bank(trained):
 
 
 def test_dashboard_reader_reads_the_run(trained):
-    from dashboard.data import load_run
+    from emascope.dashboard.data import load_run
 
     run = load_run(trained["run_dir"])
     assert run.error is None and run.state() == "finished" and run.last_step() == 30
@@ -261,12 +261,12 @@ def test_training_flags_restored_exactly(tmp_path):
 
 
 def test_failing_metric_is_recorded_others_written(tmp_path, monkeypatch):
-    import agent.metrics
+    import emascope.metrics
 
     def broken_kid(*a, **k):
         raise FloatingPointError("kid broke")
 
-    monkeypatch.setattr(agent.metrics, "kid", broken_kid)
+    monkeypatch.setattr(emascope.metrics, "kid", broken_kid)
     run_dir = tmp_path / "run"
     _train(run_dir, steps=10, score_every=10, evaluate=False)
     errors = _events(run_dir, "error")
@@ -311,7 +311,7 @@ def test_disk_full_training_goes_on(tmp_path, monkeypatch):
                    num_samples=100, decays=(0.9,), heartbeat_interval=0.05)
     size_before = (run_dir / "events.jsonl").stat().st_size
     with monkeypatch.context() as mp:  # every write path of the agent fails with ENOSPC
-        mp.setattr(agent.atomic, "open", enospc, raising=False)  # JSONL appends
+        mp.setattr(emascope.atomic, "open", enospc, raising=False)  # JSONL appends
         mp.setattr(os, "fdopen", enospc)  # atomic replace of JSON/PNG/npy
         mp.setattr(os, "replace", enospc)  # safetensors snapshots
         for _ in range(10):
@@ -503,14 +503,14 @@ def test_docs_run_format_names_what_is_written(trained):
     assert set(info) == set(example)
     assert set(info["settings"]) == set(example["settings"])
     metrics_row = next(line for line in doc.splitlines() if line.startswith("| `metric`"))
-    from agent.metrics import METRIC_DIRECTIONS
+    from emascope.metrics import METRIC_DIRECTIONS
 
     assert all(f"`{m}`" in metrics_row for m in METRIC_DIRECTIONS)
 
 
 def test_run_sweep_without_bank_scores_raw_and_restores_weights(tmp_path):
-    from agent.rundir import RunWriter, prepare_run_dir
-    from agent.scoring import ScoringConfig, run_sweep
+    from emascope.rundir import RunWriter, prepare_run_dir
+    from emascope.scoring import ScoringConfig, run_sweep
 
     model = Denoiser()
     before = _bits(model)
@@ -530,7 +530,7 @@ def test_run_sweep_without_bank_scores_raw_and_restores_weights(tmp_path):
 def test_every_bank_parameter_is_an_attach_argument_with_the_same_default():
     import inspect
 
-    from agent.bank import EMABank
+    from emascope.bank import EMABank
 
     bank_params = inspect.signature(EMABank.__init__).parameters
     attach_params = inspect.signature(attach).parameters
@@ -562,7 +562,7 @@ def test_nonfinite_weights_skip_the_bank_and_are_reported(tmp_path):
 def test_reference_forms(tmp_path, kind):
     from torch.utils.data import TensorDataset
 
-    from agent.features import Features
+    from emascope.features import Features
 
     ref = mixture(120, seed=3)
     reference = {"features": Features(ref), "dataset": TensorDataset(ref, torch.zeros(len(ref))),

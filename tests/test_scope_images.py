@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from agent import attach
-from agent.features import Features
-from agent.metrics import frechet_distance
+from emascope import attach
+from emascope.features import Features
+from emascope.metrics import frechet_distance
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,355 @@
+"""The run directory format (docs/run-format.md), in one place: shared by the writer and the reader.
+
+Every file name, path pattern, the format version, variant naming and parsing, the record keys of
+``metrics.jsonl`` / ``events.jsonl`` / ``heartbeat``, the export-request schema and the export
+metadata live here (the pattern of TensorBoard's per-plugin ``metadata.py``). The agent's writers
+(:mod:`emascope.rundir`, :mod:`emascope.requests`, :mod:`emascope.snapshot`, :mod:`emascope.scope`)
+and the dashboard's readers (:mod:`emascope.dashboard.data`, ``exporting``, ``watch``) import it;
+nothing else spells a run-directory path. No torch, no numpy: the standard library only.
+
+Conventions: ``step`` is an optimizer step (int); ``decay`` is the EMA decay ``d`` in
+``ema <- d * ema + (1 - d) * theta`` (0.9999, never ``1 - d``); a *variant* is ``"raw"``,
+``repr(float(d))`` or ``"bema"``; times are Unix seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "emascope-run"
+#: The version this emascope writes; readers refuse a larger one (see :func:`check_format_version`).
+FORMAT_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# files and folders, relative to RUN_DIR
+
+RUN_JSON = "run.json"
+METRICS = "metrics.jsonl"
+EVENTS = "events.jsonl"
+HEARTBEAT = "heartbeat"
+SAMPLES = "samples"
+BANKS = "banks"
+REFERENCE = "reference"
+REQUESTS = "requests"
+EXPORTS = "exports"
+#: The latest bank snapshot (safetensors, atomic replace).
+SNAPSHOT = f"{BANKS}/latest.safetensors"
+#: The first reference points of a low-dimensional run (float32 ``[n, d]`` .npy).
+REFERENCE_POINTS = f"{SAMPLES}/reference.npy"
+
+#: A folder holding any of these holds a run (``attach`` refuses it without resume/overwrite).
+RUN_MARKERS = (RUN_JSON, METRICS, EVENTS)
+#: Top-level files of a run (removed by ``overwrite=True``).
+RUN_FILES = (RUN_JSON, METRICS, EVENTS, HEARTBEAT)
+#: Folders removed by ``overwrite=True`` (the reference cache and exports are kept).
+RUN_DIRS = (SAMPLES, BANKS, REQUESTS)
+#: Every folder of a run (created by ``attach``; a run's own folders are never searched for runs).
+SUBDIRS = (SAMPLES, BANKS, REFERENCE, REQUESTS, EXPORTS)
+#: Append-only JSON Lines files.
+APPENDED = (METRICS, EVENTS)
+#: Files the dashboard watches for live refresh, and folders whose files it watches.
+WATCHED_FILES = (RUN_JSON, METRICS, EVENTS, HEARTBEAT)
+WATCHED_DIRS = (SAMPLES, EXPORTS)
+#: Preview file extensions: PNG image grids and float32 ``[n, d]`` point arrays.
+PREVIEW_EXTS = (".png", ".npy")
+
+_STAGE_RE = re.compile(r"step_(\d{9,})")
+
+
+def stage_dir_name(step: int) -> str:
+    """Folder name of a scoring stage under ``samples/``: ``step_<step:09d>``."""
+    return f"step_{int(step):09d}"
+
+
+def parse_stage_dir_name(name: str) -> int | None:
+    """The step of a ``step_<digits>`` folder name, ``None`` for any other name."""
+    m = _STAGE_RE.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def stage_dir(step: int) -> str:
+    """``samples/step_<step:09d>`` (relative to RUN_DIR)."""
+    return f"{SAMPLES}/{stage_dir_name(step)}"
+
+
+def preview_file(step: int, variant: str, ext: str) -> str:
+    """``samples/step_<step:09d>/<variant><ext>`` with ``ext`` in :data:`PREVIEW_EXTS`."""
+    if ext not in PREVIEW_EXTS:
+        raise ValueError(f"preview extension must be one of {PREVIEW_EXTS}, got {ext!r}")
+    return f"{stage_dir(step)}/{variant}{ext}"
+
+
+def reference_cache_file(key: str) -> str:
+    """``reference/<key>.npz``: cached reference features (``key`` from ``features.cache_key``)."""
+    return f"{REFERENCE}/{key}.npz"
+
+
+# ---------------------------------------------------------------------------------------------
+# variants
+
+RAW = "raw"
+BEMA = "bema"
+NAMED_VARIANTS = (RAW, BEMA)
+
+
+def check_decay(decay: Any) -> float:
+    """``float(decay)`` for a real number in [0, 1) (bools and NaN refused); else ``ValueError``."""
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+        raise ValueError(f"decay {decay!r} is not a number")
+    d = float(decay)
+    if not 0.0 <= d < 1.0:  # also refuses NaN
+        raise ValueError(f"decay {decay!r} is outside [0, 1)")
+    return d
+
+
+def variant_name(decay: float) -> str:
+    """The variant string of a decay: ``repr(float(decay))``, e.g. ``0.9999 -> "0.9999"``."""
+    return repr(check_decay(decay))
+
+
+def parse_variant(v: str | float) -> str:
+    """Normalise a variant: ``"raw"``, ``"bema"``, or a decay given as float or string.
+
+    ``"0.99990"``, ``0.9999`` and ``" 0.9999 "`` all give ``"0.9999"``; ``"RAW"`` gives ``"raw"``.
+    Anything else is a ``ValueError``. Whether a bank or run holds the variant is checked there.
+    """
+    if isinstance(v, str):
+        s = v.strip().lower()
+        if s in NAMED_VARIANTS:
+            return s
+        try:
+            f = float(s)
+        except ValueError:
+            raise ValueError(f"variant {v!r} is not 'raw', 'bema' or a decay in [0, 1)") from None
+        if not math.isfinite(f) or not 0.0 <= f < 1.0:
+            raise ValueError(f"variant {v!r} is not 'raw', 'bema' or a decay in [0, 1)")
+        return repr(f)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"variant {v!r} is not 'raw', 'bema' or a decay in [0, 1)")
+    try:
+        return variant_name(v)
+    except ValueError:
+        raise ValueError(f"variant {v!r} is not 'raw', 'bema' or a decay in [0, 1)") from None
+
+
+def decay_of(variant: Any) -> float | None:
+    """The decay of a fixed-decay variant string (``"0.9999"`` -> 0.9999); ``None`` for ``raw``,
+    ``bema`` and anything that is not a decay in [0, 1) (``"foo"``, ``"1.0"``, ``"nan"``)."""
+    if not isinstance(variant, str) or variant in NAMED_VARIANTS:
+        return None
+    try:
+        d = float(variant)
+    except ValueError:
+        return None
+    return d if 0.0 <= d < 1.0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# records (one JSON object per line of metrics.jsonl / events.jsonl; heartbeat; run.json)
+
+#: Keys of a metrics.jsonl record, in order.
+METRIC_KEYS = ("step", "variant", "decay", "metric", "value", "time")
+#: Keys every events.jsonl record has (plus the fields of its type).
+EVENT_KEYS = ("time", "step", "type")
+#: Heartbeat states.
+STATE_RUNNING = "running"
+STATE_CLOSED = "closed"
+#: A run is live while its heartbeat is younger than this many heartbeat intervals.
+LIVE_INTERVALS = 3.0
+DEFAULT_HEARTBEAT_INTERVAL = 2.0
+#: Metric directions.
+DIRECTIONS = ("lower", "higher")
+#: Sample kinds (run.json ``sample_kind``).
+SAMPLE_KINDS = ("images", "points")
+
+
+def metric_record(step: int, variant: str, metric: str, value: float | None, time: float) -> dict[str, Any]:
+    """One metrics.jsonl record; ``decay`` is derived from the variant (``None`` for raw/bema)."""
+    return {"step": int(step), "variant": variant, "decay": decay_of(variant), "metric": metric,
+            "value": value, "time": time}
+
+
+def event_record(type: str, step: int, time: float, **fields: Any) -> dict[str, Any]:
+    """One events.jsonl record ``{"time", "step", "type", **fields}``."""
+    return {"time": time, "step": int(step), "type": type, **fields}
+
+
+def heartbeat_record(*, step: int, pid: int, state: str, interval: float, time: float) -> dict[str, Any]:
+    """The heartbeat file's body."""
+    return {"time": time, "step": int(step), "pid": int(pid), "state": state, "interval": float(interval)}
+
+
+def run_json_header() -> dict[str, Any]:
+    """The first keys of run.json: ``format`` and ``format_version``."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION}
+
+
+class FormatVersionError(ValueError):
+    """The run was written by a newer emascope than this reader understands."""
+
+
+def check_format_version(info: dict[str, Any]) -> None:
+    """Raise :class:`FormatVersionError` if ``info['format_version']`` is newer than
+    :data:`FORMAT_VERSION`; a missing or non-integer version is a ``ValueError`` naming it."""
+    version = info.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"run.json has an invalid format_version {version!r} (expected an integer)")
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"this run uses run-directory format_version {version}, but this emascope only knows "
+            f"format_version {FORMAT_VERSION}: upgrade emascope to view it")
+
+
+def run_state(heartbeat: dict[str, Any] | None, now: float) -> str:
+    """``"live"``, ``"finished"``, ``"stale"`` or ``"unknown"`` from a heartbeat record.
+
+    Live: state ``running`` and ``time`` less than ``LIVE_INTERVALS * interval`` seconds old.
+    """
+    if not heartbeat:
+        return "unknown"
+    state = heartbeat.get("state")
+    if state == STATE_CLOSED:
+        return "finished"
+    t = _finite(heartbeat.get("time"))
+    interval = _finite(heartbeat.get("interval")) or DEFAULT_HEARTBEAT_INTERVAL
+    if state == STATE_RUNNING and t is not None and now - t < LIVE_INTERVALS * interval:
+        return "live"
+    return "stale"
+
+
+def _finite(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        v = float(x)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# export requests (requests/<id>.json, exports/<id>.status.json) and exported checkpoints
+
+ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+EXPORT_SUFFIX = ".safetensors"
+#: dtypes an export may be cast to (``None``: each tensor keeps the model's dtype).
+EXPORT_DTYPES = (None, "float32")
+#: Metadata key of a bank snapshot holding its JSON state (safetensors metadata).
+SNAPSHOT_META_KEY = "emascope"
+
+
+def validate_request_id(rid: Any) -> str:
+    """A request id matching ``[A-Za-z0-9_-]{1,64}``; else ``ValueError``."""
+    if not isinstance(rid, str) or not ID_RE.fullmatch(rid):
+        raise ValueError(f"invalid request id {rid!r} (must match [A-Za-z0-9_-]{{1,64}})")
+    return rid
+
+
+def validate_export_name(name: Any) -> str:
+    """The file stem of an export named by a user: ``name`` without a trailing ``.safetensors``.
+
+    It must match ``[A-Za-z0-9._-]{1,128}`` and must not start with a dot (no hidden files, no
+    ``.``/``..``/``...``). The one check used by the dashboard and the agent alike.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"export name must be a string, got {name!r}")
+    stem = name[: -len(EXPORT_SUFFIX)] if name.endswith(EXPORT_SUFFIX) else name
+    if not NAME_RE.fullmatch(stem) or stem.startswith("."):
+        raise ValueError(f"invalid export name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                         "not starting with '.' (files are always written inside the run's exports/)")
+    return stem
+
+
+def validate_export_dtype(dtype: Any) -> str | None:
+    """``None`` or ``"float32"``; else ``ValueError``."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"bad dtype {dtype!r} (allowed: null/None for the model's dtypes, 'float32')")
+    return dtype
+
+
+def request_file(request_id: str) -> str:
+    """``requests/<id>.json``."""
+    return f"{REQUESTS}/{validate_request_id(request_id)}.json"
+
+
+def status_file(request_id: str) -> str:
+    """``exports/<id>.status.json``."""
+    return f"{EXPORTS}/{validate_request_id(request_id)}.status.json"
+
+
+def export_file(name: str) -> str:
+    """``exports/<name>.safetensors`` for a validated export name."""
+    return f"{EXPORTS}/{validate_export_name(name)}{EXPORT_SUFFIX}"
+
+
+def default_export_name(variant: str, step: int | None = None) -> str:
+    """Default export stem: ``ema-<decay>`` / ``raw`` / ``bema``, with ``-step<step>`` when given."""
+    base = variant if variant in NAMED_VARIANTS else f"ema-{variant}"
+    return base if step is None else f"{base}-step{int(step)}"
+
+
+def inside_run(run_dir: str | os.PathLike, rel: str) -> Path:
+    """``RUN_DIR/rel`` resolved (symlinks followed), guaranteed to lie inside the resolved RUN_DIR.
+
+    ``ValueError`` if it resolves elsewhere (a symlinked folder pointing out, ``..``).
+    """
+    base = Path(run_dir).resolve()
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"{rel!r} resolves outside the run directory {str(base)!r}")
+    return target
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """A validated request: export ``variant`` to ``exports/<name>.safetensors`` as ``dtype``."""
+
+    id: str
+    variant: str
+    name: str
+    dtype: str | None
+
+
+def request_body(request: ExportRequest, time: float) -> dict[str, Any]:
+    """The JSON body of ``requests/<id>.json``."""
+    return {"id": request.id, "variant": request.variant, "name": request.name, "dtype": request.dtype,
+            "time": time}
+
+
+def parse_request(body: Any, *, stem: str) -> ExportRequest:
+    """Validate a request object read from ``requests/<stem>.json``; ``ValueError`` naming the bad
+    field. The ``id`` field must equal the file stem (or be absent); the variant is normalised
+    (:func:`parse_variant`) but whether the bank holds it is checked by the agent."""
+    if not isinstance(body, dict):
+        raise ValueError(f"request must be a JSON object, got {type(body).__name__}")
+    rid = body.get("id", stem)
+    if not isinstance(rid, str) or not ID_RE.fullmatch(rid) or rid != stem:
+        raise ValueError(f"bad request id {rid!r} (must match [A-Za-z0-9_-]{{1,64}} and the file name {stem!r})")
+    variant = body.get("variant")
+    if not isinstance(variant, (str, int, float)) or isinstance(variant, bool):
+        raise ValueError(f"bad variant {variant!r}")
+    variant = parse_variant(str(variant))
+    name = body.get("name") or default_export_name(variant)
+    return ExportRequest(rid, variant, validate_export_name(name), validate_export_dtype(body.get("dtype")))
+
+
+def status_record(*, request_id: str | None, state: str, variant: str | None, step: int, path: str | None,
+                  nbytes: int | None, time: float, error: str | None) -> dict[str, Any]:
+    """The body of ``exports/<id>.status.json`` (``state``: ``"done"`` or ``"error"``)."""
+    return {"id": request_id, "state": state, "variant": variant, "step": int(step), "path": path,
+            "bytes": nbytes, "time": time, "error": error}
+
+
+def export_metadata(variant: str, step: int, *, run_id: str = "", emascope_version: str = "") -> dict[str, str]:
+    """Metadata (all strings) of an exported checkpoint: variant, decay (``""`` for raw/bema), step,
+    run_id, emascope_version."""
+    d = decay_of(variant)
+    return {"variant": variant, "decay": "" if d is None else variant, "step": str(int(step)),
+            "run_id": str(run_id), "emascope_version": str(emascope_version)}
