@@ -85,6 +85,18 @@ def preview_file(step: int, variant: str, ext: str) -> str:
     return f"{stage_dir(step)}/{variant}{ext}"
 
 
+def stage_snapshot_file(step: int) -> str:
+    """``banks/step_<step:09d>.safetensors``: the bank as it was at a scoring stage (same format as
+    :data:`SNAPSHOT`), kept for out-of-process scoring and post-hoc synthesis of other decays."""
+    return f"{BANKS}/{stage_dir_name(step)}.safetensors"
+
+
+def parse_stage_snapshot_name(name: str) -> int | None:
+    """The step of a ``step_<digits>.safetensors`` file name under ``banks/``, else ``None``."""
+    stem, dot, ext = name.partition(".")
+    return parse_stage_dir_name(stem) if dot and ext == "safetensors" else None
+
+
 def reference_cache_file(key: str) -> str:
     """``reference/<key>.npz``: cached reference features (``key`` from ``features.cache_key``)."""
     return f"{REFERENCE}/{key}.npz"
@@ -167,6 +179,10 @@ DEFAULT_HEARTBEAT_INTERVAL = 2.0
 DIRECTIONS = ("lower", "higher")
 #: Sample kinds (run.json ``sample_kind``).
 SAMPLE_KINDS = ("images", "points")
+#: run.json ``settings.sample_seeding``: how each variant's samples are seeded. ``"batch_sha256"``:
+#: batch ``b`` from a fresh generator seeded with ``emascope.scoring.batch_seed(seed, b)``. Runs
+#: written before the key existed (no key) drew all batches from one generator seeded with ``seed``.
+SAMPLE_SEEDING = "batch_sha256"
 
 
 def metric_record(step: int, variant: str, metric: str, value: float | None, time: float) -> dict[str, Any]:

@@ -156,7 +156,8 @@ class Scope:
         self.scorer = Scorer(scoring, hooks, self.writer, self.run_dir, on_info_change=self._write_run_json,
                              known_directions=known)
         self.settings = settings_of(run, b, scoring)
-        self.settings.update(device=str(self.bank.device), feature_extractor=self.scorer.extractor_label())
+        self.settings.update(device=str(self.bank.device), feature_extractor=self.scorer.extractor_label(),
+                             sample_seeding=rf.SAMPLE_SEEDING)
         self._write_run_json()
         self.writer.event("start", self._step)
         if resumed_from is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -129,11 +130,29 @@ class Drawn(NamedTuple):
     samples: torch.Tensor | None       # all samples (CPU), only with keep_all=True and no sampler error
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of sample batch ``batch`` (0, 1, ...) of a sweep seeded with ``seed``.
+
+    Every variant draws batch ``b`` (samples ``[b * batch_size, (b + 1) * batch_size)``) from a fresh
+    generator seeded with ``batch_seed(seed, b)``: common random numbers across variants, and any
+    subset of batches (one rank's share, a racing round's extra batches) is drawn exactly as in a
+    full sweep. The first 8 bytes of ``sha256(f"{seed}:{batch}")``, little-endian, top bit cleared.
+    """
+    digest = hashlib.sha256(f"{int(seed)}:{int(batch)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
+    """Sizes of the sample batches of a sweep: ``batch_size`` each, the last one the remainder."""
+    return [min(batch_size, num_samples - i) for i in range(0, num_samples, batch_size)]
+
+
 def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
                      timings: dict[str, float], *, keep_all: bool = False) -> Drawn:
-    """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size`` from one generator seeded with
-    ``cfg.seed`` (on the model's device), and turn each batch into features as it arrives.
+    """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size``, batch ``b`` from a generator
+    (on the model's device) seeded with :func:`batch_seed` ``(cfg.seed, b)``, and turn each batch into
+    features as it arrives.
 
     Only the features and the first ``preview`` images or ``preview_points`` points (CPU) are
     kept, so a sweep over many large images never holds all samples in memory. ``keep_all=True``
@@ -144,14 +163,14 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
     drawing stops once the head is full (nothing else would use the samples).
     ``timings["sampling"|"features"]`` are increased.
     """
-    gen = torch.Generator(device=model_device(model)).manual_seed(int(cfg.seed))
+    device = model_device(model)
     keep = -1  # samples kept for the preview: decided from the first batch's kind
     head: list[torch.Tensor] = []
     everything: list[torch.Tensor] = []
     feats: list[Features] = []
     kept, remaining, error = 0, cfg.num_samples, None
-    while remaining > 0:
-        n = min(cfg.batch_size, remaining)
+    for b, n in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
+        gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
         t = time.perf_counter()
         try:
             out = sampler(model, n, gen)

@@ -61,3 +61,19 @@ def val_loss(model: nn.Module, data: torch.Tensor, sigma: float = 0.4, seed: int
     noisy = data + sigma * torch.randn(data.shape, generator=g)
     with torch.no_grad():
         return float(((model(noisy, sigma) - data) ** 2).mean())
+
+
+def batch_generator(seed: int, batch: int) -> torch.Generator:
+    """The generator of sample batch ``batch`` of a sweep seeded with ``seed``, re-derived from the
+    documented convention (docs/run-format.md, ``sample_seeding: "batch_sha256"``), not from emascope."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(seed)}:{int(batch)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def redraw(model: nn.Module, sampler, num_samples: int, batch_size: int, seed: int) -> torch.Tensor:
+    """A sweep's samples drawn again: batches of ``batch_size``, batch ``b`` from ``batch_generator``."""
+    sizes = [min(batch_size, num_samples - i) for i in range(0, num_samples, batch_size)]
+    with torch.no_grad():
+        return torch.cat([sampler(model, n, batch_generator(seed, b)) for b, n in enumerate(sizes)])

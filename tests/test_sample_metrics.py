@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scope_helpers import Denoiser, mixture, sampler, train_step
+from scope_helpers import Denoiser, mixture, redraw, sampler, train_step
 
 from emascope import attach
 from emascope.bank import DEFAULT_DECAYS, EMABank
@@ -76,10 +76,7 @@ def _regenerate(bank, variant, seed=7):
     model = Denoiser()
     model.load_state_dict(bank.materialize(variant))
     model.eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sizes = [min(BATCH, NUM_SAMPLES - i) for i in range(0, NUM_SAMPLES, BATCH)]
-        return torch.cat([sampler(model, n, g) for n in sizes])
+    return redraw(model, sampler, NUM_SAMPLES, BATCH, seed)
 
 
 def test_hook_gets_every_sample_of_every_variant_once_per_sweep(recorded):
@@ -205,3 +202,27 @@ def test_decays_none_means_the_default_sweep(tmp_path):
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["decays"] == list(DEFAULT_DECAYS)
     assert EMABank(model, None).decays == EMABank(model).decays == tuple(DEFAULT_DECAYS)
+
+
+def test_batch_seeds_follow_the_documented_convention_and_subsets_redraw_exactly():
+    """Batch b of a sweep is drawn from its own generator (docs/run-format.md, sample_seeding), so a
+    subset of batches (one rank's share, a later racing round) is drawn exactly as in the full sweep."""
+    import hashlib
+
+    from scope_helpers import batch_generator
+
+    from emascope.scoring import batch_seed, batch_sizes
+
+    for seed, b in ((0, 0), (0, 1), (7, 3), (2**40, 12)):
+        digest = hashlib.sha256(f"{seed}:{b}".encode()).digest()
+        assert batch_seed(seed, b) == int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    assert len({batch_seed(s, b) for s in range(20) for b in range(20)}) == 400
+    assert batch_sizes(10, 4) == [4, 4, 2] and batch_sizes(8, 4) == [4, 4] and batch_sizes(3, 8) == [3]
+    torch.manual_seed(0)
+    model = Denoiser().eval()
+    whole = redraw(model, sampler, 100, 30, 5)
+    with torch.no_grad():
+        third = sampler(model, 30, batch_generator(5, 2))
+        last = sampler(model, 10, batch_generator(5, 3))
+    torch.testing.assert_close(whole[60:90], third, rtol=0, atol=0)
+    torch.testing.assert_close(whole[90:], last, rtol=0, atol=0)

@@ -4,6 +4,7 @@ the shipped run directories under sample_runs/runs/."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -33,13 +34,25 @@ def _few_threads():
     torch.set_num_threads(old)
 
 
-def redraw(model, sampler, num_samples: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The agent's samples, drawn again independently: one CPU generator seeded with ``seed``,
-    ``sampler`` on batches of ``batch_size`` (the agent's convention, see agent/scoring.py)."""
-    gen = torch.Generator().manual_seed(int(seed))
+def redraw(model, sampler, num_samples: int, batch_size: int, seed: int,
+           seeding: str | None = "batch_sha256") -> torch.Tensor:
+    """The agent's samples, drawn again independently, by the convention run.json's
+    ``settings.sample_seeding`` names (docs/run-format.md): ``"batch_sha256"``, batch ``b`` from a
+    fresh CPU generator seeded with the first 8 bytes of sha256(f"{seed}:{b}") (little-endian, top bit
+    cleared); ``None`` (runs written before the key existed), every batch from one generator."""
     sizes = [min(batch_size, num_samples - i) for i in range(0, num_samples, batch_size)]
+    stream = torch.Generator().manual_seed(int(seed))
+    out = []
     with torch.no_grad():
-        return torch.cat([sampler(model, n, gen).cpu() for n in sizes])
+        for b, n in enumerate(sizes):
+            if seeding is None:
+                gen = stream
+            else:
+                assert seeding == "batch_sha256", seeding
+                digest = hashlib.sha256(f"{int(seed)}:{b}".encode()).digest()
+                gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+            out.append(sampler(model, n, gen).cpu())
+    return torch.cat(out)
 
 
 def frechet_distance_scipy(a: np.ndarray, b: np.ndarray) -> float:
@@ -351,7 +364,7 @@ def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
         model.eval()
         settings = info["settings"]
         x = redraw(model, tree2d.make_sampler(cfg.sample_steps), settings["num_samples"],
-                   settings["batch_size"], settings["seed"])
+                   settings["batch_size"], settings["seed"], settings.get("sample_seeding"))
         preview = np.load(run_dir / "samples" / f"step_{last:09d}" / "0.999.npy", allow_pickle=False)
         np.testing.assert_allclose(preview, x[: len(preview)].numpy(), atol=1e-4)
         # the shipped log-likelihood / tail coverage are those of exactly these samples, i.e. what

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from prdc import compute_prdc
-from scope_helpers import Denoiser, mixture, sampler, train_step, val_loss
+from scope_helpers import Denoiser, mixture, redraw, sampler, train_step, val_loss
 from torch import nn
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
@@ -152,10 +152,7 @@ def _regenerate(bank, variant, seed=0, batch=64):
     model = Denoiser()
     model.load_state_dict(bank.materialize(variant))
     model.eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sizes = [min(batch, NUM_SAMPLES - i) for i in range(0, NUM_SAMPLES, batch)]
-        return torch.cat([sampler(model, n, g) for n in sizes])
+    return redraw(model, sampler, NUM_SAMPLES, batch, seed)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -576,7 +573,7 @@ def test_reference_forms(tmp_path, kind):
     fd = [r for r in _metrics(tmp_path / "r") if r["metric"] == "fd" and r["variant"] == "raw"]
     model.eval()
     with torch.no_grad():
-        gen = sampler(model, 60, torch.Generator().manual_seed(0)).double()
+        gen = redraw(model, sampler, 60, 500, 0).double()
     expected = fid_statistics_to_metric(fid_features_to_statistics(gen),
                                         fid_features_to_statistics(ref.double()), False)
     assert len(fd) == 1 and fd[0]["value"] == pytest.approx(expected["frechet_inception_distance"], rel=1e-9)
