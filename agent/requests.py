@@ -1,9 +1,11 @@
 """Export requests dropped into ``RUN_DIR/requests/`` (by the dashboard), fulfilled by a live agent.
 
 Protocol (docs/run-format.md, "requests/ and exports/"; schema in :mod:`emascope.runformat`):
-``requests/<id>.json`` holds ``{"id", "variant", "name", "dtype", "time"}``. At a step boundary
-the agent exports the variant to ``exports/<name>.safetensors`` atomically, writes
-``exports/<id>.status.json`` and removes the request. Ids and names are checked by the one shared
+``requests/<id>.json`` holds ``{"id", "variant", "name", "dtype", "overwrite", "time"}``. At a step
+boundary the agent exports the variant to ``exports/<name>.safetensors`` atomically, writes
+``exports/<id>.status.json`` and removes the request. An existing ``exports/<name>.safetensors``
+is replaced only when the request says ``"overwrite": true``; otherwise the request fails with an
+error status and the file is left as it was. Ids and names are checked by the one shared
 validation (:func:`emascope.runformat.parse_request`), so nothing is written outside ``exports/``.
 """
 
@@ -61,6 +63,9 @@ class RequestPoller:
             req = rf.parse_request(json.loads(path.read_text(encoding="utf-8")), stem=stem)
             variant = self.resolve_variant(req.variant)
             rel = rf.export_file(req.name)
+            if not req.overwrite and os.path.lexists(self.run_dir / rel):
+                raise FileExistsError(f"{rel} already exists and the request did not ask to overwrite it "
+                                      '(set "overwrite": true to replace it); the file was left as it was')
             nbytes = int(self.export_fn(variant, self.run_dir / rel, req.dtype))
         except Exception as exc:  # noqa: BLE001 - reported in the status file
             rel, error = None, f"{type(exc).__name__}: {exc}"

@@ -325,24 +325,30 @@ def inside_run(run_dir: str | os.PathLike, rel: str) -> Path:
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """A validated request: export ``variant`` to ``exports/<name>.safetensors`` as ``dtype``."""
+    """A validated request: export ``variant`` to ``exports/<name>.safetensors`` as ``dtype``.
+
+    ``overwrite``: replace an existing ``exports/<name>.safetensors`` (default False: the agent
+    refuses the request when the file exists, and the file is left as it was).
+    """
 
     id: str
     variant: str
     name: str
     dtype: str | None
+    overwrite: bool = False
 
 
 def request_body(request: ExportRequest, time: float) -> dict[str, Any]:
     """The JSON body of ``requests/<id>.json``."""
     return {"id": request.id, "variant": request.variant, "name": request.name, "dtype": request.dtype,
-            "time": time}
+            "overwrite": request.overwrite, "time": time}
 
 
 def parse_request(body: Any, *, stem: str) -> ExportRequest:
     """Validate a request object read from ``requests/<stem>.json``; ``ValueError`` naming the bad
     field. The ``id`` field must equal the file stem (or be absent); the variant is normalised
-    (:func:`parse_variant`) but whether the bank holds it is checked by the agent."""
+    (:func:`parse_variant`) but whether the bank holds it is checked by the agent; ``overwrite``
+    must be a JSON boolean (absent: false)."""
     if not isinstance(body, dict):
         raise ValueError(f"request must be a JSON object, got {type(body).__name__}")
     rid = body.get("id", stem)
@@ -353,7 +359,11 @@ def parse_request(body: Any, *, stem: str) -> ExportRequest:
         raise ValueError(f"bad variant {variant!r}")
     variant = parse_variant(str(variant))
     name = body.get("name") or default_export_name(variant)
-    return ExportRequest(rid, variant, validate_export_name(name), validate_export_dtype(body.get("dtype")))
+    overwrite = body.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"bad overwrite {overwrite!r} (true or false; absent means false)")
+    return ExportRequest(rid, variant, validate_export_name(name), validate_export_dtype(body.get("dtype")),
+                         overwrite)
 
 
 def status_record(*, request_id: str | None, state: str, variant: str | None, step: int, path: str | None,

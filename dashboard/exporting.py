@@ -10,7 +10,10 @@ The dashboard process never imports torch. Two paths:
 
 Names typed by a user never leave the run's ``exports/`` folder: :func:`export_path` validates the
 name with the one shared check (:func:`emascope.runformat.validate_export_name`), resolves the path
-and checks containment, raising ValueError otherwise.
+and checks containment, raising ValueError otherwise. An existing checkpoint is never replaced
+unless the caller says ``overwrite=True`` (the page asks for a confirmation first): without it
+:func:`export_from_snapshot` raises :class:`ExportExists` before starting anything, and a live
+request goes out with ``"overwrite": false``, which the agent refuses for an existing file.
 """
 
 from __future__ import annotations
@@ -26,9 +29,16 @@ from typing import Any
 
 from emascope import runformat as rf
 from emascope.atomic import atomic_write_json
+from emascope.dashboard.files import RefusedFile, read_capped, resolved_root
 
 #: Seconds a finished-run export may take before the child process is stopped.
 EXPORT_TIMEOUT_S = 900.0
+#: Cap of a status file read back from the agent (a real one is a few hundred bytes).
+MAX_STATUS_BYTES = 64 * 1024
+
+
+class ExportExists(FileExistsError):
+    """The export's target file exists and the caller did not confirm overwriting it."""
 
 
 def default_name(variant: str) -> str:
@@ -55,20 +65,37 @@ def new_request_id() -> str:
     return time.strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(4)
 
 
-def request_export(run_dir: str | os.PathLike, variant: str, name: str, dtype: str | None = None) -> str:
-    """Ask a live agent for a checkpoint: write ``requests/<id>.json`` atomically; returns the id."""
-    request = rf.ExportRequest(id=new_request_id(), variant=rf.parse_variant(variant),
-                               name=export_path(run_dir, name).stem, dtype=rf.validate_export_dtype(dtype))
+def existing_export(run_dir: str | os.PathLike, name: str) -> Path | None:
+    """The checkpoint ``exports/<name>.safetensors`` if something already exists there, else None
+    (ValueError for a bad name, as :func:`export_path`)."""
+    target = export_path(run_dir, name)
+    return target if os.path.lexists(target) else None
+
+
+def request_export(run_dir: str | os.PathLike, variant: str, name: str, dtype: str | None = None, *,
+                   overwrite: bool = False) -> str:
+    """Ask a live agent for a checkpoint: write ``requests/<id>.json`` atomically; returns the id.
+
+    ``overwrite=False`` raises :class:`ExportExists` when the target exists already (the agent
+    would refuse it too: it checks again when it fulfils the request).
+    """
+    target = export_path(run_dir, name)
+    if not overwrite and os.path.lexists(target):
+        raise ExportExists(f"{rf.export_file(target.stem)} already exists")
+    request = rf.ExportRequest(id=new_request_id(), variant=rf.parse_variant(variant), name=target.stem,
+                               dtype=rf.validate_export_dtype(dtype), overwrite=bool(overwrite))
     atomic_write_json(Path(run_dir) / rf.request_file(request.id), rf.request_body(request, time.time()))
     return request.id
 
 
 def export_status(run_dir: str | os.PathLike, request_id: str) -> dict[str, Any] | None:
-    """The agent's ``exports/<id>.status.json`` for a request, or None while there is none (or it is torn)."""
-    path = Path(run_dir) / rf.status_file(request_id)  # ValueError for a bad id
+    """The agent's ``exports/<id>.status.json`` for a request, or None while there is none (or it is
+    torn, or refused: not a regular file, a symlink out of the run, larger than 64 kB)."""
+    root = resolved_root(run_dir)
+    path = Path(root) / rf.status_file(request_id)  # ValueError for a bad id
     try:
-        obj = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        obj = json.loads(read_capped(path, root, MAX_STATUS_BYTES))
+    except (OSError, RefusedFile, ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -104,16 +131,20 @@ def export_command(run_dir: str | os.PathLike, variant: str, out: Path, dtype: s
     return cmd + (["--dtype", dtype] if dtype else [])
 
 
-def export_from_snapshot(run_dir: str | os.PathLike, variant: str, name: str, dtype: str | None = None) -> Path:
+def export_from_snapshot(run_dir: str | os.PathLike, variant: str, name: str, dtype: str | None = None, *,
+                         overwrite: bool = False) -> Path:
     """Rebuild ``variant`` from ``banks/latest.safetensors`` into ``exports/<name>.safetensors``.
 
     Runs ``emascope export`` in a child process (torch is imported there, never here). Raises
-    ValueError for a bad name/variant/dtype, FileNotFoundError when there is no snapshot, and
-    RuntimeError with the command's own message when the export fails.
+    ValueError for a bad name/variant/dtype, :class:`ExportExists` when the target exists and
+    ``overwrite`` is False, FileNotFoundError when there is no snapshot, and RuntimeError with the
+    command's own message when the export fails.
     """
     variant = rf.parse_variant(variant)
     out = export_path(run_dir, name)
     rf.validate_export_dtype(dtype)
+    if not overwrite and os.path.lexists(out):
+        raise ExportExists(f"{rf.export_file(out.stem)} already exists")
     if not (Path(run_dir) / rf.SNAPSHOT).is_file():
         raise FileNotFoundError(f"no bank snapshot at {Path(run_dir) / rf.SNAPSHOT}")
     try:

@@ -286,6 +286,9 @@ def best_decay_over_training(drift: pd.DataFrame, metrics_shown: Sequence[str] |
     if metrics_shown:
         drift = drift[drift["metric"].isin(list(metrics_shown))]
     pos = decay_positions(variant_order(drift["variant"]))
+    drift = drift[drift["variant"].isin(list(pos))]  # a variant that is not a decay has no place
+    if drift.empty:
+        return _empty("no best decay to draw")
     fig = go.Figure()
     for metric, g in drift.groupby("metric"):
         g = g.sort_values("step")
