@@ -20,6 +20,7 @@ import streamlit as st
 from emascope import runformat as rf
 from emascope.dashboard import exporting, plots, ranking
 from emascope.dashboard.data import (
+    Discovery,
     RunData,
     RunReader,
     find_runs,
@@ -75,6 +76,13 @@ def get_watcher(root: str, poll: bool) -> RunWatcher | None:
     except Exception as exc:  # noqa: BLE001 - the page falls back to polling the shown run's files
         _LOG.warning("cannot watch %s (%s): polling the shown run's files instead", root, type(exc).__name__)
         return None
+
+
+@st.cache_resource(show_spinner=False, ttl=2)
+def discover(root: str) -> Discovery:
+    """The runs below ``root`` (bounded search), shared by all sessions for 2 s: a folder of
+    thousands of runs is not walked again on every rerun of every session."""
+    return find_runs(root)
 
 
 @st.cache_resource(show_spinner=False)
@@ -435,7 +443,7 @@ def main() -> None:
         st.error(f"No run directory to show (got {short_text(str(root))!r}). Start with `emascope dashboard PATH`.")
         return
     try:
-        found = find_runs(root)
+        found = discover(str(root))
     except Exception as exc:  # noqa: BLE001 - e.g. the folder vanished
         failed(f"Cannot search {root} for runs", exc)
         return

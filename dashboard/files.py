@@ -40,8 +40,11 @@ class RefusedFile(ValueError):
     """A run-directory file the dashboard will not read (not regular, outside the run, too large)."""
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / (1024 * 1024):.0f} MB"
+def _size(n: int) -> str:
+    """A byte count for people: ``64 MB``, ``12 kB``, ``10 bytes``."""
+    if n >= 1024 * 1024:
+        return f"{n / (1024 * 1024):.0f} MB"
+    return f"{n / 1024:.0f} kB" if n >= 1024 else f"{n} bytes"
 
 
 def _inside(path: str, root: str) -> bool:
@@ -94,11 +97,11 @@ def read_capped(path: str | os.PathLike, root: str | os.PathLike, max_bytes: int
     f, st = open_regular(path, root)
     with f:
         if st.st_size > max_bytes:
-            raise RefusedFile(f"{os.path.basename(os.fspath(path))}: {_megabytes(st.st_size)}, "
-                              f"more than the {_megabytes(max_bytes)} the dashboard reads")
+            raise RefusedFile(f"{os.path.basename(os.fspath(path))}: {_size(st.st_size)}, "
+                              f"more than the {_size(max_bytes)} the dashboard reads")
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:  # grew while being read
-        raise RefusedFile(f"{os.path.basename(os.fspath(path))}: more than the {_megabytes(max_bytes)} "
+        raise RefusedFile(f"{os.path.basename(os.fspath(path))}: more than the {_size(max_bytes)} "
                           "the dashboard reads")
     return data
 

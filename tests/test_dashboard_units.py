@@ -158,7 +158,7 @@ def test_export_from_snapshot_without_snapshot_is_a_clear_error(tmp_path):
 def test_launch_command_security_defaults(tmp_path):
     cmd = launch.build_command(tmp_path, port=8765)
     joined = " ".join(cmd)
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("app.py")
+    assert cmd[1:4] == ["-m", "emascope.dashboard.server", "run"] and cmd[4].endswith("app.py")
 
     def opt(name):
         return [cmd[i + 1] for i, c in enumerate(cmd) if c == name]
@@ -169,6 +169,7 @@ def test_launch_command_security_defaults(tmp_path):
     assert hosts == ["localhost", "127.0.0.1", "::1"]  # one flag per host, never the comma form
     assert all("," not in h for h in hosts)
     assert opt("--server.enableXsrfProtection") == ["true"] and opt("--server.enableCORS") == ["true"]
+    assert opt("--client.showErrorDetails") == ["type"]  # no message, traceback or path in the browser
     assert cmd[-2:] == ["--", str(tmp_path)] and "--poll" not in joined
     assert launch.build_command(tmp_path, poll=True)[-1] == "--poll"
     wide = launch.build_command(tmp_path, host="0.0.0.0", extra_hosts=["box.lan"])
