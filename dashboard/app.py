@@ -41,6 +41,8 @@ MAX_COMPARE_RUNS = 8
 MAX_ERRORS_SHOWN = 50
 #: Metrics offered in the picker at most (the standard ones first).
 MAX_METRICS_SHOWN = 100
+#: Stages offered by the stage slider at most.
+MAX_STAGE_OPTIONS = 1000
 _LOG = logging.getLogger("emascope.dashboard")
 STATE_LABEL = {"live": "live", "finished": "finished", "stale": "stale", "unknown": "unknown"}
 STATE_HELP = {
@@ -175,11 +177,17 @@ def pick_metric(run: RunData, box) -> str | None:
 
 
 def pick_stage(steps: list[int], box) -> int | None:
-    """Stage select_slider that follows the newest stage unless the user moved it back."""
+    """Stage select_slider that follows the newest stage unless the user moved it back.
+
+    At most :data:`MAX_STAGE_OPTIONS` stages are offered (evenly spaced, first, last and the
+    chosen one kept).
+    """
     if not steps:
         return None
     latest, prev_latest = steps[-1], st.session_state.get("_latest_stage")
     cur = st.session_state.get("stage")
+    if len(steps) > MAX_STAGE_OPTIONS:
+        steps = sorted(set(ranking.pick_stages(steps, MAX_STAGE_OPTIONS)) | ({cur} & set(steps)))
     if cur not in steps or cur == prev_latest:
         st.session_state["stage"] = latest
     st.session_state["_latest_stage"] = latest

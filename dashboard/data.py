@@ -397,6 +397,35 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
     return frame, invalid
 
 
+#: Distinct variants and metric names of one run the dashboard keeps (a bank holds a few dozen).
+MAX_VARIANTS = 256
+MAX_METRICS = 256
+
+
+def cap_frame(frame: pd.DataFrame, listed: Any = None, max_variants: int = MAX_VARIANTS,
+              max_metrics: int = MAX_METRICS) -> tuple[pd.DataFrame, str | None]:
+    """Keep at most ``max_variants`` variants and ``max_metrics`` metric names of a metrics frame.
+
+    Variants named in run.json's ``variants`` (``listed``) come first, then the others in the order
+    they first appear; metric names in first-appearance order. Returns ``(frame, note)`` where
+    ``note`` says what was left out (None when nothing was).
+    """
+    notes = []
+    variants = pd.unique(frame["variant"])
+    if len(variants) > max_variants:
+        first = [v for v in (listed if isinstance(listed, list) else []) if isinstance(v, str)]
+        order = list(dict.fromkeys([v for v in first if v in set(variants)] + list(variants)))
+        frame = frame[frame["variant"].isin(order[:max_variants])]
+        notes.append(f"{len(variants):,} variants: only {max_variants} are shown")
+    metrics = pd.unique(frame["metric"])
+    if len(metrics) > max_metrics:
+        frame = frame[frame["metric"].isin(metrics[:max_metrics])]
+        notes.append(f"{len(metrics):,} metric names: only the first {max_metrics} are shown")
+    if not notes:
+        return frame, None
+    return frame.reset_index(drop=True), "; ".join(notes)
+
+
 def run_state(heartbeat: dict[str, Any] | None, now: float | None = None) -> str:
     """``"live"``, ``"finished"``, ``"stale"`` or ``"unknown"`` (:func:`emascope.runformat.run_state`)."""
     return rf.run_state(heartbeat, time.time() if now is None else now)
@@ -490,6 +519,7 @@ class RunReader:
         self._events = JsonlReader(base / rf.EVENTS, self.root)
         self._frame = pd.DataFrame(columns=METRIC_COLUMNS)
         self._invalid = 0
+        self._capped: str | None = None
         self._lock = threading.Lock()
         self.frame_builds = 0
 
@@ -503,6 +533,8 @@ class RunReader:
             elif r.truncated:
                 out[name] = (f"larger than the {r.max_bytes // (1024 * 1024)} MB the dashboard reads: "
                              "later records are not shown")
+        if self._capped and rf.METRICS not in out:
+            out[rf.METRICS] = self._capped
         return out
 
     def load(self) -> RunData:
@@ -521,7 +553,8 @@ class RunReader:
                 except ValueError as exc:
                     error = short_text(exc)
             if error is None and self._metrics.read():
-                self._frame, self._invalid = metric_records_to_frame(self._metrics.records)
+                frame, self._invalid = metric_records_to_frame(self._metrics.records)
+                self._frame, self._capped = cap_frame(frame, info.get("variants"))
                 self.frame_builds += 1
             return RunData(
                 path=self.path,

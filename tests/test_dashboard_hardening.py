@@ -369,6 +369,24 @@ def test_3000_runs_compare_is_lazy_and_capped(tmp_path, monkeypatch):
     assert len(compare["data"]) == 16  # two traces per compared run, not 6,000
 
 
+def test_thousands_of_variants_metrics_and_stages_are_capped(tmp_path, monkeypatch):
+    """A run that is valid record by record but huge in what the page would draw."""
+    run = make_run(tmp_path, "wide", steps=(1000,), samples=False)
+    rec = {"variant": "0.9", "metric": "fid", "value": 1.0, "time": 0.0}
+    write_jsonl(run / "metrics.jsonl", [{**rec, "step": 1000, "variant": repr(0.6 + i * 1e-4)} for i in range(400)])
+    write_jsonl(run / "metrics.jsonl", [{**rec, "step": 1000, "metric": f"m{i}"} for i in range(400)])
+    write_jsonl(run / "metrics.jsonl", [{**rec, "step": 2000 + i} for i in range(3000)])
+    d = load_run(run)
+    assert d.metrics["variant"].nunique() == 256 and d.metrics["metric"].nunique() == 256
+    assert set(run_info()["variants"]) <= set(d.metrics["variant"])  # run.json's variants are kept first
+    assert d.file_errors["metrics.jsonl"] == ("411 variants: only 256 are shown; "
+                                              "403 metric names: only the first 256 are shown")
+    at = _start(monkeypatch, tmp_path)
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.sidebar.select_slider(key="stage").options) <= 1001
+    assert any("411 variants: only 256 are shown" in w.value for w in at.warning)
+
+
 def test_a_failing_view_shows_a_short_message_and_logs_the_details(tmp_path, monkeypatch, caplog):
     make_run(tmp_path, "r", steps=(1000, 2000), samples=False)
     secret = str(tmp_path / "some" / "private" / "path.py")
