@@ -345,17 +345,23 @@ def valid_step(x: Any) -> int | None:
     return None
 
 
-def _variant_or_none(v: Any, cache: dict[str, str | None]) -> str | None:
-    """The canonical variant of a record's ``variant`` string; None for anything that is not
-    ``raw``, ``bema`` or a decay in [0, 1) (``"foo"``, ``"1.0"``, ``"nan"``)."""
-    if not isinstance(v, str) or not v or len(v) > 64:
-        return None
-    if v not in cache:
+_NOT_A_VARIANT = (None, None)
+
+
+def _variant_or_none(v: Any, cache: dict[str, tuple[str | None, float | None]]) -> tuple[str | None, float | None]:
+    """``(canonical variant, decay)`` of a record's ``variant`` string (decay None for raw/bema);
+    ``(None, None)`` for anything that is not ``raw``, ``bema`` or a decay in [0, 1) (``"foo"``,
+    ``"1.0"``, ``"nan"``). ``cache`` holds the answer per distinct string (a run has a few dozen)."""
+    if not isinstance(v, str):
+        return _NOT_A_VARIANT
+    got = cache.get(v)
+    if got is None:
         try:
-            cache[v] = rf.parse_variant(v)
+            name = rf.parse_variant(v) if 0 < len(v) <= 64 else None
         except ValueError:
-            cache[v] = None
-    return cache[v]
+            name = None
+        got = cache[v] = _NOT_A_VARIANT if name is None else (name, rf.decay_of(name))
+    return got
 
 
 def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataFrame, int]:
@@ -370,17 +376,20 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
     """
     rows = []
     invalid = 0
-    variants: dict[str, str | None] = {}
+    variants: dict[str, tuple[str | None, float | None]] = {}
     for r in records:
-        step, metric = valid_step(r.get("step")), r.get("metric")
-        variant = _variant_or_none(r.get("variant"), variants)
-        if step is None or variant is None or not isinstance(metric, str) or not 0 < len(metric) <= MAX_METRIC_NAME:
+        step, metric = r.get("step"), r.get("metric")
+        variant, decay = _variant_or_none(r.get("variant"), variants)
+        if (
+            type(step) is not int  # noqa: E721 - exactly int: bool is refused too
+            or not 0 <= step <= MAX_STEP
+            or variant is None
+            or not isinstance(metric, str)
+            or not 0 < len(metric) <= MAX_METRIC_NAME
+        ):
             invalid += 1
             continue
-        value = _finite_or_none(r.get("value"))
-        decay = rf.decay_of(variant)
-        t = _finite_or_none(r.get("time"))
-        rows.append((step, variant, decay, metric, value, t))
+        rows.append((step, variant, decay, metric, _finite_or_none(r.get("value")), _finite_or_none(r.get("time"))))
     frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
     frame = frame.astype(
         {
