@@ -3,7 +3,9 @@
 Rebuilds one variant from the run's bank snapshot (``banks/latest.safetensors``) without the
 model's Python class and writes it as a ``.safetensors`` checkpoint (atomic), through
 :func:`emascope.snapshot.export_from_run`. Default output:
-``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. Exit codes: 0 done, 2 bad input.
+``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. ``--out`` may be any file path outside the
+run directory or under its ``exports/``; a folder, an unwritable place or a file of the run itself
+(``RUN/run.json``) is refused. Exit codes: 0 done, 2 bad input (a message naming the problem).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     from emascope.snapshot import ExportError, export_from_run  # torch is imported only here
 
+    def note(message: str) -> None:
+        print(f"emascope export: note: {message}", file=sys.stderr)
+
     try:
-        path = export_from_run(args.run_dir, args.variant, args.out, args.dtype)
-    except ExportError as exc:
+        path = export_from_run(args.run_dir, args.variant, args.out, args.dtype, notice=note)
+    except (ExportError, OSError) as exc:  # OSError: a file system error not foreseen by the checks
         print(f"emascope export: error: {exc}", file=sys.stderr)
         return 2
     print(f"{path}  ({path.stat().st_size} bytes)")

@@ -36,6 +36,7 @@ import inspect
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,9 @@ from emascope import runformat as rf
 from emascope.bank import EMABank, unwrap_model
 from emascope.config import BankConfig, Hooks, RunConfig, ScoringConfig, build_configs, settings_of
 from emascope.requests import RequestPoller
-from emascope.rundir import RunWriter, host_info, new_run_id, prepare_run_dir
+from emascope.rundir import RunWriter, host_info, new_run_id, prepare_run_dir, remove_stale_temps
 from emascope.scoring import Scorer, SweepResult
-from emascope.snapshot import export_checkpoint, load_snapshot, save_snapshot
+from emascope.snapshot import check_export_target, export_checkpoint, load_snapshot, save_snapshot
 from emascope.version import __version__
 
 
@@ -144,7 +145,9 @@ class Scope:
                             bias_correction=b.bias_correction, bema=b.bema or False,
                             average_buffers=b.average_buffers)
         self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
-        resumed_from = self._resume_bank() if run.resume else None
+        stale = remove_stale_temps(self.run_dir)
+        notices: list[str] = []
+        resumed_from = self._resume_bank(notices.append) if run.resume else None
         previous = self._previous_run() if run.resume else {}
         self.run_id = str(previous.get("run_id") or new_run_id())
         if isinstance(previous.get("start_time"), (int, float)):
@@ -162,9 +165,15 @@ class Scope:
         self.writer.event("start", self._step)
         if resumed_from is not None:
             self.writer.event("resume", self._step, snapshot_step=resumed_from)
+        for message in notices:
+            self.writer.event("notice", self._step, where="resume", message=message)
+        if stale:
+            self.writer.event("notice", self._step, where="start", removed=[p for p, _ in stale],
+                              message=f"removed {len(stale)} stale temp file(s) of {sum(n for _, n in stale)} "
+                                      "bytes left by a writer that was killed")
         self.writer.start_heartbeat()
         self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
-                                      on_result=self._export_event)
+                                      on_result=self._export_event, on_notice=self._requests_notice)
 
     # ------------------------------------------------------------------ public API
 
@@ -205,7 +214,10 @@ class Scope:
             return None
         variant = self.bank.resolve(variant)
         if path is None:
+            rf.run_subdir(self.run_dir, rf.EXPORTS)  # ValueError: a symlinked exports/
             path = self.run_dir / rf.export_file(rf.default_export_name(variant, self._step))
+        else:
+            path = check_export_target(self.run_dir, path)  # never a file of the run itself
         out = self._export(variant, Path(path), dtype)
         try:  # relative to the run directory when inside it, as in export requests
             shown = out.resolve().relative_to(self.run_dir.resolve()).as_posix()
@@ -265,7 +277,7 @@ class Scope:
                 self._score()
             if self._last_snapshot != self._step:
                 self._snapshot()
-            self.requests.poll(self._step)
+            self.requests.poll(self._step, final=True)
         except Exception as exc:  # noqa: BLE001
             self.writer.error("close", self._step, exc)
         self.writer.event("close", self._step, seconds_alive=time.time() - self.t0)
@@ -359,6 +371,9 @@ class Scope:
     def _export_for_request(self, variant: str, path: Path, dtype: str | None) -> int:
         return self._export(variant, path, dtype).stat().st_size
 
+    def _requests_notice(self, message: str) -> None:
+        self.writer.event("notice", self._step, where="requests", message=message)
+
     def _export_event(self, record: dict[str, Any]) -> None:
         self.writer.event("export", self._step, request_id=record.get("id"), variant=record.get("variant"),
                           path=record.get("path"), bytes=record.get("bytes"),
@@ -366,18 +381,19 @@ class Scope:
 
     # ------------------------------------------------------------------ run.json and resume
 
-    def _resume_bank(self) -> int | None:
+    def _resume_bank(self, notice: Callable[[str], None]) -> int | None:
         """Load ``banks/latest.safetensors`` into the new bank and continue its step count.
 
         Returns the snapshot's step, or ``None`` when the run has no snapshot yet (the bank then
         starts from the current weights at step 0). Raises ``ValueError`` if the snapshot belongs
-        to another model or other bank settings.
+        to another model or other bank settings, or is malformed or corrupt (checksum). ``notice``
+        receives a message when the snapshot predates checksums (loaded unverified).
         """
         path = self.run_dir / rf.SNAPSHOT
         if not path.is_file():
             return None
         try:
-            self.bank.load_state_dict(load_snapshot(path).state_dict())
+            self.bank.load_state_dict(load_snapshot(path, notice=notice).state_dict())
         except (ValueError, OSError) as exc:
             raise ValueError(f"resume=True: cannot continue the bank snapshot {str(path)!r}: {exc}") from exc
         self._step = int(self.bank.step)

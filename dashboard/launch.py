@@ -21,7 +21,7 @@ import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
-from emascope.procs import restore_sigint
+from emascope.procs import die_with_parent_preexec, restore_sigint, watch_parent
 
 APP = Path(__file__).with_name("app.py")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -161,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ, **{ENV_PATH: str(path)})
     if args.poll:
         env["EMASCOPE_POLL"] = "1"
-    proc = subprocess.Popen(cmd, env=env)
+    # the server dies with this launcher, even a SIGKILLed one (Linux: parent-death signal)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent_preexec())
 
     def forward(signum, _frame):  # a terminated launcher must not leave the server running
         proc.send_signal(signum)
@@ -171,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, forward)
         except (ValueError, OSError, AttributeError):  # not the main thread / not on this platform
             pass
+    # started by `emascope demo` (EMASCOPE_PARENT_PID): stop when it is gone, on any platform
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     url = url_for(args.host, args.port)
 
     def announce() -> None:
