@@ -410,7 +410,7 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
     try:
         bank = load_snapshot(snapshot, notice=notice)
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"cannot read bank snapshot {str(snapshot)!r}: {exc}") from exc
+        raise ExportError(f"cannot read the bank snapshot: {exc}") from exc  # exc names the file
     try:
         name = bank.resolve(variant)
     except ValueError as exc:
