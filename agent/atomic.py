@@ -14,6 +14,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Serialise ``obj`` as indented JSON and write it atomically (see :func:`atomic_write_bytes`)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Atomically create ``path`` with a writer that needs a filename (e.g. safetensors' ``save_file``).
+
+    ``write(tmp)`` writes the whole file at ``tmp`` (a fresh temp file beside ``path``); the temp file
+    then gets the mode a plain ``open`` would have given it (some writers replace it with their own
+    0600 file), is fsynced and replaces ``path``. On any error the temp file is removed and ``path``
+    is left untouched. Returns ``path``.
+    """
+    path = Path(path)
+    tmp = temp_path_for(path)
+    try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 minus the umask, from the kernel
+        write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:  # durable before it becomes visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
 
 
 def temp_path_for(path: str | os.PathLike) -> Path:

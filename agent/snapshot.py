@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from emascope import runformat as rf
-from emascope.atomic import temp_path_for
+from emascope.atomic import atomic_write_with
 from emascope.bank import EMABank
 from emascope.version import __version__
 
@@ -56,17 +56,7 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    path = Path(path)
-    tmp = temp_path_for(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:  # durable before it becomes visible, like emascope.atomic
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
