@@ -372,7 +372,7 @@ class Scope:
         return self._export(variant, path, dtype).stat().st_size
 
     def _requests_notice(self, message: str) -> None:
-        self.writer.event("notice", self._step, where="requests", message=message)
+        self.writer.event("notice", self._step, where=rf.REQUESTS, message=message)
 
     def _export_event(self, record: dict[str, Any]) -> None:
         self.writer.event("export", self._step, request_id=record.get("id"), variant=record.get("variant"),

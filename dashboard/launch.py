@@ -21,7 +21,7 @@ import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
-from emascope.procs import die_with_parent_preexec, restore_sigint, watch_parent
+from emascope.procs import PARENT_ENV, die_with_parent_preexec, restore_sigint, watch_parent
 
 APP = Path(__file__).with_name("app.py")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -159,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     cmd = build_command(path, host=args.host, port=args.port, poll=args.poll, extra_hosts=args.allowed_host)
     env = dict(os.environ, **{ENV_PATH: str(path)})
+    env.pop(PARENT_ENV, None)  # for this process's watch_parent only, not the server's children
     if args.poll:
         env["EMASCOPE_POLL"] = "1"
     # the server dies with this launcher, even a SIGKILLed one (Linux: parent-death signal)
