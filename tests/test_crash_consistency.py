@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -58,10 +59,10 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture()
-def killed_run(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def killed_once(tmp_path_factory) -> Path:
     """A run whose writer got SIGKILL while writing banks/latest.safetensors (a real kill -9)."""
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(run_dir)], stdout=subprocess.PIPE, text=True,
                             env=ENV, start_new_session=True)
     try:
@@ -73,6 +74,12 @@ def killed_run(tmp_path) -> Path:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return run_dir
+
+
+@pytest.fixture()
+def killed_run(killed_once, tmp_path) -> Path:
+    """A fresh copy of the killed run for one test."""
+    return Path(shutil.copytree(killed_once, tmp_path / "run", symlinks=True))
 
 
 def _resume(run_dir: Path, **kw):
@@ -118,9 +125,19 @@ def test_resume_removes_the_temp_file_of_a_killed_snapshot_and_nothing_else(kill
 
 
 def test_a_fresh_start_over_a_killed_run_removes_its_temp_files(killed_run):
+    """overwrite=True deletes banks/ anyway, but keeps reference/ and exports/: a reference cache
+    killed mid-write (and an hour-old export temp) are removed by the start's cleanup."""
+    ref_tmp = killed_run / "reference" / ".identity-0-ab.npz.0123456789abcdef.tmp"
+    ref_tmp.write_bytes(b"x" * 1000)
+    export_tmp = killed_run / "exports" / ".m.safetensors.0123456789abcdef.tmp"
+    export_tmp.write_bytes(b"x")
+    os.utime(export_tmp, (time.time() - 2 * rf.STALE_TEMP_AGE_S,) * 2)
     with _resume(killed_run, overwrite=True):
         pass
+    assert not ref_tmp.exists() and not export_tmp.exists()
     assert [p.name for p in (killed_run / "banks").iterdir()] == ["latest.safetensors"]
+    (notice,) = [e for e in _events(killed_run) if e["type"] == "notice" and e.get("where") == "start"]
+    assert "1001 bytes" in notice["message"]
 
 
 # ------------------------------------------------------------------ a full disk mid-append
