@@ -120,6 +120,7 @@ class RequestPoller:
             self._backlog = False
             return 0
         try:
+            (self.run_dir / rf.EXPORTS).mkdir(exist_ok=True)  # (a symlink, even dangling, is kept)
             rf.run_subdir(self.run_dir, rf.EXPORTS)
         except (ValueError, OSError) as exc:  # nowhere safe to write exports and status files
             self._notice_once(("dir", rf.EXPORTS), f"export requests are not fulfilled: {exc}")
