@@ -109,6 +109,20 @@ def test_crafted_header_is_refused_before_anything_is_allocated(good, tmp_path, 
     assert time.perf_counter() - t < 5.0  # 200,000 decays took 269 s of CPU
 
 
+def test_decay_sets_are_bounded_and_checked_in_linear_time():
+    """The duplicate check was quadratic (200,000 decays: minutes); a bank holds at most 4096."""
+    from emascope.ema_math import validate_decays
+
+    many = [i / (rf.MAX_DECAYS + 1) for i in range(rf.MAX_DECAYS)]
+    t = time.perf_counter()
+    assert len(validate_decays(many)) == rf.MAX_DECAYS
+    assert time.perf_counter() - t < 1.0
+    with pytest.raises(ValueError, match="at most 4096"):
+        validate_decays([i / 200_001 for i in range(200_000)])
+    with pytest.raises(ValueError, match="at most 4096"):
+        EMABank(make_tiny(), many + [0.999999])
+
+
 def test_deeply_nested_state_json_is_a_clear_error(good, tmp_path, no_allocation):
     tensors, meta, _ = _parts(good)
     meta[rf.SNAPSHOT_META_KEY] = "[" * 100_000 + "]" * 100_000
