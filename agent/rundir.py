@@ -214,17 +214,19 @@ class RunWriter:
         """Append one events.jsonl line ``{"time", "step", "type", **fields}``."""
         self._append(rf.EVENTS, rf.event_record(type, step, time.time(), **fields))
 
-    def error(self, where: str, step: int, exc: BaseException, variant: str | None = None) -> None:
+    def error(self, where: str, step: int, exc: BaseException, variant: str | None = None, *,
+              tell: bool = True) -> None:
         """Record an ``error`` event with the exception's message and traceback.
 
         The first error of each ``where`` is also logged (a ``logging`` warning of the
         ``emascope`` logger, shown on the training console by default) with the message and where
-        to read the rest; later errors of the same kind are only recorded and counted."""
+        to read the rest; later errors of the same kind are only recorded and counted. ``tell=False``
+        records without logging (the training job's own exception, which the user sees anyway)."""
         message = f"{type(exc).__name__}: {exc}"
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.event("error", step, where=where, variant=variant, message=message, traceback=tb[-8000:])
         self.num_errors += 1
-        if where not in self._told:
+        if tell and where not in self._told:
             self._told.add(where)
             on = f" ({variant})" if variant else ""
             log.warning("emascope: %s failed at step %d%s: %s -- recorded in %s (traceback) and shown on the "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -60,6 +61,8 @@ from emascope.rundir import (
 from emascope.scoring import Scorer, SweepResult, attach_extractor
 from emascope.snapshot import export_checkpoint, load_snapshot, save_snapshot
 from emascope.version import __version__
+
+log = logging.getLogger(__name__)
 
 
 def dist_rank() -> int:
@@ -324,6 +327,13 @@ class Scope:
                           bytes=nbytes, ok=True, error=None, format=format)
         return out
 
+    def notice(self, where: str, message: str) -> None:
+        """Say something the user should know on the console (a ``logging`` warning) and, on rank 0,
+        in the run (a ``notice`` event with ``where`` and ``message``). Used by the integrations."""
+        log.warning("emascope: %s", message)
+        if self.writer is not None and not self.closed:
+            self.writer.event("notice", self._step, where=where, message=message)
+
     def state_dict(self) -> dict[str, Any]:
         """The agent's state for the training checkpoint: ``{"format", "step", "bank"}`` (``bank`` is
         ``EMABank.state_dict()``, copies; ``None`` off rank 0). Saves and loads with ``torch.save`` /
@@ -384,9 +394,18 @@ class Scope:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None and self.is_writer and not self.closed:
-            self.writer.error("training", self._step, exc)
-        self.close(score=False if exc is not None else None)
+        if exc is not None:
+            self.abort(exc)
+        else:
+            self.close()
+
+    def abort(self, exc: BaseException) -> None:
+        """Close after the training job failed with ``exc``: an ``error`` event (``where:
+        "training"``), then :meth:`close` without the final sweep (the bank is still snapshotted).
+        What the context manager and the Lightning / HF callbacks do on an exception."""
+        if self.is_writer and not self.closed:
+            self.writer.error("training", self._step, exc, tell=False)
+        self.close(score=False)
 
     # ------------------------------------------------------------------ per step
 
