@@ -88,8 +88,10 @@ class RunDirState:
     subdirs: frozenset[str]
 
 
-def run_dir_state(run_dir: str | os.PathLike) -> RunDirState:
-    """Record :class:`RunDirState` (reads only; top-level run files are small)."""
+def run_dir_state(run_dir: str | os.PathLike, *, overwrite: bool = False) -> RunDirState:
+    """Record :class:`RunDirState` (reads only; top-level run files are small). With ``overwrite``
+    the old run's files are about to be deleted: undoing then removes the new ones, it cannot bring
+    the old ones back."""
     path = Path(run_dir).absolute()
     if not path.exists():
         created = path
@@ -100,6 +102,9 @@ def run_dir_state(run_dir: str | os.PathLike) -> RunDirState:
     contents: dict[str, bytes | None] = {}
     for name in rf.RUN_FILES:
         f = path / name
+        if overwrite:
+            (sizes if name in rf.APPENDED else contents)[name] = None
+            continue
         if name in rf.APPENDED:
             sizes[name] = f.stat().st_size if f.is_file() else None
         else:

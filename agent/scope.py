@@ -93,9 +93,16 @@ OPTIMIZER_WRAPPER_ATTRS = ("optimizer", "_optimizer")
 
 
 def _has_step_hook(optimizer: Any) -> bool:
-    """A torch optimizer whose ``Optimizer.__init__`` ran (so ``register_step_post_hook`` works)."""
-    return (isinstance(optimizer, torch.optim.Optimizer)
-            and isinstance(getattr(optimizer, "_optimizer_step_post_hooks", None), dict))
+    """A torch optimizer whose ``Optimizer.__init__`` ran, so ``register_step_post_hook`` works
+    (accelerate's ``AcceleratedOptimizer`` subclasses ``Optimizer`` without running it): tried with
+    a hook that is removed at once."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return False
+    try:
+        optimizer.register_step_post_hook(lambda *args: None).remove()
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    return True
 
 
 def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer, list[str]]:
@@ -219,7 +226,7 @@ class Scope:
         extractor = attach_extractor(scoring, hooks, self.model)
         return {"scoring": scoring, "hooks": hooks, "resumed_from": resumed_from, "previous": previous,
                 "extractor": extractor, "model_config": model_config_record(self.model),
-                "before": run_dir_state(run.run_dir)}
+                "before": run_dir_state(run.run_dir, overwrite=run.overwrite)}
 
     def _start_run(self, plan: dict[str, Any]) -> None:
         """Rank 0: prepare the run directory, write run.json (and the model's config), start the

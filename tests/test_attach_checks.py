@@ -155,6 +155,17 @@ def test_a_failure_after_the_first_write_removes_the_new_run_dir(tmp_path, monke
     opt.zero_grad()
     model(torch.zeros(1, 2), 0.1).sum().backward()
     opt.step()  # training goes on without the agent
+    # overwrite=True: the old run's files were deleted as asked; the half-made new ones go too, so
+    # the folder holds no run and a plain attach works afterwards
+    monkeypatch.undo()
+    attach(model, run_dir=tmp_path / "old", score_every=None).close()
+    monkeypatch.setattr(scope_mod, "RequestPoller", broken)
+    with pytest.raises(OSError, match="injected"):
+        attach(model, run_dir=tmp_path / "old", overwrite=True, score_every=None)
+    assert not [n for n in ("run.json", "metrics.jsonl", "events.jsonl", "heartbeat")
+                if (tmp_path / "old" / n).exists()]
+    monkeypatch.undo()
+    attach(model, run_dir=tmp_path / "old", score_every=None).close()
 
 
 def test_a_failed_resume_leaves_the_run_as_it_was(tmp_path, monkeypatch):
