@@ -105,20 +105,31 @@ def _has_step_hook(optimizer: Any) -> bool:
     return True
 
 
-def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer, list[str]]:
-    """The torch optimizer inside wrappers, and the chain of class names that led to it.
+#: Packages whose optimizer wrappers only delegate ``step`` (and skip it on accumulation or AMP
+#: overflow): always unwrapped, even if a future version made them hookable themselves.
+DELEGATING_PACKAGES = ("accelerate", "lightning", "pytorch_lightning", "deepspeed")
 
-    A wrapper is anything exposing its inner optimizer as ``.optimizer`` or ``._optimizer``
-    (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, DeepSpeed's
-    wrappers). Wrappers are unwrapped down to the innermost torch optimizer: its ``step`` runs
-    exactly once per real optimizer step (accelerate calls it only on gradient-synchronising
-    micro-batches and not at all when AMP's GradScaler skips a step). ``ValueError`` when no
-    torch optimizer with a step hook is found.
+
+def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer, list[str]]:
+    """The torch optimizer whose step hook drives the bank, and the chain of class names to it.
+
+    A wrapper exposes its inner optimizer as ``.optimizer`` or ``._optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, DeepSpeed's wrappers). The
+    outermost object that is a torch optimizer with a working step hook is used, except that
+    wrappers from :data:`DELEGATING_PACKAGES` are always unwrapped: their inner optimizer's
+    ``step`` runs exactly once per real optimizer step (accelerate calls it only on
+    gradient-synchronising micro-batches and not at all when AMP's GradScaler skips a step).
+    A hookable optimizer that wraps another (e.g. a Lookahead that moves the weights after its
+    inner step) is hooked itself, so the bank sees the weights after all of its step.
+    ``ValueError`` when no torch optimizer with a step hook is found.
     """
     chain, seen, current = [], set(), optimizer
     while id(current) not in seen:
         seen.add(id(current))
         chain.append(type(current).__name__)
+        delegating = type(current).__module__.split(".", 1)[0] in DELEGATING_PACKAGES
+        if _has_step_hook(current) and not delegating:
+            break
         inner = None
         for attr in OPTIMIZER_WRAPPER_ATTRS:
             try:

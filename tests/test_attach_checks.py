@@ -335,3 +335,38 @@ def test_nested_wrappers_unwrap_to_the_torch_optimizer_and_the_model_is_untouche
     bank = EMABank(model, [0.9])
     for k, v in bank.materialize(0.9).items():
         assert torch.equal(v, model.state_dict()[k])
+
+
+class Lookahead(torch.optim.Optimizer):
+    """A hookable optimizer wrapping another that moves the weights after the inner step (Zhang et al.
+    2019, k=2, alpha=0.5): the bank must see the weights after the whole outer step."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        super().__init__(inner.param_groups, {})
+        self.optimizer = inner
+        self.slow = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
+        self.k = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.optimizer.step()
+        self.k += 1
+        if self.k % 2 == 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            for slow, p in zip(self.slow, params, strict=True):
+                slow.add_(p - slow, alpha=0.5)
+                p.copy_(slow)
+
+
+def test_a_hookable_wrapper_is_hooked_itself(tmp_path):
+    model = _no_dropout()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1))
+    scope = attach(model, opt, run_dir=tmp_path / "run", score_every=None, decays=(0.0,))  # decay 0: the live weights
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(8, 2), 0.3).pow(2).mean().backward()
+        opt.step()
+    assert scope.current_step == 4  # one step per outer step
+    for k, v in scope.bank.materialize(0.0).items():
+        assert torch.equal(v, model.state_dict()[k])  # after the lookahead move, not before it
+    scope.close()
