@@ -403,9 +403,11 @@ class Scorer:
         return self.cfg.extractor_label()
 
     def fd_name(self) -> str:
-        """``"fid"`` on Inception features, ``"fd"`` on any other."""
-        label = self.extractor_label()
-        return "fid" if label.startswith("inception") else "fd"
+        """``"fid"`` on Inception features (a torch-fidelity Inception extractor), ``"fd"`` on any other."""
+        spec = self.cfg.feature_extractor
+        if callable(spec) and not isinstance(spec, str):
+            return "fd"
+        return "fid" if self.extractor_label().startswith("inception") else "fd"
 
     def sweep(self, model: nn.Module, bank: Any, variants: list[str], step: int) -> SweepResult:
         """Score ``variants`` at ``step`` (see :func:`run_sweep`). The training job's global random
