@@ -90,9 +90,10 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         assert export_main([str(run_dir), "--variant", str(decay), "--out", str(out_file)]) == 0
         got = load_file(str(out_file))
         assert set(got) == set(ema[decay])
-        for k, v in ema[decay].items():
-            torch.testing.assert_close(got[k].double(), v, rtol=0, atol=2e-5)
+        worst = max(float((got[k].double() - v).abs().max()) for k, v in ema[decay].items())
+        print(f"decay {decay}: max |bank - single-process float64 EMA| = {worst:.2e}")
+        assert worst <= 1e-6  # measured 6e-8: float32 rounding of the two gradient reductions
     assert export_main([str(run_dir), "--variant", "raw", "--out", str(tmp_path / "raw.safetensors")]) == 0
     raw = load_file(str(tmp_path / "raw.safetensors"))
     for k, v in live.items():
-        torch.testing.assert_close(raw[k], v, rtol=0, atol=2e-5)
+        torch.testing.assert_close(raw[k], v, rtol=0, atol=1e-6)
