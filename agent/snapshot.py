@@ -318,17 +318,23 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLike, *,
                       dtype: torch.dtype | str | None = None, run_id: str = "",
-                      metadata: dict[str, str] | None = None) -> Path:
+                      metadata: dict[str, str] | None = None, prefix: str = "") -> Path:
     """Write one variant's full state_dict to ``path`` (.safetensors, atomic); returns the path.
 
     Metadata: :func:`emascope.runformat.export_metadata` (variant, decay, the bank's step, run_id,
     emascope_version), then the caller's ``metadata`` (str to str; may override those keys).
     ``dtype=None`` keeps each tensor's model dtype; a floating dtype casts floating tensors.
+    ``prefix``: keep only the entries whose key starts with it, with it removed (a submodule's
+    state dict, e.g. ``"unet."``); ``""`` keeps everything.
     """
     v = bank.resolve(variant)
     meta = rf.export_metadata(v, bank.step, run_id=run_id, emascope_version=__version__)
     meta.update(_check_metadata(metadata))
     sd = bank.materialize(v, dtype=parse_dtype(dtype), device="cpu")
+    if prefix:
+        sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise ValueError(f"no entry of the model starts with {prefix!r}")
     return _atomic_save(_own_all(sd), path, meta)  # tied names share one tensor in sd: own storage each
 
 
@@ -336,18 +342,21 @@ class ExportError(ValueError):
     """A user-facing export error (``emascope export`` prints it and exits with code 2)."""
 
 
-def check_export_target(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+def check_export_target(run_dir: str | os.PathLike, out: str | os.PathLike, *, folder: bool = False) -> Path:
     """``out`` as a checked output path for an export of the run in ``run_dir``; :class:`ExportError`
     naming the problem.
 
-    Refused: a folder; a path whose parent is not a folder; any path inside the run directory
-    other than under its ``exports/`` (``--out RUN/run.json`` would replace a file of the run
-    itself). ``out`` may otherwise point anywhere: the user named it. Symlinks in the parent
-    folders are followed (the file is replaced where they lead); a symlink at ``out`` itself is
-    replaced, never written through.
+    Refused: a folder (``folder=False``, a file export) or an existing file (``folder=True``, a
+    ``from_pretrained`` folder export); a path whose parent is not a folder; any path inside the
+    run directory other than under its ``exports/`` (``--out RUN/run.json`` would replace a file
+    of the run itself). ``out`` may otherwise point anywhere: the user named it. Symlinks in the
+    parent folders are followed (the file is replaced where they lead); a symlink at ``out``
+    itself is replaced, never written through.
     """
     out = Path(out)
-    if out.is_dir():
+    if folder and out.exists() and not out.is_dir():
+        raise ExportError(f"--out {str(out)!r} exists and is not a folder (this export is a folder)")
+    if not folder and out.is_dir():
         raise ExportError(f"--out {str(out)!r} is a folder; give a file path such as "
                           f"{str(out / 'ema.safetensors')!r}")
     parent = out.parent
