@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from emascope.procs import restore_sigint
+from emascope.procs import PARENT_ENV, die_with_parent_preexec, restore_sigint, watch_parent
 
 APP = Path(__file__).with_name("app.py")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -228,10 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cmd = build_command(path, host=args.host, port=port, poll=args.poll, extra_hosts=args.allowed_host)
     env = dict(os.environ, **{ENV_PATH: str(path)})
+    env.pop(PARENT_ENV, None)  # for this process's watch_parent only, not the server's children
     if args.poll:
         env["EMASCOPE_POLL"] = "1"
     env[ENV_OPEN_BROWSER] = "0" if args.no_browser else "1"  # the server opens it once it listens
-    proc = subprocess.Popen(cmd, env=env)
+    # the server dies with this launcher, even a SIGKILLed one (Linux: parent-death signal)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent_preexec())
 
     def forward(signum, _frame):  # a terminated launcher must not leave the server running
         proc.send_signal(signum)
@@ -241,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, forward)
         except (ValueError, OSError, AttributeError):  # not the main thread / not on this platform
             pass
+    # started by `emascope demo` (EMASCOPE_PARENT_PID): stop when it is gone, on any platform
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     try:
         return proc.wait()
     except KeyboardInterrupt:
