@@ -197,6 +197,8 @@ def _click(locator, what: str, timeout_s: float = CLICK_S) -> None:
             target.wait_for(state="visible", timeout=max(1.0, min(left_ms, 15_000)))
             target.scroll_into_view_if_needed(timeout=max(1.0, min(left_ms, 5_000)))
             target.click(timeout=max(1.0, min(left_ms, 10_000)))
+            if tries > 1:  # shown with -s: how often the page moved under a click
+                print(f"clicked {what} at try {tries} (before: {last})")
             return
         except PlaywrightError as exc:  # TimeoutError included: not clicked, try again
             last = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
