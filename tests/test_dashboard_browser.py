@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ DECAYS = (0.9, 0.99, 0.995, 0.998, 0.999, 0.9999)
 WAIT_S = 300.0  # longest the test waits for the training thread at any one point...
 STALL_S = 90.0  # ...and for the thread to make progress (a step, a record) while it waits
 IDLE_S = 600.0  # longest the training thread waits for the test (the test always releases it at the end)
-CLICK_S = 60.0  # longest one click is retried while the page moves under it
+CLICK_S = 90.0  # longest one click is retried while the page moves under it
 TEXT_MS = 60_000  # longest the test waits for a text the page is about to show
 
 
@@ -177,31 +178,39 @@ def _wait_until(check, what: str, timeout_s: float) -> bool:
 
 
 def _click(locator, what: str, timeout_s: float = CLICK_S) -> None:
-    """Click ``locator`` as a user would, under load: wait until it is visible, scroll it into view,
-    then let Playwright wait for it to be stable, enabled and the topmost element at its centre and
-    click. A click Playwright refused within one try (the layout kept moving under a rerun, a chart
-    lay over it) is tried again, scrolled into view again, until ``timeout_s``; then the test fails
-    with Playwright's last reason. A click is never forced and never repeated once it was dispatched
-    (Playwright raises only before dispatching)."""
+    """Click ``locator`` as a user would, under load. Each try is one Playwright click: it finds the
+    element again whenever a rerun replaced it, waits until it is visible, stable (the same box two
+    animation frames running) and enabled, scrolls it into view and checks that it, not another
+    element such as a re-rendering chart, receives the click at its centre. A try that times out
+    (the page kept moving or re-mounting the element) is followed by another until ``timeout_s``;
+    then the test fails with every reason seen and a screenshot. A click is never forced, and never
+    repeated once dispatched (Playwright raises only before it dispatches)."""
     from playwright.sync_api import Error as PlaywrightError
 
     deadline = time.monotonic() + timeout_s
-    tries, last = 0, ""
+    tries, last, reasons = 0, "", []
     while True:
         left_ms = (deadline - time.monotonic()) * 1000
         if left_ms <= 0:
-            raise AssertionError(f"could not click {what} in {timeout_s:.0f} s ({tries} tries): {last}")
+            shot = Path(tempfile.gettempdir()) / f"emascope-browser-click-failed-{os.getpid()}.png"
+            try:
+                locator.page.screenshot(path=str(shot), full_page=True)
+                found = f"{locator.count()} match(es), first visible: {locator.first.is_visible()}"
+            except PlaywrightError as exc:
+                found = f"no screenshot: {exc}"
+            raise AssertionError(f"could not click {what} in {timeout_s:.0f} s ({tries} tries; {found}; "
+                                 f"page saved to {shot}): " + " | ".join(dict.fromkeys(reasons)))
         tries += 1
         target = locator.first
         try:
-            target.wait_for(state="visible", timeout=max(1.0, min(left_ms, 15_000)))
-            target.scroll_into_view_if_needed(timeout=max(1.0, min(left_ms, 5_000)))
-            target.click(timeout=max(1.0, min(left_ms, 10_000)))
+            target.click(timeout=max(1.0, min(left_ms, 15_000)))
             if tries > 1:  # shown with -s: how often the page moved under a click
                 print(f"clicked {what} at try {tries} (before: {last})")
             return
         except PlaywrightError as exc:  # TimeoutError included: not clicked, try again
-            last = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+            last = " / ".join(lines[:1] + lines[-2:]) if lines else type(exc).__name__
+            reasons.append(last)
             time.sleep(0.5)
 
 
@@ -283,16 +292,17 @@ def test_dashboard_in_a_real_browser(tmp_path):
     server = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
+    output: list[str] = []  # the server's output, read all along (a full pipe would stall the server)
+    reader = threading.Thread(target=lambda: output.extend(server.stdout), daemon=True, name="server-output")
+    reader.start()
     try:
         url = None
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and url is None:
-            line = server.stdout.readline()
-            if not line and server.poll() is not None:
-                break
-            if line.startswith("emascope dashboard:"):
-                url = line.rsplit(" ", 1)[-1].strip()
-        assert url == f"http://localhost:{port}", f"server did not come up (url={url!r})"
+        while url is None and time.monotonic() < deadline and (reader.is_alive() or server.poll() is None):
+            url = next((x.rsplit(" ", 1)[-1].strip() for x in list(output) if x.startswith("emascope dashboard:")),
+                       None)
+            time.sleep(0.1)
+        assert url == f"http://localhost:{port}", f"server did not come up (url={url!r}): {''.join(output[-20:])}"
         trainer.wait(trainer.at_stage3, f"the third stage (step {3 * EVERY})")
         assert _stages(run) == {EVERY, 2 * EVERY, 3 * EVERY}
         with sync_playwright() as p:
@@ -320,13 +330,13 @@ def test_dashboard_in_a_real_browser(tmp_path):
             first = min(r["time"] for r in new)
             print(f"new stage visible {seen - first:.2f} s after the agent wrote its first precision record")
 
-            # export the recommended variant: the request is fulfilled by the agent's own poller
-            trainer.go_export.set()
-            # while the agent trains, the page reruns on every heartbeat and its layout moves (charts
-            # re-render): pause live updates to reach the button, resume them to see the agent's answer
-            # arrive live
+            # export the recommended variant: the request is fulfilled by the agent's own poller.
+            # A live page reruns on every heartbeat (2 s) and its layout moves (charts re-render,
+            # widgets re-mount): pause live updates to reach the button, resume them to see the
+            # agent's answer arrive live
             _set_toggle(page, "Pause live updates", True)
             _select_tab(page, "Export")
+            trainer.go_export.set()  # the job trains on; the request is handled at a step boundary
             _click(page.get_by_role("button", name="Export (ask the live agent)"), "the Export button")
             _wait_text(page, "Waiting for the agent")
             _set_toggle(page, "Pause live updates", False)
@@ -366,6 +376,7 @@ def test_dashboard_in_a_real_browser(tmp_path):
             assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
             browser.close()
     finally:
+        print("the server's output (last 40 lines):\n" + "".join(output[-40:]))  # shown when the test fails
         torch.set_num_threads(threads)
         trainer.finish.set()
         trainer.go_stage.set()
