@@ -59,3 +59,17 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
+
+
+def append_jsonl_lines(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+    """Append several JSON objects, one per line, in a single ``write`` call, then flush.
+
+    One write of an ``O_APPEND`` file lands in one piece among other appenders (local file
+    systems); a writer killed mid-way leaves at most a torn last line, which readers skip.
+    """
+    if not records:
+        return
+    data = "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
