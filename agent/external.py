@@ -283,6 +283,7 @@ def score_run(run_dir: str | os.PathLike, entry: str, *, watch: bool = False, na
 
     SIGTERM exits cleanly (the held claim is released, so another scorer can take the stage at once).
     """
+    read_run_info(Path(run_dir))  # a bad run directory is refused before the user's code is imported
     fn = load_entry(entry)
     try:
         built = fn()

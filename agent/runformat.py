@@ -193,6 +193,8 @@ def stage_states(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """
     out: dict[int, dict[str, Any]] = {}
     for e in events:
+        if not isinstance(e, dict):
+            continue
         step, kind = e.get("step"), e.get("type")
         if isinstance(step, bool) or not isinstance(step, int) or kind not in _STAGE_EVENTS:
             continue
