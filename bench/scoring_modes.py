@@ -27,6 +27,7 @@ Asserts nothing; the numbers depend on the (shared, noisy) machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -147,6 +148,23 @@ def part1(a: argparse.Namespace, root: Path) -> None:
 # ------------------------------------------------------------------------------------------- part 2
 
 
+def sample_per_variant(model: nn.Module, bank: EMABank, variants: list[str], sampler, n: int) -> torch.Tensor:
+    """One batch of ``n`` samples of every variant, one variant at a time (``bank.swap``)."""
+    out = []
+    with torch.no_grad():
+        for v in variants:
+            with bank.swap(model, v):
+                out.append(sampler(model, n, torch.Generator().manual_seed(7)))
+    return torch.stack(out)
+
+
+def sample_batched(model: nn.Module, bank: EMABank, variants: list[str], sampler, n: int) -> torch.Tensor:
+    """The same batch of every variant in one vmapped call (stacking the weights included)."""
+    with torch.no_grad():
+        weights = stack_weights(model, [functools.partial(bank.materialize, v) for v in variants])
+        return sample_stacked(model, weights, sampler, n, torch.Generator().manual_seed(7))
+
+
 def part2(a: argparse.Namespace) -> None:
     print()
     print("part 2: sampling all variants of a bank: one variant at a time vs batched (vmap), median of "
@@ -164,19 +182,8 @@ def part2(a: argparse.Namespace) -> None:
                 bank.update()
         variants = list(bank.variants)
         for n in sorted({w["sample_batch"], 64}, reverse=True):
-            def per_variant() -> torch.Tensor:
-                out = []
-                with torch.no_grad():
-                    for v in variants:
-                        with bank.swap(model, v):
-                            out.append(w["sampler"](model, n, torch.Generator().manual_seed(7)))
-                return torch.stack(out)
-
-            def batched() -> torch.Tensor:
-                with torch.no_grad():
-                    weights = stack_weights(model, [lambda v=v: bank.materialize(v) for v in variants])
-                    return sample_stacked(model, weights, w["sampler"], n, torch.Generator().manual_seed(7))
-
+            per_variant = functools.partial(sample_per_variant, model, bank, variants, w["sampler"], n)
+            batched = functools.partial(sample_batched, model, bank, variants, w["sampler"], n)
             times: dict[str, list[float]] = {"per": [], "bat": []}
             outs = {}
             for r in range(a.reps):
@@ -197,7 +204,7 @@ def part2(a: argparse.Namespace) -> None:
 def part3(a: argparse.Namespace) -> None:
     from torch_fidelity.metric_kid import kid_features_to_metric
 
-    n, d, variants, subsets = (200, 48, 11, 10) if a.quick else (1000, 48, 11, 100)
+    n, d, variants, subsets = (100, 48, 11, 3) if a.quick else (1000, 48, 11, 100)
     size = min(1000, n)
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(n, d, generator=g, dtype=torch.float64)

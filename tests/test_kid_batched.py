@@ -20,10 +20,10 @@ from emascope import EMABank
 from emascope import metrics as M
 from emascope.batched import BatchedSamplingUnsupported, sample_stacked, stack_weights
 from emascope.config import ScoringConfig
+from emascope.features import Features, IdentityExtractor
 from emascope.kid import KIDPlan, subset_indices
 from emascope.rundir import RunWriter
 from emascope.scoring import Reference, draw_and_extract, draw_variants_batched, run_sweep
-from emascope.features import Features, IdentityExtractor
 
 torch.set_num_threads(1)
 
@@ -168,3 +168,21 @@ def test_batched_sampling_falls_back_once_when_the_sampler_is_not_pure(tmp_path)
             assert len(notices) == (1 if flag else 0)
         assert results[True].batched_failed and not results[True].batched
         assert results[True].scores == results[False].scores and results[True].errors == 0
+
+
+def test_the_fallback_is_recorded_once_per_run(tmp_path):
+    p = E.parts("tree2d")
+
+    def not_pure(m, n, generator):
+        return m.denoise(torch.randn(n, 2, generator=generator), torch.full((n,), 0.3))
+
+    from emascope import attach
+
+    with attach(p["model"], run_dir=tmp_path / "r", sampler=not_pure, reference=p["reference"], score_every=1,
+                num_samples=64, batch_size=64, decays=(0.9,), kid_subsets=2, batched_sampling=True,
+                scoring="inline", score_at_close=False) as scope:
+        for _ in range(3):
+            scope.step()
+    ev = [json.loads(line) for line in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in ev if e["type"] == "notice" and e["where"] == "batched_sampling"] == [1]
+    assert sum(e["type"] == "score_done" and e["errors"] == 0 for e in ev) == 3
