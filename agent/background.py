@@ -127,7 +127,7 @@ class FrozenStage:
     ``state``/``live``: ``EMABank.state_dict()`` and copies of ``live_values()`` (placement
     ``"device"`` or ``"pinned"``); ``path``: the stage snapshot (``"disk"``); a disabled bank
     freezes only the model's state dict (``live``, ``bank_less``). ``ready``: a CUDA event the copies
-    were recorded behind (``None`` on CPU).
+    were recorded behind, one per device (``None`` on CPU).
     """
 
     step: int
@@ -143,8 +143,8 @@ class FrozenStage:
 
     def open_bank(self) -> EMABank | None:
         """The model-less bank of this stage (``None`` for a bank-less stage); frees the copy."""
-        if self.ready is not None:
-            self.ready.synchronize()
+        for event in self.ready or ():
+            event.synchronize()
         try:
             if self.bank_less:
                 return None
@@ -190,13 +190,16 @@ def freeze_stage(bank: EMABank | None, model: nn.Module, step: int, *, placement
         nbytes = save_snapshot(bank, path, metadata={"run_id": str(run_id), "step": str(step)})
         frozen = FrozenStage(step, placement, list(bank.variants), path=path, nbytes=nbytes)
     else:
-        state = _copy_tensors(bank.state_dict(), placement)
+        state = bank.state_dict()  # its tensors are fresh copies already (on the bank's device)
+        if placement == "pinned":
+            state = _copy_tensors(state, placement)
         live = _copy_tensors(bank.live_values(), placement)
         nbytes = sum(v.numel() * v.element_size() for d in (state, live) for v in d.values() if torch.is_tensor(v))
         frozen = FrozenStage(step, placement, list(bank.variants), state=state, live=live, nbytes=nbytes)
-    if cuda_devices(model):
-        frozen.ready = torch.cuda.Event()
-        frozen.ready.record()
+    for index in cuda_devices(model):  # the copies were queued on these devices' current streams
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(index))
+        frozen.ready = [*(frozen.ready or []), event]
     frozen.blocked = time.perf_counter() - t
     return frozen
 

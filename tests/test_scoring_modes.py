@@ -361,3 +361,31 @@ def test_a_scorer_killed_mid_sweep_leaves_the_stage_to_be_scored_again(tmp_path,
     assert any(e["type"] == "notice" and "stale claim" in e["message"] for e in ev)
     assert rf.stage_states(ev)[10]["state"] == "done" and rf.stage_states(ev)[10]["attempts"] == 2
     assert not list((run / rf.SCORING).glob("*.claim.*"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("copy", ["device", "pinned", "disk"])
+def test_background_on_cuda_equals_inline_for_every_copy_placement(tmp_path, copy):
+    """GPU: the frozen copy on the device, in pinned host memory or on disk, scored on the worker's
+    own CUDA stream, gives the inline sweep's numbers (not run on the development machine: no GPU)."""
+    from emascope import attach
+
+    out = {}
+    for mode in ("inline", "background"):
+        p = E.parts("tree2d")
+        model = p["model"].cuda()
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        g = torch.Generator().manual_seed(3)
+        scope = attach(model, opt, run_dir=tmp_path / mode, sampler=p["sampler"], reference=p["reference"],
+                       score_every=5, scoring=mode, score_copy=copy, **E.SETTINGS)
+        for step in range(1, 11):
+            loss = E.flow_matching_loss(model, p["data"](g).cuda(), torch.Generator("cuda").manual_seed(step))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 5 == 0:
+                scope.wait()
+        scope.close()
+        out[mode] = metrics(tmp_path / mode)
+    assert out["background"] == out["inline"] and {k[0] for k in out["inline"]} == {5, 10}
+    assert [e["copy"] for e in events(tmp_path / "background", "stage_pending")] == [copy, copy]
