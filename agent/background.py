@@ -12,8 +12,9 @@ Rules:
 
 - **One sweep at a time.** A scoring point reached while a sweep runs is queued (``"queue"``, the
   default: at most one stage waits; a newer one replaces it and the replaced one is recorded as
-  ``score_skipped`` with ``reason: "superseded"``) or skipped (``"skip"``: ``score_skipped`` with
-  ``reason: "busy"``, and nothing is copied).
+  ``score_skipped`` with ``reason: "superseded"``), skipped (``"skip"``: ``score_skipped`` with
+  ``reason: "busy"``, and nothing is copied), or waits (``"wait"``: a scoring point that finds a
+  stage already waiting blocks training until the worker takes that one; no stage is lost).
 - **Nothing stalls training.** Exceptions of the sampler, metrics or hooks are ``error`` events as
   in an inline sweep. A sweep that makes no progress (no sample batch, variant or metric) for
   ``score_timeout`` seconds is *abandoned*: a ``score_timeout`` event, its buffered records are
@@ -257,6 +258,18 @@ class BackgroundScorer:
         with self._cv:
             return self._running is not None or self._pending is not None
 
+    def wait_for_slot(self) -> float:
+        """``"wait"`` policy: block until no stage is waiting (the worker took it, or it was
+        abandoned as hung); returns the seconds waited. Training is then at most one stage ahead of
+        the running sweep, and no stage is skipped."""
+        t = time.monotonic()
+        while True:
+            self.check()
+            with self._cv:
+                if self._pending is None:
+                    return time.monotonic() - t
+                self._cv.wait(0.2)
+
     def accepts(self) -> bool:
         """Whether a stage frozen now would be scored or queued (``False``: ``"skip"`` policy and busy)."""
         return not (self.policy == "skip" and self.busy)
@@ -325,8 +338,8 @@ class BackgroundScorer:
             self.writer.event("score_skipped", pending.frozen.step, reason="close", policy=self.policy,
                               scorer=rf.SCORER_BACKGROUND)
         if running is not None:
-            self._abandon(running, reason=f"close() stopped waiting after {timeout:g} s (close_timeout)",
-                          kind="close_timeout")
+            waited = "did not wait" if timeout == 0 else f"stopped waiting after {timeout:g} s (close_timeout)"
+            self._abandon(running, reason=f"close() {waited}", kind="close_timeout")
         thread = self._thread
         if thread is not None and done:
             thread.join(timeout=5.0)

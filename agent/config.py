@@ -171,9 +171,10 @@ class RunConfig:
     worker thread scores a frozen copy of the bank while training goes on), ``"inline"`` (in the
     step hook; training waits) or ``"external"`` (the training process only writes a stage
     snapshot; ``emascope score`` scores it elsewhere). ``score_busy``: a scoring point reached
-    while a background sweep runs is ``"queue"``-d (one waits; a newer one replaces it) or
-    ``"skip"``-ped. ``score_copy``: where the frozen copy lives (``"auto"``: device if it fits,
-    else pinned host memory, else the stage snapshot on disk; see
+    while a background sweep runs is ``"queue"``-d (one waits; a newer one replaces it),
+    ``"skip"``-ped, or ``"wait"``-s (training blocks while another stage already waits).
+    ``score_copy``: where the frozen copy lives (``"auto"``: device if it fits, else pinned host
+    memory, else the stage snapshot on disk; see
     :func:`emascope.background.choose_copy_placement`). ``score_timeout``: seconds a background
     sweep may go without progress (a sample batch, a variant, a metric) before it is declared hung,
     abandoned and recorded (``None``: never). ``close_timeout``: seconds ``close()`` waits for

@@ -116,9 +116,9 @@ def parse_stage_snapshot_file_step(rel: str) -> int | None:
 #: the stage snapshots the training process writes.
 SCORING_MODES = ("background", "inline", "external")
 #: ``attach(score_busy=...)``: a scoring point that arrives while a background sweep runs is
-#: ``"queue"``-d (at most one waits; a newer one replaces it, the replaced one is skipped) or
-#: ``"skip"``-ped.
-BUSY_POLICIES = ("queue", "skip")
+#: ``"queue"``-d (at most one waits; a newer one replaces it, the replaced one is skipped),
+#: ``"skip"``-ped, or ``"wait"``-s (training blocks while another stage is already waiting).
+BUSY_POLICIES = ("queue", "skip", "wait")
 #: ``attach(score_copy=...)``: where a background sweep's frozen copy of the bank lives.
 COPY_PLACEMENTS = ("auto", "device", "pinned", "disk")
 #: ``scorer`` of in-process sweeps.

@@ -266,11 +266,15 @@ class Scope:
         if self.writer is not None:
             self.writer.event("resume", step, snapshot_step=None, source="state_dict")
 
-    def close(self, *, score: bool | None = None) -> None:
-        """Final score (if due), final snapshot, ``close`` event, heartbeat ``closed``. Idempotent.
+    def close(self, *, score: bool | None = None, wait: bool = True) -> None:
+        """Final score (if due), final snapshot, wait for background sweeps, ``close`` event,
+        heartbeat ``closed``. Idempotent.
 
-        ``score``: run the final sweep (default ``score_at_close``); the context manager passes
-        ``False`` when the training loop raised, so a crash or Ctrl-C does not wait for a sweep.
+        ``score``: run the final sweep (default ``score_at_close``). ``wait``: wait for the running
+        and queued background sweeps (up to ``close_timeout``); ``False`` abandons them at once
+        (recorded; finished sweeps are written already). The context manager passes
+        ``score=False, wait=False`` when the training loop raised, so a crash or Ctrl-C does not
+        wait for a sweep; a Ctrl-C while close() waits stops the waiting the same way, then raises.
         """
         if self.closed:
             return
@@ -291,13 +295,19 @@ class Scope:
             self.requests.poll(self._step)
         except Exception as exc:  # noqa: BLE001
             self.writer.error("close", self._step, exc)
+        interrupted = None
         if self._background is not None:
             try:  # finished sweeps are already written; this waits for the running and queued ones
-                self._background.close(self.run_cfg.close_timeout)
+                self._background.close(self.run_cfg.close_timeout if wait else 0.0)
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+                self._background.close(0.0)
             except Exception as exc:  # noqa: BLE001
                 self.writer.error("close", self._step, exc)
         self.writer.event("close", self._step, seconds_alive=time.time() - self.t0)
         self.writer.stop_heartbeat()
+        if interrupted is not None:
+            raise interrupted
 
     def __enter__(self) -> Scope:
         return self
@@ -305,7 +315,7 @@ class Scope:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is not None and self.is_writer and not self.closed:
             self.writer.error("training", self._step, exc)
-        self.close(score=False if exc is not None else None)
+        self.close(score=False if exc is not None else None, wait=exc is None)
 
     # ------------------------------------------------------------------ per step
 
@@ -391,6 +401,7 @@ class Scope:
             self.writer.event("score_skipped", step, reason="busy", policy=bg.policy, scorer=rf.SCORER_BACKGROUND)
             return None
         t = time.perf_counter()
+        waited = bg.wait_for_slot() if bg.policy == "wait" else 0.0
         with torch.random.fork_rng(devices=cuda_devices(self.model)):
             self.scorer.prepare(self.model, step)  # extractor + reference data: may draw random numbers
         twin = bg.model_copy(self.model)
@@ -401,7 +412,8 @@ class Scope:
                               run_id=str(self.run_id))
         blocked = time.perf_counter() - t
         self.writer.event("stage_pending", step, mode=rf.SCORER_BACKGROUND, copy=placement,
-                          bytes=int(frozen.nbytes), blocked_seconds=blocked, freeze_seconds=frozen.blocked)
+                          bytes=int(frozen.nbytes), blocked_seconds=blocked, freeze_seconds=frozen.blocked,
+                          waited_seconds=waited)
         bg.submit(frozen, twin, force_queue=force)
         if not wait:
             return None

@@ -213,6 +213,28 @@ def test_skip_policy_skips_without_copying(tmp_path):
     assert {k[0] for k in metrics(tmp_path / "r")} == {2}
 
 
+def test_wait_policy_scores_every_stage(tmp_path):
+    """score_busy="wait": training runs at most one stage ahead; no stage is skipped."""
+    def slowish(model, n, generator):
+        time.sleep(0.2)
+        return E.tree2d.make_sampler(2)(model, n, generator)
+
+    p = E.parts("tree2d")
+    from emascope import attach
+
+    scope = attach(p["model"], run_dir=tmp_path / "r", sampler=slowish, reference=p["reference"], score_every=1,
+                   num_samples=64, batch_size=64, decays=(0.9,), kid_subsets=2, score_busy="wait",
+                   score_at_close=False)
+    for _ in range(4):
+        scope.step()
+    scope.close()
+    ev = events(tmp_path / "r")
+    assert not [e for e in ev if e["type"] == "score_skipped"]
+    assert {k[0] for k in metrics(tmp_path / "r")} == {1, 2, 3, 4}
+    waited = [e["waited_seconds"] for e in ev if e["type"] == "stage_pending"]
+    assert waited[0] < 0.1 and max(waited) > 0.1  # a later scoring point waited for the queue
+
+
 def test_raising_and_hanging_samplers_never_stall_training(tmp_path):
     """A sampler that raises: error events, the stage is still done (with errors). A sampler that
     hangs: after score_timeout without progress the sweep is abandoned and recorded; the next
@@ -306,6 +328,30 @@ def test_close_waits_for_the_running_sweep_and_keeps_finished_ones(tmp_path):
     assert {k[0] for k in metrics(tmp_path / "b")} == {2}  # the finished stage; nothing of the hung one
     assert [(e["step"], e["cause"]) for e in ev if e["type"] == "score_timeout"] == [(4, "close_timeout")]
     assert ev[-1]["type"] == "close"
+
+    # the training loop raises inside `with attach(...)`: no waiting for the hung sweep at all
+    hang_c, calls_c = threading.Event(), {"n": 0}
+
+    def hangs_too(model, n, generator):
+        calls_c["n"] += 1
+        if calls_c["n"] > 2:
+            hang_c.wait(30)
+        return E.tree2d.make_sampler(2)(model, n, generator)
+
+    t = time.perf_counter()
+    with pytest.raises(RuntimeError, match="loop broke"):
+        with attach(p["model"], run_dir=tmp_path / "c", sampler=hangs_too, reference=p["reference"],
+                    score_every=2, num_samples=64, batch_size=64, decays=(0.9,), kid_subsets=2) as scope:
+            scope.step(), scope.step()
+            scope.wait()
+            scope.step(), scope.step()
+            raise RuntimeError("loop broke")
+    assert time.perf_counter() - t < 10
+    hang_c.set()
+    ev = events(tmp_path / "c")
+    # stage 4 was running (abandoned: failed) or not started yet (skipped), never waited for
+    assert rf.stage_states(ev)[4]["state"] in ("failed", "skipped") and rf.stage_states(ev)[2]["state"] == "done"
+    assert ev[-1]["type"] == "close" and {k[0] for k in metrics(tmp_path / "c")} == {2}
 
 
 # ------------------------------------------------------------------------------- external scorers

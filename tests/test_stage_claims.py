@@ -142,6 +142,9 @@ def test_dashboard_shows_stage_states_and_scorers(tmp_path, monkeypatch):
 
 
 def test_emascope_score_refuses_bad_input_before_writing(tmp_path, capsys):
+    from emascope.cli import main as cli_main
+
+    assert cli_main([]) == 0 and "score" in capsys.readouterr().out  # listed among the subcommands
     assert score_main([str(tmp_path / "nope"), "--entry", "x:build"]) == 2
     assert "does not exist" in capsys.readouterr().err
     run = make_run(tmp_path, "inline_run", steps=(1000,))  # a run scored in-process
