@@ -36,11 +36,14 @@ from emascope.batched import BatchedSamplingUnsupported, sample_stacked, stack_w
 from emascope.config import Hooks, ScoringConfig
 from emascope.features import (
     Features,
+    auto_extractor,
     cache_key,
     images_to_uint8,
     load_cached,
     make_extractor,
+    open_extractor,
     reference_identity,
+    reference_sample_info,
     reference_tensor,
     resolve_image_range,
     sample_kind,
@@ -323,7 +326,7 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
               sample_metrics: SampleMetrics | None = None, fd_name: str = "fid",
               scorer: str = rf.SCORER_INLINE, batched: bool = False,
               kid_device: torch.device | str | None = None,
-              on_progress: Callable[[], None] | None = None) -> SweepResult:
+              on_progress: Callable[[], None] | None = None, prior_errors: int = 0) -> SweepResult:
     """Score every variant; write metrics/previews/events through ``writer``. Never raises.
 
     ``model`` is the unwrapped module the bank was built on. Generative metrics need
@@ -337,9 +340,10 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
     ``batched``: draw all variants in one vmapped sampler call per batch (:mod:`emascope.batched`);
     if that raises, a ``notice`` event says so, ``result.batched_failed`` is set and the variants
     are drawn one at a time. ``on_progress()`` is called after every sample batch, variant and
-    metric group (a liveness signal for watchdogs).
+    metric group (a liveness signal for watchdogs). ``prior_errors``: failures of this sweep that
+    happened before it (building the reference), counted in ``errors``.
     """
-    res = SweepResult(step=step)
+    res = SweepResult(step=step, errors=int(prior_errors))  # e.g. the reference failed just before
     tick = on_progress or (lambda: None)
     t_start = time.perf_counter()
     writer.event("score_start", step, variants=list(variants), scorer=scorer)
@@ -487,7 +491,7 @@ class Scorer:
 
     def __init__(self, cfg: ScoringConfig, hooks: Hooks, writer: RunWriter, run_dir: Path, *,
                  on_info_change: Callable[[], None] = lambda: None,
-                 known_directions: dict[str, str] | None = None) -> None:
+                 known_directions: dict[str, str] | None = None, extractor: Any = None) -> None:
         self.cfg, self.hooks, self.writer, self.run_dir = cfg, hooks, writer, Path(run_dir)
         self.on_info_change = on_info_change
         self.user_directions = dict(hooks.metric_directions)
@@ -495,8 +499,9 @@ class Scorer:
             k: self.user_directions.get(k, v) for k, v in (known_directions or {}).items()}
         self.sample_kind: str | None = reference_kind(hooks.reference)
         self.reference: Reference | None = None
-        self.extractor: Any = None
+        self.extractor: Any = extractor  # built at attach (attach_extractor), else at the first sweep
         self._reference_failed = False
+        self.reference_errors = 0  # counted into the errors of the sweep that hit them
         self._pending: _PendingReference | None = None
         self._kid_noted = False
         self._batched_ok = True
@@ -508,17 +513,21 @@ class Scorer:
         return self.hooks.sampler is not None or self.hooks.evaluate is not None
 
     def extractor_label(self) -> str:
-        """The extractor's name for run.json (``"auto"`` resolved from the reference's kind)."""
+        """The extractor's name for run.json (``"auto"`` resolved from the reference's kind and size)."""
         if self.cfg.feature_extractor in (None, "auto"):
-            return {"points": "identity", "images": "inception-v3-compat"}.get(self.sample_kind or "", "auto")
+            if self.extractor is not None:
+                return str(self.extractor.name)
+            kind, size = reference_sample_info(self.hooks.reference) if self.hooks.reference is not None \
+                else (None, None)
+            return auto_extractor(kind, size) if kind is not None else "auto"
         return self.cfg.extractor_label()
 
     def fd_name(self) -> str:
-        """``"fid"`` on Inception features, ``"fd"`` on any other."""
+        """``"fid"`` on Inception features (a torch-fidelity Inception extractor), ``"fd"`` on any other."""
         spec = self.cfg.feature_extractor
-        if isinstance(spec, str) and spec.startswith("inception"):
-            return "fid"
-        return "fid" if spec in (None, "auto") and self.sample_kind == "images" else "fd"
+        if callable(spec) and not isinstance(spec, str):
+            return "fd"
+        return "fid" if self.extractor_label().startswith("inception") else "fd"
 
     def prepare(self, model: nn.Module, step: int) -> None:
         """The part of the reference set-up that may draw from the global random generators: build
@@ -534,6 +543,7 @@ class Scorer:
             self._pending = self._start_reference(model)
         except Exception as exc:  # noqa: BLE001
             self._reference_failed = True
+            self.reference_errors += 1
             self.writer.error("reference", step, exc)
 
     def sweep(self, model: nn.Module, bank: Any, variants: list[str], step: int, *,
@@ -557,7 +567,9 @@ class Scorer:
                                reference=reference, evaluate=self.hooks.evaluate,
                                sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name(),
                                scorer=scorer, batched=self.cfg.batched_sampling and self._batched_ok,
-                               kid_device=self.feature_device(model), on_progress=on_progress)
+                               kid_device=self.feature_device(model), on_progress=on_progress,
+                               prior_errors=self.reference_errors)
+        self.reference_errors = 0
         if result.batched_failed:
             self._batched_ok = False  # recorded once: later sweeps draw one variant at a time
         self._note(result, reference, step, writer)
@@ -597,6 +609,7 @@ class Scorer:
                 self.reference = self._finish_reference(pending, step, writer)
             except Exception as exc:  # noqa: BLE001
                 self._reference_failed = True
+                self.reference_errors += 1
                 writer.error("reference", step, exc)
         return self.reference
 
@@ -605,18 +618,23 @@ class Scorer:
         ref, cfg = self.hooks.reference, self.cfg
         device = self.feature_device(model)
         if isinstance(ref, Features):
-            self.extractor = make_extractor(cfg.feature_extractor, self.sample_kind or "points",
-                                            weights_path=cfg.feature_extractor_weights_path, device=device,
-                                            batch_size=cfg.feature_batch_size,
-                                            image_range=resolve_image_range(cfg.image_range, None))
+            if self.extractor is None:
+                self.extractor = make_extractor(cfg.feature_extractor, self.sample_kind or "points",
+                                                weights_path=cfg.feature_extractor_weights_path, device=device,
+                                                batch_size=cfg.feature_batch_size,
+                                                image_range=resolve_image_range(cfg.image_range, None))
             return _PendingReference(features=ref)
         data = reference_tensor(ref, cfg.reference_size)
         kind = sample_kind(data) if torch.is_tensor(data) else None
         image_range = resolve_image_range(cfg.image_range, data if kind == "images" else None)
         self.cfg = cfg = dataclasses.replace(cfg, image_range=image_range)
-        self.extractor = make_extractor(cfg.feature_extractor, kind or "points",
-                                        weights_path=cfg.feature_extractor_weights_path, device=device,
-                                        batch_size=cfg.feature_batch_size, image_range=image_range)
+        if self.extractor is None:
+            self.extractor = make_extractor(cfg.feature_extractor, kind or "points",
+                                            weights_path=cfg.feature_extractor_weights_path, device=device,
+                                            batch_size=cfg.feature_batch_size, image_range=image_range,
+                                            image_size=tuple(data.shape[-2:]) if kind == "images" else None)
+        elif hasattr(self.extractor, "image_range"):
+            self.extractor.image_range = image_range
         key = cache_key(self.extractor.name, self.extractor.weights_hash,
                         reference_identity(ref, cfg.reference_size))
         return _PendingReference(features=load_cached(self.run_dir / rf.reference_cache_file(key)), data=data,
@@ -647,6 +665,22 @@ class _PendingReference:
     data: Any = None
     key: str | None = None
     kind: str | None = None
+
+
+def attach_extractor(cfg: ScoringConfig, hooks: Hooks, model: nn.Module) -> Any:
+    """The feature extractor, built at attach so that a missing weights file or a failed download is
+    a ``ValueError`` there (naming the file and the offline options), not a silent gap in the metrics.
+
+    ``None`` when there is nothing to extract (no sampler or no reference). The image range is set
+    from the reference at the first sweep."""
+    ref = hooks.reference
+    if ref is None or hooks.sampler is None:
+        return None
+    kind, size = (None, None) if isinstance(ref, Features) else reference_sample_info(ref)
+    device = cfg.feature_device if cfg.feature_device is not None else model_device(model)
+    return open_extractor(cfg.feature_extractor, kind or "points", weights_path=cfg.feature_extractor_weights_path,
+                          device=device, batch_size=cfg.feature_batch_size,
+                          image_range=resolve_image_range(cfg.image_range, None), image_size=size)
 
 
 def reference_kind(reference: Any) -> str | None:
