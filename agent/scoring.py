@@ -38,6 +38,8 @@ from emascope.features import (
     Features,
     auto_extractor,
     cache_key,
+    check_finite_features,
+    check_samples,
     images_to_uint8,
     load_cached,
     make_extractor,
@@ -95,6 +97,7 @@ class SweepResult:
     seconds: float = 0.0             # wall time of the sweep
     batched: bool = False            # samples drawn for all variants at once (emascope.batched)
     batched_failed: bool = False     # batched sampling was tried and fell back to one variant at a time
+    notes: list[str] = field(default_factory=list)  # conversions of the samples (check_samples)
 
 
 @contextlib.contextmanager
@@ -217,17 +220,24 @@ class _Collector:
         return Drawn(torch.cat(self.head) if self.head else None, features, self.error, self.drawn, samples)
 
 
-def _checked(out: Any, n: int) -> torch.Tensor:
+def _checked(out: Any, n: int, notes: list[str] | None = None) -> torch.Tensor:
+    """One sampler batch as a CPU tensor of ``n`` samples; ``ValueError`` for anything else and for
+    NaN/Inf samples (:func:`emascope.features.check_samples`), whose conversion notes go to ``notes``."""
     if not torch.is_tensor(out) or out.dim() < 1 or len(out) != n:
         raise ValueError(f"sampler must return a tensor with {n} samples on dim 0, got "
                          f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
-    return out.detach().cpu()
+    out = out.detach().cpu()
+    note = check_samples(out)  # ValueError: NaN/Inf samples are not scored
+    if note is not None and notes is not None and note not in notes:
+        notes.append(note)
+    return out
 
 
 def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
                      timings: dict[str, float], *, keep_all: bool = False,
-                     on_batch: Callable[[], None] | None = None) -> Drawn:
+                     on_batch: Callable[[], None] | None = None,
+                     notes: list[str] | None = None) -> Drawn:
     """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size``, batch ``b`` from a generator
     (on the model's device) seeded with :func:`batch_seed` ``(cfg.seed, b)``, and turn each batch into
     features as it arrives.
@@ -240,6 +250,8 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
     preview) and ``samples`` and stops extracting. Without an extractor and without ``keep_all``,
     drawing stops once the head is full (nothing else would use the samples).
     ``timings["sampling"|"features"]`` are increased; ``on_batch()`` is called after each batch.
+    Samples holding NaN/Inf are a sampler error (:func:`emascope.features.check_samples`); what
+    is converted (integer points) is added to ``notes``.
     """
     device = model_device(model)
     col = _Collector(cfg, extractor, keep_all)
@@ -247,7 +259,7 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
         t = time.perf_counter()
         try:
-            out = _checked(sampler(model, n, gen), n)
+            out = _checked(sampler(model, n, gen), n, notes)
         except Exception as exc:  # noqa: BLE001
             return Drawn(None, None, StageError("sampler", exc), col.drawn, None)
         finally:
@@ -263,18 +275,21 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
 def draw_variants_batched(model: nn.Module, bank: Any, variants: list[str], sampler: Sampler,
                           cfg: ScoringConfig, extractor: Callable[[torch.Tensor], Features] | None,
                           timings: dict[str, float], *, keep_all: bool = False,
-                          on_batch: Callable[[], None] | None = None) -> dict[str, Drawn]:
+                          on_batch: Callable[[], None] | None = None,
+                          notes: list[str] | None = None) -> dict[str, Drawn]:
     """:func:`draw_and_extract` for every variant at once: each batch ``b`` is drawn for all
     variants in one vmapped sampler call (:mod:`emascope.batched`) from one generator seeded with
     ``batch_seed(cfg.seed, b)``, whose draws all variants share. Same samples, same features, same
     previews as drawing one variant at a time. Raises if the sampler cannot be batched (the caller
-    falls back); extractor errors are kept per variant as in :func:`draw_and_extract`.
+    falls back); extractor errors and refused samples (NaN/Inf) are kept per variant as in
+    :func:`draw_and_extract`.
     """
     device = model_device(model)
     t = time.perf_counter()
     weights = stack_weights(model, [functools.partial(bank.materialize, v) for v in variants])
     timings["sampling"] += time.perf_counter() - t
     cols = [_Collector(cfg, extractor, keep_all) for _ in variants]
+    failed: dict[int, Drawn] = {}  # variants whose samples were refused, as draw_and_extract returns them
     for b, n in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
         t = time.perf_counter()
@@ -282,16 +297,26 @@ def draw_variants_batched(model: nn.Module, bank: Any, variants: list[str], samp
             out = sample_stacked(model, weights, sampler, n, gen)
             if out.dim() < 2 or out.shape[0] != len(variants):
                 raise BatchedSamplingUnsupported(f"batched sampler output has shape {tuple(out.shape)}")
-            outs = [_checked(o, n) for o in out.unbind(0)]
+            outs: list[torch.Tensor | None] = []
+            for i, o in enumerate(out.unbind(0)):
+                if i in failed:
+                    outs.append(None)
+                    continue
+                try:  # a variant's bad samples (NaN/Inf) fail that variant only, as one at a time
+                    outs.append(_checked(o, n, notes))
+                except ValueError as exc:
+                    failed[i] = Drawn(None, None, StageError("sampler", exc), cols[i].drawn, None)
+                    outs.append(None)
         finally:
             timings["sampling"] += time.perf_counter() - t
         for col, o in zip(cols, outs, strict=True):
-            col.add(o, timings)
+            if o is not None:
+                col.add(o, timings)
         if on_batch is not None:
             on_batch()
-        if not any(c.wants_more for c in cols):
+        if not any(c.wants_more for i, c in enumerate(cols) if i not in failed):
             break
-    return {v: c.result() for v, c in zip(variants, cols, strict=True)}
+    return {v: failed[i] if i in failed else c.result() for i, (v, c) in enumerate(zip(variants, cols, strict=True))}
 
 
 def feature_metric_jobs(feats: Features, ref: Reference, cfg: ScoringConfig, fd_name: str,
@@ -354,7 +379,8 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
                 model.eval()
                 drawn = draw_variants_batched(model, bank, list(variants), sampler, cfg,
                                               extractor if reference is not None else None, res.timings,
-                                              keep_all=sample_metrics is not None, on_batch=tick)
+                                              keep_all=sample_metrics is not None, on_batch=tick,
+                                              notes=res.notes)
             res.batched = True
         except Exception as exc:  # noqa: BLE001 - fall back to one variant at a time
             drawn, res.batched_failed = {}, True
@@ -399,7 +425,8 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
         if sampler is not None:
             if drawn is None:
                 drawn = draw_and_extract(model, sampler, cfg, extractor if reference is not None else None,
-                                         res.timings, keep_all=sample_metrics is not None, on_batch=tick)
+                                         res.timings, keep_all=sample_metrics is not None, on_batch=tick,
+                                         notes=res.notes)
             samples, feats, err, n_drawn, every = drawn
             res.num_samples = max(res.num_samples, n_drawn)
             if err is not None:
@@ -419,6 +446,12 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
     if samples is not None:
         _save_preview(writer, step, variant, samples, cfg, res)
     if feats is None or reference is None:
+        return
+    try:
+        check_finite_features(feats)
+    except ValueError as exc:  # one error for the variant, no metric values
+        res.errors += 1
+        writer.error("features", step, exc, variant=variant)
         return
     t = time.perf_counter()
     for group, job in feature_metric_jobs(feats, reference, cfg, fd_name, kid_device):
@@ -506,6 +539,7 @@ class Scorer:
         self._kid_noted = False
         self._batched_ok = True
         self._lock = threading.Lock()
+        self._noted: set[str] = set()
 
     @property
     def active(self) -> bool:
@@ -581,6 +615,8 @@ class Scorer:
 
     def _note(self, result: SweepResult, reference: Reference | None, step: int, writer: Any) -> None:
         changed = False
+        for note in result.notes:
+            self._notice_once("samples", note, step, writer)
         with self._lock:
             if result.kid_subset_size is not None and not self._kid_noted:
                 self._kid_noted = True
@@ -600,6 +636,14 @@ class Scorer:
                 changed = True
         if changed:
             self.on_info_change()
+
+    def _notice_once(self, where: str, message: str, step: int, writer: Any) -> None:
+        """A ``notice`` event, once per message for the life of this scorer."""
+        with self._lock:
+            if message in self._noted:
+                return
+            self._noted.add(message)
+        writer.event("notice", step, where=where, message=message)
 
     def _prepare_reference(self, model: nn.Module, step: int, writer: Any) -> Reference | None:
         self.prepare(model, step)
@@ -623,8 +667,10 @@ class Scorer:
                                                 weights_path=cfg.feature_extractor_weights_path, device=device,
                                                 batch_size=cfg.feature_batch_size,
                                                 image_range=resolve_image_range(cfg.image_range, None))
+            check_finite_features(ref, "reference features")
             return _PendingReference(features=ref)
         data = reference_tensor(ref, cfg.reference_size)
+        note = check_samples(data, "reference samples")  # ValueError: NaN/Inf in the reference
         kind = sample_kind(data) if torch.is_tensor(data) else None
         image_range = resolve_image_range(cfg.image_range, data if kind == "images" else None)
         self.cfg = cfg = dataclasses.replace(cfg, image_range=image_range)
@@ -638,7 +684,7 @@ class Scorer:
         key = cache_key(self.extractor.name, self.extractor.weights_hash,
                         reference_identity(ref, cfg.reference_size))
         return _PendingReference(features=load_cached(self.run_dir / rf.reference_cache_file(key)), data=data,
-                                 key=key, kind=kind)
+                                 key=key, kind=kind, note=note)
 
     def _finish_reference(self, p: _PendingReference, step: int, writer: Any) -> Reference:
         """Extract the reference features on a cache miss (deterministic compute), cache them, build."""
@@ -648,8 +694,13 @@ class Scorer:
         t = time.perf_counter()
         if feats is None:
             feats = self.extractor(p.data)
+            check_finite_features(feats, "reference features")  # NaN/Inf features are never cached
             cache = self.run_dir / rf.reference_cache_file(p.key)
             writer._guard("reference cache", lambda: save_cached(cache, feats))
+        else:
+            check_finite_features(feats, "reference features")
+        if p.note is not None:
+            self._notice_once("reference", p.note, step, writer)
         writer.event("reference", step, key=p.key, cached=hit, num=len(feats.features),
                      seconds=time.perf_counter() - t)
         if p.kind == "points" and not (self.run_dir / rf.REFERENCE_POINTS).exists():
@@ -665,6 +716,7 @@ class _PendingReference:
     data: Any = None
     key: str | None = None
     kind: str | None = None
+    note: str | None = None  # what check_samples converted in the reference data
 
 
 def attach_extractor(cfg: ScoringConfig, hooks: Hooks, model: nn.Module) -> Any:
