@@ -186,3 +186,34 @@ def test_the_fallback_is_recorded_once_per_run(tmp_path):
     ev = [json.loads(line) for line in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in ev if e["type"] == "notice" and e["where"] == "batched_sampling"] == [1]
     assert sum(e["type"] == "score_done" and e["errors"] == 0 for e in ev) == 3
+
+
+def test_a_variants_nonfinite_samples_fail_that_variant_only_in_a_batched_draw():
+    """Batched drawing refuses NaN/Inf samples per variant, as one variant at a time does (a sampler
+    error for that variant, nothing drawn for it); the other variants' samples are unchanged."""
+    p = E.parts("tree2d")
+    model = p["model"].eval()
+    bank = _bank(model)
+    variants = list(bank.variants)
+    bad = variants[2]
+
+    class NaNWeights:  # the bank, with one variant's weights all NaN
+        def materialize(self, v, **kw):
+            sd = bank.materialize(v, **kw)
+            return {k: torch.full_like(t, float("nan")) if v == bad and t.is_floating_point() else t
+                    for k, t in sd.items()}
+
+    cfg = ScoringConfig(num_samples=64, batch_size=32, seed=5, preview_points=16)
+    timings = dict.fromkeys(("sampling", "features"), 0.0)
+    clean = draw_variants_batched(model, bank, variants, p["sampler"], cfg, IdentityExtractor(), timings)
+    notes: list[str] = []
+    got = draw_variants_batched(model, NaNWeights(), variants, p["sampler"], cfg, IdentityExtractor(), timings,
+                                notes=notes)
+    assert got[bad].error is not None and got[bad].error.where == "sampler"
+    assert "non-finite" in str(got[bad].error.exc)
+    assert got[bad].features is None and got[bad].num_drawn == 0
+    for v in variants:
+        if v != bad:
+            assert got[v].error is None and got[v].num_drawn == 64
+            torch.testing.assert_close(got[v].features.features, clean[v].features.features, rtol=0, atol=0)
+    assert notes == []  # float points: nothing converted
