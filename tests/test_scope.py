@@ -605,8 +605,9 @@ def test_bank_update_error_disables_the_bank_training_goes_on(tmp_path):
     model = Denoiser()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data, g = mixture(300, seed=1), torch.Generator().manual_seed(0)
+    # background (the default) with score_busy="wait": no stage is superseded, however slow the worker
     scope = attach(model, opt, run_dir=tmp_path / "r", evaluate=lambda m: {"v": val_loss(m, data[:50])},
-                   score_every=2, decays=(0.9,))
+                   score_every=2, decays=(0.9,), score_busy="wait")
     train_step(model, opt, data, g)
 
     def broken():
