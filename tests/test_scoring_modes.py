@@ -153,9 +153,10 @@ def test_copy_placement_rule():
 def test_background_sweep_runs_while_training_goes_on(tmp_path):
     """A sweep that takes seconds: the scoring point costs the training thread milliseconds, and the
     next steps happen while the sweep runs; the policy queues one stage and supersedes the older one."""
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
 
     def slow_sampler(model, n, generator):
+        entered.set()
         release.wait(20)
         return E.tree2d.make_sampler(2)(model, n, generator)
 
@@ -169,13 +170,15 @@ def test_background_sweep_runs_while_training_goes_on(tmp_path):
                    score_every=5, num_samples=64, batch_size=64, decays=(0.9,), kid_subsets=2)
     g = torch.Generator().manual_seed(0)
     times = []
-    for _ in range(15):
+    for i in range(1, 16):
         t = time.perf_counter()
         loss = E.flow_matching_loss(model, p["data"](g), g)
         opt.zero_grad()
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t)
+        if i == 5:  # the worker has taken stage 5 (on a loaded machine it may take a moment to start)
+            assert entered.wait(20)
     assert scope.last_scores is None  # the first sweep is still waiting for its sampler
     assert max(times) < 5.0  # no step waited for a sweep (each would take 20 s)
     release.set()
