@@ -258,7 +258,7 @@ def test_raising_and_hanging_samplers_never_stall_training(tmp_path):
     from emascope import attach
 
     scope = attach(p["model"], run_dir=tmp_path / "r", sampler=bad_sampler, reference=p["reference"], score_every=3,
-                   num_samples=64, batch_size=64, decays=E.DECAYS, kid_subsets=2, score_timeout=1.0,
+                   num_samples=64, batch_size=64, decays=E.DECAYS, kid_subsets=2, score_timeout=3.0,
                    request_interval=0, score_at_close=False)
     t0 = time.perf_counter()
     for i in range(1, 10):
@@ -266,7 +266,7 @@ def test_raising_and_hanging_samplers_never_stall_training(tmp_path):
         if i == 3:
             scope.wait()
         if i == 6:
-            time.sleep(1.5)  # the hang outlives score_timeout; the next step's housekeeping notices
+            time.sleep(3.5)  # the hang outlives score_timeout; the next step's housekeeping notices
     scope.wait(30)
     scope.close()
     assert time.perf_counter() - t0 < 25
