@@ -405,6 +405,27 @@ def test_a_failing_view_shows_a_short_message_and_logs_the_details(tmp_path, mon
     assert logged and logged[0].exc_info and secret in str(logged[0].exc_info[1])
 
 
+def test_stage_states_from_hostile_events_are_bounded(tmp_path, monkeypatch):
+    """The scoring-stage panel (events.jsonl): a stage step past int64 is left out, a 600 kB scorer
+    name and skip reason are cut, the page draws with no exception."""
+    run = make_run(tmp_path, "r", steps=(1000, 2000), samples=False)
+    _append(run / "events.jsonl", "".join(json.dumps(e) + "\n" for e in [
+        {"time": 1.0, "step": 10**26, "type": "score_start", "scorer": "x", "variants": ["0.9"]},
+        {"time": 1.0, "step": 3000, "type": "score_start", "scorer": "s" * 300_000, "variants": ["0.9"]},
+        {"time": 2.0, "step": 3000, "type": "score_skipped", "reason": "why " * 150_000},
+    ]))
+    stages = load_run(run).stages()
+    assert 10**26 not in [s["step"] for s in stages] and 3000 in [s["step"] for s in stages]
+    at = _start(monkeypatch, tmp_path)
+    assert not at.error, [e.value[:200] for e in at.error]
+    caption = next(t for t in _texts(at) if t.startswith("Stages:"))
+    assert "skipped" in caption and len(caption) < 2000
+    assert all(len(t) < 2000 for t in _texts(at))
+    table = next(d.value for d in at.dataframe if "scorer" in d.value.columns)
+    assert table["step"].max() == 3000
+    assert table["scorer"].str.len().max() < 200 and table["note"].str.len().max() < 200
+
+
 # ---------------------------------------------------------------- export never overwrites silently
 
 
