@@ -20,15 +20,18 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
+from emascope import estimates as E
 from emascope import metrics as M
+from emascope import racing
 from emascope import runformat as rf
 from emascope.config import Hooks, ScoringConfig
 from emascope.features import (
@@ -52,12 +55,15 @@ SampleMetrics = Callable[[torch.Tensor], dict[str, float]]
 
 @dataclass
 class Reference:
-    """Reference features plus what every variant reuses: Gaussian statistics and k-NN radii."""
+    """Reference features plus what every variant reuses: Gaussian statistics and k-NN radii
+    (``cache``: what :mod:`emascope.estimates` derives from them once, e.g. the k-NN radii of
+    precision/recall and KID's reference term)."""
 
     features: Features
     stats: dict[str, Any]
     radii: torch.Tensor
     nearest_k: int
+    cache: dict[Any, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, features: Features, nearest_k: int = 5) -> Reference:
@@ -72,11 +78,15 @@ class SweepResult:
     step: int
     scores: dict[str, dict[str, float | None]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("sampling", "features", "metrics", "user_metrics", "sample_metrics"), 0.0))
+        ("sampling", "features", "metrics", "user_metrics", "sample_metrics", "uncertainty", "racing"), 0.0))
     errors: int = 0
     num_samples: int = 0             # most samples drawn for one variant in this sweep
     kid_subset_size: int | None = None
     sample_kind: str | None = None
+    #: ``estimates[variant][metric]``: values with their uncertainty (emascope.estimates)
+    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    samples_drawn: int = 0           # samples drawn over all variants (racing draws fewer)
+    racing: dict[str, Any] | None = None   # the race's summary (emascope.racing.race_summary)
 
 
 @contextlib.contextmanager
@@ -149,7 +159,8 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
-                     timings: dict[str, float], *, keep_all: bool = False) -> Drawn:
+                     timings: dict[str, float], *, keep_all: bool = False,
+                     batches: range | None = None) -> Drawn:
     """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size``, batch ``b`` from a generator
     (on the model's device) seeded with :func:`batch_seed` ``(cfg.seed, b)``, and turn each batch into
     features as it arrives.
@@ -161,15 +172,21 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
     ``head``, ``features`` and ``samples`` ``None``; an extractor error keeps the head (for the
     preview) and ``samples`` and stops extracting. Without an extractor and without ``keep_all``,
     drawing stops once the head is full (nothing else would use the samples).
-    ``timings["sampling"|"features"]`` are increased.
+    ``timings["sampling"|"features"]`` are increased. ``batches``: draw only these batches (a range
+    of batch indices, e.g. a racing round's; each drawn exactly as in a full sweep); the preview
+    head then comes from the first batches drawn.
     """
     device = model_device(model)
     keep = -1  # samples kept for the preview: decided from the first batch's kind
     head: list[torch.Tensor] = []
     everything: list[torch.Tensor] = []
     feats: list[Features] = []
-    kept, remaining, error = 0, cfg.num_samples, None
-    for b, n in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
+    sizes = batch_sizes(cfg.num_samples, cfg.batch_size)
+    todo = range(len(sizes)) if batches is None else range(max(0, batches.start), min(len(sizes), batches.stop))
+    kept, error = 0, None
+    remaining = total = sum(sizes[b] for b in todo)
+    for b in todo:
+        n = sizes[b]
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
         t = time.perf_counter()
         try:
@@ -179,7 +196,7 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                                  f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
             out = out.detach().cpu()
         except Exception as exc:  # noqa: BLE001
-            return Drawn(None, None, StageError("sampler", exc), cfg.num_samples - remaining, None)
+            return Drawn(None, None, StageError("sampler", exc), total - remaining, None)
         finally:
             timings["sampling"] += time.perf_counter() - t
         remaining -= n
@@ -210,7 +227,32 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                             torch.cat(logits) if all(x is not None for x in logits) else None)  # type: ignore[arg-type]
     # the only place all samples are concatenated: only when a sample_metrics hook asked for them
     samples = torch.cat(everything) if keep_all else None
-    return Drawn(torch.cat(head) if head else None, features, error, cfg.num_samples - remaining, samples)
+    return Drawn(torch.cat(head) if head else None, features, error, total - remaining, samples)
+
+
+def merge_drawn(parts: list[Drawn], cfg: ScoringConfig) -> Drawn:
+    """Consecutive batch ranges of one variant (racing rounds) as one :class:`Drawn`: heads, features
+    and samples concatenated in batch order (the head cut at the preview size), the first error kept."""
+    if len(parts) == 1:
+        return parts[0]
+    error = next((p.error for p in parts if p.error is not None), None)
+    heads = [p.head for p in parts if p.head is not None]
+    feats = [p.features for p in parts]
+    features = None
+    if feats and all(f is not None for f in feats):
+        logits = [f.logits for f in feats]
+        features = Features(torch.cat([f.features for f in feats]),
+                            torch.cat(logits) if all(x is not None for x in logits) else None)  # type: ignore[arg-type]
+    samples = [p.samples for p in parts]
+    every = torch.cat(samples) if samples and all(x is not None for x in samples) else None
+    head = None
+    if heads:
+        try:
+            keep = cfg.preview if sample_kind(heads[0]) == "images" else cfg.preview_points
+        except ValueError:
+            keep = 0
+        head = torch.cat(heads)[:keep]
+    return Drawn(head, features, error, sum(p.num_drawn for p in parts), every)
 
 
 def feature_metric_jobs(feats: Features, ref: Reference, cfg: ScoringConfig,
@@ -238,7 +280,8 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
               cfg: ScoringConfig, sampler: Sampler | None = None,
               extractor: Callable[[torch.Tensor], Features] | None = None,
               reference: Reference | None = None, evaluate: Evaluate | None = None,
-              sample_metrics: SampleMetrics | None = None, fd_name: str = "fid") -> SweepResult:
+              sample_metrics: SampleMetrics | None = None, fd_name: str = "fid",
+              directions: Mapping[str, str | None] | None = None) -> SweepResult:
     """Score every variant; write metrics/previews/events through ``writer``. Never raises.
 
     ``model`` is the unwrapped module the bank was built on. Generative metrics need
@@ -247,72 +290,207 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
     {name: value}`` (needs ``sampler``) is called once per variant with all ``num_samples``
     samples the sampler drew for it, on CPU (the same samples the features and the preview come
     from); they are kept in memory for it (``num_samples`` x one sample's size).
+
+    With ``cfg.uncertainty`` every value gets its half-sample standard error and interval
+    (:mod:`emascope.estimates`) and, once all variants are scored, a ``comparison`` event holds each
+    ranked metric's best variant and every variant's paired difference to it (``directions``:
+    metric name -> ``"lower"``/``"higher"``). With ``cfg.racing`` the samples are drawn in rounds and
+    the variants significantly worse on the racing metric stop drawing (:mod:`emascope.racing`).
     """
     res = SweepResult(step=step)
     t_start = time.perf_counter()
+    halves = E.Halves(cfg) if cfg.uncertainty else None
+    directions = {**M.METRIC_DIRECTIONS, **(directions or {})}
     writer.event("score_start", step, variants=list(variants))
+    drawn: dict[str, Drawn] = {}
+    race: racing.RaceResult | None = None
+    if cfg.racing and sampler is not None and reference is not None and extractor is not None and len(variants) > 2:
+        try:
+            race, drawn = _race(model, bank, variants, res, writer, cfg, sampler, extractor, reference,
+                                sample_metrics, fd_name, directions, halves)
+        except Exception as exc:  # noqa: BLE001 - fall back to a full sweep
+            res.errors += 1
+            writer.error("racing", step, exc)
+            race, drawn = None, {}
     for variant in variants:
         res.scores[variant] = {}
         try:
             _score_variant(model, bank, variant, res, writer, cfg, sampler, extractor, reference,
-                           evaluate, sample_metrics, fd_name)
+                           evaluate, sample_metrics, fd_name, halves, drawn.pop(variant, None))
         except Exception as exc:  # noqa: BLE001 - e.g. swap itself failed
             res.errors += 1
             writer.error("swap", step, exc, variant=variant)
+    if halves is not None:
+        t = time.perf_counter()
+        try:
+            compared = E.comparison_metrics(res.estimates, directions, cfg.confidence_level)
+            if race is not None:
+                _keep_race_decisions(compared, race, res.racing["metric"] if res.racing else None)
+            if compared:
+                writer.event(rf.EVENT_COMPARISON, step, level=cfg.confidence_level, method="half_sample",
+                             replicates=cfg.bootstrap_replicates, metrics=compared)
+        except Exception as exc:  # noqa: BLE001
+            res.errors += 1
+            writer.error("uncertainty", step, exc)
+        res.timings["uncertainty"] += time.perf_counter() - t
+    full = cfg.num_samples * len(variants) if sampler is not None and res.samples_drawn else 0
+    extra = {"racing": res.racing} if res.racing else {}
     writer.event("score_done", step, seconds=time.perf_counter() - t_start, timings=dict(res.timings),
-                 num_samples=res.num_samples, errors=res.errors)
+                 num_samples=res.num_samples, errors=res.errors, samples_drawn=res.samples_drawn,
+                 samples_full=full, **extra)
     return res
+
+
+def _race(model: nn.Module, bank: Any, variants: list[str], res: SweepResult, writer: RunWriter,
+          cfg: ScoringConfig, sampler: Sampler, extractor: Callable[[torch.Tensor], Features],
+          reference: Reference, sample_metrics: SampleMetrics | None, fd_name: str,
+          directions: Mapping[str, str | None],
+          halves: E.Halves | None) -> tuple[racing.RaceResult | None, dict[str, Drawn]]:
+    """Draw the samples in racing rounds (:mod:`emascope.racing`); returns the race and each variant's
+    samples (merged over its rounds) for :func:`_score_variant`. ``(None, {})`` when the racing metric
+    has no direction or cannot be computed from features or ``sample_metrics`` (a ``notice`` says so)."""
+    metric = cfg.racing_metric or fd_name
+    group = racing_group(metric, fd_name)
+    direction = directions.get(metric)
+    if direction not in rf.DIRECTIONS or (group is None and sample_metrics is None):
+        writer.event("notice", res.step, where="racing", message=f"racing metric {metric!r} has no known "
+                     "direction or is not computed from the samples: full sweep")
+        return None, {}
+    halves = halves or E.Halves(cfg)
+    parts: dict[str, list[Drawn]] = {v: [] for v in variants}
+    have: dict[str, int] = dict.fromkeys(variants, 0)
+    keep_all = sample_metrics is not None
+
+    def score_round(alive: list[str], upto: int) -> dict[str, Any]:
+        out = {}
+        for v in alive:
+            with preserved_training_flags(model), bank.swap(model, v), torch.no_grad():
+                model.eval()
+                part = draw_and_extract(model, sampler, cfg, extractor, res.timings, keep_all=keep_all,
+                                        batches=range(have[v], upto))
+            have[v] = upto
+            parts[v].append(part)
+            if part.error is not None:
+                continue
+            got = merge_drawn(parts[v], cfg)
+            t = time.perf_counter()
+            try:
+                if group is not None:
+                    values = dict(feature_metric_jobs(got.features, reference, cfg, fd_name))[group]()
+                    est = E.group_estimates(group, values, got.features, reference, cfg, halves, {})
+                else:
+                    est = E.user_estimates(sample_metrics(got.samples), n=len(got.samples), halves=halves,
+                                           hook=sample_metrics, samples=got.samples, max_calls=cfg.bootstrap_calls)
+            finally:
+                res.timings["racing"] += time.perf_counter() - t
+            if metric in est and np.isfinite(est[metric].value):
+                out[v] = est[metric]
+        return out
+
+    rounds = racing.schedule(len(batch_sizes(cfg.num_samples, cfg.batch_size)), cfg.racing_first)
+    result = racing.race(variants, rounds, score_round, direction, cfg.confidence_level)
+    res.racing = racing.race_summary(result, metric, cfg.batch_size, cfg.num_samples)
+    return result, {v: merge_drawn(p, cfg) for v, p in parts.items() if p}
+
+
+def racing_group(metric: str, fd_name: str) -> str | None:
+    """The metric group of :func:`feature_metric_jobs` that computes ``metric`` (``None``: not a
+    feature metric, e.g. a ``sample_metrics`` one)."""
+    return {fd_name: fd_name, "fid": fd_name, "fd": fd_name, "kid_mean": "kid", "precision": "prc",
+            "recall": "prc", "density": "density_coverage", "coverage": "density_coverage",
+            "isc_mean": "isc"}.get(metric)
+
+
+def _keep_race_decisions(compared: dict[str, Any], race: racing.RaceResult, metric: str | None) -> None:
+    """In the final comparison of the racing metric, a dropped variant keeps the paired comparison of
+    the round that dropped it (it has fewer samples than the survivors, so no paired one now)."""
+    entry = compared.get(metric or "")
+    if entry is None:
+        return
+    for v, (_, c) in race.dropped().items():
+        entry["variants"][v] = rf.comparison_entry(diff=c.diff, se=c.se, lo=c.lo, hi=c.hi, n=c.n,
+                                                   worse=c.worse, paired=c.paired)
 
 
 def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, writer: RunWriter,
                    cfg: ScoringConfig, sampler: Sampler | None,
                    extractor: Callable[[torch.Tensor], Features] | None, reference: Reference | None,
-                   evaluate: Evaluate | None, sample_metrics: SampleMetrics | None, fd_name: str) -> None:
+                   evaluate: Evaluate | None, sample_metrics: SampleMetrics | None, fd_name: str,
+                   halves: E.Halves | None = None, drawn: Drawn | None = None) -> None:
     step = res.step
     samples: torch.Tensor | None = None
     every: torch.Tensor | None = None
     feats: Features | None = None
     user: dict[str, Any] = {}
-    # "raw" goes through swap too: its backup/restore undoes a sampler or evaluate that writes to
-    # the weights in place (the live weights leave the sweep bit-identical whatever happens)
-    swap = bank.swap(model, variant) if bank is not None else restored_state(model)
+    if (sampler is not None and drawn is None) or evaluate is not None:
+        # "raw" goes through swap too: its backup/restore undoes a sampler or evaluate that writes to
+        # the weights in place (the live weights leave the sweep bit-identical whatever happens)
+        swap = bank.swap(model, variant) if bank is not None else restored_state(model)
+    else:
+        swap = contextlib.nullcontext(model)  # samples drawn already (racing rounds) and no evaluate
     with preserved_training_flags(model), swap, torch.no_grad():
         model.eval()
         if sampler is not None:
-            samples, feats, err, drawn, every = draw_and_extract(
-                model, sampler, cfg, extractor if reference is not None else None, res.timings,
-                keep_all=sample_metrics is not None)
-            res.num_samples = max(res.num_samples, drawn)
+            if drawn is None:
+                drawn = draw_and_extract(model, sampler, cfg, extractor if reference is not None else None,
+                                         res.timings, keep_all=sample_metrics is not None)
+            samples, feats, err, n_drawn, every = drawn
+            res.num_samples = max(res.num_samples, n_drawn)
+            res.samples_drawn += n_drawn
             if err is not None:
                 res.errors += 1
                 writer.error(err.where, step, err.exc, variant=variant)
         if evaluate is not None:
             user.update(_user_hook("evaluate", evaluate, model, res, writer, variant, "user_metrics"))
+    drawn = None
+    estimates: dict[str, Any] = res.estimates.setdefault(variant, {})
+    if evaluate is not None or sample_metrics is not None:
+        estimates.update(E.user_estimates({k: v for k, v in user.items()}))
     if every is not None and sample_metrics is not None:
         with torch.no_grad():
-            user.update(_user_hook("sample_metrics", sample_metrics, every, res, writer, variant,
-                                   "sample_metrics"))
+            out = _user_hook("sample_metrics", sample_metrics, every, res, writer, variant, "sample_metrics")
+            t = time.perf_counter()
+            estimates.update(E.user_estimates(
+                out, n=len(every), halves=halves, hook=sample_metrics, samples=every, max_calls=cfg.bootstrap_calls,
+                on_error=lambda exc: _uncertainty_error(res, writer, variant, "sample_metrics", exc)))
+            res.timings["uncertainty"] += time.perf_counter() - t
+        user.update(out)
         del every  # free the variant's samples before the next one is drawn
 
-    for name, value in user.items():
-        _record(res, writer, variant, str(name), value)
+    for name in user:
+        _record(res, writer, variant, str(name), estimates.get(str(name)), cfg.confidence_level)
     if samples is not None:
         _save_preview(writer, step, variant, samples, cfg, res)
     if feats is None or reference is None:
         return
-    t = time.perf_counter()
+    cache: dict[str, Any] = {}
     for group, job in feature_metric_jobs(feats, reference, cfg, fd_name):
+        t = time.perf_counter()
         try:
             values = job()
         except Exception as exc:  # noqa: BLE001
             res.errors += 1
             writer.error(f"metric:{group}", step, exc, variant=variant)
             continue
+        finally:
+            res.timings["metrics"] += time.perf_counter() - t
         if group == "kid":
             res.kid_subset_size = int(values.pop("kid_subset_size"))
-        for name, value in values.items():
-            _record(res, writer, variant, name, value)
-    res.timings["metrics"] += time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            group_est = E.group_estimates(group, values, feats, reference, cfg, halves, cache)
+        except Exception as exc:  # noqa: BLE001 - the values stay, without intervals
+            _uncertainty_error(res, writer, variant, group, exc)
+            group_est = E.group_estimates(group, values, feats, reference, cfg, None, cache)
+        res.timings["uncertainty"] += time.perf_counter() - t
+        estimates.update(group_est)
+        for name in values:
+            _record(res, writer, variant, name, group_est.get(name), cfg.confidence_level, values[name])
+
+
+def _uncertainty_error(res: SweepResult, writer: RunWriter, variant: str, group: str, exc: BaseException) -> None:
+    res.errors += 1
+    writer.error(f"uncertainty:{group}", res.step, exc, variant=variant)
 
 
 def _user_hook(where: str, hook: Callable[[Any], Any], arg: Any, res: SweepResult, writer: RunWriter,
@@ -333,10 +511,14 @@ def _user_hook(where: str, hook: Callable[[Any], Any], arg: Any, res: SweepResul
         res.timings[timing] += time.perf_counter() - t
 
 
-def _record(res: SweepResult, writer: RunWriter, variant: str, name: str, value: Any) -> None:
-    v = M.finite_or_none(value)
+def _record(res: SweepResult, writer: RunWriter, variant: str, name: str, est: Any, level: float,
+            value: Any = None) -> None:
+    """Record one value (``est.value``, else ``value``) with the interval fields of ``est``."""
+    v = M.finite_or_none(est.value if est is not None else value)
     res.scores[variant][name] = v
-    writer.metric(res.step, variant, name, v)
+    fields = E.interval_fields(est, level, name) if est is not None and v is not None else (
+        {"n": est.n} if est is not None and est.n is not None else {})
+    writer.metric(res.step, variant, name, v, **fields)
 
 
 def _save_preview(writer: RunWriter, step: int, variant: str, samples: torch.Tensor, cfg: ScoringConfig,
@@ -380,6 +562,8 @@ class Scorer:
         self.extractor: Any = None
         self._reference_failed = False
         self._kid_noted = False
+        self._floor_done = False
+        self._floor_rows: torch.Tensor | None = None  # reference samples of the floor's split (sample_metrics)
 
     @property
     def active(self) -> bool:
@@ -404,12 +588,68 @@ class Scorer:
         streams are forked and restored, so they are the same with and without the sweep."""
         with torch.random.fork_rng(devices=cuda_devices(model)):
             reference = self._prepare_reference(model, step) if self.hooks.sampler is not None else None
+            if reference is not None and self.cfg.noise_floor and not self._floor_done:
+                self._floor_done = True
+                self.noise_floor(reference, step)
             result = run_sweep(model=model, bank=bank, variants=variants, step=step, writer=self.writer,
                                cfg=self.cfg, sampler=self.hooks.sampler, extractor=self.extractor,
                                reference=reference, evaluate=self.hooks.evaluate,
-                               sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name())
+                               sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name(),
+                               directions=self.directions())
         self._note(result, reference, step)
         return result
+
+    def directions(self) -> dict[str, str | None]:
+        """Direction of every metric known now: built-in ones, the run's, the user's."""
+        return {**M.METRIC_DIRECTIONS, **self.metric_directions, **self.user_directions}
+
+    def noise_floor(self, reference: Reference, step: int) -> dict[str, Any] | None:
+        """Score what a perfect model would get at this sample size and write a ``noise_floor`` event:
+        the ``exact_samples`` hook against the reference, else a disjoint split of the reference
+        (``min(num_samples, m // 2)`` of its ``m`` items, chosen with ``seed``, scored against the
+        rest). Every feature metric and ``sample_metrics`` (on the exact samples, or on the split's
+        reference items when the reference was given as data) are scored with their intervals.
+        Returns the event's ``metrics`` (``None`` on failure: an ``error`` event ``where: "noise_floor"``)."""
+        cfg, t = self.cfg, time.perf_counter()
+        try:
+            exact = self.hooks.exact_samples
+            if exact is not None:
+                samples = torch.as_tensor(exact)[: cfg.num_samples].detach().cpu()
+                feats, ref, source = self.extractor(samples), reference, "exact"
+            else:
+                real = reference.features
+                m = len(real.features)
+                n_a = min(cfg.num_samples, m // 2)
+                perm = torch.randperm(m, generator=torch.Generator().manual_seed(cfg.seed))
+                a, b = perm[:n_a], perm[n_a:]
+                logits = real.logits
+                feats = Features(real.features[a], None if logits is None else logits[a])
+                ref = Reference.build(Features(real.features[b], None if logits is None else logits[b]),
+                                      reference.nearest_k)
+                samples, source = self._floor_rows, "reference_split"
+            halves = E.Halves(cfg) if cfg.uncertainty else None
+            estimates: dict[str, Any] = {}
+            cache: dict[str, Any] = {}
+            for group, job in feature_metric_jobs(feats, ref, cfg, self.fd_name()):
+                try:
+                    values = job()
+                except Exception:  # noqa: BLE001 - no floor for it; the variants' own errors say why
+                    continue
+                values.pop("kid_subset_size", None)
+                estimates.update(E.group_estimates(group, values, feats, ref, cfg, halves, cache))
+            hook = self.hooks.sample_metrics
+            if hook is not None and samples is not None and len(samples) == len(feats.features):
+                with torch.no_grad():
+                    estimates.update(E.user_estimates(hook(samples), n=len(samples), halves=halves, hook=hook,
+                                                      samples=samples, max_calls=cfg.bootstrap_calls))
+            fields = E.floor_fields(estimates, cfg.confidence_level)
+        except Exception as exc:  # noqa: BLE001
+            self.writer.error("noise_floor", step, exc)
+            return None
+        self.writer.event(rf.EVENT_NOISE_FLOOR, step, source=source, n=len(feats.features),
+                          n_reference=len(ref.features.features), level=cfg.confidence_level,
+                          seconds=time.perf_counter() - t, metrics=fields)
+        return fields
 
     def _note(self, result: SweepResult, reference: Reference | None, step: int) -> None:
         if result.kid_subset_size is not None and not self._kid_noted:
@@ -467,6 +707,11 @@ class Scorer:
         if feats is None:
             feats = self.extractor(data)
             self.writer._guard("reference cache", lambda: save_cached(cache, feats))
+        if self.hooks.sample_metrics is not None and self.hooks.exact_samples is None and torch.is_tensor(data):
+            # the reference items of the noise floor's split, for sample_metrics (same rule as noise_floor)
+            m = len(feats.features)
+            perm = torch.randperm(m, generator=torch.Generator().manual_seed(cfg.seed))
+            self._floor_rows = data[perm[: min(cfg.num_samples, m // 2)]].clone()
         self.writer.event("reference", step, key=key, cached=hit, num=len(feats.features),
                           seconds=time.perf_counter() - t)
         if kind == "points" and not (self.run_dir / rf.REFERENCE_POINTS).exists():
