@@ -168,7 +168,7 @@ def interval_fields(est: U.Estimate | None, level: float, metric: str) -> dict[s
     if est.n is not None:
         fields["n"] = int(est.n)
     se = est.se if math.isfinite(est.value) else None
-    ci = U.normal_interval(est.value, se, level, metric)
+    ci = est.interval(level, metric) if se is not None else None
     if se is not None and ci is not None:
         fields.update(se=se, lo=ci[0], hi=ci[1])
     return fields

@@ -19,7 +19,10 @@ its own k-NN ball to nothing. The standard error is ``se = sqrt(v)`` and the int
 
     value +- z se,   z = Phi^-1((1 + level) / 2)   (1.96 at level 0.95)          (Eq. U-2)
 
-clipped to the metric's range (:data:`BOUNDS`).
+clipped to the metric's range (:data:`BOUNDS`). FD/FID, a squared distance whose estimate is
+right-skewed, gets its interval on the square-root scale and squared back (Eq. U-3,
+:data:`SQRT_METRICS`): ``(sqrt(value) +- z se_sqrt)^2`` with ``se_sqrt`` from Eq. U-1 over
+``sqrt(theta_b)``; its ``se`` stays the one of the value itself.
 
 **Conditioning.** The reference set is held fixed: an interval is the sampling noise of the
 generated samples (what ``num_samples`` controls, and what redrawing them with other seeds would
@@ -63,6 +66,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
 }
 #: Metrics that are themselves spreads over subsets/splits: they get no interval.
 SPREAD_METRICS = ("kid_std", "isc_std")
+#: Squared distances: interval on the square-root scale (Eq. U-3).
+SQRT_METRICS = ("fd", "fid")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +142,14 @@ class Estimate:
         return math.sqrt(var) if math.isfinite(var) and var >= 0 else None
 
     def interval(self, level: float = DEFAULT_LEVEL, metric: str | None = None) -> tuple[float, float] | None:
-        """Eq. U-2, clipped to :data:`BOUNDS` of ``metric``; ``None`` without a standard error."""
+        """Eq. U-2 (Eq. U-3 for :data:`SQRT_METRICS`), clipped to :data:`BOUNDS` of ``metric``;
+        ``None`` without a standard error."""
+        if metric in SQRT_METRICS and self.replicates is not None and math.isfinite(self.value) and self.value >= 0:
+            root = np.sqrt(np.clip(np.asarray(self.replicates, dtype=np.float64), 0.0, None))
+            var = jackknife_variance(root, self.n or 0)
+            if math.isfinite(var):
+                z, c = z_value(level), math.sqrt(self.value)
+                return max(0.0, c - z * math.sqrt(var)) ** 2, (c + z * math.sqrt(var)) ** 2
         return normal_interval(self.value, self.se, level, metric)
 
 
@@ -562,7 +574,7 @@ def black_box_replicates(fn: Callable[[torch.Tensor], Mapping[str, Any]], sample
                          time_budget: float | None = None) -> dict[str, np.ndarray]:
     """Call ``fn`` on the kept samples of the first half-samples (at most ``max_calls`` calls, and
     no new call once ``time_budget`` seconds are spent); returns ``{name: replicates}`` for every
-    name that came back as a finite number in every call. Exceptions propagate."""
+    name that came back as a finite number in every call (at least 2). Exceptions propagate."""
     out: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     calls = 0
@@ -576,7 +588,8 @@ def black_box_replicates(fn: Callable[[torch.Tensor], Mapping[str, Any]], sample
                 out.setdefault(str(k), []).append(float(v))
             except (TypeError, ValueError):
                 out.setdefault(str(k), []).append(math.nan)
-    return {k: np.asarray(v) for k, v in out.items() if len(v) == calls and calls >= 2}
+    return {k: np.asarray(v) for k, v in out.items()
+            if len(v) == calls and calls >= 2 and all(math.isfinite(x) for x in v)}
 
 
 # ----------------------------------------------------------------------------------------------

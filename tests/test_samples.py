@@ -370,7 +370,7 @@ def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
         # the shipped log-likelihood / tail coverage are those of exactly these samples, i.e. what
         # attach(sample_metrics=TreeMetrics) computes from the agent's own samples
         row = run.metrics.query("step == @last and variant == '0.999'").set_index("metric")["value"]
-        mine = tree2d.TreeMetrics(make_tree(), cfg)(x)
+        mine = tree2d.TreeMetrics(make_tree(), cfg).means(x)
         assert row["log_likelihood"] == pytest.approx(mine["log_likelihood"], rel=1e-5)
         assert row["tail_coverage"] == pytest.approx(mine["tail_coverage"], rel=1e-5)
 
