@@ -135,7 +135,7 @@ class ScoringConfig:
     noise_floor: bool = True
     racing: bool = False
     racing_metric: str | None = None
-    racing_first: float = 0.125
+    racing_first: float = 0.0625
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "feature_batch_size", "kid_subsets", "nearest_k",

@@ -628,10 +628,14 @@ def paired_difference(a: Estimate, b: Estimate) -> tuple[float, float | None, bo
 
 
 def best_of(estimates: Mapping[str, Estimate], direction: str) -> str | None:
-    """The variant with the best finite value (first one on ties)."""
+    """The variant with the best finite value among those with the most samples (a racing sweep's
+    dropped variants, scored on fewer samples, are compared with the best, never chosen as it);
+    the first one on ties."""
     if direction not in ("lower", "higher"):
         raise ValueError(f"direction must be 'lower' or 'higher', got {direction!r}")
-    finite = [(v, e.value) for v, e in estimates.items() if e.value is not None and math.isfinite(e.value)]
+    finite = [(v, e.value, e.n or 0) for v, e in estimates.items() if e.value is not None and math.isfinite(e.value)]
+    most = max((n for *_, n in finite), default=0)
+    finite = [(v, x) for v, x, n in finite if n == most]
     if not finite:
         return None
     pick = min if direction == "lower" else max

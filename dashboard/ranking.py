@@ -360,7 +360,13 @@ def recommend(
         )
     comp = (comparisons or {}).get((int(step), metric))
     if comp is not None and comp.best != best:
-        comp = None  # a comparison that does not match the values (e.g. a re-scored stage): ignore it
+        # the recorded best is chosen among the variants with the most samples (a racing sweep's
+        # dropped variants have fewer): trust it when it names a value of this stage, else ignore it
+        other = row.get(comp.best)
+        if other is not None and math.isfinite(float(other)):
+            best, value = comp.best, float(other)
+        else:
+            comp = None
     word = "lower" if direction == "lower" else "higher"
     pm = ""
     se = _se_of(metrics, step, best, metric)

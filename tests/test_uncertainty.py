@@ -195,7 +195,7 @@ def test_replicates_equal_the_metric_recomputed_on_each_half():
         assert fd[b] == pytest.approx(M.frechet_distance(x, ref), rel=1e-9)
         xs, r, mm, dim = x.numpy(), len(x), len(y), x.shape[1]
 
-        def k(a, c):
+        def k(a, c, dim=dim):
             return (a @ c / dim + 1.0) ** 3
 
         xx = sum(k(xs[i], xs[j]) for i in range(r) for j in range(r) if i != j) / (r * (r - 1))
@@ -240,6 +240,8 @@ def test_paired_difference_is_tighter_and_ties_are_ties():
     c = U.Estimate(b.value, U.mean_replicates(b_vals[:500], U.half_sample_masks(500, 100, seed=0)), 500)
     _, se_c, paired_c = U.paired_difference(c, a)
     assert not paired_c and se_c == pytest.approx(math.hypot(c.se, a.se))
+    # a variant scored on fewer samples (dropped by a race) is compared with the best, never chosen as it
+    assert U.best_of({"full": U.Estimate(1.0, n=600), "dropped": U.Estimate(0.1, n=300)}, "lower") == "full"
 
 
 def test_black_box_replicates_call_the_hook_on_halves():

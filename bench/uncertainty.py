@@ -1,0 +1,236 @@
+"""What the intervals cost, what racing saves, and how well the intervals are calibrated.
+
+```bash
+OMP_NUM_THREADS=1 python bench/uncertainty.py                    # cost + racing on the shipped runs
+OMP_NUM_THREADS=1 python bench/uncertainty.py --calibration      # coverage of the 95% intervals
+```
+
+1. **Cost of the intervals** (goal <= 10% of sweep time): the last stage of each shipped run
+   (``sample_runs/runs/tree2d`` and ``digits``) is scored again from its bank snapshot with the run's
+   own settings, once with intervals and once without, interleaved (``--repeats``). Printed side by
+   side: the sweep's wall time with and without, and inside the sweep with intervals the time spent
+   on them (``timings.uncertainty``: half-sample replicates of every metric of every variant and the
+   paired comparisons) as a fraction of the sweep; the noise floor is scored once per run, so its
+   time is shown per stage of the shipped run (its cost divided by the run's stages).
+2. **Racing** (goal >= 3x fewer samples for the default 11-variant sweep on tree2d, at equal final
+   confidence): the same stage scored with ``racing=True``; printed: samples drawn against a full
+   sweep, the racing rounds, and whether the final best (and its tie set) is the full sweep's. The
+   survivors of a race hold exactly the samples of the full sweep, so their values, intervals and
+   comparisons are the full sweep's: equal final confidence by construction.
+3. **Calibration** (``--calibration``): a fixed reference, generated sets drawn again and again
+   from a known distribution; for every metric the share of 95% intervals that cover the mean of
+   the full-sample value over many draws, and the mean standard error over the true spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emascope import metrics as M
+from emascope import uncertainty as U
+from emascope.config import Hooks, ScoringConfig
+from emascope.rundir import RunWriter, prepare_run_dir
+from emascope.scoring import Scorer
+from emascope.snapshot import load_snapshot
+
+RUNS = Path(__file__).resolve().parents[1] / "sample_runs" / "runs"
+SETTING_FIELDS = ("num_samples", "batch_size", "seed", "feature_extractor", "kid_subset_size", "kid_subsets",
+                  "nearest_k", "prc_neighborhood", "bootstrap_replicates", "confidence_level", "image_range")
+
+
+def _events(run_dir: Path, type_: str) -> list[dict[str, Any]]:
+    out = []
+    for line in (run_dir / "events.jsonl").read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("type") == type_:
+            out.append(e)
+    return out
+
+
+def shipped_setup(name: str) -> tuple[Any, Any, dict[str, Any], Hooks, int]:
+    """(model, bank, scoring settings, hooks, last step) of a shipped run, rebuilt from its files."""
+    run = RUNS / name
+    info = json.loads((run / "run.json").read_text())
+    settings = {k: info["settings"][k] for k in SETTING_FIELDS if k in info["settings"]}
+    bank = load_snapshot(run / "banks" / "latest.safetensors")
+    step = max(e["step"] for e in _events(run, "score_done"))
+    if name == "tree2d":
+        from emascope.samples import tree2d
+        from emascope.samples.tree_mixture import make_tree
+
+        cfg = tree2d.Tree2DConfig()
+        tree = make_tree()
+        model = tree2d.build_model(cfg)
+        reference = tree.sample(cfg.reference_size, torch.Generator().manual_seed(cfg.seed + 2))
+        exact = tree.sample(settings["num_samples"], torch.Generator().manual_seed(cfg.seed + 4))
+        hooks = Hooks(sampler=tree2d.make_sampler(cfg.sample_steps), reference=reference, exact_samples=exact,
+                      sample_metrics=tree2d.TreeMetrics(tree, cfg), metric_directions=tree2d.TREE_METRIC_DIRECTIONS)
+    else:
+        from emascope.samples import digits
+
+        cfg = digits.DigitsConfig()
+        model = digits.build_model(cfg)
+        digits.register_extractor()
+        images, _ = digits.load_digit_images()
+        settings["feature_extractor_weights_path"] = str(digits.SHIPPED_CLASSIFIER)
+        hooks = Hooks(sampler=digits.make_sampler(cfg.sample_steps), reference=images)
+    model.eval()
+    return model, bank, settings, hooks, step
+
+
+def sweep(name: str, tmp: Path, **overrides: Any) -> dict[str, Any]:
+    """Score the last stage of a shipped run again; returns its score_done, comparison and floor events."""
+    model, bank, settings, hooks, step = shipped_setup(name)
+    cfg = ScoringConfig(**{**settings, **overrides})
+    run_dir = prepare_run_dir(tmp / f"{name}-{time.time_ns()}", overwrite=True)
+    writer = RunWriter(run_dir)
+    scorer = Scorer(cfg, hooks, writer, run_dir)
+    t = time.perf_counter()
+    scorer.sweep(model, bank, list(bank.variants), step)
+    wall = time.perf_counter() - t
+    out = {"wall": wall, "done": _events(run_dir, "score_done")[-1],
+           "comparison": (_events(run_dir, "comparison") or [None])[-1],
+           "floor": (_events(run_dir, "noise_floor") or [None])[-1]}
+    return out
+
+
+def cost(names: list[str], repeats: int, tmp: Path) -> None:
+    print("## Cost of the intervals (last stage of each shipped run, its own settings)\n")
+    print("| run | variants x samples | sweep without intervals | sweep with | intervals inside the sweep "
+          "| share of the sweep | noise floor (once per run) | per stage of the run |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        stages = len(_events(RUNS / name, "score_done"))
+        offs, ons = [], []
+        for _ in range(repeats):  # interleaved: off, on, off, on ...
+            offs.append(sweep(name, tmp, uncertainty=False, noise_floor=False))
+            ons.append(sweep(name, tmp, uncertainty=True, noise_floor=True))
+        on = ons[-1]
+        unc = [o["done"]["timings"]["uncertainty"] for o in ons]
+        secs = [o["done"]["seconds"] for o in ons]
+        floor = [o["floor"]["seconds"] for o in ons if o["floor"]]
+        share = [u / s for u, s in zip(unc, secs, strict=True)]
+        n = on["done"]["num_samples"]
+        variants = on["done"]["samples_full"] // max(1, n)
+        print(f"| {name} | {variants} x {n:,} | {np.median([o['done']['seconds'] for o in offs]):.1f} s "
+              f"| {np.median(secs):.1f} s | {np.median(unc):.2f} s | **{np.median(share):.1%}** "
+              f"| {np.median(floor):.2f} s | {np.median(floor) / max(1, stages):.2f} s |")
+        print(f"<!-- {name}: timings of the last sweep with intervals: {json.dumps(on['done']['timings'])} -->")
+    print()
+
+
+def _ties(comparison: dict[str, Any] | None, metric: str) -> tuple[str | None, list[str]]:
+    if not comparison or metric not in comparison["metrics"]:
+        return None, []
+    c = comparison["metrics"][metric]
+    return c["best"], sorted(v for v, x in c["variants"].items() if x["worse"] is False)
+
+
+def racing_bench(metrics: list[str], tmp: Path) -> None:
+    print("## Racing on tree2d (default 11-variant sweep, last stage of the shipped run)\n")
+    full = sweep("tree2d", tmp, racing=False)
+    print("| racing metric | samples drawn | full sweep | fewer samples | rounds (samples per variant: variants) "
+          "| full sweep: best, ties | racing: best, ties | same best / in the tie |")
+    print("|---|---:|---:|---:|---|---|---|---|")
+    for metric in metrics:
+        race = sweep("tree2d", tmp, racing=True, racing_metric=metric)
+        d = race["done"]
+        rounds = ", ".join(f"{r['n']:,}: {len(r['variants'])}" for r in d["racing"]["rounds"])
+        fb, ft = _ties(full["comparison"], metric)
+        rb, rt = _ties(race["comparison"], metric)
+        same = "yes" if rb == fb else ("tie" if rb in ft else "NO")
+        print(f"| {metric} | {d['samples_drawn']:,} | {d['samples_full']:,} "
+              f"| **{d['samples_full'] / d['samples_drawn']:.2f}x** | {rounds} | {fb}, {{{', '.join(ft)}}} "
+              f"| {rb}, {{{', '.join(rt)}}} | {same} |")
+    print()
+
+
+def _calibrate(d: int, reps: int, n: int) -> dict[str, tuple[float, float]]:
+    """metric -> (coverage of the 95% interval, mean se / true sd) for one dimension."""
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(n, d, generator=g, dtype=torch.float64)
+    rp, rd = M.knn_radii(ref, 3), M.knn_radii(ref, 5)
+    stats = M.frechet_statistics(ref)
+    root = U.sqrtm_psd(stats["sigma"])
+    term = U.kid_reference_term(ref)
+    masks = U.half_sample_masks(n, 100, 0)
+    full = torch.ones(2, n, dtype=torch.bool)
+
+    def draw() -> torch.Tensor:
+        return torch.randn(n, d, generator=g, dtype=torch.float64) * 1.15 + 0.25
+
+    def stat(x: torch.Tensor, mk: torch.Tensor) -> dict[str, np.ndarray]:
+        s = U.neighbour_structure(x, ref, mk, ref_radii_prc=rp, ref_radii_dc=rd)
+        out = U.prdc_replicates(s, mk)
+        out["fd"] = U.fd_replicates(x, stats, mk, sqrt_cov_ref=root)
+        out["kid_mean"] = U.kid_replicates(x, ref, mk, ref_term=term)
+        return out
+
+    values = [{k: v[0] for k, v in stat(draw(), full).items()} for _ in range(2 * reps)]
+    truth = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+    sd = {k: float(np.std([v[k] for v in values])) for k in values[0]}
+    hits = dict.fromkeys(truth, 0)
+    ratio: dict[str, list[float]] = {k: [] for k in truth}
+    for _ in range(reps):
+        x = draw()
+        v = {k: a[0] for k, a in stat(x, full).items()}
+        r = stat(x, masks)
+        for k in truth:
+            est = U.Estimate(v[k], r[k], n)
+            lo, hi = est.interval(0.95, k)
+            hits[k] += lo <= truth[k] <= hi
+            ratio[k].append(est.se / sd[k])
+    return {k: (hits[k] / reps, float(np.mean(ratio[k]))) for k in truth}
+
+
+def calibration(reps: int, dims: list[int], n: int) -> None:
+    print(f"## Calibration of the 95% intervals ({reps} repetitions, n = m = {n}, fixed reference)\n")
+    print("| d | metric | coverage | mean se / true sd |")
+    print("|---:|---|---:|---:|")
+    for d in dims:
+        res = _calibrate(d, reps, n)
+        for k in ("fd", "kid_mean", "precision", "recall", "density", "coverage"):
+            print(f"| {d} | {k} | {res[k][0]:.1%} | {res[k][1]:.2f} |")
+    half = 3.29 * math.sqrt(reps * 0.95 * 0.05)
+    lo, hi = (reps * 0.95 - half) / reps, min(reps, reps * 0.95 + half) / reps
+    print(f"\n(99.9% binomial band for {reps} repetitions at 95%: about {lo:.1%} .. {hi:.1%})\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default="tree2d,digits", help="shipped runs for the cost table")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved sweeps with / without intervals")
+    p.add_argument("--racing-metrics", default="fd,log_likelihood", help="racing metrics for tree2d")
+    p.add_argument("--no-cost", action="store_true")
+    p.add_argument("--no-racing", action="store_true")
+    p.add_argument("--calibration", action="store_true", help="only the calibration table")
+    p.add_argument("--calibration-reps", type=int, default=200)
+    p.add_argument("--calibration-n", type=int, default=500)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.calibration:
+        calibration(args.calibration_reps, [2, 16, 64], args.calibration_n)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="emascope-bench-unc-") as tmp:
+        if not args.no_cost:
+            cost([r for r in args.runs.split(",") if r], args.repeats, Path(tmp))
+        if not args.no_racing:
+            racing_bench([m for m in args.racing_metrics.split(",") if m], Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
