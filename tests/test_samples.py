@@ -216,9 +216,14 @@ def test_report_tables(tmp_path, capsys):
     assert report.main([str(run_dir), "--step", "20"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(ALL_VARIANTS) + 1 + 2  # stage table (+header), best table (+header)
-    fd = load_run(run_dir).metrics.query("step == 20 and metric == 'fd'").set_index("variant")["value"]
-    assert f"| {fd.idxmin()} | **" in out  # the best FD is bold in its row
+    # stage table (+header, + the noise floor row), best table (+header)
+    assert len(rows) == 1 + len(ALL_VARIANTS) + 1 + 1 + 2
+    run = load_run(run_dir)
+    comp = [e for e in run.events if e["type"] == "comparison" and e["step"] == 20][-1]["metrics"]["fd"]
+    assert f"| {comp['best']} | **" in out  # the best FD is bold in its row
+    tied = [v for v, c in comp["variants"].items() if c["worse"] is False and v != comp["best"]]
+    assert all(f"| {v} | ≈ " in out for v in tied)  # the variants tied with it are marked
+    assert "± " in out and "*noise floor (exact samples, n = 300)*" in out
     assert report.main([str(run_dir), "--step", "7"]) == 2
 
 
@@ -285,8 +290,8 @@ def test_shipped_classifier_is_accurate():
 def test_digits_end_to_end(tmp_path, tiny_classifier):
     import torch_fidelity
 
-    cfg = digits.DigitsConfig(steps=20, score_every=10, batch_size=32, channels=8, blocks=1, num_samples=120,
-                              sample_batch=60, sample_steps=2, reference_size=300)
+    cfg = digits.DigitsConfig(steps=20, score_every=10, batch_size=32, hidden=32, depth=2, num_samples=120,
+                              sample_batch=60, sample_steps=2, reference_size=300, kid_subset_size=100)
     run_dir = digits.train(tmp_path / "run", cfg, classifier=tiny_classifier)
     run = load_run(run_dir)
     assert run.error is None and run.state() == "finished" and run.info["sample_kind"] == "images"

@@ -314,10 +314,9 @@ def _run(run_dir, *, lr=1e-2, steps=30, sample_metrics=None, **kw):
     model = Denoiser()
     opt = torch.optim.SGD(model.parameters(), lr=lr) if lr == 0 else torch.optim.Adam(model.parameters(), lr=lr)
     data, g = mixture(1000, seed=1), torch.Generator().manual_seed(0)
-    kw.setdefault("decays", (0.9, 0.999999))
+    kw = {"decays": (0.9, 0.999999), "num_samples": 400, "batch_size": 100, "kid_subset_size": 100, **kw}
     with attach(model, opt, run_dir=run_dir, sampler=sampler, reference=mixture(400, seed=3), score_every=steps,
-                num_samples=400, batch_size=100, kid_subset_size=100, sample_metrics=sample_metrics,
-                score_at_close=False, **kw) as scope:
+                sample_metrics=sample_metrics, score_at_close=False, **kw) as scope:
         for _ in range(steps):
             train_step(model, opt, data, g)
     return scope
@@ -372,3 +371,31 @@ def test_noise_floor_and_per_sample_metrics(tmp_path):
     assert floor["metrics"]["fd"]["se"] is None  # intervals off: values only
     assert not _events(tmp_path / "e", "comparison")
     assert all("se" not in r for r in _metrics(tmp_path / "e"))
+
+
+def test_racing_sweep_keeps_the_full_sweeps_survivors_and_draws_less(tmp_path):
+    """The same training run scored with and without racing: the variants that survive the race hold
+    exactly the full sweep's samples (same values, same intervals), the final best is the full
+    sweep's, the collapsed decay stops after the first round, and fewer samples are drawn."""
+    kw = dict(steps=200, decays=(0.5, 0.9, 0.99, 0.999999), num_samples=800, batch_size=100)
+    _run(tmp_path / "full", **kw)
+    _run(tmp_path / "race", racing=True, racing_metric="fd", racing_first=0.125, **kw)
+    done = _events(tmp_path / "race", "score_done")[-1]
+    rounds = done["racing"]["rounds"]
+    assert done["racing"]["metric"] == "fd" and [r["n"] for r in rounds] == [100, 200, 400, 800]
+    assert "0.999999" in rounds[0]["dropped"]
+    assert done["samples_drawn"] < done["samples_full"] == 5 * 800
+    survivors = rounds[-1]["variants"]
+    full = {(r["variant"], r["metric"]): r for r in _metrics(tmp_path / "full")}
+    race = {(r["variant"], r["metric"]): r for r in _metrics(tmp_path / "race")}
+    for (v, m), r in race.items():
+        if v in survivors:
+            for key in ("value", "se", "lo", "hi", "n"):
+                want = full[(v, m)].get(key)
+                assert r.get(key) == (want if want is None else pytest.approx(want, rel=1e-9, abs=1e-12)), (v, m, key)
+        else:
+            assert r["n"] < 800
+    cf = _events(tmp_path / "full", "comparison")[-1]["metrics"]["fd"]
+    cr = _events(tmp_path / "race", "comparison")[-1]["metrics"]["fd"]
+    assert cr["best"] == cf["best"] and cr["variants"]["0.999999"]["worse"] is True
+    assert cr["variants"]["0.999999"]["n"] == 100  # the decision of the round that dropped it
