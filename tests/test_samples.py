@@ -385,3 +385,46 @@ def test_shipped_runs_are_small():
     assert 0 < total <= 20 * 2 ** 20, f"sample_runs/runs holds {total / 2 ** 20:.1f} MiB (limit 20)"
     for p in RUNS.rglob("*"):  # nothing a reader would have to unpickle
         assert p.suffix in {".json", ".jsonl", ".npy", ".png", ".safetensors", ".npz", ""}, p
+
+
+def test_racing_on_the_shipped_tree2d_samples_finds_the_full_sweeps_best(tmp_path):
+    """The shipped tree2d run is a full sweep (every variant, all samples). Racing its last stage again
+    from the shipped bank, on log-likelihood (the metric that separates tree2d's variants; FD sits at
+    its noise floor), draws fewer samples and ends with the shipped sweep's best, or a variant tied
+    with it; the survivors' values are the shipped ones (the same samples: equal final confidence)."""
+    from emascope import estimates as E
+    from emascope.config import ScoringConfig
+    from emascope.features import make_extractor
+    from emascope.rundir import RunWriter, prepare_run_dir
+    from emascope.scoring import Reference, SweepResult, _race
+    from emascope.snapshot import load_snapshot
+
+    run_dir = RUNS / "tree2d"
+    run = load_run(run_dir)
+    settings = run.info["settings"]
+    last = int(run.metrics["step"].max())
+    cfg0 = tree2d.Tree2DConfig()
+    tree = make_tree()
+    bank = load_snapshot(run_dir / "banks" / "latest.safetensors")
+    model = tree2d.build_model(cfg0).eval()
+    cfg = ScoringConfig(num_samples=settings["num_samples"], batch_size=settings["batch_size"], seed=settings["seed"],
+                        feature_extractor="identity", racing=True, racing_metric="log_likelihood")
+    extractor = make_extractor("identity", "points")
+    ref = tree.sample(cfg0.reference_size, torch.Generator().manual_seed(cfg0.seed + 2))
+    reference = Reference.build(extractor(ref), cfg.nearest_k)
+    res = SweepResult(step=last)
+    writer = RunWriter(prepare_run_dir(tmp_path / "race"))
+    race, drawn = _race(model, bank, list(bank.variants), res, writer, cfg, tree2d.make_sampler(cfg0.sample_steps),
+                        extractor, reference, tree2d.TreeMetrics(tree, cfg0), "fd",
+                        {**run.directions}, E.Halves(cfg))
+    comp = [e for e in run.events if e["type"] == "comparison" and e["step"] == last][-1]["metrics"]["log_likelihood"]
+    ties = {v for v, c in comp["variants"].items() if c["worse"] is False}
+    final = race.rounds[-1]
+    assert final.best == comp["best"] or final.best in ties, (final.best, comp["best"], ties)
+    drew = sum(race.batches.values()) * cfg.batch_size
+    assert drew < cfg.num_samples * len(bank.variants)
+    recorded = run.metrics.query("step == @last and metric == 'log_likelihood'").set_index("variant")["value"]
+    for v in race.survivors:
+        assert drawn[v].num_drawn == cfg.num_samples
+        mine = float(tree.log_prob(drawn[v].samples).mean())
+        assert mine == pytest.approx(float(recorded[v]), rel=1e-6)

@@ -352,7 +352,9 @@ def test_noise_floor_and_per_sample_metrics(tmp_path):
         r = x.double().norm(dim=1)
         return {"radius": r, "radius_mean": float(r.mean()), "given": (1.5, 0.25)}
 
-    _run(tmp_path / "r", sample_metrics=hook, bootstrap_calls=5)
+    _run(tmp_path / "r", sample_metrics=hook, bootstrap_calls=5,
+         evaluate=lambda model: {"val": (0.5, 0.1), "plain": 2.0},
+         metric_directions={"val": "lower", "plain": "lower", "radius": "lower"})
     floor = _events(tmp_path / "r", "noise_floor")
     assert len(floor) == 1 and floor[0]["source"] == "reference_split" and floor[0]["n"] == 200
     assert floor[0]["n_reference"] == 200 and floor[0]["level"] == 0.95
@@ -364,6 +366,11 @@ def test_noise_floor_and_per_sample_metrics(tmp_path):
     assert per_sample["value"] == pytest.approx(plain["value"], rel=1e-12)
     assert per_sample["se"] > 0 and plain["se"] > 0 and per_sample["n"] == 400
     assert given["value"] == 1.5 and given["se"] == 0.25 and given["hi"] == pytest.approx(1.5 + 1.96 * 0.25, rel=1e-3)
+    val, plain_eval = recs[("0.9", "val")], recs[("0.9", "plain")]
+    assert val["value"] == 0.5 and val["se"] == 0.1 and "n" not in val  # evaluate: (value, se), no samples
+    assert plain_eval["value"] == 2.0 and "se" not in plain_eval
+    comp = _events(tmp_path / "r", "comparison")[-1]["metrics"]
+    assert comp["val"]["variants"]["0.9"]["paired"] is False and comp["radius"]["variants"]["0.9"]["paired"] is True
     exact = torch.randn(500, 2, generator=torch.Generator().manual_seed(9))
     _run(tmp_path / "e", exact_samples=exact, uncertainty=False)
     floor = _events(tmp_path / "e", "noise_floor")[0]
