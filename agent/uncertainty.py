@@ -91,8 +91,8 @@ def mask_seed(seed: int, n: int) -> int:
 def half_sample_masks(n: int, replicates: int = DEFAULT_REPLICATES, seed: int = 0) -> torch.Tensor:
     """``bool [replicates, n]``: row ``b`` keeps a random half (``n // 2`` rows, without replacement).
 
-    Deterministic in ``(n, replicates, seed)``; the first rows do not depend on ``replicates``
-    only through the generator stream, so use the same ``replicates`` to pair two sets.
+    Deterministic in ``(n, replicates, seed)``: two sets of ``n`` samples resampled with the same
+    ``(replicates, seed)`` get the same halves (the pairing of :func:`paired_difference`).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 4:
         raise ValueError(f"half-sample resampling needs at least 4 samples, got n={n!r}")
@@ -110,7 +110,7 @@ def jackknife_variance(replicates: np.ndarray | torch.Tensor, n: int) -> float:
     deleted rows. Non-finite replicates are left out; NaN if fewer than half of them are finite."""
     x = np.asarray(replicates, dtype=np.float64).ravel()
     x = x[np.isfinite(x)]
-    if x.size < 2 or 2 * x.size < np.asarray(replicates).size:
+    if x.size < 2 or 2 * x.size < np.asarray(replicates).size or n < 2:
         return math.nan
     r = n // 2
     return float(r / (n - r) * np.mean((x - x.mean()) ** 2))

@@ -230,7 +230,7 @@ def compare_view(root: Path, runs: list[Path], metric: str, direction: str | Non
         hide_index=True,
         width="stretch",
     )
-    flips = ranking.ranking_flips(comp)
+    flips = significant_flips(comp)
     if flips:
         st.warning(
             "The ranking flips: "
@@ -305,6 +305,16 @@ def export_view(run: RunData) -> None:
             "Checkpoints in exports/: "
             + ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.2f} MB)" for p in exports if p.exists())
         )
+
+
+def significant_flips(comp) -> list[tuple[int, str, str]]:
+    """The ranking flips between runs worth a warning: significant ones when the runs recorded
+    standard errors (a caption counts the others), all of them for runs without."""
+    flips = ranking.significant_ranking_flips(comp)
+    noise = [f for f in flips if f[3] is False]
+    if noise:
+        st.caption(f"{len(noise)} ranking flip(s) between runs are within the noise (95% intervals) and not shown.")
+    return [(s, a, b) for s, a, b, sig in flips if sig is not False]
 
 
 class Uncertainty:

@@ -436,16 +436,19 @@ def compare_runs(
     """Rank runs at a fixed decay and at each run's own best decay, at every stage they share.
 
     Returns columns step, run, fixed_value, fixed_rank, best_variant, best_value, best_rank
-    (rank 1 = best; ranks are NaN where a run lacks the value). Empty for an unknown direction
-    or when the runs share no stage.
+    (rank 1 = best; ranks are NaN where a run lacks the value), and fixed_se, best_se (the values'
+    recorded standard errors, NaN when none). Empty for an unknown direction or when the runs share
+    no stage.
     """
-    cols = ["step", "run", "fixed_value", "fixed_rank", "best_variant", "best_value", "best_rank"]
+    cols = ["step", "run", "fixed_value", "fixed_rank", "best_variant", "best_value", "best_rank",
+            "fixed_se", "best_se"]
     if direction not in ("lower", "higher") or len(runs) < 1:
         return pd.DataFrame(columns=cols)
     tables = {name: metric_table(df, metric) for name, df in runs.items()}
     tables = {k: t for k, t in tables.items() if not t.empty}
     if not tables:
         return pd.DataFrame(columns=cols)
+    ses = {name: _se_table(runs[name], metric) for name in tables}
     common = sorted(set.intersection(*(set(t.index) for t in tables.values())))
     rows = []
     for step in common:
@@ -453,12 +456,51 @@ def compare_runs(
             r = t.loc[step]
             fv = float(r[fixed]) if fixed in r.index else math.nan
             bv_name, bv = best_of_row(r, direction)
-            rows.append((int(step), name, fv, bv_name, bv))
-    df = pd.DataFrame(rows, columns=["step", "run", "fixed_value", "best_variant", "best_value"])
+            se = ses[name]
+            rows.append((int(step), name, fv, bv_name, bv, _cell(se, step, fixed), _cell(se, step, bv_name)))
+    df = pd.DataFrame(rows, columns=["step", "run", "fixed_value", "best_variant", "best_value", "fixed_se",
+                                     "best_se"])
     asc = direction == "lower"
     df["fixed_rank"] = df.groupby("step")["fixed_value"].rank(ascending=asc, method="min")
     df["best_rank"] = df.groupby("step")["best_value"].rank(ascending=asc, method="min")
     return df[cols]
+
+
+def _se_table(metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
+    if "se" not in metrics.columns:
+        return pd.DataFrame()
+    sub = metrics[metrics["metric"] == metric]
+    if sub.empty:
+        return pd.DataFrame()
+    return sub.pivot_table(index="step", columns="variant", values="se", aggfunc="last", dropna=False)
+
+
+def _cell(table: pd.DataFrame, step: int, variant: str | None) -> float:
+    if table.empty or variant is None or step not in table.index or variant not in table.columns:
+        return math.nan
+    return float(table.at[step, variant])
+
+
+def significant_ranking_flips(comparison: pd.DataFrame, level: float = 0.95) -> list[tuple[int, str, str, bool | None]]:
+    """:func:`ranking_flips` with whether each flip is significant: both orderings (run_a ahead at
+    the fixed decay, run_b ahead at the best decays) exceed ``z sqrt(se_a^2 + se_b^2)`` (the runs
+    are different models: unpaired). ``None`` when a standard error is missing."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    out = []
+    for step, a, b in ranking_flips(comparison):
+        g = comparison[comparison["step"] == step].set_index("run")
+        sig: bool | None = True
+        for value, se in (("fixed_value", "fixed_se"), ("best_value", "best_se")):
+            sa, sb = g.at[a, se] if se in g.columns else math.nan, g.at[b, se] if se in g.columns else math.nan
+            if not (math.isfinite(sa) and math.isfinite(sb)):
+                sig = None
+                break
+            if abs(g.at[a, value] - g.at[b, value]) <= z * math.hypot(sa, sb):
+                sig = False
+        out.append((step, a, b, sig))
+    return out
 
 
 def ranking_flips(comparison: pd.DataFrame) -> list[tuple[int, str, str]]:

@@ -148,3 +148,19 @@ def test_decay_axis_labels_do_not_overlap():
     close = [ticks[v] for v in ("0.999", "0.9993", "0.9995", "0.9997")]
     span = axis.range[1] - axis.range[0]
     assert min(b - a for a, b in zip(close, close[1:], strict=False)) / span * 700 > 50
+
+
+def test_ranking_flips_between_runs_are_flagged_only_when_significant():
+    """Run a beats b at 0.9999, b beats a at each run's best decay: a flip. With small standard
+    errors it is significant; with large ones it is within the noise; without any it is unknown."""
+    def run(fixed, best, se):
+        recs = [{"step": 1, "variant": "0.9999", "metric": "fd", "value": fixed},
+                {"step": 1, "variant": "0.99", "metric": "fd", "value": best}]
+        if se is not None:
+            for r in recs:
+                r["se"] = se
+        return metric_records_to_frame(recs)[0]
+
+    for se, want in ((0.01, True), (1.0, False), (None, None)):
+        comp = ranking.compare_runs({"a": run(1.0, 0.6, se), "b": run(1.5, 0.4, se)}, "fd", "lower")
+        assert ranking.significant_ranking_flips(comp) == [(1, "a", "b", want)], se
