@@ -5,18 +5,20 @@ OMP_NUM_THREADS=1 python bench/uncertainty.py                    # cost + racing
 OMP_NUM_THREADS=1 python bench/uncertainty.py --calibration      # coverage of the 95% intervals
 ```
 
-1. **Cost of the intervals** (goal <= 10% of sweep time): the last stage of each shipped run
-   (``sample_runs/runs/tree2d`` and ``digits``) is scored again from its bank snapshot with the run's
-   own settings, once with intervals and once without, interleaved (``--repeats``). Printed side by
-   side: the sweep's wall time with and without, and inside the sweep with intervals the time spent
-   on them (``timings.uncertainty``: half-sample replicates of every metric of every variant and the
-   paired comparisons) as a fraction of the sweep; the noise floor is scored once per run, so its
-   time is shown per stage of the shipped run (its cost divided by the run's stages).
+1. **Cost of the intervals** (goal <= 10% of sweep time): every sweep of the shipped runs
+   (``sample_runs/runs/tree2d`` and ``digits``) timed its intervals (``timings.uncertainty``:
+   half-sample replicates of every metric of every variant and the paired comparisons) inside the
+   sweep, side by side with everything else; printed as a share of the sweep's wall time, per stage.
+   The noise floor is scored once per run, so its time is also shown per stage. ``--fresh`` scores
+   the last stage again from the bank snapshot, with and without intervals, interleaved
+   (``--repeats``), and prints both wall times.
 2. **Racing** (goal >= 3x fewer samples for the default 11-variant sweep on tree2d, at equal final
-   confidence): the same stage scored with ``racing=True``; printed: samples drawn against a full
-   sweep, the racing rounds, and whether the final best (and its tie set) is the full sweep's. The
-   survivors of a race hold exactly the samples of the full sweep, so their values, intervals and
-   comparisons are the full sweep's: equal final confidence by construction.
+   confidence): the last stage of the shipped tree2d run raced again from its bank on each racing
+   metric (the rounds: draws and the racing metric); the shipped run is the full sweep it is
+   compared with. Printed: samples drawn against the full sweep, the rounds, and whether the race's
+   final best is the full sweep's (or tied with it). The survivors of a race hold exactly the
+   samples of the full sweep, so their values, intervals and comparisons are the full sweep's: equal
+   final confidence by construction.
 3. **Calibration** (``--calibration``): a fixed reference, generated sets drawn again and again
    from a known distribution; for every metric the share of 95% intervals that cover the mean of
    the full-sample value over many draws, and the mean standard error over the true spread.
@@ -132,6 +134,28 @@ def cost(names: list[str], repeats: int, tmp: Path) -> None:
     print()
 
 
+def recorded_cost(names: list[str]) -> None:
+    """The cost the shipped runs recorded themselves: every sweep's ``timings.uncertainty`` against its
+    wall time (``score_done``), and the noise floor (``noise_floor.seconds``) spread over the stages."""
+    print("## Cost of the intervals, as recorded by the shipped runs (every stage, measured in the sweep)\n")
+    print("| run | stages | variants x samples | sweep (median) | intervals inside it (median) "
+          "| share of the sweep: median (min .. max) | noise floor, once | per stage |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        done = [e for e in _events(RUNS / name, "score_done") if "uncertainty" in e.get("timings", {})]
+        if not done:
+            print(f"| {name} | (no intervals recorded) | | | | | | |")
+            continue
+        share = [e["timings"]["uncertainty"] / e["seconds"] for e in done]
+        floor = sum(e.get("seconds", 0.0) for e in _events(RUNS / name, "noise_floor"))
+        n = done[-1]["num_samples"]
+        print(f"| {name} | {len(done)} | {done[-1]['samples_full'] // max(1, n)} x {n:,} "
+              f"| {np.median([e['seconds'] for e in done]):.1f} s "
+              f"| {np.median([e['timings']['uncertainty'] for e in done]):.2f} s | **{np.median(share):.1%}** "
+              f"({min(share):.1%} .. {max(share):.1%}) | {floor:.1f} s | {floor / len(done):.2f} s |")
+    print()
+
+
 def _ties(comparison: dict[str, Any] | None, metric: str) -> tuple[str | None, list[str]]:
     if not comparison or metric not in comparison["metrics"]:
         return None, []
@@ -139,22 +163,49 @@ def _ties(comparison: dict[str, Any] | None, metric: str) -> tuple[str | None, l
     return c["best"], sorted(v for v, x in c["variants"].items() if x["worse"] is False)
 
 
-def racing_bench(metrics: list[str], tmp: Path) -> None:
+def race_shipped(metric: str, tmp: Path, racing_first: float | None = None) -> dict[str, Any]:
+    """Race the last stage of the shipped tree2d run on ``metric`` with the run's own settings: the
+    rounds only (the race's draws and its metric), which is what racing changes; the shipped run
+    itself is the full sweep it is compared with."""
+    from emascope import estimates as E
+    from emascope.features import make_extractor
+    from emascope.scoring import Reference, SweepResult, _race
+
+    model, bank, settings, hooks, step = shipped_setup("tree2d")
+    extra = {} if racing_first is None else {"racing_first": racing_first}
+    cfg = ScoringConfig(**settings, racing=True, racing_metric=metric, **extra)
+    extractor = make_extractor("identity", "points")
+    reference = Reference.build(extractor(hooks.reference), cfg.nearest_k)
+    res = SweepResult(step=step)
+    writer = RunWriter(prepare_run_dir(tmp / f"race-{time.time_ns()}", overwrite=True))
+    info = json.loads((RUNS / "tree2d" / "run.json").read_text())
+    t = time.perf_counter()
+    race, drawn = _race(model, bank, list(bank.variants), res, writer, cfg, hooks.sampler, extractor, reference,
+                        hooks.sample_metrics, "fd", {**M.METRIC_DIRECTIONS, **info["metric_directions"]},
+                        E.Halves(cfg))
+    return {"race": race, "seconds": time.perf_counter() - t, "cfg": cfg, "variants": len(bank.variants),
+            "step": step}
+
+
+def racing_bench(metrics: list[str], tmp: Path, racing_first: float | None) -> None:
     print("## Racing on tree2d (default 11-variant sweep, last stage of the shipped run)\n")
-    full = sweep("tree2d", tmp, racing=False)
+    full = [e for e in _events(RUNS / "tree2d", "comparison")]
     print("| racing metric | samples drawn | full sweep | fewer samples | rounds (samples per variant: variants) "
-          "| full sweep: best, ties | racing: best, ties | same best / in the tie |")
+          "| full sweep: best, tied | racing: best, still in the race | same best / in the tie |")
     print("|---|---:|---:|---:|---|---|---|---|")
     for metric in metrics:
-        race = sweep("tree2d", tmp, racing=True, racing_metric=metric)
-        d = race["done"]
-        rounds = ", ".join(f"{r['n']:,}: {len(r['variants'])}" for r in d["racing"]["rounds"])
-        fb, ft = _ties(full["comparison"], metric)
-        rb, rt = _ties(race["comparison"], metric)
+        out = race_shipped(metric, tmp, racing_first)
+        race, cfg = out["race"], out["cfg"]
+        comparison = next((e for e in reversed(full) if e["step"] == out["step"]), None)
+        drawn = sum(race.batches.values()) * cfg.batch_size
+        total = cfg.num_samples * out["variants"]
+        rounds = ", ".join(f"{min(r.batches * cfg.batch_size, cfg.num_samples):,}: {len(r.variants)}"
+                           for r in race.rounds)
+        fb, ft = _ties(comparison, metric)
+        rb = race.rounds[-1].best
         same = "yes" if rb == fb else ("tie" if rb in ft else "NO")
-        print(f"| {metric} | {d['samples_drawn']:,} | {d['samples_full']:,} "
-              f"| **{d['samples_full'] / d['samples_drawn']:.2f}x** | {rounds} | {fb}, {{{', '.join(ft)}}} "
-              f"| {rb}, {{{', '.join(rt)}}} | {same} |")
+        print(f"| {metric} | {drawn:,} | {total:,} | **{total / drawn:.2f}x** | {rounds} "
+              f"| {fb}, {{{', '.join(ft)}}} | {rb}, {{{', '.join(race.survivors)}}} | {same} |")
     print()
 
 
@@ -213,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="tree2d,digits", help="shipped runs for the cost table")
     p.add_argument("--repeats", type=int, default=1, help="interleaved sweeps with / without intervals")
-    p.add_argument("--racing-metrics", default="fd,log_likelihood", help="racing metrics for tree2d")
+    p.add_argument("--racing-metrics", default="fd,log_likelihood,tail_coverage,precision",
+                   help="racing metrics for tree2d")
+    p.add_argument("--racing-first", type=float, default=None, help="racing_first (default: the agent's)")
     p.add_argument("--no-cost", action="store_true")
+    p.add_argument("--fresh", action="store_true",
+                   help="also score the last stage again with and without intervals, interleaved")
     p.add_argument("--no-racing", action="store_true")
     p.add_argument("--calibration", action="store_true", help="only the calibration table")
     p.add_argument("--calibration-reps", type=int, default=200)
@@ -225,10 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         calibration(args.calibration_reps, [2, 16, 64], args.calibration_n)
         return 0
     with tempfile.TemporaryDirectory(prefix="emascope-bench-unc-") as tmp:
+        names = [r for r in args.runs.split(",") if r]
         if not args.no_cost:
-            cost([r for r in args.runs.split(",") if r], args.repeats, Path(tmp))
+            recorded_cost(names)
+            if args.fresh:
+                cost(names, args.repeats, Path(tmp))
         if not args.no_racing:
-            racing_bench([m for m in args.racing_metrics.split(",") if m], Path(tmp))
+            racing_bench([m for m in args.racing_metrics.split(",") if m], Path(tmp), args.racing_first)
     return 0
 
 

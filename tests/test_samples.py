@@ -341,7 +341,7 @@ def test_digits_end_to_end(tmp_path, tiny_classifier):
 # ---------------------------------------------------------------------------------------------- shipped
 
 
-@pytest.mark.parametrize("name, min_samples", [("tree2d", 4000), ("digits", 500)])
+@pytest.mark.parametrize("name, min_samples", [("tree2d", 8000), ("digits", 2000)])
 def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
     run_dir = RUNS / name
     assert (run_dir / "run.json").is_file(), f"shipped run {run_dir} is missing"
@@ -355,14 +355,26 @@ def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
     assert run.info["settings"]["num_samples"] >= min_samples
     assert not run.events_of("error")
     assert len(sample_stages(run_dir)) >= 8
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["format_version"] == 1
+    # every value of the generated samples has its interval, every stage its paired comparison at
+    # 95%, and the run its noise floor
+    feature = run.metrics[run.metrics["metric"].isin(["fd", "precision", "recall", "coverage", "density"])]
+    assert feature["se"].notna().all() and (feature["lo"] <= feature["value"]).all() \
+        and (feature["value"] <= feature["hi"]).all() and (feature["n"] == min_samples).all()
+    comps = run.events_of("comparison")
+    assert sorted({e["step"] for e in comps}) == steps and {e["level"] for e in comps} == {0.95}
+    floor = run.events_of("noise_floor")
+    assert len(floor) == 1 and floor[0]["source"] == ("exact" if name == "tree2d" else "reference_split")
+    if name == "digits":  # 3.3M parameters x 11 variants: the bank snapshot is not shipped
+        assert not (run_dir / "banks" / "latest.safetensors").exists()
+        assert digits.DigitsConfig().num_samples == min_samples
+        return
     # The bank snapshot is there and exports a variant that loads into the sample's model.
     out = tmp_path / "x.safetensors"
     assert emascope(["export", str(run_dir), "--variant", "0.999", "--out", str(out)]) == 0
-    model = tree2d.build_model(tree2d.Tree2DConfig()) if name == "tree2d" else \
-        digits.build_model(digits.DigitsConfig())
+    model = tree2d.build_model(tree2d.Tree2DConfig())
     model.load_state_dict(safetensors.torch.load_file(out))
-    info = json.loads((run_dir / "run.json").read_text())
-    assert info["format_version"] == 1
     if name == "tree2d":  # the snapshot is the bank that drew the last stage's samples
         last = max(steps)
         cfg = tree2d.Tree2DConfig()
