@@ -366,7 +366,7 @@ def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
     assert sorted({e["step"] for e in comps}) == steps and {e["level"] for e in comps} == {0.95}
     floor = run.events_of("noise_floor")
     assert len(floor) == 1 and floor[0]["source"] == ("exact" if name == "tree2d" else "reference_split")
-    if name == "digits":  # 3.3M parameters x 11 variants: the bank snapshot is not shipped
+    if name == "digits":  # 1.3M parameters x 11 variants: the bank snapshot is not shipped
         assert not (run_dir / "banks" / "latest.safetensors").exists()
         assert digits.DigitsConfig().num_samples == min_samples
         return
