@@ -182,13 +182,13 @@ class DigitsConfig:
     """Settings of the digits sample (counts are optimizer steps or numbers of images).
 
     The defaults are the shipped run's: a 3 x 768 MLP velocity network (1.3M parameters), Adam at
-    1e-3 with a cosine decay to 0 over 16,000 steps, 8 stages of 2,000 images per variant. Getting
+    1e-3 with a cosine decay to 0 over 10,000 steps, 8 stages of 2,000 images per variant. Getting
     close to the real-versus-real floor takes that long on 8x8 digits (a 3 x 320 MLP, small enough
     for its bank to ship, was still at 4x the floor after 12,000 steps); ``emascope demo --sample
     digits`` runs far fewer steps.
     """
 
-    steps: int = 16000            # optimizer steps
+    steps: int = 10000            # optimizer steps
     batch_size: int = 128         # training images per step
     lr: float = 1e-3              # Adam learning rate (peak)
     schedule: str = "cosine"      # "cosine": lr * cos decay to 0 at `steps` (200 warm-up steps); "constant"
@@ -198,7 +198,7 @@ class DigitsConfig:
     channels: int = 32            # ConvDenoiser width
     blocks: int = 4               # ConvDenoiser residual blocks
     sigma_data: float = 0.75      # EDM preconditioning: std of the [-1, 1] digit pixels (~0.76)
-    score_every: int = 2000       # scoring stages every this many steps (+ one at the end)
+    score_every: int = 1250       # scoring stages every this many steps (+ one at the end)
     num_samples: int = 2000       # images per variant per stage
     sample_batch: int = 500       # images per sampler call
     sample_steps: int = 16        # Heun steps of the sampler (31 model calls)
