@@ -209,6 +209,35 @@ def racing_bench(metrics: list[str], tmp: Path, racing_first: float | None) -> N
     print()
 
 
+def fresh_racing(metrics: list[str], num_samples: int, batch_size: int, tmp: Path) -> None:
+    """Race the last stage of the shipped tree2d run from its bank, on each metric, against a full
+    sweep of the same stage scored in the same process with the same settings (the agent's own
+    ``Scorer.sweep``, with and without ``racing``): samples drawn, wall times, the final best and the
+    full sweep's tie with its best. For shipped runs that recorded no comparison (written before
+    intervals), and to choose the sample size."""
+    over = {"num_samples": num_samples, "batch_size": batch_size, "noise_floor": False}
+    print(f"## Racing on tree2d against a full sweep (default 11-variant sweep, bank of the shipped run's "
+          f"last stage, {num_samples:,} samples per variant in batches of {batch_size})\n")
+    print("| racing metric | samples drawn | full sweep | fewer samples | wall: race / full sweep "
+          "| full sweep: best, tied | racing: best | same best / in the tie |")
+    print("|---|---:|---:|---:|---:|---|---|---|", flush=True)
+    full = sweep("tree2d", tmp, **over)
+    t = full["done"]["timings"]
+    print(f"<!-- full sweep: {full['wall']:.1f} s, intervals inside it {t['uncertainty']:.1f} s "
+          f"({t['uncertainty'] / full['done']['seconds']:.1%}); timings {json.dumps(t)} -->", flush=True)
+    for metric in metrics:
+        out = sweep("tree2d", tmp, racing=True, racing_metric=metric, **over)
+        done = out["done"]
+        drawn, total = done["samples_drawn"], full["done"]["samples_full"]
+        fb, ft = _ties(full["comparison"], metric)
+        rb, _ = _ties(out["comparison"], metric)
+        same = "yes" if rb == fb else ("tie" if rb in ft else "NO")
+        print(f"| {metric} | {drawn:,} | {total:,} | **{total / max(1, drawn):.2f}x** "
+              f"| {out['wall']:.0f} s / {full['wall']:.0f} s | {fb}, {{{', '.join(ft)}}} | {rb} | {same} |",
+              flush=True)
+    print()
+
+
 def _calibrate(d: int, reps: int, n: int) -> dict[str, tuple[float, float]]:
     """metric -> (coverage of the 95% interval, mean se / true sd) for one dimension."""
     g = torch.Generator().manual_seed(1)
@@ -274,12 +303,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", action="store_true", help="only the calibration table")
     p.add_argument("--calibration-reps", type=int, default=200)
     p.add_argument("--calibration-n", type=int, default=500)
+    p.add_argument("--fresh-racing", type=int, default=0, metavar="N",
+                   help="race tree2d's last stage against a full sweep scored here, N samples per variant")
+    p.add_argument("--fresh-batch", type=int, default=250, help="batch size of --fresh-racing")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.calibration:
         calibration(args.calibration_reps, [2, 16, 64], args.calibration_n)
         return 0
     with tempfile.TemporaryDirectory(prefix="emascope-bench-unc-") as tmp:
+        if args.fresh_racing:
+            fresh_racing([m for m in args.racing_metrics.split(",") if m], args.fresh_racing, args.fresh_batch,
+                         Path(tmp))
+            return 0
         names = [r for r in args.runs.split(",") if r]
         if not args.no_cost:
             recorded_cost(names)

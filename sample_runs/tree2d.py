@@ -69,8 +69,8 @@ class Tree2DConfig:
     layers: int = 4               # MLP hidden layers
     sigma_data: float = 0.8       # EDM preconditioning: data std (the tree's std is ~0.5 x ~1.0)
     score_every: int = 1000       # scoring stages every this many steps (+ one at the end)
-    num_samples: int = 8000       # samples per variant per stage
-    sample_batch: int = 500       # samples per sampler call (batch b drawn with seed hash(seed, b))
+    num_samples: int = 4000       # samples per variant per stage
+    sample_batch: int = 1000      # samples per sampler call (batch b drawn with seed hash(seed, b))
     reference_size: int = 4000    # exact mixture samples used as the reference set
     sample_steps: int = 16        # Heun steps of the sampler (31 model calls)
     tail_depth: int = 3           # branches of this depth and deeper are the "tail"
