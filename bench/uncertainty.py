@@ -3,7 +3,13 @@
 ```bash
 OMP_NUM_THREADS=1 python bench/uncertainty.py                    # cost + racing on the shipped runs
 OMP_NUM_THREADS=1 python bench/uncertainty.py --calibration      # coverage of the 95% intervals
+OMP_NUM_THREADS=1 python bench/uncertainty.py --fresh-racing 4000 --racing-metrics log_likelihood,fd,tail_coverage
+OMP_NUM_THREADS=1 python bench/uncertainty.py --fresh --runs tree2d,digits --no-racing   # cost, side by side
 ```
+
+The shipped runs under ``sample_runs/runs`` were written before intervals existed, so they recorded
+no interval timings and no comparisons: ``--fresh`` and ``--fresh-racing`` score their last-stage
+banks again, here, with the current agent (``Scorer.sweep``), which is what the README's figures are.
 
 1. **Cost of the intervals** (goal <= 10% of sweep time): every sweep of the shipped runs
    (``sample_runs/runs/tree2d`` and ``digits``) timed its intervals (``timings.uncertainty``:
@@ -78,6 +84,7 @@ def shipped_setup(name: str) -> tuple[Any, Any, dict[str, Any], Hooks, int]:
         model = tree2d.build_model(cfg)
         reference = tree.sample(cfg.reference_size, torch.Generator().manual_seed(cfg.seed + 2))
         exact = tree.sample(settings["num_samples"], torch.Generator().manual_seed(cfg.seed + 4))
+        settings.setdefault("kid_subset_size", cfg.kid_subset_size)  # runs before intervals did not record it
         hooks = Hooks(sampler=tree2d.make_sampler(cfg.sample_steps), reference=reference, exact_samples=exact,
                       sample_metrics=tree2d.TreeMetrics(tree, cfg), metric_directions=tree2d.TREE_METRIC_DIRECTIONS)
     else:
@@ -303,13 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", action="store_true", help="only the calibration table")
     p.add_argument("--calibration-reps", type=int, default=200)
     p.add_argument("--calibration-n", type=int, default=500)
+    p.add_argument("--calibration-dims", default="2,16,64", help="feature dimensions of the calibration table")
     p.add_argument("--fresh-racing", type=int, default=0, metavar="N",
                    help="race tree2d's last stage against a full sweep scored here, N samples per variant")
     p.add_argument("--fresh-batch", type=int, default=250, help="batch size of --fresh-racing")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.calibration:
-        calibration(args.calibration_reps, [2, 16, 64], args.calibration_n)
+        calibration(args.calibration_reps, [int(d) for d in args.calibration_dims.split(",") if d],
+                    args.calibration_n)
         return 0
     with tempfile.TemporaryDirectory(prefix="emascope-bench-unc-") as tmp:
         if args.fresh_racing:
