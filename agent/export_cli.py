@@ -1,9 +1,17 @@
-"""``emascope export RUN_DIR --variant D [--out PATH] [--dtype float32]``.
+"""``emascope export RUN_DIR --variant D [--format F] [--out PATH] [--dtype float32]``.
 
 Rebuilds one variant from the run's bank snapshot (``banks/latest.safetensors``) without the
-model's Python class and writes it as a ``.safetensors`` checkpoint (atomic), through
-:func:`emascope.snapshot.export_from_run`. Default output:
-``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. Exit codes: 0 done, 2 bad input.
+model's Python class and writes it (atomic files):
+
+- ``--format safetensors`` (default): one ``.safetensors`` state dict, through
+  :func:`emascope.snapshot.export_from_run`; default ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``;
+- ``--format transformers`` / ``diffusers``: a folder that ``from_pretrained`` loads (the config
+  recorded at attach + the weights), through :func:`emascope.pretrained.export_pretrained`;
+  default ``RUN_DIR/exports/ema-<variant>-step<step>/``.
+
+``--out`` may be any path outside the run directory or under its ``exports/``; a folder (for a
+file export), an unwritable place or a file of the run itself (``RUN/run.json``) is refused.
+Exit codes: 0 done, 2 bad input (a message naming the problem).
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from emascope.runformat import EXPORT_FORMATS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,15 +31,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variant", required=True, help='decay such as 0.999, or "raw" / "bema"')
     parser.add_argument("--out", default=None, help="output path (default: RUN_DIR/exports/...)")
     parser.add_argument("--dtype", default=None, choices=["float32"], help="cast floating tensors")
+    parser.add_argument("--format", default="safetensors", choices=list(EXPORT_FORMATS),
+                        help="safetensors (a state dict file, default), or a folder that transformers' / "
+                             "diffusers' from_pretrained loads (needs the config recorded at attach)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from emascope.snapshot import ExportError, export_from_run  # torch is imported only here
+    # torch is imported only here
+    from emascope.pretrained import export_pretrained
+    from emascope.snapshot import ExportError, export_from_run
+
+    def note(message: str) -> None:
+        print(f"emascope export: note: {message}", file=sys.stderr)
 
     try:
-        path = export_from_run(args.run_dir, args.variant, args.out, args.dtype)
-    except ExportError as exc:
+        if args.format == "safetensors":
+            path = export_from_run(args.run_dir, args.variant, args.out, args.dtype, notice=note)
+        else:
+            path = export_pretrained(args.run_dir, args.variant, args.format, args.out, args.dtype, notice=note)
+    except (ExportError, OSError) as exc:  # OSError: a file system error not foreseen by the checks
         print(f"emascope export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{path}  ({path.stat().st_size} bytes)")
+    size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+    print(f"{path}  ({size} bytes)")
     return 0
 
 

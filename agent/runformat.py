@@ -42,11 +42,14 @@ EXPORTS = "exports"
 SNAPSHOT = f"{BANKS}/latest.safetensors"
 #: The first reference points of a low-dimensional run (float32 ``[n, d]`` .npy).
 REFERENCE_POINTS = f"{SAMPLES}/reference.npy"
+#: The model's transformers / diffusers config, recorded at attach when the model has one (JSON
+#: object, see :func:`model_config_body`); ``emascope export --format`` writes it as ``config.json``.
+MODEL_CONFIG = "model_config.json"
 
 #: A folder holding any of these holds a run (``attach`` refuses it without resume/overwrite).
 RUN_MARKERS = (RUN_JSON, METRICS, EVENTS)
 #: Top-level files of a run (removed by ``overwrite=True``).
-RUN_FILES = (RUN_JSON, METRICS, EVENTS, HEARTBEAT)
+RUN_FILES = (RUN_JSON, METRICS, EVENTS, HEARTBEAT, MODEL_CONFIG)
 #: Folders removed by ``overwrite=True`` (the reference cache and exports are kept).
 RUN_DIRS = (SAMPLES, BANKS, REQUESTS)
 #: Every folder of a run (created by ``attach``; a run's own folders are never searched for runs).
@@ -58,6 +61,21 @@ WATCHED_FILES = (RUN_JSON, METRICS, EVENTS, HEARTBEAT)
 WATCHED_DIRS = (SAMPLES, EXPORTS)
 #: Preview file extensions: PNG image grids and float32 ``[n, d]`` point arrays.
 PREVIEW_EXTS = (".png", ".npy")
+
+#: Temp files of atomic writes (:mod:`emascope.atomic`): ``.<target name>.<random>.tmp`` beside the
+#: target. A writer killed mid-write leaves one behind; ``attach`` removes them (start and resume).
+TEMP_SUFFIX = ".tmp"
+_TEMP_RE = re.compile(r"\..+\.[A-Za-z0-9_]{8,}\.tmp")
+
+
+def temp_file_name(target_name: str, token: str) -> str:
+    """The temp-file name of an atomic write of ``target_name``: ``.<target_name>.<token>.tmp``."""
+    return f".{target_name}.{token}{TEMP_SUFFIX}"
+
+
+def is_temp_file_name(name: str) -> bool:
+    """Whether ``name`` is a temp-file name made by :func:`temp_file_name` (8+ token characters)."""
+    return _TEMP_RE.fullmatch(name) is not None
 
 _STAGE_RE = re.compile(r"step_(\d{9,})")
 
@@ -288,6 +306,11 @@ EXPORT_SUFFIX = ".safetensors"
 EXPORT_DTYPES = (None, "float32")
 #: Metadata key of a bank snapshot holding its JSON state (safetensors metadata).
 SNAPSHOT_META_KEY = "emascope"
+#: Metadata key of a bank snapshot holding ``"sha256:<hex>"`` over its metadata and tensors
+#: (:func:`emascope.snapshot.snapshot_checksum`); absent in snapshots written before it existed.
+SNAPSHOT_CHECKSUM_KEY = "emascope_sha256"
+#: Most decays a bank (and a snapshot read back) may hold.
+MAX_DECAYS = 4096
 
 
 def validate_request_id(rid: Any) -> str:
@@ -340,6 +363,44 @@ def default_export_name(variant: str, step: int | None = None) -> str:
     return base if step is None else f"{base}-step{int(step)}"
 
 
+#: Export requests: at most this many are fulfilled per check of ``requests/`` (about once a
+#: second) and per minute; more wait for later checks (a ``notice`` event says so). Beyond
+#: :data:`MAX_PENDING_REQUESTS` waiting requests the newest are refused (``error`` status).
+REQUESTS_PER_POLL = 4
+REQUESTS_PER_MINUTE = 30
+MAX_PENDING_REQUESTS = 64
+#: A request file larger than this is refused unread (a request is ~100 bytes).
+MAX_REQUEST_BYTES = 64 * 1024
+#: Temp files younger than this in folders other processes write to (:data:`SHARED_DIRS`) are
+#: left alone by the stale-temp cleanup; elsewhere the agent is the only writer and removes all.
+STALE_TEMP_AGE_S = 3600.0
+#: Folders of a run that other processes write to as well: the dashboard (request files) and a
+#: finished-run export (``emascope export`` into ``exports/``).
+SHARED_DIRS = (REQUESTS, EXPORTS)
+
+
+def run_subdir(run_dir: str | os.PathLike, name: str) -> Path:
+    """``RUN_DIR/name`` if it is a real folder of the run: not a symlink, resolving inside RUN_DIR.
+
+    ``ValueError`` naming the problem otherwise (a symlinked ``requests/`` or ``exports/`` is
+    refused: the agent would read, write or delete files elsewhere); ``FileNotFoundError`` if missing.
+    """
+    path = Path(run_dir) / name
+    if path.is_symlink():
+        try:
+            where = os.readlink(path)
+        except OSError:
+            where = "?"
+        raise ValueError(f"{name}/ of the run {str(run_dir)!r} is a symlink (to {where!r}); refused: "
+                         f"emascope only uses a real {name}/ folder inside the run directory")
+    if not path.exists():
+        raise FileNotFoundError(f"the run {str(run_dir)!r} has no {name}/ folder")
+    if not path.is_dir():
+        raise ValueError(f"{name} of the run {str(run_dir)!r} is not a folder")
+    inside_run(run_dir, name)
+    return path
+
+
 def inside_run(run_dir: str | os.PathLike, rel: str) -> Path:
     """``RUN_DIR/rel`` resolved (symlinks followed), guaranteed to lie inside the resolved RUN_DIR.
 
@@ -390,6 +451,47 @@ def status_record(*, request_id: str | None, state: str, variant: str | None, st
     """The body of ``exports/<id>.status.json`` (``state``: ``"done"`` or ``"error"``)."""
     return {"id": request_id, "state": state, "variant": variant, "step": int(step), "path": path,
             "bytes": nbytes, "time": time, "error": error}
+
+
+def export_dir(name: str) -> str:
+    """``exports/<name>``: the folder of a ``from_pretrained`` export (``--format transformers|diffusers``)."""
+    return f"{EXPORTS}/{validate_export_name(name)}"
+
+
+#: Export formats: a plain ``.safetensors`` state dict (default), or a folder that the library's
+#: ``from_pretrained`` loads: ``config.json`` + the weights file under the library's own name.
+EXPORT_FORMATS = ("safetensors", "transformers", "diffusers")
+PRETRAINED_CONFIG = "config.json"
+PRETRAINED_WEIGHTS = {"transformers": "model.safetensors", "diffusers": "diffusion_pytorch_model.safetensors"}
+#: safetensors metadata the libraries' loaders expect in a PyTorch weights file.
+PRETRAINED_METADATA = {"format": "pt"}
+
+
+def model_config_body(*, library: str, cls: str, library_version: str, prefix: str,
+                      config: dict[str, Any]) -> dict[str, Any]:
+    """The body of :data:`MODEL_CONFIG`: the library (``"transformers"``/``"diffusers"``), the model
+    class name, the library version at attach, ``prefix`` (the model's key prefix inside the
+    attached module's state dict, ``""`` when the attached module is the model) and ``config``
+    (the dict the library writes as ``config.json``)."""
+    if library not in PRETRAINED_WEIGHTS:
+        raise ValueError(f"library must be one of {tuple(PRETRAINED_WEIGHTS)}, got {library!r}")
+    return {"library": library, "class": cls, "library_version": library_version, "prefix": prefix,
+            "config": config}
+
+
+def parse_model_config(body: Any) -> dict[str, Any]:
+    """Validate a :data:`MODEL_CONFIG` body read from disk; ``ValueError`` naming the bad field."""
+    if not isinstance(body, dict):
+        raise ValueError(f"{MODEL_CONFIG} must hold a JSON object, got {type(body).__name__}")
+    if body.get("library") not in PRETRAINED_WEIGHTS:
+        raise ValueError(f"{MODEL_CONFIG}: library must be one of {tuple(PRETRAINED_WEIGHTS)}, "
+                         f"got {body.get('library')!r}")
+    for key in ("class", "prefix"):
+        if not isinstance(body.get(key), str):
+            raise ValueError(f"{MODEL_CONFIG}: {key} must be a string, got {body.get(key)!r}")
+    if not isinstance(body.get("config"), dict):
+        raise ValueError(f"{MODEL_CONFIG}: config must be a JSON object")
+    return body
 
 
 def export_metadata(variant: str, step: int, *, run_id: str = "", emascope_version: str = "") -> dict[str, str]:

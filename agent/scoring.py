@@ -36,11 +36,16 @@ from emascope import runformat as rf
 from emascope.config import Hooks, ScoringConfig
 from emascope.features import (
     Features,
+    auto_extractor,
     cache_key,
+    check_finite_features,
+    check_samples,
     images_to_uint8,
     load_cached,
     make_extractor,
+    open_extractor,
     reference_identity,
+    reference_sample_info,
     reference_tensor,
     resolve_image_range,
     sample_kind,
@@ -87,6 +92,7 @@ class SweepResult:
     estimates: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples_drawn: int = 0           # samples drawn over all variants (racing draws fewer)
     racing: dict[str, Any] | None = None   # the race's summary (emascope.racing.race_summary)
+    notes: list[str] = field(default_factory=list)  # conversions of the samples (check_samples)
 
 
 @contextlib.contextmanager
@@ -160,7 +166,7 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
                      timings: dict[str, float], *, keep_all: bool = False,
-                     batches: range | None = None) -> Drawn:
+                     batches: range | None = None, notes: list[str] | None = None) -> Drawn:
     """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size``, batch ``b`` from a generator
     (on the model's device) seeded with :func:`batch_seed` ``(cfg.seed, b)``, and turn each batch into
     features as it arrives.
@@ -174,7 +180,8 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
     drawing stops once the head is full (nothing else would use the samples).
     ``timings["sampling"|"features"]`` are increased. ``batches``: draw only these batches (a range
     of batch indices, e.g. a racing round's; each drawn exactly as in a full sweep); the preview
-    head then comes from the first batches drawn.
+    head then comes from the first batches drawn. Samples holding NaN/Inf are a sampler error
+    (:func:`emascope.features.check_samples`); what is converted (integer points) is added to ``notes``.
     """
     device = model_device(model)
     keep = -1  # samples kept for the preview: decided from the first batch's kind
@@ -195,6 +202,9 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                 raise ValueError(f"sampler must return a tensor with {n} samples on dim 0, got "
                                  f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
             out = out.detach().cpu()
+            note = check_samples(out)  # ValueError: NaN/Inf samples are not scored
+            if note is not None and notes is not None and note not in notes:
+                notes.append(note)
         except Exception as exc:  # noqa: BLE001
             return Drawn(None, None, StageError("sampler", exc), total - remaining, None)
         finally:
@@ -281,7 +291,7 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
               extractor: Callable[[torch.Tensor], Features] | None = None,
               reference: Reference | None = None, evaluate: Evaluate | None = None,
               sample_metrics: SampleMetrics | None = None, fd_name: str = "fid",
-              directions: Mapping[str, str | None] | None = None) -> SweepResult:
+              directions: Mapping[str, str | None] | None = None, prior_errors: int = 0) -> SweepResult:
     """Score every variant; write metrics/previews/events through ``writer``. Never raises.
 
     ``model`` is the unwrapped module the bank was built on. Generative metrics need
@@ -289,7 +299,8 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
     each variant's weights loaded (eval mode, ``torch.no_grad``). ``sample_metrics(samples) ->
     {name: value}`` (needs ``sampler``) is called once per variant with all ``num_samples``
     samples the sampler drew for it, on CPU (the same samples the features and the preview come
-    from); they are kept in memory for it (``num_samples`` x one sample's size).
+    from); they are kept in memory for it (``num_samples`` x one sample's size). ``prior_errors``:
+    failures of this sweep that happened before it (building the reference), counted in ``errors``.
 
     With ``cfg.uncertainty`` every value gets its half-sample standard error and interval
     (:mod:`emascope.estimates`) and, once all variants are scored, a ``comparison`` event holds each
@@ -297,7 +308,7 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
     metric name -> ``"lower"``/``"higher"``). With ``cfg.racing`` the samples are drawn in rounds and
     the variants significantly worse on the racing metric stop drawing (:mod:`emascope.racing`).
     """
-    res = SweepResult(step=step)
+    res = SweepResult(step=step, errors=int(prior_errors))  # e.g. the reference failed just before
     t_start = time.perf_counter()
     halves = E.Halves(cfg) if cfg.uncertainty else None
     directions = {**M.METRIC_DIRECTIONS, **(directions or {})}
@@ -367,7 +378,7 @@ def _race(model: nn.Module, bank: Any, variants: list[str], res: SweepResult, wr
             with preserved_training_flags(model), bank.swap(model, v), torch.no_grad():
                 model.eval()
                 part = draw_and_extract(model, sampler, cfg, extractor, res.timings, keep_all=keep_all,
-                                        batches=range(have[v], upto))
+                                        batches=range(have[v], upto), notes=res.notes)
             have[v] = upto
             parts[v].append(part)
             if part.error is not None:
@@ -433,7 +444,7 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
         if sampler is not None:
             if drawn is None:
                 drawn = draw_and_extract(model, sampler, cfg, extractor if reference is not None else None,
-                                         res.timings, keep_all=sample_metrics is not None)
+                                         res.timings, keep_all=sample_metrics is not None, notes=res.notes)
             samples, feats, err, n_drawn, every = drawn
             res.num_samples = max(res.num_samples, n_drawn)
             res.samples_drawn += n_drawn
@@ -462,6 +473,12 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
     if samples is not None:
         _save_preview(writer, step, variant, samples, cfg, res)
     if feats is None or reference is None:
+        return
+    try:
+        check_finite_features(feats)
+    except ValueError as exc:  # one error for the variant, no metric values
+        res.errors += 1
+        writer.error("features", step, exc, variant=variant)
         return
     cache: dict[str, Any] = {}
     for group, job in feature_metric_jobs(feats, reference, cfg, fd_name):
@@ -551,7 +568,7 @@ class Scorer:
 
     def __init__(self, cfg: ScoringConfig, hooks: Hooks, writer: RunWriter, run_dir: Path, *,
                  on_info_change: Callable[[], None] = lambda: None,
-                 known_directions: dict[str, str] | None = None) -> None:
+                 known_directions: dict[str, str] | None = None, extractor: Any = None) -> None:
         self.cfg, self.hooks, self.writer, self.run_dir = cfg, hooks, writer, Path(run_dir)
         self.on_info_change = on_info_change
         self.user_directions = dict(hooks.metric_directions)
@@ -559,11 +576,13 @@ class Scorer:
             k: self.user_directions.get(k, v) for k, v in (known_directions or {}).items()}
         self.sample_kind: str | None = reference_kind(hooks.reference)
         self.reference: Reference | None = None
-        self.extractor: Any = None
+        self.extractor: Any = extractor  # built at attach (attach_extractor), else at the first sweep
         self._reference_failed = False
+        self.reference_errors = 0  # counted into the errors of the sweep that hit them
         self._kid_noted = False
         self._floor_done = False
         self._floor_rows: torch.Tensor | None = None  # reference samples of the floor's split (sample_metrics)
+        self._noted: set[str] = set()
 
     @property
     def active(self) -> bool:
@@ -571,17 +590,21 @@ class Scorer:
         return self.hooks.sampler is not None or self.hooks.evaluate is not None
 
     def extractor_label(self) -> str:
-        """The extractor's name for run.json (``"auto"`` resolved from the reference's kind)."""
+        """The extractor's name for run.json (``"auto"`` resolved from the reference's kind and size)."""
         if self.cfg.feature_extractor in (None, "auto"):
-            return {"points": "identity", "images": "inception-v3-compat"}.get(self.sample_kind or "", "auto")
+            if self.extractor is not None:
+                return str(self.extractor.name)
+            kind, size = reference_sample_info(self.hooks.reference) if self.hooks.reference is not None \
+                else (None, None)
+            return auto_extractor(kind, size) if kind is not None else "auto"
         return self.cfg.extractor_label()
 
     def fd_name(self) -> str:
-        """``"fid"`` on Inception features, ``"fd"`` on any other."""
+        """``"fid"`` on Inception features (a torch-fidelity Inception extractor), ``"fd"`` on any other."""
         spec = self.cfg.feature_extractor
-        if isinstance(spec, str) and spec.startswith("inception"):
-            return "fid"
-        return "fid" if spec in (None, "auto") and self.sample_kind == "images" else "fd"
+        if callable(spec) and not isinstance(spec, str):
+            return "fd"
+        return "fid" if self.extractor_label().startswith("inception") else "fd"
 
     def sweep(self, model: nn.Module, bank: Any, variants: list[str], step: int) -> SweepResult:
         """Score ``variants`` at ``step`` (see :func:`run_sweep`). The training job's global random
@@ -595,7 +618,8 @@ class Scorer:
                                cfg=self.cfg, sampler=self.hooks.sampler, extractor=self.extractor,
                                reference=reference, evaluate=self.hooks.evaluate,
                                sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name(),
-                               directions=self.directions())
+                               directions=self.directions(), prior_errors=self.reference_errors)
+        self.reference_errors = 0
         self._note(result, reference, step)
         return result
 
@@ -652,6 +676,8 @@ class Scorer:
         return fields
 
     def _note(self, result: SweepResult, reference: Reference | None, step: int) -> None:
+        for note in result.notes:
+            self._notice_once("samples", note, step)
         if result.kid_subset_size is not None and not self._kid_noted:
             self._kid_noted = True
             n_ref = len(reference.features.features) if reference is not None else None
@@ -672,6 +698,11 @@ class Scorer:
         if changed:
             self.on_info_change()
 
+    def _notice_once(self, where: str, message: str, step: int) -> None:
+        if message not in self._noted:
+            self._noted.add(message)
+            self.writer.event("notice", step, where=where, message=message)
+
     def _prepare_reference(self, model: nn.Module, step: int) -> Reference | None:
         if self.reference is not None or self._reference_failed or self.hooks.reference is None:
             return self.reference
@@ -679,6 +710,7 @@ class Scorer:
             self.reference = self._build_reference(model, step)
         except Exception as exc:  # noqa: BLE001
             self._reference_failed = True
+            self.reference_errors += 1
             self.writer.error("reference", step, exc)
         return self.reference
 
@@ -686,18 +718,27 @@ class Scorer:
         ref, cfg = self.hooks.reference, self.cfg
         device = cfg.feature_device if cfg.feature_device is not None else model_device(model)
         if isinstance(ref, Features):
-            self.extractor = make_extractor(cfg.feature_extractor, self.sample_kind or "points",
-                                            weights_path=cfg.feature_extractor_weights_path, device=device,
-                                            batch_size=cfg.feature_batch_size,
-                                            image_range=resolve_image_range(cfg.image_range, None))
+            if self.extractor is None:
+                self.extractor = make_extractor(cfg.feature_extractor, self.sample_kind or "points",
+                                                weights_path=cfg.feature_extractor_weights_path, device=device,
+                                                batch_size=cfg.feature_batch_size,
+                                                image_range=resolve_image_range(cfg.image_range, None))
+            check_finite_features(ref, "reference features")
             return Reference.build(ref, cfg.nearest_k)
         data = reference_tensor(ref, cfg.reference_size)
+        note = check_samples(data, "reference samples")  # ValueError: NaN/Inf in the reference
+        if note is not None:
+            self._notice_once("reference", note, step)
         kind = sample_kind(data) if torch.is_tensor(data) else None
         image_range = resolve_image_range(cfg.image_range, data if kind == "images" else None)
         self.cfg = cfg = dataclasses.replace(cfg, image_range=image_range)
-        self.extractor = make_extractor(cfg.feature_extractor, kind or "points",
-                                        weights_path=cfg.feature_extractor_weights_path, device=device,
-                                        batch_size=cfg.feature_batch_size, image_range=image_range)
+        if self.extractor is None:
+            self.extractor = make_extractor(cfg.feature_extractor, kind or "points",
+                                            weights_path=cfg.feature_extractor_weights_path, device=device,
+                                            batch_size=cfg.feature_batch_size, image_range=image_range,
+                                            image_size=tuple(data.shape[-2:]) if kind == "images" else None)
+        elif hasattr(self.extractor, "image_range"):
+            self.extractor.image_range = image_range
         key = cache_key(self.extractor.name, self.extractor.weights_hash,
                         reference_identity(ref, cfg.reference_size))
         cache = self.run_dir / rf.reference_cache_file(key)
@@ -706,7 +747,10 @@ class Scorer:
         t = time.perf_counter()
         if feats is None:
             feats = self.extractor(data)
+            check_finite_features(feats, "reference features")  # NaN/Inf features are never cached
             self.writer._guard("reference cache", lambda: save_cached(cache, feats))
+        else:
+            check_finite_features(feats, "reference features")
         if self.hooks.sample_metrics is not None and self.hooks.exact_samples is None and torch.is_tensor(data):
             # the reference items of the noise floor's split, for sample_metrics (same rule as noise_floor)
             m = len(feats.features)
@@ -717,6 +761,22 @@ class Scorer:
         if kind == "points" and not (self.run_dir / rf.REFERENCE_POINTS).exists():
             self.writer.save_points(rf.REFERENCE_POINTS, data[: cfg.preview_points].float().numpy())
         return Reference.build(feats, cfg.nearest_k)
+
+
+def attach_extractor(cfg: ScoringConfig, hooks: Hooks, model: nn.Module) -> Any:
+    """The feature extractor, built at attach so that a missing weights file or a failed download is
+    a ``ValueError`` there (naming the file and the offline options), not a silent gap in the metrics.
+
+    ``None`` when there is nothing to extract (no sampler or no reference). The image range is set
+    from the reference at the first sweep."""
+    ref = hooks.reference
+    if ref is None or hooks.sampler is None:
+        return None
+    kind, size = (None, None) if isinstance(ref, Features) else reference_sample_info(ref)
+    device = cfg.feature_device if cfg.feature_device is not None else model_device(model)
+    return open_extractor(cfg.feature_extractor, kind or "points", weights_path=cfg.feature_extractor_weights_path,
+                          device=device, batch_size=cfg.feature_batch_size,
+                          image_range=resolve_image_range(cfg.image_range, None), image_size=size)
 
 
 def reference_kind(reference: Any) -> str | None:
