@@ -113,20 +113,27 @@ def sweep(name: str, tmp: Path, **overrides: Any) -> dict[str, Any]:
     out = {"wall": wall, "done": _events(run_dir, "score_done")[-1],
            "comparison": (_events(run_dir, "comparison") or [None])[-1],
            "floor": (_events(run_dir, "noise_floor") or [None])[-1]}
+    out["values"] = {(r["variant"], r["metric"]): r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text()
+                                                                  .splitlines())}
     return out
 
 
-def cost(names: list[str], repeats: int, tmp: Path) -> None:
+def _decay_key(variant: str) -> float:
+    return -1.0 if variant == "raw" else float(variant)
+
+
+def cost(names: list[str], repeats: int, tmp: Path, **overrides: Any) -> None:
     print("## Cost of the intervals (last stage of each shipped run, its own settings)\n")
     print("| run | variants x samples | sweep without intervals | sweep with | intervals inside the sweep "
           "| share of the sweep | noise floor (once per run) | per stage of the run |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    tables: list[tuple[str, dict[str, Any]]] = []
     for name in names:
         stages = len(_events(RUNS / name, "score_done"))
         offs, ons = [], []
         for _ in range(repeats):  # interleaved: off, on, off, on ...
-            offs.append(sweep(name, tmp, uncertainty=False, noise_floor=False))
-            ons.append(sweep(name, tmp, uncertainty=True, noise_floor=True))
+            offs.append(sweep(name, tmp, uncertainty=False, noise_floor=False, **overrides))
+            ons.append(sweep(name, tmp, uncertainty=True, noise_floor=True, **overrides))
         on = ons[-1]
         unc = [o["done"]["timings"]["uncertainty"] for o in ons]
         secs = [o["done"]["seconds"] for o in ons]
@@ -138,7 +145,23 @@ def cost(names: list[str], repeats: int, tmp: Path) -> None:
               f"| {np.median(secs):.1f} s | {np.median(unc):.2f} s | **{np.median(share):.1%}** "
               f"| {np.median(floor):.2f} s | {np.median(floor) / max(1, stages):.2f} s |")
         print(f"<!-- {name}: timings of the last sweep with intervals: {json.dumps(on['done']['timings'])} -->")
+        tables.append((name, on))
     print()
+    for name, on in tables:  # what the intervals say on that stage
+        comp, floor = on["comparison"], (on["floor"] or {}).get("metrics", {})
+        print(f"### {name}: step {on['done'].get('step')}, {on['done']['num_samples']:,} samples per variant, "
+              f"{comp['level']:.0%} intervals\n")
+        print("| metric | best | value [interval] | tied with the best | noise floor [interval] |")
+        print("|---|---|---|---|---|")
+        for metric, c in comp["metrics"].items():
+            v = on["values"].get((c["best"], metric), {})
+            tied = sorted((x for x, d in c["variants"].items() if d["worse"] is False), key=_decay_key)
+            f = floor.get(metric) or {}
+            fl = f"{f['value']:.4g} [{f.get('lo') or float('nan'):.4g}, {f.get('hi') or float('nan'):.4g}]" \
+                if f else ""
+            print(f"| {metric} | {c['best']} | {v.get('value', float('nan')):.4g} [{v.get('lo') or float('nan'):.4g}, "
+                  f"{v.get('hi') or float('nan'):.4g}] | {', '.join(tied)} | {fl} |")
+        print()
 
 
 def recorded_cost(names: list[str]) -> None:
@@ -307,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true",
                    help="also score the last stage again with and without intervals, interleaved")
     p.add_argument("--no-racing", action="store_true")
+    p.add_argument("--num-samples", type=int, default=0, help="--fresh: samples per variant (default: the run's)")
     p.add_argument("--calibration", action="store_true", help="only the calibration table")
     p.add_argument("--calibration-reps", type=int, default=200)
     p.add_argument("--calibration-n", type=int, default=500)
@@ -329,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_cost:
             recorded_cost(names)
             if args.fresh:
-                cost(names, args.repeats, Path(tmp))
+                cost(names, args.repeats, Path(tmp),
+                     **({"num_samples": args.num_samples} if args.num_samples else {}))
         if not args.no_racing:
             racing_bench([m for m in args.racing_metrics.split(",") if m], Path(tmp), args.racing_first)
     return 0
