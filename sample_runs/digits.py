@@ -263,7 +263,8 @@ def train(run_dir: str | Path, cfg: DigitsConfig | None = None, *,
                    sampler=make_sampler(cfg.sample_steps), reference=images, image_range="-1,1",
                    feature_extractor=EXTRACTOR_NAME, feature_extractor_weights_path=weights,
                    reference_size=cfg.reference_size, kid_subset_size=cfg.kid_subset_size,
-                   score_every=cfg.score_every, num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
+                   score_every=cfg.score_every, score_busy="wait",  # every stage scored, in the background
+                   num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
                    seed=cfg.seed + 1, decays=cfg.decays)
     schedule = None
     if cfg.schedule == "cosine":
