@@ -324,10 +324,11 @@ class StageWriter:
     half stage in metrics.jsonl; events and previews (atomic files, rewritten identically when the
     stage is scored again) go through at once. After :meth:`mute` nothing more is written (an
     abandoned sweep that wakes up later). ``on_write()`` is called on every write (liveness).
-    ``score_done`` events are held back and written after the records (:meth:`commit`).
+    ``score_done`` and ``comparison`` events are held back and written after the records
+    (:meth:`commit`): an abandoned sweep leaves no comparison of records that were never written.
     """
 
-    HELD = ("score_done",)
+    HELD = ("score_done", rf.EVENT_COMPARISON)
 
     def __init__(self, base: RunWriter, on_write: Callable[[], None] | None = None) -> None:
         self.base = base
@@ -344,10 +345,10 @@ class StageWriter:
             self.muted = True
             self.pending, self.held = [], []
 
-    def metric(self, step: int, variant: str, metric: str, value: float | None) -> None:
+    def metric(self, step: int, variant: str, metric: str, value: float | None, **interval: Any) -> None:
         with self._lock:
             if not self.muted:
-                self.pending.append(rf.metric_record(step, variant, metric, value, time.time()))
+                self.pending.append(rf.metric_record(step, variant, metric, value, time.time(), **interval))
         self.on_write()
 
     def commit(self, before: Callable[[], bool] = lambda: True,
