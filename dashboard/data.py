@@ -47,7 +47,9 @@ from emascope.dashboard.files import (
 )
 from emascope.runformat import FormatVersionError, check_format_version  # noqa: F401 (re-exported)
 
-METRIC_COLUMNS = list(rf.METRIC_KEYS)
+#: Columns of the metrics frame: the record keys, then the optional interval fields (NaN when a
+#: record has none: runs written before them, metrics without an interval).
+METRIC_COLUMNS = list(rf.METRIC_KEYS) + list(rf.METRIC_INTERVAL_KEYS)
 _PREFIX_CHECK = 64  # bytes before the read offset compared to detect a rewritten file
 _CHUNK = 4 * 1024 * 1024  # JSONL files are read in chunks of this many bytes
 _SKIP_DIRS = {*rf.SUBDIRS, "__pycache__", "node_modules"}
@@ -372,7 +374,8 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
     (a decay is normalised: ``"0.99990"`` -> ``"0.9999"``), or without a metric name of 1 to
     :data:`MAX_METRIC_NAME` characters. ``value`` is float (NaN when null/non-finite/out of
     range), ``decay`` is the variant's decay (NaN for raw/bema). A repeated (step, variant,
-    metric) keeps the last one.
+    metric) keeps the last one. The optional ``se``, ``lo``, ``hi``, ``n`` are float columns, NaN
+    when absent or not finite.
     """
     rows = []
     invalid = 0
@@ -389,7 +392,8 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
         ):
             invalid += 1
             continue
-        rows.append((step, variant, decay, metric, _finite_or_none(r.get("value")), _finite_or_none(r.get("time"))))
+        rows.append((step, variant, decay, metric, _finite_or_none(r.get("value")), _finite_or_none(r.get("time")),
+                     *(_finite_or_none(r.get(k)) for k in rf.METRIC_INTERVAL_KEYS)))
     frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
     frame = frame.astype(
         {
@@ -399,6 +403,7 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
             "metric": "object",
             "value": "float64",
             "time": "float64",
+            **dict.fromkeys(rf.METRIC_INTERVAL_KEYS, "float64"),
         }
     )
     if len(frame):
