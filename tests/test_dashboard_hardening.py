@@ -405,6 +405,29 @@ def test_a_failing_view_shows_a_short_message_and_logs_the_details(tmp_path, mon
     assert logged and logged[0].exc_info and secret in str(logged[0].exc_info[1])
 
 
+def test_unreadable_intervals_draw_the_run_without_them(tmp_path, monkeypatch, caplog):
+    """A failure reading the recorded intervals (comparisons, noise floor) is one short warning; the
+    recommendation and every view are still drawn."""
+    from emascope.dashboard import intervals
+
+    make_run(tmp_path, "r", steps=(1000, 2000), samples=False)
+    secret = str(tmp_path / "private" / "x.py")
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError(f"bug in {secret}")
+
+    monkeypatch.setattr(intervals, "comparisons", broken)
+    with caplog.at_level(logging.ERROR, logger="emascope.dashboard"):
+        at = _start(monkeypatch, tmp_path)
+    assert not at.error, [e.value for e in at.error]
+    assert [w.value for w in at.warning if "intervals" in w.value] == [
+        "The recorded intervals could not be read (RuntimeError); drawn without them."]
+    assert not any(secret in t for t in _texts(at))
+    assert any(t.startswith("At step 2,000") for t in _texts(at))
+    assert len(at.get("plotly_chart")) >= 4  # the views are drawn
+    assert any(r.exc_info and secret in str(r.exc_info[1]) for r in caplog.records)
+
+
 def test_stage_states_from_hostile_events_are_bounded(tmp_path, monkeypatch):
     """The scoring-stage panel (events.jsonl): a stage step past int64 is left out, a 600 kB scorer
     name and skip reason are cut, the page draws with no exception."""
