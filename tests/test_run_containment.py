@@ -269,3 +269,95 @@ def test_export_out_under_exports_or_outside_still_works(finished_run, tmp_path,
     parent_file.write_text("x")
     assert cli_main(["export", str(finished_run), "--variant", "0.9", "--out", str(parent_file / "m")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ --format transformers (a folder export)
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    """A real run of a tiny transformers GPT-2 (config built here, no hub), closed: it has a
+    ``model_config.json`` and a checksummed snapshot."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run_dir = tmp_path_factory.mktemp("gpt2") / "run"
+    ids = torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(1))
+    with attach(model, opt, run_dir=run_dir, score_every=None, decays=(0.9,)):
+        for _ in range(2):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    assert (run_dir / rf.MODEL_CONFIG).is_file()
+    return run_dir
+
+
+def _tree(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("rel", ["run.json", "banks", "exports/../metrics.jsonl", "samples/x"])
+def test_folder_export_never_writes_into_a_file_or_folder_of_the_run(gpt2_run, rel, capsys):
+    before = _tree(gpt2_run)
+    assert cli_main(["export", str(gpt2_run), "--variant", "0.9", "--format", "transformers",
+                     "--out", str(gpt2_run / rel)]) == 2
+    err = capsys.readouterr().err
+    assert ("a file of the run itself" in err or "is not a folder" in err) and "Traceback" not in err
+    assert _tree(gpt2_run) == before
+
+
+def test_folder_export_errors_are_clear_and_write_nothing(gpt2_run, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    plain.write_text("keep me")
+    assert cli_main(["export", str(gpt2_run), "--variant", "0.9", "--format", "transformers",
+                     "--out", str(plain)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and plain.read_text() == "keep me"
+    if Path("/proc/self").is_dir():
+        assert cli_main(["export", str(gpt2_run), "--variant", "0.9", "--format", "transformers",
+                         "--out", "/proc/x"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write '/proc/x'" in err and "Traceback" not in err
+    # under exports/ and outside the run: fine, and the folder loads with from_pretrained
+    for out in (gpt2_run / "exports" / "mine", tmp_path / "new" / "ema"):
+        assert cli_main(["export", str(gpt2_run), "--variant", "0.9", "--format", "transformers",
+                         "--out", str(out)]) == 0
+        assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors"}
+
+
+def test_folder_export_checks_the_snapshot_checksum_and_notes_an_unverified_one(gpt2_run, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(gpt2_run, run_dir)
+    path = run_dir / rf.SNAPSHOT
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    tensors["bank"][0, 0] += 1.0  # one weight changed behind the checksum's back
+    save_file(tensors, str(path), metadata=meta)
+    out = tmp_path / "bad"
+    assert cli_main(["export", str(run_dir), "--variant", "0.9", "--format", "transformers", "--out", str(out)]) == 2
+    assert "corrupt" in capsys.readouterr().err and not out.exists()
+    meta.pop(rf.SNAPSHOT_CHECKSUM_KEY)  # as an older emascope wrote it: loads, with a note
+    save_file(tensors, str(path), metadata=meta)
+    assert cli_main(["export", str(run_dir), "--variant", "0.9", "--format", "transformers", "--out", str(out)]) == 0
+    assert "note:" in capsys.readouterr().err and (out / "model.safetensors").is_file()
+
+
+def test_live_folder_export_refuses_a_file_of_the_run(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attach(model, opt, run_dir=tmp_path / "run", score_every=None, decays=(0.9,)) as scope:
+        before = (tmp_path / "run" / "run.json").read_bytes()
+        with pytest.raises(ValueError, match="exists and is not a folder"):
+            scope.export(0.9, tmp_path / "run" / "run.json", format="transformers")
+        with pytest.raises(ValueError, match="a file of the run itself"):
+            scope.export(0.9, tmp_path / "run" / "banks" / "ema", format="transformers")
+        assert (tmp_path / "run" / "run.json").read_bytes() == before
+        assert not (tmp_path / "run" / "banks" / "ema").exists()
+        assert scope.export(0.9, format="transformers").parent.name == "exports"
