@@ -144,6 +144,61 @@ def test_only_request_files_that_validate_are_read_and_deleted(tmp_path):
     assert not (run_dir / "exports" / "lnk.status.json").exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_requests_swapped_for_a_symlink_during_a_check_deletes_nothing_outside(tmp_path):
+    """The race after the check: ``requests/`` is replaced by a symlink to a folder of the user's
+    while the agent handles a request. Nothing in that folder is read or removed."""
+    run_dir = _run_dir(tmp_path)
+    req = run_dir / "requests"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for rid in ("a", "b"):
+        _request(req, rid)
+        _request(outside, rid)  # the user's own files, named like requests
+    written: list = []
+    poller, results, _ = _poller(run_dir, written)
+    export_fn = poller.export_fn
+
+    def swap_then_export(variant, path, dtype):
+        if not (run_dir / "requests.real").exists():
+            req.rename(run_dir / "requests.real")
+            req.symlink_to(outside, target_is_directory=True)
+        return export_fn(variant, path, dtype)
+
+    poller.export_fn = swap_then_export
+    poller.poll(1)
+    assert sorted(p.name for p in outside.iterdir()) == ["a.json", "b.json"]  # untouched
+    assert all(json.loads((outside / n).read_text())["id"] in ("a", "b") for n in ("a.json", "b.json"))
+    poller.poll(2)  # the next check sees the symlink and refuses the folder
+    assert sorted(p.name for p in outside.iterdir()) == ["a.json", "b.json"]
+
+
+def test_exports_swapped_for_a_symlink_during_a_check_gets_nothing_more(tmp_path):
+    """``exports/`` replaced by a symlink right after a checkpoint was written: no status file, no
+    further checkpoint goes through the link; the next request waits, one notice says why."""
+    run_dir = _run_dir(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for rid in ("a", "b"):
+        _request(run_dir / "requests", rid, name=f"m{rid}")
+    written: list = []
+    poller, results, notices = _poller(run_dir, written)
+    export_fn = poller.export_fn
+
+    def export_then_swap(variant, path, dtype):
+        n = export_fn(variant, path, dtype)
+        (run_dir / "exports").rename(run_dir / "exports.real")
+        (run_dir / "exports").symlink_to(outside, target_is_directory=True)
+        return n
+
+    poller.export_fn = export_then_swap
+    poller.poll(1)
+    assert list(outside.iterdir()) == [] and len(written) == 1
+    assert (run_dir / "exports.real" / "ma.safetensors").is_file()
+    assert (run_dir / "requests" / "b.json").exists()  # not handled, not deleted
+    assert len(notices) == 1 and "symlink" in notices[0]
+
+
 # ------------------------------------------------------------------ export names: one validation
 
 
