@@ -416,3 +416,21 @@ def test_live_folder_export_refuses_a_file_of_the_run(tmp_path):
         assert (tmp_path / "run" / "run.json").read_bytes() == before
         assert not (tmp_path / "run" / "banks" / "ema").exists()
         assert scope.export(0.9, format="transformers").parent.name == "exports"
+
+
+def test_hostile_model_config_is_a_clear_error(gpt2_run, tmp_path, capsys):
+    """A run's model_config.json nested 100,000 deep or larger than the cap: exit 2 with a message."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(gpt2_run, run_dir)
+    config = run_dir / rf.MODEL_CONFIG
+    for body, needle in ((b"[" * 100_000 + b"]" * 100_000, "nested too deeply"), (None, "larger than")):
+        if body is None:
+            with open(config, "wb") as f:
+                f.truncate(rf.MAX_MODEL_CONFIG_BYTES + 1)  # sparse: 16 MiB of zeros
+        else:
+            config.write_bytes(body)
+        out = tmp_path / "ema"
+        assert cli_main(["export", str(run_dir), "--variant", "0.9", "--format", "transformers",
+                         "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and not out.exists()
