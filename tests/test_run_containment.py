@@ -434,3 +434,36 @@ def test_hostile_model_config_is_a_clear_error(gpt2_run, tmp_path, capsys):
                          "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_resume_over_a_hostile_run_json_neither_blocks_nor_reads_without_bound(tmp_path):
+    """run.json replaced by a FIFO (a read blocks forever) or a symlink to /dev/zero (an endless
+    read): resume ignores it and writes a fresh run.json."""
+    import threading
+    import time
+
+    for case in ("fifo", "zero", "deep"):
+        scope, run_dir = _train(tmp_path, case, 2)
+        scope.close()
+        run_json = run_dir / rf.RUN_JSON
+        run_json.unlink()
+        if case == "fifo":
+            os.mkfifo(run_json)
+            release = threading.Timer(20.0, lambda p=run_json: open(p, "wb").close())  # bounds a regression
+            release.start()
+        elif case == "zero":
+            if not Path("/dev/zero").exists():
+                continue
+            run_json.symlink_to("/dev/zero")
+        else:
+            run_json.write_text("[" * 100_000 + "]" * 100_000)
+        t = time.monotonic()
+        model = Denoiser(width=8)
+        with attach(model, torch.optim.Adam(model.parameters()), run_dir=run_dir, resume=True, score_every=None,
+                    decays=(0.9, 0.99)) as again:
+            assert again.current_step == 2
+        assert time.monotonic() - t < 15.0, case
+        if case == "fifo":
+            release.cancel()
+        assert not run_json.is_symlink() and json.loads(run_json.read_text())["decays"] == [0.9, 0.99]
