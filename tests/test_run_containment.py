@@ -467,3 +467,20 @@ def test_resume_over_a_hostile_run_json_neither_blocks_nor_reads_without_bound(t
         if case == "fifo":
             release.cancel()
         assert not run_json.is_symlink() and json.loads(run_json.read_text())["decays"] == [0.9, 0.99]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("name", [rf.EVENTS, rf.METRICS])
+def test_resume_onto_an_appended_file_that_is_not_a_regular_file_is_a_clear_error(tmp_path, name):
+    """events.jsonl as a FIFO: resume failed with "File or stream is not seekable"; a symlink to
+    /dev/zero would swallow every record. Refused at attach, naming the file, nothing written."""
+    scope, run_dir = _train(tmp_path, "run", 2)
+    scope.close()
+    (run_dir / name).unlink(missing_ok=True)  # (no metrics.jsonl yet: nothing was scored)
+    os.mkfifo(run_dir / name)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    model = Denoiser(width=8)
+    with pytest.raises(ValueError, match=f"{name} of the run .* is not a regular file"):
+        attach(model, torch.optim.Adam(model.parameters()), run_dir=run_dir, resume=True, score_every=None,
+               decays=(0.9, 0.99))
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
