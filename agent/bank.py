@@ -967,7 +967,20 @@ class EMABank:
             sd["theta0"] = self._theta0.clone()
         return sd
 
+    def segments(self) -> list[tuple[str, int, int, int]]:
+        """The columns this rank holds: ``(entry name, a, b, col)`` = elements ``[a, b)`` of averaged
+        entry ``name`` (flattened, full shape) in local columns ``[col, col + b - a)``."""
+        return [(self._avg_entries[i].name, a, b, col) for i, a, b, col in self._segs]
+
+    def check_state_meta(self, sd: dict[str, Any]) -> None:
+        """``ValueError`` naming what differs when the settings/layout of a state (or a snapshot's
+        JSON state) do not fit this bank; tensors are not looked at."""
+        self._check_meta(sd, tensors=False)
+
     def _check_compatible(self, sd: dict[str, Any]) -> None:
+        self._check_meta(sd, tensors=True)
+
+    def _check_meta(self, sd: dict[str, Any], *, tensors: bool) -> None:
         if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
             raise ValueError("not an EMABank state dict (missing format "
                              f"{STATE_FORMAT!r}, got {sd.get('format') if isinstance(sd, dict) else sd!r})")
@@ -975,7 +988,7 @@ class EMABank:
             raise ValueError(f"EMABank state version {sd.get('version')!r} is not supported "
                              f"(this emascope reads version {STATE_VERSION})")
         required = ("decays", "update_every", "bias_correction", "average_buffers", "bema", "step", "events",
-                    "layout", "bank", "applied", "bc_pow")
+                    "layout") + (("bank", "applied", "bc_pow") if tensors else ())
         missing = [k for k in required if k not in sd]
         if missing:
             raise ValueError(f"EMABank state dict lacks {', '.join(missing)}")
@@ -989,7 +1002,7 @@ class EMABank:
         mine_bema = None if self.bema is None else self.bema.as_dict()
         if sd["bema"] != mine_bema:
             raise ValueError(f"bema differs: checkpoint has {sd['bema']!r} but bank has {mine_bema!r}")
-        if self.bema is not None and "theta0" not in sd:
+        if tensors and self.bema is not None and "theta0" not in sd:
             raise ValueError("EMABank state dict lacks theta0 (needed for BEMA)")
         theirs_e = {e["name"]: e for e in sd["layout"]}
         mine_e = {e.name: e for e in self._entries}
@@ -1009,6 +1022,8 @@ class EMABank:
             if int(te["offset"]) != me.offset:
                 raise ValueError(f"parameter {name!r} is at offset {te['offset']} in the checkpoint but "
                                  f"{me.offset} in the model (parameter order changed?)")
+        if not tensors:
+            return
         theirs_shard = sd.get("shard")
         if theirs_shard is not None:
             mine = self._shard_json()
