@@ -227,12 +227,11 @@ class EMABank:
             ``theta_0`` = the weights at attach and ``t`` = optimizer steps since attach.
         average_buffers: average floating-point buffers too (default: take them from the live model).
             Integer buffers are always taken from the live model.
-        shard: split the bank over the ranks of ``process_group`` (:mod:`emascope.shards`). ``None``:
-            when the model is DistributedDataParallel-wrapped in a group of more than one rank, and
-            always for FSDP2 (DTensor) parameters. A sharded bank is built on every rank; its
-            ``materialize``/``variant_flat``/``swap`` (DDP)/``stream_variant`` are collectives.
-        process_group: the group to shard over (default: DDP's group, else the default group; FSDP2:
-            the parameters' mesh).
+        shard: split the bank over the ranks (:mod:`emascope.shards`): DDP's process group, the
+            FSDP2 parameters' mesh, else the default group. ``None``: when the model is
+            DistributedDataParallel-wrapped in a group of more than one rank, and always for FSDP2
+            (DTensor) parameters. A sharded bank is built on every rank; its ``materialize``,
+            ``variant_flat``, ``swap`` (DDP) and ``stream_variant`` are collectives.
 
     Counters: :attr:`step` counts :meth:`update` calls (optimizer steps); :attr:`num_updates` the
     bank updates applied; :attr:`num_skipped` those skipped because the live weights were non-finite
@@ -242,7 +241,7 @@ class EMABank:
     def __init__(self, model: nn.Module, decays: Sequence[float] | None = DEFAULT_DECAYS, *,
                  device: str | torch.device | None = None, update_every: int = 1,
                  bias_correction: bool = False, bema: bool | BEMAConfig = False,
-                 average_buffers: bool = False, shard: bool | None = None, process_group: Any = None) -> None:
+                 average_buffers: bool = False, shard: bool | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._configure(DEFAULT_DECAYS if decays is None else decays, update_every, bias_correction, bema,
@@ -254,7 +253,7 @@ class EMABank:
         self._entries = entries
         self._live = live
         self._n = n
-        self._plan = S.resolve(model, [e.name for e in entries], live, shard, process_group)
+        self._plan = S.resolve(model, [e.name for e in entries], live, shard)
         self._set_segments()
         param_device = S.local_tensor(self._avg_live[0]).device
         self.memory_plan: MemoryPlan = self._make_plan(param_device)

@@ -18,13 +18,14 @@ writes are caught and recorded in ``events.jsonl``. If ``bank.update()`` raises,
 *disabled* (its state may be half-updated): no more updates, EMA variants are no longer scored
 or snapshotted, only ``raw`` is; a ``bank_disabled`` event says so.
 
-Under ``torch.distributed`` only rank 0 builds a bank, scores and writes files; other ranks count
-steps and do nothing else (``scope.bank`` is ``None`` there, ``score_now``/``export`` return
-``None``). ``attach`` issues no collective, so it may be called on every rank or on rank 0 only.
-Scoring runs on rank 0 alone with the unwrapped module (``ddp.module``): the sampler and
-``evaluate`` must use the model they are given and must not call collectives (the other ranks wait
-in their next collective meanwhile, so a sweep must finish within the process group's timeout).
-Sharded parameters (FSDP2 ``fully_shard``, DTensor) raise ``NotImplementedError``.
+Under ``torch.distributed`` with more than one rank the bank is *sharded* by default
+(:mod:`emascope.shards`): ``attach`` is then a collective (call it on every rank), every rank
+updates its 1/W of the bank from its own weights (DDP replicas or FSDP2 shards; no communication
+per step), snapshots are written by every rank (:mod:`emascope.shardfiles`), exports, export
+requests and scoring sweeps are collectives at step boundaries every rank reaches together, and
+rank 0 alone writes the run directory's other files. ``shard=False`` keeps the former mode: only
+rank 0 builds a (whole) bank, scores and writes; other ranks count steps (``scope.bank`` is
+``None`` there) and ``attach`` issues no collective, so it may be called on rank 0 only.
 
 Scoring forks the global random generators (``torch.random.fork_rng``) and restores them, so the
 training job's random stream is the same with and without the agent.
@@ -32,6 +33,7 @@ training job's random stream is the same with and without the agent.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -44,13 +46,31 @@ from torch import nn
 
 from emascope import features as F
 from emascope import runformat as rf
+from emascope import shardfiles as SF
 from emascope.bank import EMABank, unwrap_model
+from emascope.collectives import all_gather_ints, broadcast_json, cpu_group, explained_barrier
 from emascope.config import BankConfig, Hooks, RunConfig, ScoringConfig, build_configs, settings_of
 from emascope.requests import RequestPoller
 from emascope.rundir import RunWriter, host_info, new_run_id, prepare_run_dir
 from emascope.scoring import Scorer, SweepResult
-from emascope.snapshot import export_checkpoint, load_snapshot, save_snapshot
+from emascope.shards import is_dtensor
+from emascope.snapshot import export_checkpoint, save_snapshot
 from emascope.version import __version__
+
+#: Seconds ``attach`` waits at its barrier for every rank when the bank is sharded (gloo groups name
+#: the missing ranks after it).
+ATTACH_TIMEOUT_S = 120.0
+
+
+def dist_world() -> int:
+    """World size of the default process group; before ``init_process_group`` the launcher's
+    ``WORLD_SIZE`` environment variable, else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size())
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def dist_rank() -> int:
@@ -97,7 +117,6 @@ def check_attachable(model: Any, optimizer: Any, scoring: ScoringConfig, hooks: 
                              f"torch-fidelity extractor ({sorted(FEATURE_EXTRACTORS_REGISTRY)})")
     if reference is not None and not isinstance(reference, F.Features):
         F.reference_identity(reference, max_items=2)  # validates the type early
-    _refuse_sharded_params(model)
 
 
 class Scope:
@@ -113,9 +132,16 @@ class Scope:
         bank, scoring, hooks = bank or BankConfig(), scoring or ScoringConfig(), hooks or Hooks()
         check_attachable(model, optimizer, scoring, hooks)
         self.run_cfg, self.bank_cfg = run, bank
+        self._wrapped = model
         self.model, self.optimizer = unwrap_model(model), optimizer
         self.rank = dist_rank()
+        self.world_size = dist_world()
         self.is_writer = self.rank == 0
+        dtensors = any(is_dtensor(p) for p in self.model.parameters())
+        #: every rank holds a shard of the bank (collective attach, sweeps, snapshots, exports)
+        self.sharded = dtensors or (self.world_size > 1 and bank.shard is not False)
+        self._cpu_group = None
+        self._hooks = hooks
         self.run_dir = Path(run.run_dir)
         self.bank: EMABank | None = None
         self.writer: RunWriter | None = None
@@ -131,20 +157,78 @@ class Scope:
         self._bank_ok, self._skipped_seen = True, 0
         self._housekeeping_at = -float("inf")
         self._hook = None
+        self._failed = False
         self.t0 = self.start_time = time.time()
-        if self.is_writer:
+        if self.sharded:
+            self._open_sharded(scoring, hooks)
+        elif self.is_writer:
+            self.bank = self._build_bank()
             self._open_run(scoring, hooks)
         if optimizer is not None:
             self._hook = optimizer.register_step_post_hook(self._optimizer_hook)
 
-    def _open_run(self, scoring: ScoringConfig, hooks: Hooks) -> None:
-        """Rank 0: build the bank, prepare the run directory, write run.json and start the heartbeat."""
-        run, b = self.run_cfg, self.bank_cfg
-        self.bank = EMABank(self.model, b.decays, device=b.device, update_every=b.update_every,
-                            bias_correction=b.bias_correction, bema=b.bema or False,
-                            average_buffers=b.average_buffers)
-        self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
-        resumed_from = self._resume_bank() if run.resume else None
+    def _build_bank(self) -> EMABank:
+        b = self.bank_cfg
+        return EMABank(self._wrapped, b.decays, device=b.device, update_every=b.update_every,
+                       bias_correction=b.bias_correction, bema=b.bema or False,
+                       average_buffers=b.average_buffers, shard=self.sharded)
+
+    def _open_sharded(self, scoring: ScoringConfig, hooks: Hooks) -> None:
+        """Every rank: build its shard of the bank, meet the others (a barrier that names missing
+        ranks), let rank 0 prepare the run directory, resume every shard, then rank 0 writes."""
+        error: BaseException | None = None
+        try:
+            self.bank = self._build_bank()
+        except Exception as exc:  # noqa: BLE001 - raised below on every rank, after the others know
+            error = exc
+        plan = self.bank.shard_plan if self.bank is not None else None
+        self._cpu_group = cpu_group(plan.group if plan is not None else None)
+        try:
+            explained_barrier(self._cpu_group, ATTACH_TIMEOUT_S, "attach() with a sharded bank")
+        except RuntimeError as exc:
+            raise ValueError(f"{exc}; or pass shard=False to keep the whole bank on rank 0 (attach on rank "
+                             "0 only)") from exc
+        self._agree_or_raise(error, "building the bank")
+        run = self.run_cfg
+        opened: dict[str, Any] = {}
+        if self.is_writer:
+            try:
+                self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
+                opened = {"ok": True, "run_id": None}
+            except Exception as exc:  # noqa: BLE001
+                opened = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        opened = broadcast_json(opened, 0, self._cpu_group)
+        if not opened.get("ok"):
+            raise ValueError(opened.get("error", "rank 0 could not prepare the run directory"))
+        error, resumed_from = None, None
+        if run.resume:
+            try:
+                resumed_from = self._resume_bank()
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        self._agree_or_raise(error, "resuming the bank")
+        if self.is_writer:
+            self._open_run(scoring, hooks, resumed_from=resumed_from, prepared=True)
+        self.run_id = broadcast_json(self.run_id, 0, self._cpu_group)
+
+    def _agree_or_raise(self, error: BaseException | None, what: str) -> None:
+        """All ranks learn whether ``what`` worked everywhere; every rank raises if one failed."""
+        oks = all_gather_ints([error is None], self._cpu_group)
+        failed = [r for r, (ok,) in enumerate(oks) if not ok]
+        if error is not None:
+            raise error
+        if failed:
+            raise ValueError(f"attach() failed on rank(s) {failed} while {what} (see their error)")
+
+    def _open_run(self, scoring: ScoringConfig, hooks: Hooks, *, resumed_from: int | None = None,
+                  prepared: bool = False) -> None:
+        """Rank 0: prepare the run directory (unless done), resume the bank, write run.json and start
+        the heartbeat."""
+        run = self.run_cfg
+        assert self.bank is not None
+        if not prepared:
+            self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
+            resumed_from = self._resume_bank() if run.resume else None
         previous = self._previous_run() if run.resume else {}
         self.run_id = str(previous.get("run_id") or new_run_id())
         if isinstance(previous.get("start_time"), (int, float)):
@@ -155,9 +239,11 @@ class Scope:
         self.writer = RunWriter(self.run_dir, step_fn=lambda: self._step, heartbeat_interval=run.heartbeat_interval)
         self.scorer = Scorer(scoring, hooks, self.writer, self.run_dir, on_info_change=self._write_run_json,
                              known_directions=known)
-        self.settings = settings_of(run, b, scoring)
+        self.settings = settings_of(run, self.bank_cfg, scoring)
+        plan = self.bank.shard_plan
         self.settings.update(device=str(self.bank.device), feature_extractor=self.scorer.extractor_label(),
-                             sample_seeding=rf.SAMPLE_SEEDING)
+                             sample_seeding=rf.SAMPLE_SEEDING, placement=self.bank.placement,
+                             world_size=self.world_size, sharding=None if plan is None else plan.kind)
         self._write_run_json()
         self.writer.event("start", self._step)
         if resumed_from is not None:
@@ -189,8 +275,10 @@ class Scope:
         self._after_step()
 
     def score_now(self) -> SweepResult | None:
-        """Score every variant at the current step now (rank 0; ``None`` elsewhere or if closed)."""
-        if not self.is_writer or self.closed:
+        """Score every variant at the current step now (rank 0; ``None`` elsewhere or if closed).
+
+        Sharded bank: a collective, call it on every rank at the same step."""
+        if self.closed or not (self.is_writer or self.sharded):
             return None
         return self._score()
 
@@ -199,14 +287,19 @@ class Scope:
         """Write ``variant`` as a ``.safetensors`` checkpoint; returns its path (``None`` off rank 0).
 
         Default path: ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. ``dtype``: ``None``
-        (the model's dtypes) or ``"float32"``/``torch.float32``.
+        (the model's dtypes) or ``"float32"``/``torch.float32``. Sharded bank: a collective (call it
+        on every rank); the entries stream to rank 0 one at a time and rank 0 writes.
         """
-        if not self.is_writer:
+        if not self.is_writer and not self.sharded:
             return None
         variant = self.bank.resolve(variant)
+        if not self.is_writer:
+            self._export(variant, None, dtype)
+            return None
         if path is None:
             path = self.run_dir / rf.export_file(rf.default_export_name(variant, self._step))
         out = self._export(variant, Path(path), dtype)
+        assert out is not None
         try:  # relative to the run directory when inside it, as in export requests
             shown = out.resolve().relative_to(self.run_dir.resolve()).as_posix()
         except ValueError:
@@ -218,7 +311,9 @@ class Scope:
     def state_dict(self) -> dict[str, Any]:
         """The agent's state for the training checkpoint: ``{"format", "step", "bank"}`` (``bank`` is
         ``EMABank.state_dict()``, copies; ``None`` off rank 0). Saves and loads with ``torch.save`` /
-        ``torch.load(weights_only=True)``.
+        ``torch.load(weights_only=True)``. Sharded bank: each rank's own shard (no communication);
+        save it from every rank, like a sharded model checkpoint, and load it at the same world size
+        (``attach(..., resume=True)`` re-shards from the run's snapshot at another world size).
 
         Putting it in the training checkpoint makes a restart exact: ``attach(..., resume=True)``
         then ``scope.load_state_dict(ckpt["emascope"])`` continues from the checkpoint's step even
@@ -256,27 +351,39 @@ class Scope:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if not self.is_writer:
+        if not self.is_writer and not self.sharded:
             return
         try:
-            self._check_skipped()
-            final = self.run_cfg.score_at_close if score is None else bool(score)
-            if final and self._last_scored != self._step and self.scorer.active:
-                self._score()
-            if self._last_snapshot != self._step:
-                self._snapshot()
-            self.requests.poll(self._step)
+            if self.sharded and self._failed:
+                pass  # the training loop raised here: other ranks may be gone; no collective
+            else:
+                if self.is_writer:
+                    self._check_skipped()
+                final = self.run_cfg.score_at_close if score is None else bool(score)
+                if final and self._last_scored != self._step and self._scoring_active():
+                    self._score()
+                if self._last_snapshot != self._step:
+                    self._snapshot()
+                self._serve_requests()
         except Exception as exc:  # noqa: BLE001
-            self.writer.error("close", self._step, exc)
-        self.writer.event("close", self._step, seconds_alive=time.time() - self.t0)
-        self.writer.stop_heartbeat()
+            if self.writer is not None:
+                self.writer.error("close", self._step, exc)
+        finally:
+            if self.bank is not None:
+                with contextlib.suppress(Exception):
+                    self.bank.close()
+        if self.writer is not None:
+            self.writer.event("close", self._step, seconds_alive=time.time() - self.t0)
+            self.writer.stop_heartbeat()
 
     def __enter__(self) -> Scope:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None and self.is_writer and not self.closed:
-            self.writer.error("training", self._step, exc)
+        if exc is not None and not self.closed:
+            self._failed = True
+            if self.writer is not None:
+                self.writer.error("training", self._step, exc)
         self.close(score=False if exc is not None else None)
 
     # ------------------------------------------------------------------ per step
@@ -288,23 +395,27 @@ class Scope:
         if self.closed:
             return
         self._step += 1
-        if not self.is_writer:
+        if not self.is_writer and not self.sharded:
             return
         try:
             self._update_bank()
             step, run = self._step, self.run_cfg
             if run.snapshot_interval and step % run.snapshot_interval == 0:
                 self._snapshot()
+                if self.sharded:
+                    self._serve_requests()  # at a step every rank reaches: export requests are collectives
             if run.score_every and step % run.score_every == 0:
                 self._score()
             now = time.monotonic()
-            if now - self._housekeeping_at >= run.request_interval:
+            if self.is_writer and now - self._housekeeping_at >= run.request_interval:
                 # at most about once a second: reading the skip counter syncs a GPU bank
                 self._housekeeping_at = now
                 self._check_skipped()
-                self.requests.poll(step)
+                if not self.sharded:
+                    self.requests.poll(step)
         except Exception as exc:  # noqa: BLE001 - never into optimizer.step
-            self.writer.error("agent", self._step, exc)
+            if self.writer is not None:
+                self.writer.error("agent", self._step, exc)
 
     def _update_bank(self) -> None:
         if not self._bank_ok:
@@ -313,9 +424,31 @@ class Scope:
             self.bank.update()
         except Exception as exc:  # noqa: BLE001
             self._bank_ok = False
-            self.writer.error("bank", self._step, exc)
-            self.writer.event("bank_disabled", self._step,
-                              message="bank.update() raised; EMA updates stopped, only 'raw' is scored")
+            if self.writer is not None:
+                self.writer.error("bank", self._step, exc)
+                self._bank_disabled_event()
+
+    def _bank_disabled_event(self, ranks: list[int] | None = None) -> None:
+        where = "" if ranks is None else f" on rank(s) {ranks}"
+        self.writer.event("bank_disabled", self._step,
+                          message=f"bank.update() raised{where}; EMA updates stopped, only 'raw' is scored")
+
+    def _agree_bank_ok(self) -> bool:
+        """Sharded banks: every rank learns whether every shard is still updating (a tiny all-gather
+        at snapshot/score steps, never per update); a failure on any rank disables the bank everywhere."""
+        if not self.sharded:
+            return self._bank_ok
+        oks = all_gather_ints([int(self._bank_ok)], self._cpu_group)
+        failed = [r for r, (ok,) in enumerate(oks) if not ok]
+        if failed and self._bank_ok:
+            self._bank_ok = False
+            if self.writer is not None:
+                self._bank_disabled_event(failed)
+        return self._bank_ok
+
+    def _scoring_active(self) -> bool:
+        return self.scorer.active if self.scorer is not None else bool(
+            self._hooks.sampler is not None or self._hooks.evaluate is not None)
 
     def _check_skipped(self) -> None:
         """Write a ``nonfinite_skip`` event if the bank skipped updates since the last check."""
@@ -326,38 +459,81 @@ class Scope:
             self._skipped_seen = skipped
             self.writer.event("nonfinite_skip", self._step, count=skipped)
 
-    def _score(self) -> SweepResult:
+    def _score(self) -> SweepResult | None:
+        if self.sharded:
+            return self._score_sharded()
         self._last_scored = self._step
         variants = list(self.bank.variants) if self._bank_ok else [rf.RAW]
         self.last_scores = self.scorer.sweep(self.model, self.bank if self._bank_ok else None, variants,
                                              self._step)
         return self.last_scores
 
+    def _score_sharded(self) -> SweepResult | None:
+        self._last_scored = self._step
+        raise NotImplementedError("scoring with a sharded bank")
+
     # ------------------------------------------------------------------ snapshots and exports
 
     def _snapshot(self) -> None:
-        if not self._bank_ok:
+        if not self._agree_bank_ok():
             return
         t = time.perf_counter()
+        rel = rf.SNAPSHOT_INDEX if self.sharded else rf.SNAPSHOT
         try:
-            nbytes = save_snapshot(self.bank, self.run_dir / rf.SNAPSHOT,
-                                   metadata={"run_id": self.run_id, "step": str(self._step)})
-        except Exception as exc:  # noqa: BLE001 (OSError: full disk, ...)
-            self.writer.error("snapshot", self._step, exc)
+            if self.sharded:
+                step = self._step
+                nbytes = SF.save_sharded_snapshot(self.bank, self.run_dir, rf.SNAPSHOT_INDEX,
+                                                  lambda r, w: rf.snapshot_shard_file(step, r, w), step=step,
+                                                  run_id=str(self.run_id), group=self._cpu_group)
+            else:
+                nbytes = save_snapshot(self.bank, self.run_dir / rf.SNAPSHOT,
+                                       metadata={"run_id": self.run_id, "step": str(self._step)})
+        except Exception as exc:  # noqa: BLE001 (OSError: full disk, a rank that failed, ...)
+            if self.writer is not None:
+                self.writer.error("snapshot", self._step, exc)
             return
         self._last_snapshot = self._step
-        self.writer.event("snapshot", self._step, path=rf.SNAPSHOT, bytes=int(nbytes),
-                          seconds=time.perf_counter() - t)
+        if self.writer is not None:
+            SF.prune_latest(self.run_dir, self.run_dir / rel)  # the other kind, and earlier rank files
+            extra = {"world_size": self.world_size} if self.sharded else {}
+            self.writer.event("snapshot", self._step, path=rel, bytes=int(nbytes),
+                              seconds=time.perf_counter() - t, **extra)
 
-    def _export(self, variant: str, path: Path, dtype: str | torch.dtype | None) -> Path:
+    def _check_export(self, variant: str, dtype: str | torch.dtype | None) -> None:
         if dtype not in (None, "float32", torch.float32):
             raise ValueError(f"dtype must be None or 'float32', got {dtype!r}")
         if variant != rf.RAW and not self._bank_ok:
             raise RuntimeError("the bank is disabled after an update error; only 'raw' can be exported")
+
+    def _export(self, variant: str, path: Path | None, dtype: str | torch.dtype | None) -> Path | None:
+        """Write the export (rank 0; a sharded bank's other ranks send their pieces, ``path`` None)."""
+        self._check_export(variant, dtype)
         return export_checkpoint(self.bank, variant, path, dtype=dtype, run_id=str(self.run_id))
 
     def _export_for_request(self, variant: str, path: Path, dtype: str | None) -> int:
-        return self._export(variant, path, dtype).stat().st_size
+        if self.sharded:  # the other ranks wait in _serve_requests for this job
+            self._check_export(variant, dtype)
+            broadcast_json({"variant": variant, "dtype": dtype}, 0, self._cpu_group)
+        out = self._export(variant, path, dtype)
+        assert out is not None
+        return out.stat().st_size
+
+    def _serve_requests(self) -> None:
+        """Fulfil pending export requests. Sharded bank: at a step every rank reaches, rank 0 polls
+        and announces each export (a small JSON broadcast); the others join it; ``None`` ends."""
+        if not self.sharded:
+            if self.requests is not None:
+                self.requests.poll(self._step)
+            return
+        if self.is_writer:
+            try:
+                self.requests.poll(self._step)
+            finally:
+                broadcast_json(None, 0, self._cpu_group)
+            return
+        while (job := broadcast_json(None, 0, self._cpu_group)) is not None:
+            with contextlib.suppress(Exception):
+                self._export(job["variant"], None, job["dtype"])
 
     def _export_event(self, record: dict[str, Any]) -> None:
         self.writer.event("export", self._step, request_id=record.get("id"), variant=record.get("variant"),
@@ -367,17 +543,19 @@ class Scope:
     # ------------------------------------------------------------------ run.json and resume
 
     def _resume_bank(self) -> int | None:
-        """Load ``banks/latest.safetensors`` into the new bank and continue its step count.
+        """Load the run's latest snapshot (``banks/latest.safetensors`` or a sharded set's
+        ``banks/latest.index.json``) into the new bank and continue its step count. Each rank reads
+        the columns it holds: bit-exact at the same world size, re-sharded at another.
 
         Returns the snapshot's step, or ``None`` when the run has no snapshot yet (the bank then
         starts from the current weights at step 0). Raises ``ValueError`` if the snapshot belongs
         to another model or other bank settings.
         """
-        path = self.run_dir / rf.SNAPSHOT
-        if not path.is_file():
+        path = SF.latest_snapshot(Path(self.run_cfg.run_dir))
+        if path is None:
             return None
         try:
-            self.bank.load_state_dict(load_snapshot(path).state_dict())
+            SF.load_bank_state(self.bank, path)
         except (ValueError, OSError) as exc:
             raise ValueError(f"resume=True: cannot continue the bank snapshot {str(path)!r}: {exc}") from exc
         self._step = int(self.bank.step)
@@ -399,19 +577,9 @@ class Scope:
             "emascope_version": __version__, "decays": [float(d) for d in self.bank.decays],
             "variants": list(self.bank.variants), "model": model_info(self.model),
             "settings": self.settings, "metric_directions": directions, "sample_kind": self.scorer.sample_kind,
+            "memory_plan": {**self.bank.memory_plan.as_json(), "placement": self.bank.placement,
+                            "bank_bytes_rank0": self.bank.nbytes},
         })
-
-
-def _refuse_sharded_params(model: nn.Module) -> None:
-    """FSDP2 (``fully_shard``) and other DTensor-sharded models are not supported yet."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        raise NotImplementedError(
-            "attach() does not support sharded parameters (DTensor, e.g. FSDP2 fully_shard) yet: the "
-            "EMA bank needs each rank to hold full weights (plain or DistributedDataParallel models)")
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> Scope:

@@ -146,15 +146,16 @@ def _check_dtensor(name: str, t: torch.Tensor, world: int) -> None:
                                   f"{tuple(offset)}, emascope computed rows [{r0}, {r1})")
 
 
-def resolve(wrapped: nn.Module, names: Sequence[str], live: Sequence[torch.Tensor], shard: bool | None,
-            group: Any = None) -> ShardPlan | None:
+def resolve(wrapped: nn.Module, names: Sequence[str], live: Sequence[torch.Tensor],
+            shard: bool | None) -> ShardPlan | None:
     """The sharding of a bank over ``live`` (every state tensor, ``names`` its entry names).
 
     DTensor parameters: FSDP2 sharding over their mesh (``shard=False`` is refused: no rank holds the
     whole weights). Otherwise ``shard=None`` shards when ``wrapped`` is a DistributedDataParallel
-    module in a group of more than one rank, ``True`` shards over ``group`` (default: DDP's group,
-    else the default group), ``False`` never. One rank: ``None`` (not sharded).
+    module in a group of more than one rank, ``True`` shards over DDP's group, else the default
+    group, ``False`` never. One rank: ``None`` (not sharded).
     """
+    group = None
     if shard not in (None, True, False):
         raise ValueError(f"shard must be True, False or None (auto), got {shard!r}")
     dts = [(n, t) for n, t in zip(names, live, strict=True) if is_dtensor(t)]
