@@ -612,9 +612,9 @@ class EMABank:
             self._feed.flush()
 
     def close(self) -> None:
-        """Fold in pending host-placement updates and stop its worker thread (the bank stays readable)."""
+        """Fold in pending host-placement updates and stop its worker thread (the bank stays readable;
+        a later :meth:`update` starts a new one). Never raises: a worker's error is raised by reads."""
         if self._feed is not None:
-            self._feed.flush()
             self._feed.close()
 
     def _apply_no_grad(self, staging: torch.Tensor, t: int) -> None:

@@ -12,7 +12,7 @@ until one is free (counted in ``waits``) instead of dropping an update. On CUDA 
 stream waits (on the device, no host sync) for the gather kernel only, so the next optimizer step
 cannot overwrite weights that are still being read; the device-to-host copy overlaps the next
 forward/backward. Readers call :meth:`flush` first: it waits until every submitted copy is folded
-in and re-raises an error of the worker.
+in and re-raises an error of the worker (every later call raises it too: the bank missed an update).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import threading
 from collections.abc import Callable
 
 import torch
+
+#: Seconds an idle worker waits for the next copy before it exits (the next submit starts another).
+IDLE_EXIT_S = 10.0
 
 
 class HostFeed:
@@ -49,6 +52,7 @@ class HostFeed:
             self._free.put(i)
         self._work: queue.Queue[tuple[int, object, int] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
         self._error: BaseException | None = None
         self.copies = 0   # updates handed to the worker
         self.waits = 0    # submits that waited for a free buffer (the worker was behind)
@@ -77,8 +81,9 @@ class HostFeed:
         else:
             self._gather(buf)
         self.copies += 1
-        self._start()
-        self._work.put((i, done, step))
+        with self._lock:  # the worker may be leaving after an idle spell: it checks the queue under this lock
+            self._work.put((i, done, step))
+            self._start()
 
     def flush(self) -> None:
         """Wait until every submitted copy is folded in; re-raise the worker's error, if any."""
@@ -87,11 +92,13 @@ class HostFeed:
         self._raise()
 
     def close(self) -> None:
-        """Fold in what is queued and stop the worker (idempotent)."""
-        if self._thread is not None:
-            self._work.put(None)
-            self._thread.join()
-            self._thread = None
+        """Fold in what is queued and stop the worker (idempotent; a later submit starts a new one)."""
+        with self._lock:
+            thread = self._thread
+            if thread is not None:
+                self._work.put(None)
+        if thread is not None:
+            thread.join()
 
     @property
     def busy(self) -> bool:
@@ -99,8 +106,9 @@ class HostFeed:
         return self._work.unfinished_tasks > 0
 
     def _raise(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
+        """Raise the worker's error (it sticks: the bank missed that update, so it is not usable)."""
+        err = self._error
+        if err is not None:
             raise RuntimeError(f"the host bank's update thread failed: {type(err).__name__}: {err}") from err
 
     def _start(self) -> None:
@@ -110,8 +118,17 @@ class HostFeed:
 
     def _run(self) -> None:
         while True:
-            item = self._work.get()
+            try:
+                item = self._work.get(timeout=IDLE_EXIT_S)
+            except queue.Empty:
+                with self._lock:  # idle: leave (a bank nobody closes does not keep a thread forever)
+                    if self._work.empty():
+                        self._thread = None
+                        return
+                continue
             if item is None:
+                with self._lock:
+                    self._thread = None
                 self._work.task_done()
                 return
             i, done, step = item

@@ -423,10 +423,14 @@ class Scope:
         try:
             self.bank.update()
         except Exception as exc:  # noqa: BLE001
-            self._bank_ok = False
-            if self.writer is not None:
-                self.writer.error("bank", self._step, exc)
-                self._bank_disabled_event()
+            self._bank_failed(exc)
+
+    def _bank_failed(self, exc: BaseException) -> None:
+        """The bank raised (its update, or the host placement's worker): stop using it."""
+        self._bank_ok = False
+        if self.writer is not None:
+            self.writer.error("bank", self._step, exc)
+            self._bank_disabled_event()
 
     def _bank_disabled_event(self, ranks: list[int] | None = None) -> None:
         where = "" if ranks is None else f" on rank(s) {ranks}"
@@ -454,7 +458,11 @@ class Scope:
         """Write a ``nonfinite_skip`` event if the bank skipped updates since the last check."""
         if not self._bank_ok:
             return
-        skipped = int(self.bank.num_skipped)
+        try:
+            skipped = int(self.bank.num_skipped)
+        except Exception as exc:  # noqa: BLE001 - the host placement's worker failed
+            self._bank_failed(exc)
+            return
         if skipped != self._skipped_seen:
             self._skipped_seen = skipped
             self.writer.event("nonfinite_skip", self._step, count=skipped)

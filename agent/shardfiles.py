@@ -384,10 +384,14 @@ class _Reader:
         return h.get_tensor("applied").reshape(()), h.get_tensor("bc_pow")
 
 
-def _variant_entry(reader: _Reader, e: dict[str, Any], v: str, alpha: float | None) -> torch.Tensor:
-    """Entry ``e`` of variant ``v`` in its model dtype, exactly as ``EMABank.materialize`` computes it."""
+def _variant_entry(reader: _Reader, e: dict[str, Any], v: str, alpha: float | None,
+                   dtype: torch.dtype | None) -> torch.Tensor:
+    """Entry ``e`` of variant ``v`` exactly as ``EMABank.materialize(v, dtype=dtype)`` computes it
+    (one cast, from fp32 bank values or the live value, to ``dtype`` or the entry's own dtype)."""
+    own = getattr(torch, e["dtype"])
+    final = dtype if (dtype is not None and own.is_floating_point) else own
     if e["kind"] != "avg" or v == rf.RAW:
-        return reader.live(e)
+        return reader.live(e).to(final)
     off, n = int(e["offset"]), int(e["numel"])
     state = reader.snap.state
     names = [rf.variant_name(d) for d in state["decays"]]
@@ -397,7 +401,7 @@ def _variant_entry(reader: _Reader, e: dict[str, Any], v: str, alpha: float | No
         assert alpha is not None
         raw = reader.live(e).reshape(-1).to(torch.float32)
         flat = flat + alpha * (raw - reader.columns("theta0", off, off + n))
-    return flat.view(tuple(int(s) for s in e["shape"])).to(getattr(torch, e["dtype"]))
+    return flat.view(tuple(int(s) for s in e["shape"])).to(final)
 
 
 def iter_variant(snap: Snapshot, variant: str | float, dtype: torch.dtype | None = None
@@ -409,10 +413,7 @@ def iter_variant(snap: Snapshot, variant: str | float, dtype: torch.dtype | None
     with contextlib.ExitStack() as stack:
         reader = _Reader(snap, stack)
         for e in snap.layout():
-            t = _variant_entry(reader, e, v, alpha)
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            yield list(e["keys"]), t
+            yield list(e["keys"]), _variant_entry(reader, e, v, alpha, dtype)
 
 
 def export_variant(snap: Snapshot, variant: str | float, path: str | os.PathLike, *,
