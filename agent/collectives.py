@@ -104,6 +104,15 @@ def broadcast_json(obj: Any, src: int = 0, group: Any = None) -> Any:
     return obj if me == src else json.loads(bytes(buf.cpu().tolist()).decode())
 
 
+def all_gather_json(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's JSON-able ``obj``, in rank order (lengths, then UTF-8 bytes padded to the longest)."""
+    data = json.dumps(obj).encode()
+    lengths = [n for (n,) in all_gather_ints([len(data)], group)]
+    parts = all_gather_padded(torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else
+                              torch.empty(0, dtype=torch.uint8), lengths, group)
+    return [json.loads(bytes(p.cpu().tolist()).decode()) for p in parts]
+
+
 def all_gather_ints(values: Sequence[int], group: Any = None) -> list[list[int]]:
     """Every rank's ``values`` (the same count on every rank), as lists of ints."""
     dev = comm_device(group)

@@ -52,9 +52,10 @@ from emascope.collectives import all_gather_ints, broadcast_json, cpu_group, exp
 from emascope.config import BankConfig, Hooks, RunConfig, ScoringConfig, build_configs, settings_of
 from emascope.requests import RequestPoller
 from emascope.rundir import RunWriter, host_info, new_run_id, prepare_run_dir
-from emascope.scoring import Scorer, SweepResult
+from emascope.scoring import Scorer, SweepResult, cuda_devices, model_device
 from emascope.shards import is_dtensor
 from emascope.snapshot import export_checkpoint, save_snapshot
+from emascope.sweep_ranks import run_sweep_ranks
 from emascope.version import __version__
 
 #: Seconds ``attach`` waits at its barrier for every rank when the bank is sharded (gloo groups name
@@ -138,10 +139,15 @@ class Scope:
         self.world_size = dist_world()
         self.is_writer = self.rank == 0
         dtensors = any(is_dtensor(p) for p in self.model.parameters())
+        initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if bank.shard is True and not initialized:
+            raise ValueError("shard=True needs torch.distributed's process group: call init_process_group "
+                             "before attach()")
         #: every rank holds a shard of the bank (collective attach, sweeps, snapshots, exports)
-        self.sharded = dtensors or (self.world_size > 1 and bank.shard is not False)
+        self.sharded = dtensors or (initialized and self.world_size > 1 and bank.shard is not False)
         self._cpu_group = None
-        self._hooks = hooks
+        self._hooks, self._scoring = hooks, scoring
+        self._extractor: Any = None
         self.run_dir = Path(run.run_dir)
         self.bank: EMABank | None = None
         self.writer: RunWriter | None = None
@@ -477,8 +483,49 @@ class Scope:
         return self.last_scores
 
     def _score_sharded(self) -> SweepResult | None:
-        self._last_scored = self._step
-        raise NotImplementedError("scoring with a sharded bank")
+        """A sweep on every rank (:mod:`emascope.sweep_ranks`): each draws its share of the batches,
+        rank 0 gathers the features, computes the metrics and writes."""
+        self._last_scored = step = self._step
+        ok = self._agree_bank_ok()
+        variants = list(self.bank.variants) if ok else [rf.RAW]
+        hooks, cfg = self._hooks, self._scoring
+        with torch.random.fork_rng(devices=cuda_devices(self.model)):
+            reference, info = None, None
+            if self.is_writer:
+                reference = self.scorer.reference_for(self.model, step)
+                info = (dict(self.scorer.extractor_args)
+                        if reference is not None and self.scorer.extractor is not None else None)
+            info = broadcast_json(info, 0, self._cpu_group)
+            extractor, extractor_error = self._rank_extractor(info)
+            result = run_sweep_ranks(
+                model=self.model, bank=self.bank if ok else None, variants=variants, step=step,
+                writer=self.writer, cfg=self.scorer.cfg if self.scorer is not None else cfg,
+                sampler=hooks.sampler, extractor=extractor, reference=reference, evaluate=hooks.evaluate,
+                sample_metrics=hooks.sample_metrics, fd_name=self.scorer.fd_name() if self.scorer else "fd",
+                group=self._cpu_group, collective_sampler=any(is_dtensor(p) for p in self.model.parameters()),
+                extractor_error=extractor_error)
+        if self.is_writer and result is not None:
+            self.scorer.note(result, reference, step)
+            self.last_scores = result
+        return result
+
+    def _rank_extractor(self, info: dict[str, Any] | None) -> tuple[Any, BaseException | None]:
+        """The extractor of this rank: rank 0's own; the others build the same one (once) from what
+        rank 0 announced (``None``: no features this sweep)."""
+        if info is None:
+            return None, None
+        if self.is_writer:
+            return self.scorer.extractor, None
+        if self._extractor is None:
+            cfg = self._scoring
+            device = cfg.feature_device if cfg.feature_device is not None else model_device(self.model)
+            try:
+                self._extractor = F.make_extractor(
+                    cfg.feature_extractor, info["kind"], weights_path=cfg.feature_extractor_weights_path,
+                    device=device, batch_size=cfg.feature_batch_size, image_range=info["image_range"])
+            except Exception as exc:  # noqa: BLE001 - reported by rank 0 as a features error of this rank
+                return None, exc
+        return self._extractor, None
 
     # ------------------------------------------------------------------ snapshots and exports
 

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -149,7 +149,8 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
-                     timings: dict[str, float], *, keep_all: bool = False) -> Drawn:
+                     timings: dict[str, float], *, keep_all: bool = False,
+                     batches: Sequence[int] | None = None, calls: int | None = None) -> Drawn:
     """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size``, batch ``b`` from a generator
     (on the model's device) seeded with :func:`batch_seed` ``(cfg.seed, b)``, and turn each batch into
     features as it arrives.
@@ -162,14 +163,23 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
     preview) and ``samples`` and stops extracting. Without an extractor and without ``keep_all``,
     drawing stops once the head is full (nothing else would use the samples).
     ``timings["sampling"|"features"]`` are increased.
+
+    ``batches``: draw only these batch indices, in this (ascending) order: one rank's share of a
+    sweep (each batch exactly as in the whole sweep; ``head`` then holds the rank's part of the
+    preview, the samples of its batches below the preview size). ``calls``: make exactly this many
+    sampler calls, the ones beyond ``batches`` throwaway draws (a sharded model's sampler runs
+    collectively: every rank must call it as often as the others).
     """
     device = model_device(model)
     keep = -1  # samples kept for the preview: decided from the first batch's kind
     head: list[torch.Tensor] = []
     everything: list[torch.Tensor] = []
     feats: list[Features] = []
-    kept, remaining, error = 0, cfg.num_samples, None
-    for b, n in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
+    sizes = batch_sizes(cfg.num_samples, cfg.batch_size)
+    order = list(range(len(sizes))) if batches is None else list(batches)
+    drawn, error = 0, None
+    for pos, b in enumerate(order):
+        n, start = sizes[b], b * cfg.batch_size
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
         t = time.perf_counter()
         try:
@@ -179,10 +189,10 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                                  f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
             out = out.detach().cpu()
         except Exception as exc:  # noqa: BLE001
-            return Drawn(None, None, StageError("sampler", exc), cfg.num_samples - remaining, None)
+            return Drawn(None, None, StageError("sampler", exc), drawn, None)
         finally:
             timings["sampling"] += time.perf_counter() - t
-        remaining -= n
+        drawn += n
         if keep_all:
             everything.append(out)
         if keep < 0:
@@ -190,9 +200,8 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                 keep = cfg.preview if sample_kind(out) == "images" else cfg.preview_points
             except ValueError:
                 keep = 0  # a custom sample type: no preview
-        if kept < keep:
-            head.append(out[: keep - kept])
-            kept += len(head[-1])
+        if start < keep:
+            head.append(out[: keep - start])
         if extractor is not None:
             t = time.perf_counter()
             try:
@@ -201,8 +210,18 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                 error, extractor, feats = StageError("features", exc), None, []
             finally:
                 timings["features"] += time.perf_counter() - t
-        if extractor is None and not keep_all and kept >= keep:
+        nxt = order[pos + 1] * cfg.batch_size if pos + 1 < len(order) else None
+        if calls is None and extractor is None and not keep_all and (nxt is None or nxt >= keep):
             break  # nothing more to keep: the preview head is full and no features are wanted
+    for j in range(max(0, (calls or 0) - len(order))):  # throwaway draws: keep collective samplers in step
+        gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, len(sizes) + j))
+        t = time.perf_counter()
+        try:
+            sampler(model, sizes[-1], gen)
+        except Exception as exc:  # noqa: BLE001
+            error = error or StageError("sampler", exc)
+        finally:
+            timings["sampling"] += time.perf_counter() - t
     features = None
     if feats:
         logits = [f.logits for f in feats]
@@ -210,7 +229,7 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                             torch.cat(logits) if all(x is not None for x in logits) else None)  # type: ignore[arg-type]
     # the only place all samples are concatenated: only when a sample_metrics hook asked for them
     samples = torch.cat(everything) if keep_all else None
-    return Drawn(torch.cat(head) if head else None, features, error, cfg.num_samples - remaining, samples)
+    return Drawn(torch.cat(head) if head else None, features, error, drawn, samples)
 
 
 def feature_metric_jobs(feats: Features, ref: Reference, cfg: ScoringConfig,
@@ -288,6 +307,17 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
                 writer.error(err.where, step, err.exc, variant=variant)
         if evaluate is not None:
             user.update(_user_hook("evaluate", evaluate, model, res, writer, variant, "user_metrics"))
+    finish_variant(res, writer, variant, cfg, reference, fd_name, samples, feats, every, user, sample_metrics)
+
+
+def finish_variant(res: SweepResult, writer: RunWriter, variant: str, cfg: ScoringConfig,
+                   reference: Reference | None, fd_name: str, samples: torch.Tensor | None,
+                   feats: Features | None, every: torch.Tensor | None, user: dict[str, Any],
+                   sample_metrics: SampleMetrics | None) -> None:
+    """After a variant was drawn: ``sample_metrics`` over all its samples, the user metrics, the
+    preview and the feature metrics, recorded through ``writer`` (the writing rank's half of a
+    variant's scoring: a sweep on every rank gathers the samples' features here first)."""
+    step = res.step
     if every is not None and sample_metrics is not None:
         with torch.no_grad():
             user.update(_user_hook("sample_metrics", sample_metrics, every, res, writer, variant,
@@ -378,6 +408,8 @@ class Scorer:
         self.sample_kind: str | None = reference_kind(hooks.reference)
         self.reference: Reference | None = None
         self.extractor: Any = None
+        #: how the extractor was built (``kind``, ``image_range``): other ranks build the same one
+        self.extractor_args: dict[str, str] | None = None
         self._reference_failed = False
         self._kid_noted = False
 
@@ -410,6 +442,15 @@ class Scorer:
                                sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name())
         self._note(result, reference, step)
         return result
+
+    def reference_for(self, model: nn.Module, step: int) -> Reference | None:
+        """The reference (built, cached on disk, at the first call; ``None`` without a sampler or
+        after it failed); builds :attr:`extractor` too."""
+        return self._prepare_reference(model, step) if self.hooks.sampler is not None else None
+
+    def note(self, result: SweepResult, reference: Reference | None, step: int) -> None:
+        """After a sweep: the KID subset notice, new metrics' directions, the sample kind."""
+        self._note(result, reference, step)
 
     def _note(self, result: SweepResult, reference: Reference | None, step: int) -> None:
         if result.kid_subset_size is not None and not self._kid_noted:
@@ -446,10 +487,11 @@ class Scorer:
         ref, cfg = self.hooks.reference, self.cfg
         device = cfg.feature_device if cfg.feature_device is not None else model_device(model)
         if isinstance(ref, Features):
-            self.extractor = make_extractor(cfg.feature_extractor, self.sample_kind or "points",
+            kind, image_range = self.sample_kind or "points", resolve_image_range(cfg.image_range, None)
+            self.extractor = make_extractor(cfg.feature_extractor, kind,
                                             weights_path=cfg.feature_extractor_weights_path, device=device,
-                                            batch_size=cfg.feature_batch_size,
-                                            image_range=resolve_image_range(cfg.image_range, None))
+                                            batch_size=cfg.feature_batch_size, image_range=image_range)
+            self.extractor_args = {"kind": kind, "image_range": image_range}
             return Reference.build(ref, cfg.nearest_k)
         data = reference_tensor(ref, cfg.reference_size)
         kind = sample_kind(data) if torch.is_tensor(data) else None
@@ -458,6 +500,7 @@ class Scorer:
         self.extractor = make_extractor(cfg.feature_extractor, kind or "points",
                                         weights_path=cfg.feature_extractor_weights_path, device=device,
                                         batch_size=cfg.feature_batch_size, image_range=image_range)
+        self.extractor_args = {"kind": kind or "points", "image_range": image_range}
         key = cache_key(self.extractor.name, self.extractor.weights_hash,
                         reference_identity(ref, cfg.reference_size))
         cache = self.run_dir / rf.reference_cache_file(key)

@@ -40,61 +40,73 @@ def spawn(fn, world: int, args: tuple, tmp: str, timeout_s: float = 240) -> list
     return results
 
 
-def ddp_worker(rank: int, world: int, tmp: str, attach_on: str) -> None:
-    from scope_helpers import Denoiser, mixture, sampler, train_step
+AGENT_KW = {"score_every": 4, "snapshot_every": 4, "num_samples": 100, "batch_size": 30, "decays": DECAYS,
+            "request_interval": 0.0, "heartbeat_interval": 0.5, "score_at_close": True}
+
+
+def agent_hooks() -> dict:
+    """The scoring hooks of the agent jobs (also used by the one-process comparison)."""
+    from scope_helpers import mixture, sampler
+
+    return {"sampler": sampler, "reference": mixture(200, 3),
+            "evaluate": lambda m: {"val": float(m(mixture(50, 4), 0.4).pow(2).mean())},
+            "metric_directions": {"val": "lower"}}
+
+
+def agent_worker(rank: int, world: int, tmp: str, mode: str) -> None:
+    """attach() on a DDP job: ``"sharded"`` (the default: every rank attaches, holds a shard, draws
+    its share of every sweep) or ``"rank0"`` (``shard=False``, attached on rank 0 only); then, for
+    ``"sharded"``, an FSDP2 (``fully_shard``) job scored with a collective sampler."""
+    from scope_helpers import Denoiser, mixture, train_step
 
     from emascope import attach
+    from emascope import runformat as rf
+    from emascope.atomic import atomic_write_json
     from emascope.bank import EMABank
 
-    torch.set_num_threads(1)
     out: dict = {"rank": rank, "pid": os.getpid()}
     try:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+        _init(rank, world, tmp)
         torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts them)
         model = torch.nn.parallel.DistributedDataParallel(Denoiser())
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         data, g = mixture(1000, seed=10 + rank), torch.Generator().manual_seed(rank)  # different batches
+        sharded = mode == "sharded"
         scope = None
-        if attach_on == "all" or rank == 0:
-            scope = attach(model, opt, run_dir=f"{tmp}/run", sampler=sampler, reference=mixture(200, 3),
-                           evaluate=lambda m: {"val": float(m(mixture(50, 4), 0.4).pow(2).mean())},
-                           metric_directions={"val": "lower"}, score_every=4, num_samples=100,
-                           decays=DECAYS, request_interval=0.0)
-            out["is_writer"] = scope.is_writer
-        own = EMABank(model, DECAYS)  # an independent bank of this rank's replica
+        if sharded or rank == 0:
+            scope = attach(model, opt, run_dir=f"{tmp}/run", shard=None if sharded else False, **agent_hooks(),
+                           **AGENT_KW)
+            out["is_writer"], out["sharded"] = scope.is_writer, scope.sharded
+            if rank == 0:  # a dashboard export request: served at the next snapshot step
+                req = rf.ExportRequest("req1", "0.9", "from-dashboard", None)
+                atomic_write_json(scope.run_dir / rf.request_file("req1"), rf.request_body(req, 0.0))
+        own = EMABank(model, DECAYS, shard=False)  # an independent whole bank of this rank's replica
         for _ in range(STEPS):
             train_step(model, opt, data, g)
             own.update()
         if scope is not None:
-            out["score_now"] = scope.score_now() is not None
+            out["score_now"] = scope.score_now() is not None  # a collective when sharded: every rank
             out["export"] = scope.export("0.99") is not None
             scope.close()
             out["bank_is_none"] = scope.bank is None
-            if scope.bank is not None:
-                out["scope_bank"] = scope.bank.state_dict()["bank"]
-                out["scope_step"] = scope.bank.step
             out["current_step"] = scope.current_step
         out["own_bank"] = own.state_dict()["bank"]
         out["weights"] = {k: v.clone() for k, v in model.module.state_dict().items()}
-        dist.barrier()  # both ranks reach the end: nobody is stuck in a collective
-
-        # FSDP2: sharded (DTensor) parameters are refused with a clear error, on every rank
-        try:
+        dist.barrier()  # every rank reaches the end: nobody is stuck in a collective
+        if sharded:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh("cpu", (world,))
-            sharded = Denoiser()
-            fully_shard(sharded, mesh=mesh)
-            try:
-                attach(sharded, run_dir=f"{tmp}/fsdp")
-                out["fsdp"] = "attached"
-            except NotImplementedError as exc:
-                out["fsdp"] = f"NotImplementedError: {exc}"
-        except ImportError as exc:  # torch without FSDP2
-            out["fsdp"] = f"unavailable: {exc}"
-        dist.barrier()
+            torch.manual_seed(5)
+            fsdp = Denoiser()
+            fully_shard(fsdp, mesh=init_device_mesh("cpu", (world,)))
+            opt = torch.optim.Adam(fsdp.parameters(), lr=1e-2)
+            kw = {**AGENT_KW, "score_every": 3, "snapshot_every": 3, "num_samples": 70}  # batches: 2 + 1
+            with attach(fsdp, opt, run_dir=f"{tmp}/fsdp", **agent_hooks(), **kw) as scope:
+                out["fsdp_sharded"] = scope.bank.shard_plan.kind
+                for _ in range(6):
+                    train_step(fsdp, opt, data, g)
+            dist.barrier()
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the parent
         out["error"] = traceback.format_exc()
