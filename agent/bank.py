@@ -256,7 +256,7 @@ class EMABank:
         self._plan = S.resolve(model, [e.name for e in entries], live, shard)
         self._set_segments()
         param_device = S.local_tensor(self._avg_live[0]).device
-        self.memory_plan: MemoryPlan = self._make_plan(param_device)
+        self.memory_plan = self._make_plan(param_device)
         self.placement, self.device = self._place(device, param_device)
         self._stored: dict[str, torch.Tensor] | None = None  # model-less banks only
         self._allocate(param_device)
@@ -291,11 +291,13 @@ class EMABank:
         self._events = 0       # update() calls that tried to fold weights in (step % m == 0)
         self._feed: HostFeed | None = None
         self._plan: S.ShardPlan | None = None
+        self.memory_plan: MemoryPlan | None = None  # set for banks built on a model
 
     def _set_segments(self) -> None:
         """This rank's segments (``(avg index, a, b, col)``), every rank's, and the local shapes."""
         self._avg_entries = [e for e in self._entries if e.kind == "avg"]
         self._avg_live = [t for e, t in zip(self._entries, self._live, strict=True) if e.kind == "avg"]
+        self._any_dtensor = any(S.is_dtensor(t) for t in self._avg_live)
         plan = self._plan
         world = 1 if plan is None else plan.world
         self._segs_by_rank = [self._segments_of(r) for r in range(world)]
@@ -471,6 +473,8 @@ class EMABank:
         if self._model is None:
             assert self._stored is not None
             return [self._stored[e.name] for e in self._avg_entries]
+        if not self._any_dtensor:
+            return [t.detach() for t in self._avg_live]
         return [S.local_tensor(t) for t in self._avg_live]
 
     def _sources(self, locals_: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -40,13 +40,18 @@ Segment = tuple[int, int, int, int]  # (averaged tensor index, first element, en
 DDP, FSDP = "ddp", "fsdp"
 
 
+_DTENSOR: list[type | None] = []
+
+
 def dtensor_type() -> type | None:
     """``torch.distributed.tensor.DTensor``, or ``None`` when torch has no distributed support."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    return DTensor
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch built without distributed
+            DTensor = None  # noqa: N806
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def is_dtensor(t: Any) -> bool:
