@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ from emascope import shardfiles as SF
 from emascope.bank import EMABank, unwrap_model
 from emascope.collectives import all_gather_ints, broadcast_json, cpu_group, explained_barrier
 from emascope.config import BankConfig, Hooks, RunConfig, ScoringConfig, build_configs, settings_of
+from emascope.plan import format_bytes, format_plan
 from emascope.requests import RequestPoller
 from emascope.rundir import RunWriter, host_info, new_run_id, prepare_run_dir
 from emascope.scoring import Scorer, SweepResult, cuda_devices, model_device
@@ -57,6 +59,8 @@ from emascope.shards import is_dtensor
 from emascope.snapshot import export_checkpoint, save_snapshot
 from emascope.sweep_ranks import run_sweep_ranks
 from emascope.version import __version__
+
+log = logging.getLogger(__name__)
 
 #: Seconds ``attach`` waits at its barrier for every rank when the bank is sharded (gloo groups name
 #: the missing ranks after it).
@@ -252,6 +256,8 @@ class Scope:
                              world_size=self.world_size, sharding=None if plan is None else plan.kind)
         self._write_run_json()
         self.writer.event("start", self._step)
+        log.info("emascope: bank placement %r (%s per rank)\n%s", self.bank.placement,
+                 format_bytes(self.bank.nbytes), format_plan(self.bank.memory_plan))
         if resumed_from is not None:
             self.writer.event("resume", self._step, snapshot_step=resumed_from)
         self.writer.start_heartbeat()
@@ -534,6 +540,8 @@ class Scope:
             return
         t = time.perf_counter()
         rel = rf.SNAPSHOT_INDEX if self.sharded else rf.SNAPSHOT
+        if self.sharded:  # every rank marks it attempted: close() must not retry on some ranks only
+            self._last_snapshot = self._step
         try:
             if self.sharded:
                 step = self._step

@@ -111,6 +111,7 @@ def test_sharded_ddp_and_fsdp2_score_on_every_rank_like_one_process(tmp_path):
     assert (run_dir / rf.export_file("from-dashboard")).is_file() and not (run_dir / rf.request_file("req1")).exists()
     # every stage's metrics are the one-process metrics (the last stage recomputed here)
     _check_same_as_one_process(run_dir, tmp_path, STEPS, num_samples=100, batch_size=30)
+    _resume_in_one_process(run_dir, r0)
     # FSDP2: the sampler ran the sharded model collectively (3 batches over 2 ranks)
     assert r0["fsdp_sharded"] == "fsdp"
     fsdp_dir = tmp_path / "fsdp"
@@ -118,6 +119,26 @@ def test_sharded_ddp_and_fsdp2_score_on_every_rank_like_one_process(tmp_path):
     assert not [e for e in events if e["type"] == "error"], [e for e in events if e["type"] == "error"]
     assert [e["step"] for e in events if e["type"] == "score_done"] == [3, 6]
     _check_same_as_one_process(fsdp_dir, tmp_path, 6, num_samples=70, batch_size=30)
+
+
+def _resume_in_one_process(run_dir, r0):
+    """The sharded run continued by one process (another world size): the bank re-shards from the
+    rank files, the step continues, and the next snapshot replaces the sharded set with a single file."""
+    from scope_helpers import Denoiser
+
+    from emascope import attach
+
+    model = Denoiser()
+    model.load_state_dict(r0["weights"])
+    scope = attach(model, run_dir=run_dir, resume=True, decays=DECAYS, score_every=None)
+    assert not scope.sharded and scope.current_step == STEPS and scope.bank.step == STEPS
+    assert torch.equal(scope.bank.state_dict()["bank"], r0["own_bank"])  # rank 0's whole bank, bit for bit
+    scope.step()
+    scope.close()
+    resumed = [e for e in _events(run_dir) if e["type"] == "resume"]
+    assert resumed and resumed[-1]["snapshot_step"] == STEPS
+    assert (run_dir / rf.SNAPSHOT).is_file() and not (run_dir / rf.SNAPSHOT_INDEX).exists()
+    assert not [p for p in (run_dir / rf.BANKS).iterdir() if rf.parse_shard_file_name(p.name)]
 
 
 def test_shard_false_only_rank0_writes_no_hang(tmp_path):
