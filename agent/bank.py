@@ -741,8 +741,8 @@ class EMABank:
         v = self.resolve(variant)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-        replicated_raw = v == RAW and (self._plan is None or self._plan.kind == S.DDP)
-        flat = None if replicated_raw else self.variant_flat(v)
+        # raw: the live tensors themselves (DTensors: their own full_tensor(), exact in any dtype)
+        flat = None if v == RAW else self.variant_flat(v)
         out: dict[str, torch.Tensor] = {}
         for i, e in enumerate(self._entries):
             live = self._live_value(i)
@@ -780,7 +780,7 @@ class EMABank:
             return
         plan = self._plan
         me, group = plan.rank, plan.group
-        local = None if (v == RAW and plan.kind == S.DDP) else self._variant_local(v)
+        local = None if v == RAW else self._variant_local(v)  # raw: the live tensors (exact in any dtype)
         avg_index = {id(e): i for i, e in enumerate(self._avg_entries)}
         for idx, e in enumerate(self._entries):
             dt = dtype if (dtype is not None and e.dtype.is_floating_point) else e.dtype

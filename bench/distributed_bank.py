@@ -171,8 +171,8 @@ def main() -> None:
     nparams = sum(p.numel() for p in n.parameters())
     print(f"\nSharded bank, {nparams / 1e6:.1f}M parameters, {len(list(n.parameters()))} tensors "
           f"(whole bank {rows[0][3] / 2**20:.0f} MiB):\n")
-    print("| W | rank | bank MiB | bytes / (total / W) | update ms (alone) | single-process ms (same run) | "
-          "update / (single / W) | c10d ops / update | bytes / update |")
+    print("| W | rank | bank MiB | bytes / (total / W) | update ms (alone) | whole bank ms (same run) | "
+          "update / (whole / W) | c10d ops / update | bytes / update |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w, r, single, whole in rows:
         print(f"| {w} | {r['rank']} | {r['nbytes'] / 2**20:.1f} | {r['nbytes'] / (whole / w):.4f} | "
