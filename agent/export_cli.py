@@ -1,10 +1,16 @@
-"""``emascope export RUN_DIR --variant D [--out PATH] [--dtype float32]``.
+"""``emascope export RUN_DIR --variant D [--format F] [--out PATH] [--dtype float32]``.
 
 Rebuilds one variant from the run's latest bank snapshot (``banks/latest.safetensors``, or a
 sharded run's ``banks/latest.index.json`` and its per-rank files, consolidated offline with no
-process group) without the model's Python class and writes it as a ``.safetensors`` checkpoint
-(atomic), through :func:`emascope.shardfiles.export_from_run`. Default output:
-``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. Exit codes: 0 done, 2 bad input.
+process group) without the model's Python class and writes it (atomic files):
+
+- ``--format safetensors`` (default): one ``.safetensors`` state dict, through
+  :func:`emascope.shardfiles.export_from_run`; default ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``;
+- ``--format transformers`` / ``diffusers``: a folder that ``from_pretrained`` loads (the config
+  recorded at attach + the weights), through :func:`emascope.pretrained.export_pretrained`;
+  default ``RUN_DIR/exports/ema-<variant>-step<step>/``.
+
+Exit codes: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from emascope.runformat import EXPORT_FORMATS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,16 +30,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variant", required=True, help='decay such as 0.999, or "raw" / "bema"')
     parser.add_argument("--out", default=None, help="output path (default: RUN_DIR/exports/...)")
     parser.add_argument("--dtype", default=None, choices=["float32"], help="cast floating tensors")
+    parser.add_argument("--format", default="safetensors", choices=list(EXPORT_FORMATS),
+                        help="safetensors (a state dict file, default), or a folder that transformers' / "
+                             "diffusers' from_pretrained loads (needs the config recorded at attach)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from emascope.shardfiles import export_from_run  # torch is imported only here
+    # torch is imported only here
+    from emascope.pretrained import export_pretrained
+    from emascope.shardfiles import export_from_run
     from emascope.snapshot import ExportError
 
     try:
-        path = export_from_run(args.run_dir, args.variant, args.out, args.dtype)
+        if args.format == "safetensors":
+            path = export_from_run(args.run_dir, args.variant, args.out, args.dtype)
+        else:
+            path = export_pretrained(args.run_dir, args.variant, args.format, args.out, args.dtype)
     except ExportError as exc:
         print(f"emascope export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{path}  ({path.stat().st_size} bytes)")
+    size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+    print(f"{path}  ({size} bytes)")
     return 0
 
 

@@ -52,9 +52,18 @@ from emascope.bank import EMABank, unwrap_model
 from emascope.collectives import all_gather_ints, broadcast_json, cpu_group, explained_barrier
 from emascope.config import BankConfig, Hooks, RunConfig, ScoringConfig, build_configs, settings_of
 from emascope.plan import format_bytes, format_plan
+from emascope.pretrained import export_pretrained_from_bank, model_config_record, write_model_config
 from emascope.requests import RequestPoller
-from emascope.rundir import RunWriter, host_info, new_run_id, prepare_run_dir
-from emascope.scoring import Scorer, SweepResult, cuda_devices, model_device
+from emascope.rundir import (
+    RunWriter,
+    check_run_dir,
+    host_info,
+    new_run_id,
+    prepare_run_dir,
+    run_dir_state,
+    undo_start,
+)
+from emascope.scoring import Scorer, SweepResult, attach_extractor, cuda_devices
 from emascope.shards import is_dtensor
 from emascope.snapshot import export_checkpoint, save_snapshot
 from emascope.sweep_ranks import run_sweep_ranks
@@ -78,6 +87,8 @@ def dist_world() -> int:
         return 1
 
 
+
+
 def dist_rank() -> int:
     """Rank in the default process group; before ``init_process_group`` the launcher's ``RANK``
     environment variable (torchrun sets it), else 0."""
@@ -99,29 +110,101 @@ def model_info(model: nn.Module) -> dict[str, Any]:
             "num_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "dtypes": dtypes}
 
 
-def check_attachable(model: Any, optimizer: Any, scoring: ScoringConfig, hooks: Hooks) -> None:
+#: Attributes through which optimizer wrappers expose the optimizer they drive: accelerate's
+#: ``AcceleratedOptimizer.optimizer``, Lightning's ``LightningOptimizer._optimizer`` (and
+#: ``.optimizer``), DeepSpeed's engine/ZeRO wrappers ``.optimizer``.
+OPTIMIZER_WRAPPER_ATTRS = ("optimizer", "_optimizer")
+
+
+def _has_step_hook(optimizer: Any) -> bool:
+    """A torch optimizer whose ``Optimizer.__init__`` ran, so ``register_step_post_hook`` works
+    (accelerate's ``AcceleratedOptimizer`` subclasses ``Optimizer`` without running it): tried with
+    a hook that is removed at once."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return False
+    try:
+        optimizer.register_step_post_hook(lambda *args: None).remove()
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    return True
+
+
+#: Packages whose optimizer wrappers only delegate ``step`` (and skip it on accumulation or AMP
+#: overflow): always unwrapped, even if a future version made them hookable themselves.
+DELEGATING_PACKAGES = ("accelerate", "lightning", "pytorch_lightning", "deepspeed")
+
+
+def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer, list[str]]:
+    """The torch optimizer whose step hook drives the bank, and the chain of class names to it.
+
+    A wrapper exposes its inner optimizer as ``.optimizer`` or ``._optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, DeepSpeed's wrappers). The
+    outermost object that is a torch optimizer with a working step hook is used, except that
+    wrappers from :data:`DELEGATING_PACKAGES` are always unwrapped: their inner optimizer's
+    ``step`` runs exactly once per real optimizer step (accelerate calls it only on
+    gradient-synchronising micro-batches and not at all when AMP's GradScaler skips a step).
+    A hookable optimizer that wraps another (e.g. a Lookahead that moves the weights after its
+    inner step) is hooked itself, so the bank sees the weights after all of its step.
+    ``ValueError`` when no torch optimizer with a step hook is found.
+    """
+    chain, seen, current = [], set(), optimizer
+    while id(current) not in seen:
+        seen.add(id(current))
+        chain.append(type(current).__name__)
+        delegating = type(current).__module__.split(".", 1)[0] in DELEGATING_PACKAGES
+        if _has_step_hook(current) and not delegating:
+            break
+        inner = None
+        for attr in OPTIMIZER_WRAPPER_ATTRS:
+            try:
+                candidate = getattr(current, attr, None)
+            except Exception:  # noqa: BLE001 - a property of a half-built wrapper
+                candidate = None
+            if candidate is not None and candidate is not current and not isinstance(candidate, (str, bytes)):
+                inner = candidate
+                break
+        if inner is None:
+            break
+        current = inner
+    if not _has_step_hook(current):
+        raise ValueError(
+            f"optimizer {' -> '.join(chain)} has no step hook: attach() follows a torch.optim.Optimizer "
+            "through register_step_post_hook (wrappers exposing .optimizer or ._optimizer are unwrapped). "
+            "Pass the torch optimizer, or optimizer=None and call scope.step() after every optimizer step")
+    return current, chain
+
+
+def check_attachable(model: Any, optimizer: Any, scoring: ScoringConfig,
+                     hooks: Hooks) -> torch.optim.Optimizer | None:
     """The checks of :func:`attach` that need torch (the configs check the rest); ``ValueError``
-    naming the problem, raised before anything is written."""
+    naming the problem, raised before anything is written. Returns the (unwrapped) optimizer."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inner = None
     if optimizer is not None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        own = {id(p) for p in model.parameters()}
-        if not any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
-            raise ValueError("optimizer does not update any parameter of model: pass the optimizer that "
-                             "trains this model (its steps drive the EMA bank)")
+        inner, chain = unwrap_optimizer(optimizer)
+        own = {id(p) for p in unwrap_model(model).parameters()}
+        if not any(id(p) in own for group in inner.param_groups for p in group["params"]):
+            via = f" ({' -> '.join(chain)})" if len(chain) > 1 else ""
+            raise ValueError(
+                f"optimizer{via} does not update any parameter of model: pass the optimizer that trains this "
+                "model (its steps drive the EMA bank). A wrapper that steps copies of the parameters (fp32 "
+                "master weights, DeepSpeed ZeRO partitions) cannot drive it: attach with optimizer=None and call "
+                "scope.step() after every optimizer step")
     spec, reference = scoring.feature_extractor, hooks.reference
     if isinstance(reference, F.Features) and spec in (None, "auto"):
         raise ValueError("reference holds precomputed features: pass feature_extractor= naming the "
                          "extractor that produced them ('identity', a torch-fidelity name or a callable)")
-    if isinstance(spec, str) and spec not in ("auto", "identity"):
+    if isinstance(spec, str) and spec not in (None, "auto", "identity", *F.BUILTIN_EXTRACTORS):
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
         if spec not in FEATURE_EXTRACTORS_REGISTRY:
-            raise ValueError(f"feature_extractor {spec!r} is not 'auto', 'identity' or a "
-                             f"torch-fidelity extractor ({sorted(FEATURE_EXTRACTORS_REGISTRY)})")
+            raise ValueError(f"feature_extractor {spec!r} is not 'auto', 'identity', a built-in extractor "
+                             f"({', '.join(F.BUILTIN_EXTRACTORS)}) or a torch-fidelity extractor "
+                             f"({sorted(FEATURE_EXTRACTORS_REGISTRY)})")
     if reference is not None and not isinstance(reference, F.Features):
         F.reference_identity(reference, max_items=2)  # validates the type early
+        F.check_reference_kind(reference, spec)
+    return inner
 
 
 class Scope:
@@ -135,10 +218,11 @@ class Scope:
                  bank: BankConfig | None = None, scoring: ScoringConfig | None = None,
                  hooks: Hooks | None = None) -> None:
         bank, scoring, hooks = bank or BankConfig(), scoring or ScoringConfig(), hooks or Hooks()
-        check_attachable(model, optimizer, scoring, hooks)
+        inner = check_attachable(model, optimizer, scoring, hooks)
         self.run_cfg, self.bank_cfg = run, bank
         self._wrapped = model
-        self.model, self.optimizer = unwrap_model(model), optimizer
+        self.model, self.optimizer = unwrap_model(model), inner
+        self.optimizer_chain = unwrap_optimizer(optimizer)[1] if optimizer is not None else []
         self.rank = dist_rank()
         self.world_size = dist_world()
         self.is_writer = self.rank == 0
@@ -170,12 +254,12 @@ class Scope:
         self._failed = False
         self.t0 = self.start_time = time.time()
         if self.sharded:
-            self._open_sharded(scoring, hooks)
+            self._open_sharded(scoring, hooks, inner)
         elif self.is_writer:
-            self.bank = self._build_bank()
-            self._open_run(scoring, hooks)
-        if optimizer is not None:
-            self._hook = optimizer.register_step_post_hook(self._optimizer_hook)
+            plan = self._prepare_run(scoring, hooks)  # reads and checks only: nothing written yet
+            self._start_run(plan)                     # writes; a failure undoes what it wrote
+        elif inner is not None:
+            self._hook = inner.register_step_post_hook(self._optimizer_hook)
 
     def _build_bank(self) -> EMABank:
         b = self.bank_cfg
@@ -183,12 +267,21 @@ class Scope:
                        bias_correction=b.bias_correction, bema=b.bema or False,
                        average_buffers=b.average_buffers, shard=self.sharded)
 
-    def _open_sharded(self, scoring: ScoringConfig, hooks: Hooks) -> None:
-        """Every rank: build its shard of the bank, meet the others (a barrier that names missing
-        ranks), let rank 0 prepare the run directory, resume every shard, then rank 0 writes."""
+    def _open_sharded(self, scoring: ScoringConfig, hooks: Hooks, inner: torch.optim.Optimizer | None) -> None:
+        """Every rank: build its shard of the bank and check (rank 0: the run directory, the run being
+        resumed, the extractor; every rank: its columns of the snapshot to resume), meet the others
+        (a barrier that names missing ranks), and agree; then rank 0 writes and every rank is hooked.
+        A failure on any rank raises on every rank, before anything is written."""
         error: BaseException | None = None
+        prepared: dict[str, Any] | None = None
         try:
-            self.bank = self._build_bank()
+            if self.is_writer:
+                prepared = self._prepare_run(scoring, hooks)  # builds the bank, resumes rank 0's shard
+            else:
+                self.bank = self._build_bank()
+                if self.run_cfg.resume:
+                    self._resume_bank()
+                self._extractor = attach_extractor(scoring, hooks, self.model)
         except Exception as exc:  # noqa: BLE001 - raised below on every rank, after the others know
             error = exc
         plan = self.bank.shard_plan if self.bank is not None else None
@@ -198,27 +291,17 @@ class Scope:
         except RuntimeError as exc:
             raise ValueError(f"{exc}; or pass shard=False to keep the whole bank on rank 0 (attach on rank "
                              "0 only)") from exc
-        self._agree_or_raise(error, "building the bank")
-        run = self.run_cfg
-        opened: dict[str, Any] = {}
+        self._agree_or_raise(error, "checking the settings, the run directory and the bank")
+        error = None
         if self.is_writer:
+            assert prepared is not None
             try:
-                self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
-                opened = {"ok": True, "run_id": None}
-            except Exception as exc:  # noqa: BLE001
-                opened = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        opened = broadcast_json(opened, 0, self._cpu_group)
-        if not opened.get("ok"):
-            raise ValueError(opened.get("error", "rank 0 could not prepare the run directory"))
-        error, resumed_from = None, None
-        if run.resume:
-            try:
-                resumed_from = self._resume_bank()
-            except Exception as exc:  # noqa: BLE001
+                self._start_run(prepared)  # hooks rank 0's optimizer
+            except BaseException as exc:  # noqa: BLE001 - _start_run undid its writes
                 error = exc
-        self._agree_or_raise(error, "resuming the bank")
-        if self.is_writer:
-            self._open_run(scoring, hooks, resumed_from=resumed_from, prepared=True)
+        self._agree_or_raise(error, "starting the run")
+        if not self.is_writer and inner is not None:
+            self._hook = inner.register_step_post_hook(self._optimizer_hook)
         self.run_id = broadcast_json(self.run_id, 0, self._cpu_group)
 
     def _agree_or_raise(self, error: BaseException | None, what: str) -> None:
@@ -230,39 +313,66 @@ class Scope:
         if failed:
             raise ValueError(f"attach() failed on rank(s) {failed} while {what} (see their error)")
 
-    def _open_run(self, scoring: ScoringConfig, hooks: Hooks, *, resumed_from: int | None = None,
-                  prepared: bool = False) -> None:
-        """Rank 0: prepare the run directory (unless done), resume the bank, write run.json and start
-        the heartbeat."""
+    def _prepare_run(self, scoring: ScoringConfig, hooks: Hooks) -> dict[str, Any]:
+        """Rank 0, before anything is written: build the bank, check the run directory, read the run
+        being resumed, build the feature extractor and read the model's config. Raises ``ValueError``
+        naming a problem; writes nothing."""
         run = self.run_cfg
-        assert self.bank is not None
-        if not prepared:
-            self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
-            resumed_from = self._resume_bank() if run.resume else None
+        if self.bank is None:
+            self.bank = self._build_bank()
+        check_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
+        resumed_from = self._resume_bank() if run.resume else None
         previous = self._previous_run() if run.resume else {}
-        self.run_id = str(previous.get("run_id") or new_run_id())
-        if isinstance(previous.get("start_time"), (int, float)):
-            self.start_time = float(previous["start_time"])
-        old = previous.get("metric_directions")
-        known = {str(k): v for k, v in old.items() if v in rf.DIRECTIONS} if isinstance(old, dict) else {}
-        self.name = run.name or self.run_dir.resolve().name
-        self.writer = RunWriter(self.run_dir, step_fn=lambda: self._step, heartbeat_interval=run.heartbeat_interval)
-        self.scorer = Scorer(scoring, hooks, self.writer, self.run_dir, on_info_change=self._write_run_json,
-                             known_directions=known)
-        self.settings = settings_of(run, self.bank_cfg, scoring)
-        plan = self.bank.shard_plan
-        self.settings.update(device=str(self.bank.device), feature_extractor=self.scorer.extractor_label(),
-                             sample_seeding=rf.SAMPLE_SEEDING, placement=self.bank.placement,
-                             world_size=self.world_size, sharding=None if plan is None else plan.kind)
-        self._write_run_json()
-        self.writer.event("start", self._step)
-        log.info("emascope: bank placement %r (%s per rank)\n%s", self.bank.placement,
-                 format_bytes(self.bank.nbytes), format_plan(self.bank.memory_plan))
-        if resumed_from is not None:
-            self.writer.event("resume", self._step, snapshot_step=resumed_from)
-        self.writer.start_heartbeat()
-        self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
-                                      on_result=self._export_event)
+        extractor = attach_extractor(scoring, hooks, self.model)
+        return {"scoring": scoring, "hooks": hooks, "resumed_from": resumed_from, "previous": previous,
+                "extractor": extractor, "model_config": model_config_record(self.model),
+                "before": run_dir_state(run.run_dir, overwrite=run.overwrite)}
+
+    def _start_run(self, plan: dict[str, Any]) -> None:
+        """Rank 0: prepare the run directory, write run.json (and the model's config), start the
+        heartbeat, hook the optimizer. If anything here raises, what it wrote is removed (or, for a
+        resumed run, restored), the heartbeat thread is stopped, and the error propagates."""
+        run, b, previous = self.run_cfg, self.bank_cfg, plan["previous"]
+        try:
+            self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
+            self.run_id = str(previous.get("run_id") or new_run_id())
+            if isinstance(previous.get("start_time"), (int, float)):
+                self.start_time = float(previous["start_time"])
+            old = previous.get("metric_directions")
+            known = {str(k): v for k, v in old.items() if v in rf.DIRECTIONS} if isinstance(old, dict) else {}
+            self.name = run.name or self.run_dir.resolve().name
+            self.writer = RunWriter(self.run_dir, step_fn=lambda: self._step,
+                                    heartbeat_interval=run.heartbeat_interval)
+            self.scorer = Scorer(plan["scoring"], plan["hooks"], self.writer, self.run_dir,
+                                 on_info_change=self._write_run_json, known_directions=known,
+                                 extractor=plan["extractor"])
+            self.settings = settings_of(run, b, plan["scoring"])
+            shard = self.bank.shard_plan
+            self.settings.update(device=str(self.bank.device), feature_extractor=self.scorer.extractor_label(),
+                                 sample_seeding=rf.SAMPLE_SEEDING, placement=self.bank.placement,
+                                 world_size=self.world_size, sharding=None if shard is None else shard.kind)
+            self._write_run_json(strict=True)
+            if plan["model_config"] is not None:
+                write_model_config(self.run_dir, plan["model_config"])
+            self.writer.event("start", self._step, optimizer=" -> ".join(self.optimizer_chain) or None)
+            log.info("emascope: bank placement %r (%s per rank)\n%s", self.bank.placement,
+                     format_bytes(self.bank.nbytes), format_plan(self.bank.memory_plan))
+            if plan["resumed_from"] is not None:
+                self.writer.event("resume", self._step, snapshot_step=plan["resumed_from"])
+            self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
+                                          on_result=self._export_event)
+            if self.optimizer is not None:
+                self._hook = self.optimizer.register_step_post_hook(self._optimizer_hook)
+            self.writer.start_heartbeat()
+        except BaseException:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+            if self.writer is not None:
+                self.writer.stop_heartbeat(final=False)
+            undo_start(run.run_dir, plan["before"])
+            self.closed = True
+            raise
 
     # ------------------------------------------------------------------ public API
 
@@ -295,30 +405,53 @@ class Scope:
         return self._score()
 
     def export(self, variant: str | float, path: str | os.PathLike | None = None, *,
-               dtype: str | torch.dtype | None = None) -> Path | None:
-        """Write ``variant`` as a ``.safetensors`` checkpoint; returns its path (``None`` off rank 0).
+               dtype: str | torch.dtype | None = None, format: str = "safetensors") -> Path | None:
+        """Write ``variant`` as a checkpoint; returns its path (``None`` off rank 0).
 
-        Default path: ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. ``dtype``: ``None``
-        (the model's dtypes) or ``"float32"``/``torch.float32``. Sharded bank: a collective (call it
-        on every rank); the entries stream to rank 0 one at a time and rank 0 writes.
+        ``format="safetensors"`` (default): one ``.safetensors`` state dict, default path
+        ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. ``"transformers"`` /
+        ``"diffusers"`` (a model whose config was recorded at attach): a folder that the library's
+        ``from_pretrained`` loads, default ``RUN_DIR/exports/ema-<variant>-step<step>/``.
+        ``dtype``: ``None`` (the model's dtypes) or ``"float32"``/``torch.float32``. Sharded bank: a
+        collective (call it on every rank); the entries stream to rank 0 one at a time and rank 0
+        writes.
         """
         if not self.is_writer and not self.sharded:
             return None
+        if format not in rf.EXPORT_FORMATS:
+            raise ValueError(f"format must be one of {rf.EXPORT_FORMATS}, got {format!r}")
         variant = self.bank.resolve(variant)
-        if not self.is_writer:
+        if not self.is_writer:  # a sharded bank's other ranks send their pieces to rank 0
             self._export(variant, None, dtype)
             return None
-        if path is None:
-            path = self.run_dir / rf.export_file(rf.default_export_name(variant, self._step))
-        out = self._export(variant, Path(path), dtype)
+        name = rf.default_export_name(variant, self._step)
+        if format == "safetensors":
+            out = self._export(variant, Path(path or self.run_dir / rf.export_file(name)), dtype)
+        else:
+            record = model_config_record(self.model)
+            if record is None:
+                raise ValueError(f"format={format!r} needs a transformers or diffusers model; "
+                                 f"{type(self.model).__name__} is neither (use format='safetensors')")
+            self._check_export(variant, dtype)
+            out = export_pretrained_from_bank(self.bank, variant, record, path or self.run_dir / rf.export_dir(name),
+                                              fmt=format, dtype=None if dtype is None else "float32",
+                                              run_id=str(self.run_id))
         assert out is not None
         try:  # relative to the run directory when inside it, as in export requests
             shown = out.resolve().relative_to(self.run_dir.resolve()).as_posix()
         except ValueError:
             shown = str(out.resolve())
+        nbytes = sum(f.stat().st_size for f in out.iterdir()) if out.is_dir() else out.stat().st_size
         self.writer.event("export", self._step, request_id=None, variant=variant, path=shown,
-                          bytes=out.stat().st_size, ok=True, error=None)
+                          bytes=nbytes, ok=True, error=None, format=format)
         return out
+
+    def notice(self, where: str, message: str) -> None:
+        """Say something the user should know on the console (a ``logging`` warning) and, on rank 0,
+        in the run (a ``notice`` event with ``where`` and ``message``). Used by the integrations."""
+        log.warning("emascope: %s", message)
+        if self.writer is not None and not self.closed:
+            self.writer.event("notice", self._step, where=where, message=message)
 
     def state_dict(self) -> dict[str, Any]:
         """The agent's state for the training checkpoint: ``{"format", "step", "bank"}`` (``bank`` is
@@ -392,11 +525,21 @@ class Scope:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None and not self.closed:
+        if exc is not None:
+            self.abort(exc)
+        else:
+            self.close()
+
+    def abort(self, exc: BaseException) -> None:
+        """Close after the training job failed with ``exc``: an ``error`` event (``where:
+        "training"``), then :meth:`close` without the final sweep (the bank is still snapshotted,
+        except a sharded one: the other ranks may be gone, so nothing collective runs). What the
+        context manager and the Lightning / HF callbacks do on an exception."""
+        if not self.closed:
             self._failed = True
             if self.writer is not None:
-                self.writer.error("training", self._step, exc)
-        self.close(score=False if exc is not None else None)
+                self.writer.error("training", self._step, exc, tell=False)
+        self.close(score=False)
 
     # ------------------------------------------------------------------ per step
 
@@ -499,7 +642,7 @@ class Scope:
             reference, info = None, None
             if self.is_writer:
                 reference = self.scorer.reference_for(self.model, step)
-                info = (dict(self.scorer.extractor_args)
+                info = ({"image_range": self.scorer.cfg.image_range}
                         if reference is not None and self.scorer.extractor is not None else None)
             info = broadcast_json(info, 0, self._cpu_group)
             extractor, extractor_error = self._rank_extractor(info)
@@ -509,28 +652,26 @@ class Scope:
                 sampler=hooks.sampler, extractor=extractor, reference=reference, evaluate=hooks.evaluate,
                 sample_metrics=hooks.sample_metrics, fd_name=self.scorer.fd_name() if self.scorer else "fd",
                 group=self._cpu_group, collective_sampler=any(is_dtensor(p) for p in self.model.parameters()),
-                extractor_error=extractor_error)
+                extractor_error=extractor_error,
+                prior_errors=self.scorer.reference_errors if self.scorer is not None else 0)
         if self.is_writer and result is not None:
+            self.scorer.reference_errors = 0
             self.scorer.note(result, reference, step)
             self.last_scores = result
         return result
 
     def _rank_extractor(self, info: dict[str, Any] | None) -> tuple[Any, BaseException | None]:
-        """The extractor of this rank: rank 0's own; the others build the same one (once) from what
-        rank 0 announced (``None``: no features this sweep)."""
+        """The extractor of this rank this sweep: rank 0's own; the others' were built at attach
+        the same way (``attach_extractor``) and take the image range rank 0 set from the reference
+        (``info``; ``None``: no features this sweep)."""
         if info is None:
             return None, None
         if self.is_writer:
             return self.scorer.extractor, None
         if self._extractor is None:
-            cfg = self._scoring
-            device = cfg.feature_device if cfg.feature_device is not None else model_device(self.model)
-            try:
-                self._extractor = F.make_extractor(
-                    cfg.feature_extractor, info["kind"], weights_path=cfg.feature_extractor_weights_path,
-                    device=device, batch_size=cfg.feature_batch_size, image_range=info["image_range"])
-            except Exception as exc:  # noqa: BLE001 - reported by rank 0 as a features error of this rank
-                return None, exc
+            return None, RuntimeError("this rank has no feature extractor (no sampler or reference given to it)")
+        if hasattr(self._extractor, "image_range"):
+            self._extractor.image_range = info["image_range"]
         return self._extractor, None
 
     # ------------------------------------------------------------------ snapshots and exports
@@ -633,9 +774,10 @@ class Scope:
             return {}
         return info if isinstance(info, dict) else {}
 
-    def _write_run_json(self) -> None:
+    def _write_run_json(self, strict: bool = False) -> None:
+        """Replace run.json; ``strict`` (at attach): raise a write error instead of logging it."""
         directions = {k: v for k, v in self.scorer.metric_directions.items() if v in rf.DIRECTIONS}
-        self.writer.write_run_json({
+        self.writer.write_run_json(strict=strict, info={
             "run_id": self.run_id, "name": self.name, "start_time": self.start_time, **host_info(),
             "emascope_version": __version__, "decays": [float(d) for d in self.bank.decays],
             "variants": list(self.bank.variants), "model": model_info(self.model),
@@ -655,7 +797,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **k
     are documented: :class:`~emascope.config.RunConfig` (run_dir, name, overwrite, resume,
     score_every, score_at_close, snapshot_every, heartbeat_interval, request_interval),
     :class:`~emascope.config.BankConfig` (decays, device, update_every, bias_correction, bema,
-    average_buffers), :class:`~emascope.config.ScoringConfig` (num_samples, batch_size, seed,
+    average_buffers, shard), :class:`~emascope.config.ScoringConfig` (num_samples, batch_size, seed,
     preview, feature_extractor, ...) and :class:`~emascope.config.Hooks` (sampler, reference,
     evaluate, sample_metrics, metric_directions). Every value is checked before anything is
     written: a bad one is a ``ValueError`` naming it, an unknown argument a ``TypeError``.

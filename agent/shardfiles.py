@@ -387,7 +387,8 @@ class _Reader:
 def _variant_entry(reader: _Reader, e: dict[str, Any], v: str, alpha: float | None,
                    dtype: torch.dtype | None) -> torch.Tensor:
     """Entry ``e`` of variant ``v`` exactly as ``EMABank.materialize(v, dtype=dtype)`` computes it
-    (one cast, from fp32 bank values or the live value, to ``dtype`` or the entry's own dtype)."""
+    (one cast, from fp32 bank values or the live value, to ``dtype`` or the entry's own dtype).
+    ``alpha``: BEMA's correction weight at the bank's step (``None`` during BEMA's burn-in)."""
     own = getattr(torch, e["dtype"])
     final = dtype if (dtype is not None and own.is_floating_point) else own
     if e["kind"] != "avg" or v == rf.RAW:
@@ -396,9 +397,11 @@ def _variant_entry(reader: _Reader, e: dict[str, Any], v: str, alpha: float | No
     state = reader.snap.state
     names = [rf.variant_name(d) for d in state["decays"]]
     row = len(names) if v == rf.BEMA else names.index(v)
-    flat = reader.columns("bank", off, off + n, row)
-    if v == rf.BEMA:
-        assert alpha is not None
+    if v == rf.BEMA and alpha is None:  # BEMA Eq. tau: the live weights during the burn-in
+        flat = reader.live(e).reshape(-1).to(torch.float32)
+    else:
+        flat = reader.columns("bank", off, off + n, row)
+    if v == rf.BEMA and alpha is not None:
         raw = reader.live(e).reshape(-1).to(torch.float32)
         flat = flat + alpha * (raw - reader.columns("theta0", off, off + n))
     return flat.view(tuple(int(s) for s in e["shape"])).to(final)
@@ -408,8 +411,10 @@ def iter_variant(snap: Snapshot, variant: str | float, dtype: torch.dtype | None
                  ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """``(state_dict keys, tensor)`` of every entry of ``variant``, one entry at a time (CPU)."""
     v = snap.resolve(variant)
-    bema = snap.state.get("bema")
-    alpha = bema_alpha(int(snap.state["step"]), BEMAConfig(**bema)) if (bema and v == rf.BEMA) else None
+    bema = BEMAConfig(**snap.state["bema"]) if snap.state.get("bema") else None
+    step = int(snap.state["step"])
+    # alpha of the BEMA correction; None: the burn-in (before step tau the variant is the live weights)
+    alpha = bema_alpha(step, bema) if (bema is not None and v == rf.BEMA and step >= bema.tau) else None
     with contextlib.ExitStack() as stack:
         reader = _Reader(snap, stack)
         for e in snap.layout():

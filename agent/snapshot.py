@@ -181,12 +181,14 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLike | None, *,
                       dtype: torch.dtype | str | None = None, run_id: str = "",
-                      metadata: dict[str, str] | None = None) -> Path | None:
+                      metadata: dict[str, str] | None = None, prefix: str = "") -> Path | None:
     """Write one variant's full state_dict to ``path`` (.safetensors, atomic); returns the path.
 
     Metadata: :func:`emascope.runformat.export_metadata` (variant, decay, the bank's step, run_id,
     emascope_version), then the caller's ``metadata`` (str to str; may override those keys).
     ``dtype=None`` keeps each tensor's model dtype; a floating dtype casts floating tensors.
+    ``prefix``: keep only the entries whose key starts with it, with it removed (a submodule's
+    state dict, e.g. ``"unet."``); ``""`` keeps everything.
 
     A sharded bank: a collective (every rank calls it); the entries stream to rank 0 one at a time
     (:meth:`EMABank.stream_variant`), rank 0 writes ``path`` and the other ranks return ``None``
@@ -205,6 +207,10 @@ def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLi
         return None
     if path is None:
         raise ValueError("export_checkpoint: path is required on the writing rank")
+    if prefix:
+        sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise ValueError(f"no entry of the model starts with {prefix!r}")
     return _atomic_save(_own_all(sd), path, meta)  # tied names share one tensor in sd: own storage each
 
 

@@ -150,14 +150,15 @@ def run_sweep_ranks(*, model: nn.Module, bank: Any, variants: list[str], step: i
                     cfg: ScoringConfig, sampler: Sampler | None, extractor: Any, reference: Reference | None,
                     evaluate: Evaluate | None, sample_metrics: SampleMetrics | None, fd_name: str,
                     group: Any = None, collective_sampler: bool = False,
-                    extractor_error: BaseException | None = None) -> SweepResult | None:
+                    extractor_error: BaseException | None = None, prior_errors: int = 0) -> SweepResult | None:
     """Score ``variants`` with every rank of ``group`` drawing its share (see the module docstring).
     Called on every rank, in the same order; ``writer``, ``reference`` (and the metrics) are rank
     0's. Returns the :class:`SweepResult` on rank 0, ``None`` elsewhere. Never raises on rank 0 for
     a sampler/extractor/metric failure (recorded as events, naming the rank). ``extractor_error``:
-    this rank could not build the extractor rank 0 uses (its features then count as failed)."""
+    this rank could not build the extractor rank 0 uses (its features then count as failed).
+    ``prior_errors``: rank 0's failures of this sweep before it (building the reference)."""
     me, world = rank_world(group)
-    res = SweepResult(step=step)
+    res = SweepResult(step=step, errors=int(prior_errors))
     res.timings["gather"] = 0.0
     t_start = time.perf_counter()
     if writer is not None:
