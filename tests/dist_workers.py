@@ -189,7 +189,10 @@ def bank_worker(rank: int, world: int, tmp: str, reshard_from: str) -> None:
         opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
         banks = {"plain": (EMABank(ddp, BANK_DECAYS), EMABank(model, BANK_DECAYS, shard=False)),
                  "bc_bema_m2": (EMABank(ddp, BANK_DECAYS, **BANK_KW), EMABank(model, BANK_DECAYS, shard=False,
-                                                                               **BANK_KW))}
+                                                                               **BANK_KW)),
+                 # the host placement on a sharded bank: this rank's columns in host memory, a worker thread
+                 "host": (EMABank(ddp, BANK_DECAYS, device="cpu", **BANK_KW),
+                          EMABank(model, BANK_DECAYS, shard=False, **BANK_KW))}
         g = torch.Generator().manual_seed(rank)  # every rank its own batches; DDP keeps replicas equal
         comm_ops, comm_bytes = 0, 0
         for _ in range(9):
@@ -203,6 +206,11 @@ def bank_worker(rank: int, world: int, tmp: str, reshard_from: str) -> None:
                 comm_ops, comm_bytes = comm_ops + len(c.ops), comm_bytes + c.bytes
                 ref.update()
         out["ddp_comm"] = [comm_ops, comm_bytes]
+        host, _ = banks.pop("host")
+        assert host.sharded and host.placement == "host" and host.shard_plan.kind == "ddp"
+        assert _same_state(host.state_dict(), banks["bc_bema_m2"][0].state_dict())
+        _check_variants(host, banks["bc_bema_m2"][1], model, ddp)
+        host.close()
         bank, ref = banks["bc_bema_m2"]
         assert bank.sharded and bank.shard_plan.kind == "ddp" and not ref.sharded
         for b, r in banks.values():
@@ -226,7 +234,7 @@ def bank_worker(rank: int, world: int, tmp: str, reshard_from: str) -> None:
         assert _same_state(other.state_dict(), bank.state_dict())
         keep = [bank, again, other, ref]
         if reshard_from:  # another world size's set (the W = 2 job): its columns, re-cut for this world
-            index, ref_file = reshard_from.split("|")
+            index, ref_file, _, _ = reshard_from.split("|")
             moved = EMABank(ddp, BANK_DECAYS, **BANK_KW)
             assert SF.load_bank_state(moved, index) == 9
             whole = load_snapshot(ref_file).state_dict()
@@ -263,6 +271,7 @@ def bank_worker(rank: int, world: int, tmp: str, reshard_from: str) -> None:
         fully_shard(fsdp[0], mesh=mesh)
         fully_shard(fsdp, mesh=mesh)
         fb = EMABank(fsdp, BANK_DECAYS, **BANK_KW)
+        fh = EMABank(fsdp, BANK_DECAYS, device="cpu", **BANK_KW)  # host placement of the local shards
         rb = EMABank(plain, BANK_DECAYS, **BANK_KW)
         assert fb.sharded and fb.shard_plan.kind == "fsdp"
         opt = torch.optim.SGD(fsdp.parameters(), lr=0.5)
@@ -274,6 +283,7 @@ def bank_worker(rank: int, world: int, tmp: str, reshard_from: str) -> None:
             opt.zero_grad()
             with CollectiveCounter() as c:
                 fb.update()
+                fh.update()
             comm_ops, comm_bytes = comm_ops + len(c.ops), comm_bytes + c.bytes
             # the reference sees the same weights: gathered (test only, not the bank) into a plain model
             plain.load_state_dict({k: (v.full_tensor() if hasattr(v, "full_tensor") else v)
@@ -286,6 +296,9 @@ def bank_worker(rank: int, world: int, tmp: str, reshard_from: str) -> None:
         assert {p.dtype for p in fsdp.parameters()} == {torch.bfloat16}
         assert fb.state_dict()["bank"].dtype == torch.float32
         _check_variants(fb, rb, fsdp, fsdp)
+        assert fh.placement == "host" and fh.shard_plan.kind == "fsdp"
+        assert _same_state(fh.state_dict(), fb.state_dict())
+        fh.close()
         SF.save_sharded_snapshot(fb, f"{tmp}/fsdp", rf.SNAPSHOT_INDEX, lambda r, w: rf.snapshot_shard_file(7, r, w),
                                  step=7, run_id="fsdp-run")
         if rank == 0:
@@ -297,6 +310,14 @@ def bank_worker(rank: int, world: int, tmp: str, reshard_from: str) -> None:
         fb3 = EMABank(fsdp, BANK_DECAYS, **BANK_KW)
         SF.load_bank_state(fb3, f"{tmp}/ref_fsdp.safetensors")  # a single-process snapshot, re-sharded
         assert _same_state(fb3.state_dict(), fb.state_dict())
+        if reshard_from:  # the W = 2 job's FSDP2 set re-cut for this world's (uneven) shards
+            _, _, index, ref_file = reshard_from.split("|")
+            moved = EMABank(fsdp, BANK_DECAYS, **BANK_KW)
+            assert SF.load_bank_state(moved, index) == 7
+            expect = EMABank(fsdp, BANK_DECAYS, **BANK_KW)
+            expect.load_state_dict(load_snapshot(ref_file).state_dict())
+            assert _same_state(moved.state_dict(), expect.state_dict())
+            out["fsdp_resharded"] = True
         dist.barrier()
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the parent

@@ -5,7 +5,8 @@ Each job (tests/dist_workers.py ``bank_worker``) trains a tiny model for a few s
 every rank: every decay, BEMA and the bias correction bit-identical to the single-process bank
 (``variant_flat``, ``materialize``, ``stream_variant``, ``swap``), zero collectives during updates
 (counted by emascope.collectives.CollectiveCounter), resume at the same world size bit-exact and
-re-sharding from a single-process snapshot (and, at W = 3, from the W = 2 job's snapshot).
+re-sharding from a single-process snapshot (and, at W = 3, from the W = 2 job's DDP and FSDP2
+snapshots), and the host placement (``device="cpu"``) of a sharded bank (DDP and FSDP2).
 Here, in the parent: per-rank bank bytes = total / W within one block, and the offline readers
 (no process group): exports from the sharded snapshots equal the single-process exports file for
 file, the consolidated bank equals the single-process one, and ``emascope export`` works on a
@@ -84,7 +85,8 @@ def test_sharded_banks_two_then_three_ranks(tmp_path):
     assert export_main([str(two / "ddp"), "--variant", "0.42", "--out", str(out)]) == 2
     # W = 3 (uneven: 1, 1, 2 blocks; an FSDP2 rank without a row of the last layer), and the W = 2
     # job's DDP snapshot re-sharded over 3 ranks (its own trajectory: compared with its reference)
-    reshard = f"{two / 'ddp' / rf.SNAPSHOT_INDEX}|{two / 'ref_ddp.safetensors'}"
+    reshard = (f"{two / 'ddp' / rf.SNAPSHOT_INDEX}|{two / 'ref_ddp.safetensors'}|"
+               f"{two / 'fsdp' / rf.SNAPSHOT_INDEX}|{two / 'ref_fsdp.safetensors'}")
     results = spawn(bank_worker, 3, (reshard,), str(three))
-    assert all(r.get("resharded") for r in results)
+    assert all(r.get("resharded") and r.get("fsdp_resharded") for r in results)
     _check_world(three, results, 3)
