@@ -148,7 +148,10 @@ def _same_state(a: dict, b: dict) -> bool:
 
 
 def _check_variants(bank, ref, model, wrapped) -> None:
-    """Every readout of the sharded ``bank`` equals the single-process ``ref`` (collectives)."""
+    """Every readout of the sharded ``bank`` equals the single-process ``ref`` (collectives); a swap
+    communicates nothing with FSDP2 and one all-gather each way with DDP (counted)."""
+    from emascope.collectives import CollectiveCounter
+
     for v in ref.variants:
         assert torch.equal(bank.variant_flat(v), ref.variant_flat(v)), v
         want = ref.materialize(v)
@@ -162,9 +165,19 @@ def _check_variants(bank, ref, model, wrapped) -> None:
         if dist.get_rank() == 0:
             assert all(torch.equal(streamed[k], want[k].cpu()) for k in want), v
         live = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t).clone() for k, t in model.state_dict().items()}
-        with bank.swap(wrapped, v):
+        swap = bank.swap(wrapped, v)
+        with CollectiveCounter() as enter:
+            swap.__enter__()
+        try:
             inside = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t) for k, t in model.state_dict().items()}
             assert all(torch.equal(inside[k], want[k]) for k in want), v
+        finally:
+            with CollectiveCounter() as leave:
+                swap.__exit__(None, None, None)
+        # FSDP2: each rank writes its own shards (no communication); DDP: one all-gather in, one back
+        n = 0 if bank.shard_plan.kind == "fsdp" else 1
+        assert len(enter.ops) == n and len(leave.ops) == n, (enter.ops, leave.ops)
+        assert all("allgather" in op for op in enter.ops + leave.ops), (enter.ops, leave.ops)
         after = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t) for k, t in model.state_dict().items()}
         assert all(torch.equal(after[k], live[k]) for k in live), v
 
