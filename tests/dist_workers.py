@@ -106,6 +106,14 @@ def agent_worker(rank: int, world: int, tmp: str, mode: str) -> None:
                 out["fsdp_sharded"] = scope.bank.shard_plan.kind
                 for _ in range(6):
                     train_step(fsdp, opt, data, g)
+                before = scope.bank.state_dict()
+            dist.barrier()
+            # resume at the same world size through attach: every rank reloads its own rank file bit-exactly
+            again = attach(fsdp, opt, run_dir=f"{tmp}/fsdp", resume=True, decays=DECAYS, score_every=None)
+            assert again.sharded and again.current_step == 6 and again.bank.step == 6
+            assert _same_state(again.bank.state_dict(), before)
+            again.close()
+            out["fsdp_resumed"] = True
             dist.barrier()
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the parent

@@ -5,7 +5,9 @@ sweeps run on every rank (each draws its share of the sample batches, rank 0 gat
 and writes), snapshots are written per rank with an index, exports and export requests are
 collectives. The metrics of a stage equal those of a one-process sweep over the same bank and
 weights with the same seeds (recomputed here from the run's own sharded snapshot), for DDP and for
-FSDP2 (``fully_shard``, a collective sampler). ``rank0`` (``shard=False``): only rank 0 builds a
+FSDP2 (``fully_shard``, a collective sampler); the FSDP2 run resumed with ``attach(resume=True)``
+at the same world size reloads every rank's shard bit-exactly, the DDP run resumed by one process
+re-shards. ``rank0`` (``shard=False``): only rank 0 builds a
 bank, scores and writes; rank 1 neither writes nor hangs. The process group's timeout is short,
 so a deadlock surfaces as an error; the job runs under a timeout and its processes are killed.
 """
@@ -113,7 +115,7 @@ def test_sharded_ddp_and_fsdp2_score_on_every_rank_like_one_process(tmp_path):
     _check_same_as_one_process(run_dir, tmp_path, STEPS, num_samples=100, batch_size=30)
     _resume_in_one_process(run_dir, r0)
     # FSDP2: the sampler ran the sharded model collectively (3 batches over 2 ranks)
-    assert r0["fsdp_sharded"] == "fsdp"
+    assert r0["fsdp_sharded"] == "fsdp" and r0["fsdp_resumed"] and r1["fsdp_resumed"]
     fsdp_dir = tmp_path / "fsdp"
     events = _events(fsdp_dir)
     assert not [e for e in events if e["type"] == "error"], [e for e in events if e["type"] == "error"]
