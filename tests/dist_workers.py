@@ -310,6 +310,30 @@ def bank_worker(rank: int, world: int, tmp: str, reshard_from: str) -> None:
             plain.load_state_dict({k: (v.full_tensor() if hasattr(v, "full_tensor") else v)
                                    for k, v in fsdp.state_dict().items()})
             rb.update()
+        # FSDP2's own mixed precision (fp32 sharded parameters, bf16 compute): the bank reads the fp32 shards
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        torch.manual_seed(2)
+        mixed = nn.Sequential(nn.Linear(7, 301), nn.SiLU(), nn.Linear(301, 2))
+        plain_mixed = nn.Sequential(nn.Linear(7, 301), nn.SiLU(), nn.Linear(301, 2))
+        plain_mixed.load_state_dict(mixed.state_dict())
+        fully_shard(mixed, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        mb, rmb = EMABank(mixed, BANK_DECAYS, **BANK_KW), EMABank(plain_mixed, BANK_DECAYS, **BANK_KW)
+        opt_mixed = torch.optim.SGD(mixed.parameters(), lr=0.5)
+        for t in range(4):
+            y = mixed(torch.randn(16, 7, generator=torch.Generator().manual_seed(100 * t + rank)))
+            assert y.dtype == torch.bfloat16
+            y.float().pow(2).mean().backward()
+            opt_mixed.step()
+            opt_mixed.zero_grad()
+            with CollectiveCounter() as c:
+                mb.update()
+            comm_ops, comm_bytes = comm_ops + len(c.ops), comm_bytes + c.bytes
+            plain_mixed.load_state_dict({k: v.full_tensor() for k, v in mixed.state_dict().items()})
+            rmb.update()
+        assert {p.dtype for p in mixed.parameters()} == {torch.float32}
+        for v in rmb.variants:
+            assert torch.equal(mb.variant_flat(v), rmb.variant_flat(v)), v
         out["fsdp_comm"] = [comm_ops, comm_bytes]
         out["fsdp_local_numel"] = fb.local_numel
         out["fsdp_numel"] = fb.numel

@@ -6,7 +6,9 @@ every rank: every decay, BEMA and the bias correction bit-identical to the singl
 (``variant_flat``, ``materialize``, ``stream_variant``, ``swap``), zero collectives during updates
 (counted by emascope.collectives.CollectiveCounter), resume at the same world size bit-exact and
 re-sharding from a single-process snapshot (and, at W = 3, from the W = 2 job's DDP and FSDP2
-snapshots), and the host placement (``device="cpu"``) of a sharded bank (DDP and FSDP2).
+snapshots), the host placement (``device="cpu"``) of a sharded bank (DDP and FSDP2), FSDP2's own
+``MixedPrecisionPolicy`` (fp32 shards, bf16 compute), and a swap's collectives (none with FSDP2, one
+all-gather each way with DDP).
 Here, in the parent: per-rank bank bytes = total / W within one block, and the offline readers
 (no process group): exports from the sharded snapshots equal the single-process exports file for
 file, the consolidated bank equals the single-process one, and ``emascope export`` works on a
