@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,13 @@ from emascope.rundir import (
     host_info,
     new_run_id,
     prepare_run_dir,
+    remove_stale_temps,
     run_dir_state,
     undo_start,
 )
 from emascope.scoring import Scorer, SweepResult, attach_extractor, cuda_devices
 from emascope.shards import is_dtensor
-from emascope.snapshot import export_checkpoint, save_snapshot
+from emascope.snapshot import check_export_target, export_checkpoint, load_snapshot, save_snapshot
 from emascope.sweep_ranks import run_sweep_ranks
 from emascope.version import __version__
 
@@ -321,11 +323,12 @@ class Scope:
         if self.bank is None:
             self.bank = self._build_bank()
         check_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
-        resumed_from = self._resume_bank() if run.resume else None
+        notices: list[str] = []
+        resumed_from = self._resume_bank(notices.append) if run.resume else None
         previous = self._previous_run() if run.resume else {}
         extractor = attach_extractor(scoring, hooks, self.model)
         return {"scoring": scoring, "hooks": hooks, "resumed_from": resumed_from, "previous": previous,
-                "extractor": extractor, "model_config": model_config_record(self.model),
+                "notices": notices, "extractor": extractor, "model_config": model_config_record(self.model),
                 "before": run_dir_state(run.run_dir, overwrite=run.overwrite)}
 
     def _start_run(self, plan: dict[str, Any]) -> None:
@@ -335,6 +338,7 @@ class Scope:
         run, b, previous = self.run_cfg, self.bank_cfg, plan["previous"]
         try:
             self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
+            stale = remove_stale_temps(self.run_dir)  # left by a killed writer (kill -9 mid-snapshot)
             self.run_id = str(previous.get("run_id") or new_run_id())
             if isinstance(previous.get("start_time"), (int, float)):
                 self.start_time = float(previous["start_time"])
@@ -359,8 +363,14 @@ class Scope:
                      format_bytes(self.bank.nbytes), format_plan(self.bank.memory_plan))
             if plan["resumed_from"] is not None:
                 self.writer.event("resume", self._step, snapshot_step=plan["resumed_from"])
+            for message in plan["notices"]:
+                self.writer.event("notice", self._step, where="resume", message=message)
+            if stale:
+                self.writer.event("notice", self._step, where="start", removed=[p for p, _ in stale],
+                                  message=f"removed {len(stale)} stale temp file(s) of "
+                                          f"{sum(n for _, n in stale)} bytes left by a writer that was killed")
             self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
-                                          on_result=self._export_event)
+                                          on_result=self._export_event, on_notice=self._requests_notice)
             if self.optimizer is not None:
                 self._hook = self.optimizer.register_step_post_hook(self._optimizer_hook)
             self.writer.start_heartbeat()
@@ -420,7 +430,25 @@ class Scope:
             return None
         if format not in rf.EXPORT_FORMATS:
             raise ValueError(f"format must be one of {rf.EXPORT_FORMATS}, got {format!r}")
+        if self.sharded and format != "safetensors":  # raised on every rank, before any collective
+            raise ValueError(f"format={format!r} exports of a sharded bank are written offline: "
+                             f"`emascope export RUN_DIR --variant V --format {format}` reads the sharded snapshot")
         variant = self.bank.resolve(variant)
+        refused: ValueError | None = None
+        if self.is_writer:
+            try:
+                if path is None:
+                    rf.run_subdir(self.run_dir, rf.EXPORTS)  # ValueError: a symlinked exports/
+                else:  # never a file of the run itself
+                    path = check_export_target(self.run_dir, path, folder=format != "safetensors")
+            except ValueError as exc:
+                refused = exc
+        if self.sharded:  # every rank learns rank 0's verdict on the path before the collective export
+            message = broadcast_json(None if refused is None else str(refused), 0, self._cpu_group)
+            if refused is None and message is not None:
+                raise ValueError(f"export refused on rank 0: {message}")
+        if refused is not None:
+            raise refused
         if not self.is_writer:  # a sharded bank's other ranks send their pieces to rank 0
             self._export(variant, None, dtype)
             return None
@@ -509,7 +537,7 @@ class Scope:
                     self._score()
                 if self._last_snapshot != self._step:
                     self._snapshot()
-                self._serve_requests()
+                self._serve_requests(final=True)  # what still waits is refused
         except Exception as exc:  # noqa: BLE001
             if self.writer is not None:
                 self.writer.error("close", self._step, exc)
@@ -722,22 +750,26 @@ class Scope:
         assert out is not None
         return out.stat().st_size
 
-    def _serve_requests(self) -> None:
-        """Fulfil pending export requests. Sharded bank: at a step every rank reaches, rank 0 polls
-        and announces each export (a small JSON broadcast); the others join it; ``None`` ends."""
+    def _serve_requests(self, final: bool = False) -> None:
+        """Fulfil pending export requests (``final``: at close, refuse what still waits). Sharded
+        bank: at a step every rank reaches, rank 0 polls and announces each export (a small JSON
+        broadcast); the others join it; ``None`` ends."""
         if not self.sharded:
             if self.requests is not None:
-                self.requests.poll(self._step)
+                self.requests.poll(self._step, final=final)
             return
         if self.is_writer:
             try:
-                self.requests.poll(self._step)
+                self.requests.poll(self._step, final=final)
             finally:
                 broadcast_json(None, 0, self._cpu_group)
             return
         while (job := broadcast_json(None, 0, self._cpu_group)) is not None:
             with contextlib.suppress(Exception):
                 self._export(job["variant"], None, job["dtype"])
+
+    def _requests_notice(self, message: str) -> None:
+        self.writer.event("notice", self._step, where=rf.REQUESTS, message=message)
 
     def _export_event(self, record: dict[str, Any]) -> None:
         self.writer.event("export", self._step, request_id=record.get("id"), variant=record.get("variant"),
@@ -746,20 +778,26 @@ class Scope:
 
     # ------------------------------------------------------------------ run.json and resume
 
-    def _resume_bank(self) -> int | None:
+    def _resume_bank(self, notice: Callable[[str], None] | None = None) -> int | None:
         """Load the run's latest snapshot (``banks/latest.safetensors`` or a sharded set's
         ``banks/latest.index.json``) into the new bank and continue its step count. Each rank reads
-        the columns it holds: bit-exact at the same world size, re-sharded at another.
+        the columns it holds: bit-exact at the same world size, re-sharded at another. A one-process
+        bank resuming from ``latest.safetensors`` reads it whole and verifies its checksum; rank
+        files of a sharded set carry no checksum (their index and headers are checked).
 
         Returns the snapshot's step, or ``None`` when the run has no snapshot yet (the bank then
         starts from the current weights at step 0). Raises ``ValueError`` if the snapshot belongs
-        to another model or other bank settings.
+        to another model or other bank settings, or is malformed or corrupt (checksum). ``notice``
+        receives a message when the snapshot predates checksums (loaded unverified).
         """
         path = SF.latest_snapshot(Path(self.run_cfg.run_dir))
         if path is None:
             return None
         try:
-            SF.load_bank_state(self.bank, path)
+            if self.bank.sharded or path.name.endswith(".json"):
+                SF.load_bank_state(self.bank, path)
+            else:
+                self.bank.load_state_dict(load_snapshot(path, notice=notice).state_dict())
         except (ValueError, OSError) as exc:
             raise ValueError(f"resume=True: cannot continue the bank snapshot {str(path)!r}: {exc}") from exc
         self._step = int(self.bank.step)

@@ -437,13 +437,14 @@ def export_variant(snap: Snapshot, variant: str | float, path: str | os.PathLike
     return _atomic_save(_own_all(out), path, meta)
 
 
-def load_bank(path: str | os.PathLike) -> EMABank:
+def load_bank(path: str | os.PathLike, *, notice: Callable[[str], None] | None = None) -> EMABank:
     """A model-less, whole :class:`~emascope.bank.EMABank` (cpu) from a sharded snapshot's index or
     a single-file snapshot (all K rows in memory; for exports of one variant use :func:`export_variant`).
-    Counters (updates applied) are rank 0's."""
+    Counters (updates applied) are rank 0's. ``notice``: for a single file, see
+    :func:`~emascope.snapshot.load_snapshot`."""
     path = Path(path)
     if not path.name.endswith(".json"):
-        return load_snapshot(path)
+        return load_snapshot(path, notice=notice)
     snap = open_snapshot(path)
     n = int(snap.state["numel"])
     with contextlib.ExitStack() as stack:

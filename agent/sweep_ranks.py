@@ -178,7 +178,7 @@ def run_sweep_ranks(*, model: nn.Module, bank: Any, variants: list[str], step: i
                 model.eval()
                 if sampler is not None:
                     drawn = draw_and_extract(model, sampler, cfg, extractor, res.timings, keep_all=keep_all,
-                                             batches=shares[me], calls=calls)
+                                             notes=res.notes, batches=shares[me], calls=calls)
                     if extractor_error is not None and drawn.error is None:
                         drawn = drawn._replace(features=None, error=StageError("features", extractor_error))
                 if evaluate is not None:
