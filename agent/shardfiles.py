@@ -528,19 +528,28 @@ def latest_snapshot(run_dir: str | os.PathLike) -> Path | None:
 
 
 def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.PathLike | None = None,
-                    dtype: str | None = None) -> Path:
+                    dtype: str | None = None, *, notice: Callable[[str], None] | None = None) -> Path:
     """``emascope export``: one variant of a run from its latest snapshot, single-file
-    (:func:`emascope.snapshot.export_from_run`) or sharded (consolidated here, offline, no process
-    group). Default ``out``: ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``.
+    (:func:`emascope.snapshot.export_from_run`, ``notice`` as there) or sharded (consolidated here,
+    offline, no process group). Default ``out``: ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``;
+    a given ``out`` is checked by :func:`~emascope.snapshot.check_export_target`.
     :class:`~emascope.snapshot.ExportError` naming the problem before anything is written."""
     run_dir = Path(run_dir)
     latest = latest_snapshot(run_dir) if run_dir.is_dir() else None
     if latest is None or not latest.name.endswith(".json"):
-        return single.export_from_run(run_dir, variant, out, dtype)
+        return single.export_from_run(run_dir, variant, out, dtype, notice=notice)
     try:
         rf.validate_export_dtype(dtype)
     except ValueError as exc:
         raise ExportError(f"--dtype: {exc}") from None
+    if out is not None:
+        out = single.check_export_target(run_dir, out)
+    else:
+        try:
+            (run_dir / rf.EXPORTS).mkdir(exist_ok=True)
+            rf.run_subdir(run_dir, rf.EXPORTS)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot export into the run: {exc}") from None
     try:
         snap = open_snapshot(latest)
         name = snap.resolve(variant)
