@@ -87,6 +87,14 @@ def agent_worker(rank: int, world: int, tmp: str, mode: str) -> None:
         if scope is not None:
             out["score_now"] = scope.score_now() is not None  # a collective when sharded: every rank
             out["export"] = scope.export("0.99") is not None
+            if sharded:  # refused alike on every rank (rank 0 checks the path), no rank left in a collective
+                out["refused"] = []
+                for bad in ({"path": f"{tmp}/run/run.json"}, {"format": "transformers"}):
+                    try:
+                        scope.export("0.99", **bad)
+                        out["refused"].append(None)
+                    except ValueError as exc:
+                        out["refused"].append(str(exc))
             scope.close()
             out["bank_is_none"] = scope.bank is None
             out["current_step"] = scope.current_step

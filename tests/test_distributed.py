@@ -81,6 +81,9 @@ def test_sharded_ddp_and_fsdp2_score_on_every_rank_like_one_process(tmp_path):
         assert torch.equal(v, r1["weights"][k]), k
     assert r0["is_writer"] and not r1["is_writer"] and r0["sharded"] and r1["sharded"]
     assert r0["score_now"] and not r1["score_now"] and r0["export"] and not r1["export"]
+    # a refused export target (a file of the run) and a live pretrained format: ValueError on both ranks
+    assert "run.json" in r0["refused"][0] and r1["refused"][0].startswith("export refused on rank 0:")
+    assert all("written offline" in r["refused"][1] for r in (r0, r1))
     assert not r0["bank_is_none"] and not r1["bank_is_none"] and r1["current_step"] == STEPS
     # rank 0 alone wrote the run's files; every rank wrote its snapshot file
     info = json.loads((run_dir / "run.json").read_text())
