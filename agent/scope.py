@@ -782,8 +782,8 @@ class Scope:
         """Load the run's latest snapshot (``banks/latest.safetensors`` or a sharded set's
         ``banks/latest.index.json``) into the new bank and continue its step count. Each rank reads
         the columns it holds: bit-exact at the same world size, re-sharded at another. A one-process
-        bank resuming from ``latest.safetensors`` reads it whole and verifies its checksum; rank
-        files of a sharded set carry no checksum (their index and headers are checked).
+        bank resuming from ``latest.safetensors`` reads it whole and verifies its checksum; a rank
+        resuming at the same world size verifies its own rank file's checksum.
 
         Returns the snapshot's step, or ``None`` when the run has no snapshot yet (the bank then
         starts from the current weights at step 0). Raises ``ValueError`` if the snapshot belongs

@@ -84,7 +84,31 @@ def save_shard(bank: EMABank, path: str | os.PathLike, metadata: dict[str, str] 
     meta = _check_metadata(metadata)
     tensors, state = shard_tensors(bank)
     meta[rf.SNAPSHOT_META_KEY] = json.dumps(state, allow_nan=False, separators=(",", ":"))
-    return _atomic_save(_own_all(tensors), path, meta).stat().st_size
+    owned = _own_all(tensors)
+    meta[rf.SNAPSHOT_CHECKSUM_KEY] = single.snapshot_checksum(owned, meta)  # as in a single-file snapshot
+    return _atomic_save(owned, path, meta).stat().st_size
+
+
+def verify_rank_files(snap: Snapshot, ranks: list[int] | None = None) -> list[int]:
+    """Check the checksum (:func:`emascope.snapshot.snapshot_checksum`) of each rank file of ``snap``
+    (``ranks``: these only), one file in memory at a time. ``ValueError`` naming the first file whose
+    contents do not match; returns the ranks whose files have no checksum (written before rank files
+    had one: not verified)."""
+    unverified = []
+    for k in range(len(snap.files)) if ranks is None else ranks:
+        path = snap.files[k].path
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get(rf.SNAPSHOT_CHECKSUM_KEY)
+            if stored is None:
+                unverified.append(k)
+                continue
+            meta = dict(f.metadata())
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if single.snapshot_checksum(tensors, meta) != stored:
+            raise ValueError(f"{str(path)!r}: checksum mismatch (the rank file is corrupt: changed after it "
+                             "was written)")
+        del tensors
+    return unverified
 
 
 def save_sharded_snapshot(bank: EMABank, run_dir: str | os.PathLike, index: str,
@@ -428,6 +452,7 @@ def export_variant(snap: Snapshot, variant: str | float, path: str | os.PathLike
     Reads the rank files entry by entry; holds one variant, never the K rows."""
     v = snap.resolve(variant)
     dt = parse_dtype(dtype)
+    verify_rank_files(snap)
     meta = rf.export_metadata(v, int(snap.state["step"]), run_id=snap.run_id if run_id is None else run_id,
                               emascope_version=__version__)
     out: dict[str, torch.Tensor] = {}
@@ -446,6 +471,7 @@ def load_bank(path: str | os.PathLike, *, notice: Callable[[str], None] | None =
     if not path.name.endswith(".json"):
         return load_snapshot(path, notice=notice)
     snap = open_snapshot(path)
+    verify_rank_files(snap)
     n = int(snap.state["numel"])
     with contextlib.ExitStack() as stack:
         reader = _Reader(snap, stack)
@@ -488,6 +514,7 @@ def load_bank_state(bank: EMABank, path: str | os.PathLike) -> int:
             th = [reader.columns("theta0", lo, hi) for lo, hi in ranges]
             sd["theta0"] = torch.cat(th) if th else torch.empty(0)
         if same is not None:
+            verify_rank_files(snap, [same])  # the file this rank resumes from as it is
             sd["applied"], sd["bc_pow"] = reader.counters(same)
         else:
             counts = [reader.counters(k) for k in range(len(snap.files))]

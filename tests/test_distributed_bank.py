@@ -69,6 +69,29 @@ def _check_world(tmp_path, results, world: int) -> None:
         assert torch.equal(whole.state_dict()["theta0"], ref.state_dict()["theta0"])
 
 
+def _corrupt_rank_file_is_refused(tmp_path, world: int) -> None:
+    """Every rank file carries a checksum; a flipped byte in one is refused by the offline readers."""
+    import shutil
+
+    src = tmp_path / "ddp"
+    bad = tmp_path / "ddp-corrupt"
+    shutil.copytree(src, bad)
+    snap = SF.open_snapshot(bad / rf.SNAPSHOT_INDEX)
+    for f in snap.files:
+        with safe_open(str(f.path), "pt") as fh:
+            assert fh.metadata()[rf.SNAPSHOT_CHECKSUM_KEY].startswith("sha256:")
+    assert SF.verify_rank_files(snap) == []
+    target = snap.files[world - 1].path
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x10  # a bit of the last tensor's data
+    target.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        SF.export_variant(snap, "0.9", tmp_path / "never.safetensors")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        SF.load_bank(bad / rf.SNAPSHOT_INDEX)
+    assert not (tmp_path / "never.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_sharded_banks_two_then_three_ranks(tmp_path):
     from emascope.export_cli import main as export_main
@@ -78,6 +101,7 @@ def test_sharded_banks_two_then_three_ranks(tmp_path):
     three.mkdir()
     results = spawn(bank_worker, 2, ("",), str(two))
     _check_world(two, results, 2)
+    _corrupt_rank_file_is_refused(two, 2)
     # `emascope export` on a directory whose latest snapshot is the sharded set: offline consolidation
     out = tmp_path / "cli.safetensors"
     assert export_main([str(two / "ddp"), "--variant", "0.9", "--out", str(out)]) == 0
