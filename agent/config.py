@@ -30,7 +30,7 @@ from emascope.ema_math import (
     validate_decays,
     validate_update_every,
 )
-from emascope.runformat import DIRECTIONS
+from emascope.runformat import BUSY_POLICIES, COPY_PLACEMENTS, DIRECTIONS, SCORING_MODES
 
 IMAGE_RANGES = ("auto", "-1,1", "0,1")
 
@@ -114,6 +114,9 @@ class ScoringConfig:
     ``kid_subset_size`` (``None``: min(1000, num_samples, num_reference)) and ``kid_subsets``: KID.
     ``nearest_k``: k of density/coverage; ``prc_neighborhood``: k of precision/recall.
     ``preview``: images in each PNG grid; ``preview_points``: points in each ``.npy`` preview.
+    ``batched_sampling``: the sampler is a pure function of the model (the contract of
+    :mod:`emascope.batched`): draw all variants in one vmapped call per batch (same samples),
+    falling back to one variant at a time if that fails.
     """
 
     num_samples: int = 2000
@@ -131,6 +134,7 @@ class ScoringConfig:
     prc_neighborhood: int = 3
     kid_subset_size: int | None = None
     kid_subsets: int = 100
+    batched_sampling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "feature_batch_size", "kid_subsets", "nearest_k",
@@ -142,6 +146,7 @@ class ScoringConfig:
         check_int("preview_points", self.preview_points, 0)
         check_int("reference_size", self.reference_size, 2, allow_none=True)
         check_int("kid_subset_size", self.kid_subset_size, 2, allow_none=True)
+        check_bool("batched_sampling", self.batched_sampling)
         if self.image_range not in IMAGE_RANGES:
             raise ValueError(f"image_range must be one of {IMAGE_RANGES}, got {self.image_range!r}")
         fe = self.feature_extractor
@@ -175,6 +180,19 @@ class RunConfig:
     between bank snapshots (``None``: ``score_every``). ``heartbeat_interval``: seconds between
     heartbeats; ``request_interval``: seconds between checks of ``requests/`` and of the bank's
     non-finite skip counter.
+
+    Where sweeps run (docs/agent.md, "Where scoring runs"): ``scoring`` is ``"background"`` (a
+    worker thread scores a frozen copy of the bank while training goes on), ``"inline"`` (in the
+    step hook; training waits) or ``"external"`` (the training process only writes a stage
+    snapshot; ``emascope score`` scores it elsewhere). ``score_busy``: a scoring point reached
+    while a background sweep runs is ``"queue"``-d (one waits; a newer one replaces it),
+    ``"skip"``-ped, or ``"wait"``-s (training blocks while another stage already waits).
+    ``score_copy``: where the frozen copy lives (``"auto"``: device if it fits, else pinned host
+    memory, else the stage snapshot on disk; see
+    :func:`emascope.background.choose_copy_placement`). ``score_timeout``: seconds a background
+    sweep may go without progress (a sample batch, a variant, a metric) before it is declared hung,
+    abandoned and recorded (``None``: never). ``close_timeout``: seconds ``close()`` waits for
+    background sweeps in all (``None``: as long as they make progress).
     """
 
     run_dir: str
@@ -186,6 +204,11 @@ class RunConfig:
     snapshot_every: int | None = None
     heartbeat_interval: float = 2.0
     request_interval: float = 1.0
+    scoring: str = "background"
+    score_busy: str = "queue"
+    score_copy: str = "auto"
+    score_timeout: float | None = 1800.0
+    close_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, os.PathLike)) or not os.fspath(self.run_dir):
@@ -202,6 +225,13 @@ class RunConfig:
         check_int("snapshot_every", self.snapshot_every, 1, allow_none=True)
         check_seconds("heartbeat_interval", self.heartbeat_interval, positive=True)
         check_seconds("request_interval", self.request_interval)
+        for name, allowed in (("scoring", SCORING_MODES), ("score_busy", BUSY_POLICIES),
+                              ("score_copy", COPY_PLACEMENTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("score_timeout", "close_timeout"):
+            if getattr(self, name) is not None:
+                check_seconds(name, getattr(self, name), positive=True)
 
     @property
     def snapshot_interval(self) -> int | None:

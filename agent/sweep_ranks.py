@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from emascope import runformat as rf
 from emascope.collectives import all_gather_json, gather_rows, rank_world
 from emascope.config import ScoringConfig
 from emascope.features import Features
@@ -162,7 +163,7 @@ def run_sweep_ranks(*, model: nn.Module, bank: Any, variants: list[str], step: i
     res.timings["gather"] = 0.0
     t_start = time.perf_counter()
     if writer is not None:
-        writer.event("score_start", step, variants=list(variants), world_size=world)
+        writer.event("score_start", step, variants=list(variants), world_size=world, scorer=rf.SCORER_INLINE)
     keep_all = sample_metrics is not None
     extract = extractor is not None or extractor_error is not None
     need = batches_needed(cfg, extract, keep_all)
@@ -208,9 +209,12 @@ def run_sweep_ranks(*, model: nn.Module, bank: Any, variants: list[str], step: i
             writer.error(whole.error.where, step, whole.error.exc, variant=variant)
         finish_variant(res, writer, variant, cfg, reference, fd_name, whole.head, whole.features, whole.samples,
                        user, sample_metrics)
+        writer.event("score_progress", step, scorer=rf.SCORER_INLINE, variant=variant,
+                     done=variants.index(variant) + 1, total=len(variants))
     if writer is None:
         return None
-    writer.event("score_done", step, seconds=time.perf_counter() - t_start, timings=dict(res.timings),
-                 num_samples=res.num_samples, errors=res.errors, world_size=world)
+    res.seconds = time.perf_counter() - t_start
+    writer.event("score_done", step, seconds=res.seconds, timings=dict(res.timings),
+                 num_samples=res.num_samples, errors=res.errors, world_size=world, scorer=rf.SCORER_INLINE)
     return res
 

@@ -41,7 +41,8 @@ def spawn(fn, world: int, args: tuple, tmp: str, timeout_s: float = 240) -> list
 
 
 AGENT_KW = {"score_every": 4, "snapshot_every": 4, "num_samples": 100, "batch_size": 30, "decays": DECAYS,
-            "request_interval": 0.0, "heartbeat_interval": 0.5, "score_at_close": True}
+            "request_interval": 0.0, "heartbeat_interval": 0.5, "score_at_close": True,
+            "score_busy": "wait"}  # shard=False: background sweeps on rank 0, none of the stages skipped
 
 
 def agent_hooks() -> dict:
