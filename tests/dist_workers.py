@@ -74,6 +74,11 @@ def agent_worker(rank: int, world: int, tmp: str, mode: str) -> None:
         data, g = mixture(1000, seed=10 + rank), torch.Generator().manual_seed(rank)  # different batches
         sharded = mode == "sharded"
         scope = None
+        if sharded:  # refused alike on every rank before anything is written (no collective)
+            try:
+                attach(model, opt, run_dir=f"{tmp}/external", scoring="external", **agent_hooks(), **AGENT_KW)
+            except ValueError as exc:
+                out["external_refused"] = "scoring='external'" in str(exc) and not os.path.exists(f"{tmp}/external")
         if sharded or rank == 0:
             scope = attach(model, opt, run_dir=f"{tmp}/run", shard=None if sharded else False, **agent_hooks(),
                            **AGENT_KW)

@@ -80,6 +80,7 @@ def test_sharded_ddp_and_fsdp2_score_on_every_rank_like_one_process(tmp_path):
     for k, v in r0["weights"].items():  # DDP kept the replicas equal
         assert torch.equal(v, r1["weights"][k]), k
     assert r0["is_writer"] and not r1["is_writer"] and r0["sharded"] and r1["sharded"]
+    assert r0["external_refused"] and r1["external_refused"]  # scoring='external' with a sharded bank
     assert r0["score_now"] and not r1["score_now"] and r0["export"] and not r1["export"]
     # a refused export target (a file of the run) and a live pretrained format: ValueError on both ranks
     assert "run.json" in r0["refused"][0] and r1["refused"][0].startswith("export refused on rank 0:")
@@ -96,6 +97,9 @@ def test_sharded_ddp_and_fsdp2_score_on_every_rank_like_one_process(tmp_path):
     assert not [e for e in events if e["type"] == "error"], [e for e in events if e["type"] == "error"]
     done = [e for e in events if e["type"] == "score_done"]
     assert [e["step"] for e in done] == [4, 8, STEPS] and all(e["world_size"] == 2 for e in done)
+    assert all(e["scorer"] == "inline" for e in done)  # the default scoring="background": at the step
+    assert [e for e in events if e["type"] == "notice" and e.get("where") == "background"]
+    assert all((run_dir / rf.stage_done_file(s)).is_file() for s in (4, 8, STEPS))
     assert all(e["num_samples"] == 100 for e in done)
     snaps = [e for e in events if e["type"] == "snapshot"]
     assert [e["step"] for e in snaps] == [4, 8, STEPS] and {e["path"] for e in snaps} == {rf.SNAPSHOT_INDEX}
