@@ -230,9 +230,10 @@ class RunWriter:
             return
         self._guard(rf.RUN_JSON, lambda: atomic_write_json(self.run_dir / rf.RUN_JSON, body))
 
-    def metric(self, step: int, variant: str, metric: str, value: float | None) -> None:
-        """Append one metrics.jsonl line (``value`` must already be finite or None)."""
-        self._append(rf.METRICS, rf.metric_record(step, variant, metric, value, time.time()))
+    def metric(self, step: int, variant: str, metric: str, value: float | None, **interval: Any) -> None:
+        """Append one metrics.jsonl line (``value`` must already be finite or None; ``interval``:
+        the optional ``se``, ``lo``, ``hi``, ``n`` of :func:`emascope.runformat.metric_record`)."""
+        self._append(rf.METRICS, rf.metric_record(step, variant, metric, value, time.time(), **interval))
 
     def metrics(self, records: list[dict[str, Any]]) -> None:
         """Append metrics.jsonl records (:func:`emascope.runformat.metric_record`) in one write."""
@@ -323,10 +324,11 @@ class StageWriter:
     half stage in metrics.jsonl; events and previews (atomic files, rewritten identically when the
     stage is scored again) go through at once. After :meth:`mute` nothing more is written (an
     abandoned sweep that wakes up later). ``on_write()`` is called on every write (liveness).
-    ``score_done`` events are held back and written after the records (:meth:`commit`).
+    ``score_done`` and ``comparison`` events are held back and written after the records
+    (:meth:`commit`): an abandoned sweep leaves no comparison of records that were never written.
     """
 
-    HELD = ("score_done",)
+    HELD = ("score_done", rf.EVENT_COMPARISON)
 
     def __init__(self, base: RunWriter, on_write: Callable[[], None] | None = None) -> None:
         self.base = base
@@ -343,10 +345,10 @@ class StageWriter:
             self.muted = True
             self.pending, self.held = [], []
 
-    def metric(self, step: int, variant: str, metric: str, value: float | None) -> None:
+    def metric(self, step: int, variant: str, metric: str, value: float | None, **interval: Any) -> None:
         with self._lock:
             if not self.muted:
-                self.pending.append(rf.metric_record(step, variant, metric, value, time.time()))
+                self.pending.append(rf.metric_record(step, variant, metric, value, time.time(), **interval))
         self.on_write()
 
     def commit(self, before: Callable[[], bool] = lambda: True,

@@ -381,10 +381,39 @@ SAMPLE_KINDS = ("images", "points")
 SAMPLE_SEEDING = "batch_sha256"
 
 
-def metric_record(step: int, variant: str, metric: str, value: float | None, time: float) -> dict[str, Any]:
-    """One metrics.jsonl record; ``decay`` is derived from the variant (``None`` for raw/bema)."""
-    return {"step": int(step), "variant": variant, "decay": decay_of(variant), "metric": metric,
-            "value": value, "time": time}
+#: Optional keys of a metrics.jsonl record (format 1, added with the uncertainty intervals): the
+#: standard error ``se``, the interval ``lo``/``hi`` at the run's confidence level, and ``n``, the
+#: number of generated samples the value was computed on. Absent when unknown (and in older runs).
+METRIC_INTERVAL_KEYS = ("se", "lo", "hi", "n")
+#: events.jsonl types written with the uncertainty intervals (format 1, additive).
+EVENT_COMPARISON = "comparison"
+EVENT_NOISE_FLOOR = "noise_floor"
+#: ``noise_floor`` sources: exact samples of the data distribution given to ``attach``, or a disjoint
+#: split of the reference (part of it scored against the rest).
+FLOOR_SOURCES = ("exact", "reference_split")
+
+
+def metric_record(step: int, variant: str, metric: str, value: float | None, time: float, *,
+                  se: float | None = None, lo: float | None = None, hi: float | None = None,
+                  n: int | None = None) -> dict[str, Any]:
+    """One metrics.jsonl record; ``decay`` is derived from the variant (``None`` for raw/bema).
+    The optional :data:`METRIC_INTERVAL_KEYS` are written only when given."""
+    rec = {"step": int(step), "variant": variant, "decay": decay_of(variant), "metric": metric,
+           "value": value, "time": time}
+    for key, v in (("se", se), ("lo", lo), ("hi", hi)):
+        if v is not None:
+            rec[key] = float(v)
+    if n is not None:
+        rec["n"] = int(n)
+    return rec
+
+
+def comparison_entry(*, diff: float, se: float | None, lo: float | None, hi: float | None, n: int | None,
+                     worse: bool | None, paired: bool) -> dict[str, Any]:
+    """One variant of a ``comparison`` event: ``diff`` = its value minus the best's (metric units),
+    the standard error and interval of that difference, the samples per variant it rests on, and
+    whether the variant is significantly worse than the best (``null``: unknown)."""
+    return {"diff": diff, "se": se, "lo": lo, "hi": hi, "n": n, "worse": worse, "paired": bool(paired)}
 
 
 def event_record(type: str, step: int, time: float, **fields: Any) -> dict[str, Any]:

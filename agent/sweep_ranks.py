@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from emascope import estimates as E
 from emascope import runformat as rf
 from emascope.collectives import all_gather_json, gather_rows, rank_world
 from emascope.config import ScoringConfig
@@ -161,6 +162,7 @@ def run_sweep_ranks(*, model: nn.Module, bank: Any, variants: list[str], step: i
     me, world = rank_world(group)
     res = SweepResult(step=step, errors=int(prior_errors))
     res.timings["gather"] = 0.0
+    halves = E.Halves(cfg) if cfg.uncertainty and writer is not None else None  # intervals, on rank 0
     t_start = time.perf_counter()
     if writer is not None:
         writer.event("score_start", step, variants=list(variants), world_size=world, scorer=rf.SCORER_INLINE)
@@ -179,7 +181,7 @@ def run_sweep_ranks(*, model: nn.Module, bank: Any, variants: list[str], step: i
                 model.eval()
                 if sampler is not None:
                     drawn = draw_and_extract(model, sampler, cfg, extractor, res.timings, keep_all=keep_all,
-                                             notes=res.notes, batches=shares[me], calls=calls)
+                                             notes=res.notes, share=shares[me], calls=calls)
                     if extractor_error is not None and drawn.error is None:
                         drawn = drawn._replace(features=None, error=StageError("features", extractor_error))
                 if evaluate is not None:
@@ -196,7 +198,8 @@ def run_sweep_ranks(*, model: nn.Module, bank: Any, variants: list[str], step: i
                 writer.error("swap", step, exc, variant=variant)
         if sampler is None:
             if writer is not None:
-                finish_variant(res, writer, variant, cfg, reference, fd_name, None, None, None, user, None)
+                finish_variant(res, writer, variant, cfg, reference, fd_name, None, None, None, user, None,
+                               halves=halves, evaluated=evaluate is not None)
             continue
         t = time.perf_counter()
         whole = gather_drawn(drawn, cfg, shares, group)
@@ -207,8 +210,9 @@ def run_sweep_ranks(*, model: nn.Module, bank: Any, variants: list[str], step: i
         if whole.error is not None:
             res.errors += 1
             writer.error(whole.error.where, step, whole.error.exc, variant=variant)
+        res.samples_drawn += whole.num_drawn
         finish_variant(res, writer, variant, cfg, reference, fd_name, whole.head, whole.features, whole.samples,
-                       user, sample_metrics)
+                       user, sample_metrics, halves=halves, evaluated=evaluate is not None)
         writer.event("score_progress", step, scorer=rf.SCORER_INLINE, variant=variant,
                      done=variants.index(variant) + 1, total=len(variants))
     if writer is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import streamlit as st
 
 from emascope import runformat as rf
-from emascope.dashboard import exporting, plots, ranking
+from emascope.dashboard import exporting, intervals, plots, ranking
 from emascope.dashboard.data import (
     RunData,
     RunReader,
@@ -273,7 +273,7 @@ def compare_view(root: Path, runs: list[Path], metric: str, direction: str | Non
         hide_index=True,
         width="stretch",
     )
-    flips = ranking.ranking_flips(comp)
+    flips = significant_flips(comp)
     if flips:
         st.warning(
             "The ranking flips: "
@@ -350,6 +350,57 @@ def export_view(run: RunData) -> None:
         )
 
 
+def significant_flips(comp) -> list[tuple[int, str, str]]:
+    """The ranking flips between runs worth a warning: significant ones when the runs recorded
+    standard errors (a caption counts the others), all of them for runs without."""
+    flips = ranking.significant_ranking_flips(comp)
+    noise = [f for f in flips if f[3] is False]
+    if noise:
+        st.caption(f"{len(noise)} ranking flip(s) between runs are within the noise (95% intervals) and not shown.")
+    return [(s, a, b) for s, a, b, sig in flips if sig is not False]
+
+
+class Uncertainty:
+    """What the run recorded about its uncertainty, parsed once per rerun (empty for runs without it)."""
+
+    def __init__(self, run: RunData, metric: str | None) -> None:
+        self.comparisons = intervals.comparisons(run.events)
+        self.floor = intervals.noise_floor(run.events)
+        self.changes = intervals.best_changes(self.comparisons, metric) if metric else []
+
+    def floor_of(self, metric: str) -> intervals.Floor | None:
+        return self.floor.get(metric)
+
+
+def log_y_toggle(run: RunData, metric: str) -> bool:
+    """The 'log y' checkbox of the metric-vs-decay view, offered for distance metrics only."""
+    if metric not in plots.LOG_METRICS:
+        return False
+    return st.checkbox(
+        "log scale y",
+        key=f"log_y_{metric}",
+        value=plots.log_scale_possible(run.metrics, metric),
+        help="Distances span decades once long decays collapse; a log axis keeps the good variants apart.",
+    )
+
+
+def best_changes_caption(unc: Uncertainty, metric: str) -> None:
+    """Under 'best decay over training': which changes of the best decay the noise cannot explain."""
+    if not unc.comparisons:
+        return
+    sig = [c for c in unc.changes if c.significant]
+    noise = len(unc.changes) - len(sig)
+    parts = [
+        f"step {ranking.format_step(c.step_before)} → {ranking.format_step(c.step)}: {c.before} → {c.after}"
+        for c in sig
+    ]
+    found = "significant changes of the best decay: " + "; ".join(parts)
+    text = f"**{metric}**: " + (found if parts else "no significant change of the best decay")
+    if noise:
+        text += f" ({noise} other change(s) of the best decay are within the noise)"
+    st.caption(text)
+
+
 _CSS = """<style>
 .block-container {padding-top: 2.2rem; padding-bottom: 1rem;}
 [data-testid="stMetricValue"] {font-size: 1.5rem;}
@@ -407,7 +458,9 @@ def main() -> None:
         st.info("No scores yet: the first scoring sweep has not finished. This page updates live.")
         return
     direction = run.directions.get(metric)
-    rec = ranking.recommend(run.metrics, run.directions, metric, stage)
+    unc = Uncertainty(run, metric)
+    rec = ranking.recommend(run.metrics, run.directions, metric, stage, comparisons=unc.comparisons,
+                            floor=unc.floor, changes=unc.changes)
     (st.warning if rec.level == "warning" else st.info)(
         rec.text, icon="⚠️" if rec.level == "warning" else "🎯"
     )
@@ -426,18 +479,22 @@ def main() -> None:
     )
     with tabs[0]:
         max_lines = st.session_state.get("max_lines", plots.MAX_LINES)
+        log_y = log_y_toggle(run, metric)
         st.plotly_chart(
-            plots.metric_vs_decay(run.metrics, metric, direction, max_lines=max_lines),
+            plots.metric_vs_decay(run.metrics, metric, direction, max_lines=max_lines,
+                                  floor=unc.floor_of(metric), log_y=log_y),
             width="stretch",
             key="vs_decay",
         )
     with tabs[1]:
-        st.plotly_chart(plots.heatmap(run.metrics, metric, direction), width="stretch", key="heatmap")
+        st.plotly_chart(plots.heatmap(run.metrics, metric, direction, comparisons=unc.comparisons),
+                        width="stretch", key="heatmap")
     with tabs[2]:
         st.plotly_chart(plots.precision_recall(run.metrics, stage, metric), width="stretch", key="pr")
     with tabs[3]:
         drift = ranking.best_decay_drift(run.metrics, run.directions)
         st.plotly_chart(plots.best_decay_over_training(drift), width="stretch", key="drift")
+        best_changes_caption(unc, metric)
     with tabs[4]:
         samples_view(run, stage)
     with tabs[5]:

@@ -28,7 +28,9 @@ import pandas as pd
 from emascope import runformat as rf
 from emascope.runformat import FormatVersionError, check_format_version  # noqa: F401 (re-exported)
 
-METRIC_COLUMNS = list(rf.METRIC_KEYS)
+#: Columns of the metrics frame: the record keys, then the optional interval fields (NaN when a
+#: record has none: runs written before them, metrics without an interval).
+METRIC_COLUMNS = list(rf.METRIC_KEYS) + list(rf.METRIC_INTERVAL_KEYS)
 _PREFIX_CHECK = 64  # bytes before the read offset compared to detect a rewritten file
 _SKIP_DIRS = {*rf.SUBDIRS, "__pycache__", "node_modules"}
 
@@ -187,6 +189,7 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
     Returns ``(frame, invalid)`` where ``invalid`` counts records without an integer ``step``,
     a string ``variant`` or a string ``metric``. ``value`` is float (NaN when null/non-finite),
     ``decay`` is float (NaN for raw/bema). A repeated (step, variant, metric) keeps the last one.
+    The optional ``se``, ``lo``, ``hi``, ``n`` are float columns, NaN when absent or not finite.
     """
     rows = []
     invalid = 0
@@ -205,7 +208,8 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
         value = _finite_or_none(r.get("value"))
         decay = _finite_or_none(r.get("decay"))
         t = _finite_or_none(r.get("time"))
-        rows.append((step, variant, decay, metric, value, t))
+        rows.append((step, variant, decay, metric, value, t,
+                     *(_finite_or_none(r.get(k)) for k in rf.METRIC_INTERVAL_KEYS)))
     frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
     frame = frame.astype(
         {
@@ -215,6 +219,7 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
             "metric": "object",
             "value": "float64",
             "time": "float64",
+            **dict.fromkeys(rf.METRIC_INTERVAL_KEYS, "float64"),
         }
     )
     if len(frame):
