@@ -110,14 +110,21 @@ def write_model_config(run_dir: str | os.PathLike, record: dict[str, Any]) -> Pa
 
 
 def read_model_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The recorded model config of a run, ``None`` if the run has none; ``ValueError`` if malformed."""
+    """The recorded model config of a run, ``None`` if the run has none; ``ValueError`` if malformed,
+    larger than :data:`~emascope.runformat.MAX_MODEL_CONFIG_BYTES` or nested too deeply."""
     path = Path(run_dir) / rf.MODEL_CONFIG
     if not path.is_file():
         return None
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with open(path, "rb") as f:  # is_file(): a regular file, never a FIFO or device
+            data = f.read(rf.MAX_MODEL_CONFIG_BYTES + 1)
+        if len(data) > rf.MAX_MODEL_CONFIG_BYTES:
+            raise ValueError(f"larger than {rf.MAX_MODEL_CONFIG_BYTES} bytes")
+        body = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError) as exc:  # JSON and UTF-8 errors are ValueErrors
         raise ValueError(f"{str(path)!r} is not readable JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{str(path)!r} is not readable JSON: nested too deeply") from None
     return rf.parse_model_config(body)
 
 

@@ -40,7 +40,8 @@ def check_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume
     """Check that ``run_dir`` may be used, writing nothing; returns it as a ``Path``.
 
     A folder that already holds a run (any of ``run.json``, ``metrics.jsonl``, ``events.jsonl``)
-    is refused unless ``resume=True`` (append to it) or ``overwrite=True``. Raises ``ValueError``.
+    is refused unless ``resume=True`` (append to it) or ``overwrite=True``. ``resume=True`` refuses
+    a ``metrics.jsonl`` / ``events.jsonl`` that exists but is not a regular file. Raises ``ValueError``.
     """
     if overwrite and resume:
         raise ValueError("overwrite=True and resume=True exclude each other")
@@ -56,6 +57,11 @@ def check_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume
     if existing and not (overwrite or resume):
         raise ValueError(f"run_dir {str(path)!r} already holds a run ({', '.join(existing)}); "
                          "pass resume=True to append to it or overwrite=True to replace it")
+    if resume:
+        for name in rf.APPENDED:  # appended to in place: a FIFO or device there would block or swallow records
+            if (path / name).exists() and not (path / name).is_file():
+                raise ValueError(f"resume=True: {name} of the run {str(path)!r} is not a regular file "
+                                 "(a FIFO, device or folder); remove it, or pass overwrite=True to start afresh")
     return path
 
 

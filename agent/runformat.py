@@ -658,6 +658,12 @@ def model_config_body(*, library: str, cls: str, library_version: str, prefix: s
             "config": config}
 
 
+#: Largest ``run.json`` the agent reads back when resuming (a real one is a few kB).
+MAX_RUN_JSON_BYTES = 16 * 1024 * 1024
+#: Largest ``model_config.json`` read (a real config is a few kB; a hostile one is refused unread).
+MAX_MODEL_CONFIG_BYTES = 16 * 1024 * 1024
+
+
 def parse_model_config(body: Any) -> dict[str, Any]:
     """Validate a :data:`MODEL_CONFIG` body read from disk; ``ValueError`` naming the bad field."""
     if not isinstance(body, dict):

@@ -926,10 +926,18 @@ class Scope:
         return self._step
 
     def _previous_run(self) -> dict[str, Any]:
-        """The run.json of the run being resumed (``{}`` if missing or unreadable)."""
+        """The run.json of the run being resumed (``{}`` if missing, unreadable, not a regular file
+        or larger than :data:`~emascope.runformat.MAX_RUN_JSON_BYTES`: never an unbounded read)."""
+        path = self.run_dir / rf.RUN_JSON
         try:
-            info = json.loads((self.run_dir / rf.RUN_JSON).read_text(encoding="utf-8"))
-        except Exception:  # noqa: BLE001
+            if not path.is_file():
+                return {}
+            with open(path, "rb") as f:
+                data = f.read(rf.MAX_RUN_JSON_BYTES + 1)
+            if len(data) > rf.MAX_RUN_JSON_BYTES:
+                return {}
+            info = json.loads(data.decode("utf-8"))
+        except Exception:  # noqa: BLE001 - RecursionError, bad JSON, OSError: start a fresh record
             return {}
         return info if isinstance(info, dict) else {}
 
