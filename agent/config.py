@@ -3,7 +3,8 @@
 ``attach(model, optimizer, **kwargs)`` takes flat keyword arguments (like torch-fidelity's
 ``calculate_metrics``) and :func:`split_kwargs` maps each onto the one config that owns it:
 
-- :class:`BankConfig`: the EMA bank (decays, where it lives, update_every, bias correction, BEMA);
+- :class:`BankConfig`: the EMA bank (decays, where it lives, update_every, bias correction, BEMA,
+  sharding over ranks);
 - :class:`ScoringConfig`: how a sweep samples and scores (sample counts, seeds, extractor, metrics);
 - :class:`RunConfig`: the run directory and the schedule (score/snapshot every, heartbeat);
 - :class:`Hooks`: the user's objects (sampler, reference, evaluate, sample_metrics, directions).
@@ -59,11 +60,14 @@ class BankConfig:
     """The EMA bank (:class:`emascope.bank.EMABank`, same meaning and defaults).
 
     ``decays``: decays ``d`` in [0, 1) (``None``: :data:`emascope.ema_math.DEFAULT_DECAYS`).
-    ``device``: where the bank lives (``None``: the parameters' device; ``"cpu"``: pinned host
-    memory). ``update_every``: fold the weights in every m-th optimizer step with decay ``d**m``.
-    ``bias_correction``: Adam-style zero-initialised EMAs (else initialised to the attach weights).
-    ``bema``: ``True`` or a :class:`BEMAConfig` adds the ``"bema"`` variant.
-    ``average_buffers``: average floating-point buffers too (else taken from the live model).
+    ``device``: where the bank lives (``None``: the parameters' device; ``"cpu"``: the host placement,
+    host memory updated by a background thread; ``"auto"``: chosen from the memory plan, refused
+    with the numbers when nothing fits). ``update_every``: fold the weights in every m-th optimizer
+    step with decay ``d**m``. ``bias_correction``: Adam-style zero-initialised EMAs (else
+    initialised to the attach weights). ``bema``: ``True`` or a :class:`BEMAConfig` adds the
+    ``"bema"`` variant. ``average_buffers``: average floating-point buffers too (else taken from
+    the live model). ``shard``: split the bank over the ranks of torch.distributed (``None``: when
+    there is more than one rank; FSDP2 models always; ``False``: rank 0 holds the whole bank).
     """
 
     decays: tuple[float, ...] | None = DEFAULT_DECAYS
@@ -72,6 +76,7 @@ class BankConfig:
     bias_correction: bool = False
     bema: BEMAConfig | bool | None = False
     average_buffers: bool = False
+    shard: bool | None = None
 
     def __post_init__(self) -> None:
         decays = DEFAULT_DECAYS if self.decays is None else self.decays
@@ -90,6 +95,8 @@ class BankConfig:
         object.__setattr__(self, "bema", bema)
         if self.device is not None:
             object.__setattr__(self, "device", str(self.device))
+        if self.shard not in (None, True, False):
+            raise ValueError(f"shard must be True, False or None (auto), got {self.shard!r}")
 
 
 @dataclass(frozen=True)

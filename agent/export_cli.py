@@ -1,10 +1,11 @@
 """``emascope export RUN_DIR --variant D [--format F] [--out PATH] [--dtype float32]``.
 
-Rebuilds one variant from the run's bank snapshot (``banks/latest.safetensors``) without the
-model's Python class and writes it (atomic files):
+Rebuilds one variant from the run's latest bank snapshot (``banks/latest.safetensors``, or a
+sharded run's ``banks/latest.index.json`` and its per-rank files, consolidated offline with no
+process group) without the model's Python class and writes it (atomic files):
 
 - ``--format safetensors`` (default): one ``.safetensors`` state dict, through
-  :func:`emascope.snapshot.export_from_run`; default ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``;
+  :func:`emascope.shardfiles.export_from_run`; default ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``;
 - ``--format transformers`` / ``diffusers``: a folder that ``from_pretrained`` loads (the config
   recorded at attach + the weights), through :func:`emascope.pretrained.export_pretrained`;
   default ``RUN_DIR/exports/ema-<variant>-step<step>/``.
@@ -27,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry (dispatched from ``emascope export``). Prints the path and size; returns exit code."""
     parser = argparse.ArgumentParser(prog="emascope export",
                                      description="Export one variant (EMA decay) of a run as .safetensors.")
-    parser.add_argument("run_dir", help="run directory (holds banks/latest.safetensors)")
+    parser.add_argument("run_dir", help="run directory (holds banks/latest.safetensors or a sharded snapshot)")
     parser.add_argument("--variant", required=True, help='decay such as 0.999, or "raw" / "bema"')
     parser.add_argument("--out", default=None, help="output path (default: RUN_DIR/exports/...)")
     parser.add_argument("--dtype", default=None, choices=["float32"], help="cast floating tensors")
@@ -37,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     # torch is imported only here
     from emascope.pretrained import export_pretrained
-    from emascope.snapshot import ExportError, export_from_run
+    from emascope.shardfiles import export_from_run
+    from emascope.snapshot import ExportError
 
     def note(message: str) -> None:
         print(f"emascope export: note: {message}", file=sys.stderr)

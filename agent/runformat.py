@@ -44,6 +44,14 @@ SCORING = "scoring"
 SCORING_LOCK = f"{SCORING}/run_json.lock"
 #: The latest bank snapshot (safetensors, atomic replace).
 SNAPSHOT = f"{BANKS}/latest.safetensors"
+#: The latest snapshot of a *sharded* bank: a JSON index (atomic replace) naming one safetensors
+#: file per rank (:func:`snapshot_shard_file`), written instead of :data:`SNAPSHOT`.
+SNAPSHOT_INDEX = f"{BANKS}/latest.index.json"
+#: The files that may hold a run's latest bank snapshot (one of them; the newer one wins).
+LATEST_SNAPSHOTS = (SNAPSHOT, SNAPSHOT_INDEX)
+#: ``format`` and ``version`` of a sharded snapshot's index.
+SHARD_INDEX_FORMAT = "emascope-bank-shards"
+SHARD_INDEX_VERSION = 1
 #: The first reference points of a low-dimensional run (float32 ``[n, d]`` .npy).
 REFERENCE_POINTS = f"{SAMPLES}/reference.npy"
 #: The model's transformers / diffusers config, recorded at attach when the model has one (JSON
@@ -111,6 +119,43 @@ def stage_snapshot_file(step: int) -> str:
     """``banks/step_<step:09d>.safetensors``: the bank as it was at a scoring stage (same format as
     :data:`SNAPSHOT`), kept for out-of-process scoring and post-hoc synthesis of other decays."""
     return f"{BANKS}/{stage_dir_name(step)}.safetensors"
+
+
+def shard_file_name(stem: str, rank: int, world_size: int) -> str:
+    """``<stem>.rank<rank:05d>-of-<world_size:05d>.safetensors``: one rank's file of a sharded snapshot."""
+    if not 0 <= int(rank) < int(world_size):
+        raise ValueError(f"rank {rank!r} is not in [0, {world_size!r})")
+    return f"{stem}.rank{int(rank):05d}-of-{int(world_size):05d}.safetensors"
+
+
+_SHARD_RE = re.compile(r"(.+)\.rank(\d{5,})-of-(\d{5,})\.safetensors")
+
+
+def parse_shard_file_name(name: str) -> tuple[str, int, int] | None:
+    """``(stem, rank, world_size)`` of a :func:`shard_file_name`, else ``None``."""
+    m = _SHARD_RE.fullmatch(name)
+    if not m or int(m.group(2)) >= int(m.group(3)):
+        return None
+    return m.group(1), int(m.group(2)), int(m.group(3))
+
+
+def snapshot_shard_file(step: int, rank: int, world_size: int) -> str:
+    """``banks/latest.step_<step:09d>.rank<r:05d>-of-<W:05d>.safetensors``: rank ``r``'s file of the
+    latest sharded snapshot (named by step, so the previous set stays whole until the new index
+    replaces :data:`SNAPSHOT_INDEX`)."""
+    return shard_file_name(f"{BANKS}/latest.{stage_dir_name(step)}", rank, world_size)
+
+
+def stage_snapshot_index(step: int) -> str:
+    """``banks/step_<step:09d>.index.json``: a sharded bank's snapshot at a scoring stage (the
+    sharded form of :func:`stage_snapshot_file`)."""
+    return f"{BANKS}/{stage_dir_name(step)}.index.json"
+
+
+def stage_snapshot_shard_file(step: int, rank: int, world_size: int) -> str:
+    """``banks/step_<step:09d>.rank<r:05d>-of-<W:05d>.safetensors``: rank ``r``'s file of
+    :func:`stage_snapshot_index`."""
+    return shard_file_name(f"{BANKS}/{stage_dir_name(step)}", rank, world_size)
 
 
 def parse_stage_snapshot_name(name: str) -> int | None:

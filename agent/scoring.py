@@ -22,7 +22,7 @@ import functools
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -190,8 +190,11 @@ class _Collector:
         self.kept = self.drawn = 0
         self.error: StageError | None = None
 
-    def add(self, out: torch.Tensor, timings: dict[str, float]) -> None:
-        """Take one batch (already checked and on the CPU)."""
+    def add(self, out: torch.Tensor, timings: dict[str, float], start: int | None = None) -> None:
+        """Take one batch (already checked and on the CPU). ``start``: the batch's first sample's
+        index in the whole sweep (default: the batches so far, drawn in order); a rank drawing its
+        share of the batches keeps the parts of its batches below the preview size."""
+        pos = self.drawn if start is None else start
         self.drawn += len(out)
         if self.keep_all:
             self.everything.append(out)
@@ -200,8 +203,8 @@ class _Collector:
                 self.keep = self.cfg.preview if sample_kind(out) == "images" else self.cfg.preview_points
             except ValueError:
                 self.keep = 0  # a custom sample type: no preview
-        if self.kept < self.keep:
-            self.head.append(out[: self.keep - self.kept])
+        if pos < self.keep:
+            self.head.append(out[: self.keep - pos])
             self.kept += len(self.head[-1])
         if self.extractor is not None:
             t = time.perf_counter()
@@ -216,6 +219,10 @@ class _Collector:
     def wants_more(self) -> bool:
         """False once nothing more would be kept: no features wanted, no keep_all, head full."""
         return self.extractor is not None or self.keep_all or self.kept < self.keep
+
+    def wants_batch_at(self, start: int) -> bool:
+        """Whether a batch whose first sample has index ``start`` in the sweep would be kept."""
+        return self.extractor is not None or self.keep_all or start < self.keep
 
     def result(self) -> Drawn:
         features = None
@@ -245,7 +252,8 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
                      timings: dict[str, float], *, keep_all: bool = False,
                      on_batch: Callable[[], None] | None = None,
-                     notes: list[str] | None = None, batches: range | None = None) -> Drawn:
+                     notes: list[str] | None = None, batches: range | None = None,
+                     share: Sequence[int] | None = None, calls: int | None = None) -> Drawn:
     """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size``, batch ``b`` from a generator
     (on the model's device) seeded with :func:`batch_seed` ``(cfg.seed, b)``, and turn each batch into
     features as it arrives.
@@ -262,12 +270,19 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
     is converted (integer points) is added to ``notes``. ``batches``: draw only these batches (a
     range of batch indices, e.g. a racing round's; each drawn exactly as in a full sweep); the
     preview head then comes from the first batches drawn.
+
+    ``share``: draw only these batch indices, in this (ascending) order: one rank's share of a
+    sweep on every rank (each batch exactly as in the whole sweep; ``head`` then holds the rank's
+    part of the preview, the samples of its batches below the preview size). ``calls``: make exactly
+    this many sampler calls, the ones beyond ``share`` throwaway draws (a sharded model's sampler
+    runs collectively: every rank must call it as often as the others).
     """
     device = model_device(model)
     col = _Collector(cfg, extractor, keep_all)
     sizes = batch_sizes(cfg.num_samples, cfg.batch_size)
     todo = range(len(sizes)) if batches is None else range(max(0, batches.start), min(len(sizes), batches.stop))
-    for b in todo:
+    order = list(todo) if share is None else list(share)
+    for pos, b in enumerate(order):
         n = sizes[b]
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
         t = time.perf_counter()
@@ -277,11 +292,24 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
             return Drawn(None, None, StageError("sampler", exc), col.drawn, None)
         finally:
             timings["sampling"] += time.perf_counter() - t
-        col.add(out, timings)
+        col.add(out, timings, start=None if share is None else b * cfg.batch_size)
         if on_batch is not None:
             on_batch()
-        if not col.wants_more:
+        if calls is not None:
+            continue  # a collective sampler: every call is made
+        if share is None and not col.wants_more:
             break
+        if share is not None and (pos + 1 == len(order) or not col.wants_batch_at(order[pos + 1] * cfg.batch_size)):
+            break  # nothing more to keep: the preview head is full and no features are wanted
+    for j in range(max(0, (calls or 0) - len(order))):  # throwaway draws: keep collective samplers in step
+        gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, len(sizes) + j))
+        t = time.perf_counter()
+        try:
+            sampler(model, sizes[-1], gen)
+        except Exception as exc:  # noqa: BLE001
+            col.error = col.error or StageError("sampler", exc)
+        finally:
+            timings["sampling"] += time.perf_counter() - t
     return col.result()
 
 
@@ -582,8 +610,23 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
         if evaluate is not None:
             user.update(_user_hook("evaluate", evaluate, model, res, writer, variant, "user_metrics"))
     drawn = None
+    finish_variant(res, writer, variant, cfg, reference, fd_name, samples, feats, every, user, sample_metrics,
+                   kid_device, tick, halves, evaluate is not None)
+
+
+def finish_variant(res: SweepResult, writer: RunWriter, variant: str, cfg: ScoringConfig,
+                   reference: Reference | None, fd_name: str, samples: torch.Tensor | None,
+                   feats: Features | None, every: torch.Tensor | None, user: dict[str, Any],
+                   sample_metrics: SampleMetrics | None, kid_device: torch.device | str | None = None,
+                   tick: Callable[[], None] = lambda: None, halves: E.Halves | None = None,
+                   evaluated: bool = False) -> None:
+    """After a variant was drawn: ``sample_metrics`` over all its samples, the user metrics, the
+    preview and the feature metrics with their intervals, recorded through ``writer`` (the writing
+    rank's half of a variant's scoring: a sweep on every rank gathers the samples' features here
+    first). ``evaluated``: ``user`` holds an ``evaluate`` hook's values."""
+    step = res.step
     estimates: dict[str, Any] = res.estimates.setdefault(variant, {})
-    if evaluate is not None or sample_metrics is not None:
+    if evaluated or sample_metrics is not None:
         estimates.update(E.user_estimates({k: v for k, v in user.items()}))
     if every is not None and sample_metrics is not None:
         with torch.no_grad():
@@ -791,6 +834,17 @@ class Scorer:
             self._batched_ok = False  # recorded once: later sweeps draw one variant at a time
         self._note(result, reference, step, writer)
         return result
+
+    def reference_for(self, model: nn.Module, step: int) -> Reference | None:
+        """The reference (built, cached on disk, at the first call; ``None`` without a sampler or
+        after it failed); builds :attr:`extractor` too. For sweeps on every rank of a sharded bank
+        (:mod:`emascope.sweep_ranks`), called by rank 0 in the training thread."""
+        return self._prepare_reference(model, step, self.writer) if self.hooks.sampler is not None else None
+
+    def note(self, result: SweepResult, reference: Reference | None, step: int) -> None:
+        """After a sweep run elsewhere (every rank): the KID subset notice, new metrics' directions,
+        the sample kind, the samples' conversion notes."""
+        self._note(result, reference, step, self.writer)
 
     def directions(self) -> dict[str, str | None]:
         """Direction of every metric known now: built-in ones, the run's, the user's."""

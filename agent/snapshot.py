@@ -363,9 +363,9 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     raise ValueError(f"dtype must be None, a floating torch.dtype or its name (e.g. 'float32'), got {dtype!r}")
 
 
-def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLike, *,
+def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLike | None, *,
                       dtype: torch.dtype | str | None = None, run_id: str = "",
-                      metadata: dict[str, str] | None = None, prefix: str = "") -> Path:
+                      metadata: dict[str, str] | None = None, prefix: str = "") -> Path | None:
     """Write one variant's full state_dict to ``path`` (.safetensors, atomic); returns the path.
 
     Metadata: :func:`emascope.runformat.export_metadata` (variant, decay, the bank's step, run_id,
@@ -373,11 +373,24 @@ def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLi
     ``dtype=None`` keeps each tensor's model dtype; a floating dtype casts floating tensors.
     ``prefix``: keep only the entries whose key starts with it, with it removed (a submodule's
     state dict, e.g. ``"unet."``); ``""`` keeps everything.
+
+    A sharded bank: a collective (every rank calls it); the entries stream to rank 0 one at a time
+    (:meth:`EMABank.stream_variant`), rank 0 writes ``path`` and the other ranks return ``None``
+    (their ``path`` is not used).
     """
     v = bank.resolve(variant)
     meta = rf.export_metadata(v, bank.step, run_id=run_id, emascope_version=__version__)
     meta.update(_check_metadata(metadata))
-    sd = bank.materialize(v, dtype=parse_dtype(dtype), device="cpu")
+    sd: dict[str, torch.Tensor] = {}
+    for keys, t in bank.stream_variant(v, dtype=parse_dtype(dtype), dst=0):
+        if t is not None:
+            for key in keys:
+                sd[key] = t
+    plan = bank.shard_plan
+    if plan is not None and plan.rank != 0:
+        return None
+    if path is None:
+        raise ValueError("export_checkpoint: path is required on the writing rank")
     if prefix:
         sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
         if not sd:

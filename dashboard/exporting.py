@@ -133,7 +133,8 @@ def export_command(run_dir: str | os.PathLike, variant: str, out: Path, dtype: s
 
 def export_from_snapshot(run_dir: str | os.PathLike, variant: str, name: str, dtype: str | None = None, *,
                          overwrite: bool = False) -> Path:
-    """Rebuild ``variant`` from ``banks/latest.safetensors`` into ``exports/<name>.safetensors``.
+    """Rebuild ``variant`` from the latest bank snapshot (``banks/latest.safetensors`` or a sharded
+    run's ``banks/latest.index.json``) into ``exports/<name>.safetensors``.
 
     Runs ``emascope export`` in a child process (torch is imported there, never here). Raises
     ValueError for a bad name/variant/dtype, :class:`ExportExists` when the target exists and
@@ -145,8 +146,8 @@ def export_from_snapshot(run_dir: str | os.PathLike, variant: str, name: str, dt
     rf.validate_export_dtype(dtype)
     if not overwrite and os.path.lexists(out):
         raise ExportExists(f"{rf.export_file(out.stem)} already exists")
-    if not (Path(run_dir) / rf.SNAPSHOT).is_file():
-        raise FileNotFoundError(f"no bank snapshot at {Path(run_dir) / rf.SNAPSHOT}")
+    if not any((Path(run_dir) / rel).is_file() for rel in rf.LATEST_SNAPSHOTS):
+        raise FileNotFoundError(f"no bank snapshot at {Path(run_dir) / rf.SNAPSHOT} (nor a sharded one)")
     try:
         done = subprocess.run(export_command(run_dir, variant, out, dtype), capture_output=True, text=True,
                               timeout=EXPORT_TIMEOUT_S, stdin=subprocess.DEVNULL)
