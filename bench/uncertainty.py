@@ -7,9 +7,10 @@ OMP_NUM_THREADS=1 python bench/uncertainty.py --fresh-racing 4000 --racing-metri
 OMP_NUM_THREADS=1 python bench/uncertainty.py --fresh --runs tree2d,digits --no-racing   # cost, side by side
 ```
 
-The shipped runs under ``sample_runs/runs`` were written before intervals existed, so they recorded
-no interval timings and no comparisons: ``--fresh`` and ``--fresh-racing`` score their last-stage
-banks again, here, with the current agent (``Scorer.sweep``), which is what the README's figures are.
+The shipped runs under ``sample_runs/runs`` were written with intervals: every sweep recorded its
+interval timings, its paired comparison and the run its noise floor, which the default command
+reads back; ``--fresh`` and ``--fresh-racing`` score their last-stage banks again, here, with the
+current agent (``Scorer.sweep``).
 
 1. **Cost of the intervals** (goal <= 10% of sweep time): every sweep of the shipped runs
    (``sample_runs/runs/tree2d`` and ``digits``) timed its intervals (``timings.uncertainty``:

@@ -341,36 +341,42 @@ def test_digits_end_to_end(tmp_path, tiny_classifier):
 # ---------------------------------------------------------------------------------------------- shipped
 
 
-@pytest.mark.parametrize("name, min_samples", [("tree2d", 4000), ("digits", 500)])
-def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
-    """The shipped runs are format-1 runs written before intervals existed (no ``se``/``lo``/``hi``,
-    no ``comparison`` or ``noise_floor`` events): the reader keeps reading them, the dashboard's
-    interval helpers find nothing to draw, and the sample scripts' defaults are the runs' settings."""
-    from emascope.dashboard import intervals
-
+@pytest.mark.parametrize("name, num_samples, num_stages", [("tree2d", 4000, 8), ("digits", 1000, 8)])
+def test_shipped_run_is_readable_and_complete(name, num_samples, num_stages, tmp_path):
+    """The shipped runs are format-1 runs with intervals: every value of the generated samples has
+    its 95% interval, every stage its paired comparison, the run its noise floor; the sample scripts'
+    defaults are the runs' settings, and the bank exports into the sample's model."""
     run_dir = RUNS / name
     assert (run_dir / "run.json").is_file(), f"shipped run {run_dir} is missing"
     run = load_run(run_dir)
     assert run.error is None and run.state() == "finished"
-    steps = sorted(run.metrics["step"].unique())
-    assert len(steps) >= 8
+    steps = sorted(int(s) for s in run.metrics["step"].unique())
+    assert len(steps) == num_stages
     assert set(run.metrics["variant"]) == ALL_VARIANTS
     counts = run.metrics.groupby("step")["variant"].nunique()
     assert (counts == len(ALL_VARIANTS)).all()
-    assert run.info["settings"]["num_samples"] >= min_samples
     assert not run.events_of("error")
-    assert len(sample_stages(run_dir)) >= 8
+    assert len(sample_stages(run_dir)) == num_stages
     info = json.loads((run_dir / "run.json").read_text())
     assert info["format_version"] == 1
-    # an older run: no intervals, comparisons or floor, and nothing of them is invented
-    assert "se" not in run.metrics.columns or run.metrics["se"].isna().all()
-    assert not run.events_of("comparison") and not run.events_of("noise_floor")
-    assert intervals.comparisons(run.events) == {}
+    settings = info["settings"]
+    assert settings["num_samples"] == num_samples and settings.get("sample_seeding")
+    # every value of the generated samples has its interval, every stage its paired comparison at
+    # 95%, and the run its noise floor
+    feature = run.metrics[run.metrics["metric"].isin(["fd", "precision", "recall", "coverage", "density"])]
+    assert len(feature) == 5 * len(ALL_VARIANTS) * num_stages
+    assert feature["se"].notna().all() and (feature["lo"] <= feature["value"]).all() \
+        and (feature["value"] <= feature["hi"]).all() and (feature["n"] == num_samples).all()
+    comps = run.events_of("comparison")
+    assert sorted({int(e["step"]) for e in comps}) == steps and {e["level"] for e in comps} == {0.95}
+    floor = run.events_of("noise_floor")
+    assert len(floor) == 1 and floor[0]["source"] == ("exact" if name == "tree2d" else "reference_split")
+    assert {"fd", "precision", "recall"} <= set(floor[0]["metrics"])
     # the sample script's defaults are the shipped run's settings
     cfg = tree2d.Tree2DConfig() if name == "tree2d" else digits.DigitsConfig()
-    settings = info["settings"]
     assert (settings["num_samples"], settings["score_every"]) == (cfg.num_samples, cfg.score_every)
     assert settings["batch_size"] == cfg.sample_batch and settings["seed"] == cfg.seed + 1
+    assert max(steps) == cfg.steps
     # The bank snapshot is there and exports a variant that loads into the sample's model.
     out = tmp_path / "x.safetensors"
     assert emascope(["export", str(run_dir), "--variant", "0.999", "--out", str(out)]) == 0
@@ -389,6 +395,34 @@ def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
         mine = tree2d.TreeMetrics(make_tree(), cfg).means(x)
         assert row["log_likelihood"] == pytest.approx(mine["log_likelihood"], rel=1e-5)
         assert row["tail_coverage"] == pytest.approx(mine["tail_coverage"], rel=1e-5)
+
+
+def test_a_run_written_before_intervals_is_still_read(tmp_path):
+    """Format 1 is additive: the shipped tree2d run with its intervals, comparisons, floor and
+    per-batch seeding stripped (as an emascope before intervals wrote it) is read, and the dashboard's
+    interval helpers find nothing to draw and invent nothing."""
+    import shutil
+
+    from emascope import runformat as rf
+    from emascope.dashboard import intervals
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(RUNS / "tree2d", run_dir)
+    rows = [json.loads(line) for line in (run_dir / rf.METRICS).read_text().splitlines()]
+    (run_dir / rf.METRICS).write_text("".join(json.dumps({k: v for k, v in r.items() if k not in
+                                                          {"se", "lo", "hi", "n"}}) + "\n" for r in rows))
+    events = [json.loads(line) for line in (run_dir / rf.EVENTS).read_text().splitlines()]
+    (run_dir / rf.EVENTS).write_text("".join(json.dumps(e) + "\n" for e in events
+                                             if e["type"] not in {"comparison", "noise_floor"}))
+    info = json.loads((run_dir / "run.json").read_text())
+    info["settings"].pop("sample_seeding", None)
+    (run_dir / "run.json").write_text(json.dumps(info))
+    run = load_run(run_dir)
+    assert run.error is None and run.state() == "finished"
+    assert len(run.metrics) == len(rows)
+    assert "se" not in run.metrics.columns or run.metrics["se"].isna().all()
+    assert not run.events_of("comparison") and not run.events_of("noise_floor")
+    assert intervals.comparisons(run.events) == {} and intervals.noise_floor(run.events) == {}
 
 
 def test_shipped_runs_are_small():
