@@ -869,6 +869,13 @@ class Scorer:
                 real = reference.features
                 m = len(real.features)
                 n_a = min(cfg.num_samples, m // 2)
+                if m - n_a <= reference.nearest_k:
+                    writer.event("notice", step, where="noise_floor", message=(
+                        f"no noise floor: a reference of {m} items is too small to split into {n_a} samples "
+                        f"and a k-NN reference of more than nearest_k={reference.nearest_k} items; give "
+                        "exact_samples or a larger reference"))
+                    self._floor_done = True
+                    return None
                 perm = torch.randperm(m, generator=torch.Generator().manual_seed(cfg.seed))
                 a, b = perm[:n_a], perm[n_a:]
                 logits = real.logits
