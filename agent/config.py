@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emascope.ema_math import DEFAULT_DECAYS, BEMAConfig, validate_decays, validate_update_every
-from emascope.runformat import DIRECTIONS
+from emascope.runformat import DIRECTIONS, SNAPSHOT_DTYPES
 
 IMAGE_RANGES = ("auto", "-1,1", "0,1")
 
@@ -100,6 +100,10 @@ class ScoringConfig:
     ``kid_subset_size`` (``None``: min(1000, num_samples, num_reference)) and ``kid_subsets``: KID.
     ``nearest_k``: k of density/coverage; ``prc_neighborhood``: k of precision/recall.
     ``preview``: images in each PNG grid; ``preview_points``: points in each ``.npy`` preview.
+    ``search_evals``: after each sweep, score up to this many decays *between* the grid's, synthesised
+    post hoc from the stage snapshots, by golden-section search on ``log(1 - decay)`` around the
+    best grid decay of ``search_metric`` (``None``: fid, else fd, else the first ranked metric); 0: off
+    (docs/synthesis.md). Needs stage snapshots (``stage_snapshots`` != 0).
     """
 
     num_samples: int = 2000
@@ -117,11 +121,16 @@ class ScoringConfig:
     prc_neighborhood: int = 3
     kid_subset_size: int | None = None
     kid_subsets: int = 100
+    search_evals: int = 0
+    search_metric: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "feature_batch_size", "kid_subsets", "nearest_k",
                      "prc_neighborhood"):
             check_int(name, getattr(self, name), 1)
+        check_int("search_evals", self.search_evals, 0)
+        if self.search_metric is not None and (not isinstance(self.search_metric, str) or not self.search_metric):
+            raise ValueError(f"search_metric must be a metric name or None, got {self.search_metric!r}")
         check_int("num_samples", self.num_samples, 2)
         check_int("seed", self.seed, 0)
         check_int("preview", self.preview, 0)
@@ -172,6 +181,9 @@ class RunConfig:
     snapshot_every: int | None = None
     heartbeat_interval: float = 2.0
     request_interval: float = 1.0
+    stage_snapshots: int | None = 16
+    stage_lead_in: tuple[int, ...] = (4, 16, 64)
+    stage_snapshot_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, os.PathLike)) or not os.fspath(self.run_dir):
@@ -188,6 +200,15 @@ class RunConfig:
         check_int("snapshot_every", self.snapshot_every, 1, allow_none=True)
         check_seconds("heartbeat_interval", self.heartbeat_interval, positive=True)
         check_seconds("request_interval", self.request_interval)
+        check_int("stage_snapshots", self.stage_snapshots, 0, allow_none=True)
+        lead = self.stage_lead_in
+        if isinstance(lead, (str, bytes)) or not isinstance(lead, Sequence) or any(
+                isinstance(a, bool) or not isinstance(a, int) or a < 1 for a in lead):
+            raise ValueError(f"stage_lead_in must be a sequence of integers >= 1 (steps), got {lead!r}")
+        object.__setattr__(self, "stage_lead_in", tuple(sorted(set(lead))))
+        if self.stage_snapshot_dtype not in SNAPSHOT_DTYPES:
+            raise ValueError(f"stage_snapshot_dtype must be one of {SNAPSHOT_DTYPES}, "
+                             f"got {self.stage_snapshot_dtype!r}")
 
     @property
     def snapshot_interval(self) -> int | None:

@@ -121,9 +121,12 @@ class RunWriter:
         body = {**rf.run_json_header(), **info}
         self._guard(rf.RUN_JSON, lambda: atomic_write_json(self.run_dir / rf.RUN_JSON, body))
 
-    def metric(self, step: int, variant: str, metric: str, value: float | None) -> None:
-        """Append one metrics.jsonl line (``value`` must already be finite or None)."""
-        self._append(rf.METRICS, rf.metric_record(step, variant, metric, value, time.time()))
+    def metric(self, step: int, variant: str, metric: str, value: float | None, *,
+               synthesized: dict[str, Any] | None = None) -> None:
+        """Append one metrics.jsonl line (``value`` must already be finite or None); ``synthesized``:
+        the error of a post-hoc synthesised variant (:func:`emascope.runformat.synthesis_record`)."""
+        self._append(rf.METRICS, rf.metric_record(step, variant, metric, value, time.time(),
+                                                  synthesized=synthesized))
 
     def event(self, type: str, step: int, **fields: Any) -> None:
         """Append one events.jsonl line ``{"time", "step", "type", **fields}``."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from torch import nn
 
 from emascope import features as F
 from emascope import runformat as rf
+from emascope import stage_snapshots as stages
 from emascope.bank import EMABank, unwrap_model
 from emascope.config import BankConfig, Hooks, RunConfig, ScoringConfig, build_configs, settings_of
 from emascope.requests import RequestPoller
@@ -164,7 +166,8 @@ class Scope:
             self.writer.event("resume", self._step, snapshot_step=resumed_from)
         self.writer.start_heartbeat()
         self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
-                                      on_result=self._export_event)
+                                      on_result=self._export_event, synthesize=self._synthesize_for_request)
+        self._note_stage_snapshot_cost()
 
     # ------------------------------------------------------------------ public API
 
@@ -243,6 +246,9 @@ class Scope:
         self._last_scored = self._last_snapshot = None
         if self.writer is not None:
             self.writer.event("resume", step, snapshot_step=None, source="state_dict")
+            gone = stages.drop_after(self.run_dir, step)
+            if gone:  # taken on a trajectory the restart abandons: synthesis must not mix them in
+                self.writer.event("snapshot_pruned", step, paths=gone)
 
     def close(self, *, score: bool | None = None) -> None:
         """Final score (if due), final snapshot, ``close`` event, heartbeat ``closed``. Idempotent.
@@ -266,6 +272,7 @@ class Scope:
             if self._last_snapshot != self._step:
                 self._snapshot()
             self.requests.poll(self._step)
+            self.requests.join()
         except Exception as exc:  # noqa: BLE001
             self.writer.error("close", self._step, exc)
         self.writer.event("close", self._step, seconds_alive=time.time() - self.t0)
@@ -293,6 +300,10 @@ class Scope:
         try:
             self._update_bank()
             step, run = self._step, self.run_cfg
+            if run.stage_snapshots != 0 and self._bank_ok:
+                stage = stages.next_stage_for_lead_in(step, run.score_every, run.stage_lead_in, self.bank.update_every)
+                if stage is not None:
+                    self._lead_in_snapshot(stage)
             if run.snapshot_interval and step % run.snapshot_interval == 0:
                 self._snapshot()
             if run.score_every and step % run.score_every == 0:
@@ -328,10 +339,136 @@ class Scope:
 
     def _score(self) -> SweepResult:
         self._last_scored = self._step
+        self.write_stage_snapshot()
         variants = list(self.bank.variants) if self._bank_ok else [rf.RAW]
         self.last_scores = self.scorer.sweep(self.model, self.bank if self._bank_ok else None, variants,
                                              self._step)
+        if self.scorer.cfg.search_evals > 0 and self._bank_ok:
+            self._search_between(self.last_scores)
         return self.last_scores
+
+    # ------------------------------------------------------------------ post-hoc synthesis
+
+    def write_stage_snapshot(self, protected: tuple[int, ...] = ()) -> str | None:
+        """Write the stage snapshot of the current step (``banks/step_<step>.safetensors``) and apply
+        the retention policy (``stage_snapshots``; ``protected`` steps are never deleted). Called at
+        every scoring stage; returns the relative path, ``None`` when off or on failure (an ``error``
+        event, ``where: "snapshot"``). See :mod:`emascope.stage_snapshots`."""
+        run = self.run_cfg
+        if run.stage_snapshots == 0 or not self._bank_ok or not self.is_writer:
+            return None
+        t = time.perf_counter()
+        try:
+            rel, nbytes = stages.write_stage_snapshot(self.bank, self.run_dir, self._step, run_id=str(self.run_id),
+                                                      dtype=run.stage_snapshot_dtype)
+        except Exception as exc:  # noqa: BLE001 (full disk, ...)
+            self.writer.error("snapshot", self._step, exc)
+            return None
+        self.writer.event("snapshot", self._step, path=rel, bytes=int(nbytes), seconds=time.perf_counter() - t,
+                          role=rf.ROLE_STAGE)
+        upcoming = None
+        if run.score_every:
+            upcoming = (self._step // run.score_every + 1) * run.score_every
+        gone = stages.retain(self.run_dir, run.stage_snapshots, protected=protected, upcoming=upcoming)
+        if gone:
+            self.writer.event("snapshot_pruned", self._step, paths=gone)
+        return rel
+
+    def _lead_in_snapshot(self, stage: int) -> None:
+        run = self.run_cfg
+        t = time.perf_counter()
+        try:
+            out = stages.write_lead_in_snapshot(self.bank, self.run_dir, self._step, stage, lead_in=run.stage_lead_in,
+                                                run_id=str(self.run_id), dtype=run.stage_snapshot_dtype)
+        except Exception as exc:  # noqa: BLE001
+            self.writer.error("snapshot", self._step, exc)
+            return
+        if out is not None:
+            self.writer.event("snapshot", self._step, path=out[0], bytes=int(out[1]),
+                              seconds=time.perf_counter() - t, role=rf.ROLE_LEAD_IN, stage=stage)
+
+    def _note_stage_snapshot_cost(self) -> None:
+        """Print and record (``notice`` event, ``where: "stage_snapshots"``) their disk cost."""
+        run = self.run_cfg
+        if run.stage_snapshots == 0:
+            return
+        cost = stages.disk_cost(self.bank, keep=run.stage_snapshots, lead_in=run.stage_lead_in,
+                                dtype=run.stage_snapshot_dtype)
+        text = stages.describe_cost(cost)
+        print(f"emascope: {text} (stage_snapshots=, stage_lead_in=, stage_snapshot_dtype= set this)",
+              file=sys.stderr)
+        self.writer.event("notice", self._step, where="stage_snapshots", message=text, **cost)
+
+    def _synthesize_for_request(self, request: rf.ExportRequest, path: Path) -> tuple[int, dict[str, Any]]:
+        """Write a synthesised export for a request (runs in a worker thread: reads files only)."""
+        from emascope.posthoc import export_synthesized
+
+        out, report = export_synthesized(self.run_dir, path, decay=request.decay, sigma_rel=request.sigma_rel,
+                                         dtype=request.dtype, force=request.force)
+        return out.stat().st_size, report.as_json()
+
+    def _search_between(self, result: SweepResult) -> None:
+        """Score synthesised decays between the grid's around the best one (``search_evals``)."""
+        from emascope.decay_search import search_between
+
+        try:
+            self._run_search(result, search_between)
+        except Exception as exc:  # noqa: BLE001 - never into training
+            self.writer.error("search", self._step, exc)
+
+    def _run_search(self, result: SweepResult, search_between: Any) -> None:
+        from emascope.posthoc import StateSwap, synthesize
+        from emascope.synthesis import SynthesisError, exponential_distance
+
+        step = self._step
+        metric = self._search_metric(result)
+        if metric is None:
+            return
+        direction = self.scorer.metric_directions.get(metric)
+        grid = {rf.decay_of(v): s.get(metric) for v, s in result.scores.items() if rf.decay_of(v) is not None}
+        reports: dict[float, Any] = {}
+
+        def evaluate(decay: float) -> float | None:
+            try:
+                sd, report = synthesize(self.run_dir, decay=decay, step=step)
+            except SynthesisError as exc:
+                self.writer.event("notice", step, where="search", message=str(exc))
+                return None
+            reports[decay] = report
+            name = rf.variant_name(decay)
+            mark = rf.synthesis_record(profile_residual=report.profile_residual,
+                                       predicted_error=report.predicted_error, error_bound=report.error_bound)
+            swap = StateSwap({name: sd})
+            res = self.scorer.sweep(self.model, swap, [name], step, synthesized=mark)
+            return res.scores.get(name, {}).get(metric)
+
+        def resolvable(d1: float, d2: float) -> bool:
+            # the ends differ by more than the synthesis error of the bracket's probes
+            worst = max((r.profile_residual for r in reports.values()), default=0.0)
+            return exponential_distance(d1, d2, step, self.bank.update_every,
+                                        self.bank.bias_correction) > max(worst, 1e-6)
+
+        out = search_between(grid, evaluate, direction=direction, max_evals=self.scorer.cfg.search_evals,
+                             resolvable=resolvable)
+        self.writer.event("search", step, metric=metric, direction=direction,
+                          evaluated=[{"decay": d, "value": v,
+                                      "profile_residual": getattr(reports.get(d), "profile_residual", None),
+                                      "predicted_error": getattr(reports.get(d), "predicted_error", None)}
+                                     for d, v in out.evaluated],
+                          best_decay=out.best_decay, best_value=out.best_value, best_is_grid=out.best_is_grid,
+                          stopped=out.stopped)
+
+    def _search_metric(self, result: SweepResult) -> str | None:
+        """The metric the search optimises: ``search_metric``, else fid, fd, else the first with a direction."""
+        names = {m for s in result.scores.values() for m in s}
+        wanted = self.scorer.cfg.search_metric
+        dirs = self.scorer.metric_directions
+        if wanted is not None:
+            return wanted if wanted in names and dirs.get(wanted) in rf.DIRECTIONS else None
+        for m in ("fid", "fd", *sorted(names)):
+            if m in names and dirs.get(m) in rf.DIRECTIONS:
+                return m
+        return None
 
     # ------------------------------------------------------------------ snapshots and exports
 

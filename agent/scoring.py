@@ -399,12 +399,17 @@ class Scorer:
             return "fid"
         return "fid" if spec in (None, "auto") and self.sample_kind == "images" else "fd"
 
-    def sweep(self, model: nn.Module, bank: Any, variants: list[str], step: int) -> SweepResult:
+    def sweep(self, model: nn.Module, bank: Any, variants: list[str], step: int, *,
+              synthesized: dict[str, Any] | None = None) -> SweepResult:
         """Score ``variants`` at ``step`` (see :func:`run_sweep`). The training job's global random
-        streams are forked and restored, so they are the same with and without the sweep."""
+        streams are forked and restored, so they are the same with and without the sweep.
+
+        ``synthesized``: the variants are decays synthesised post hoc (``bank`` swaps their state
+        dicts in); every metrics record gets this ``synthesized`` object (docs/synthesis.md)."""
+        writer = self.writer if synthesized is None else _MarkedWriter(self.writer, synthesized)
         with torch.random.fork_rng(devices=cuda_devices(model)):
             reference = self._prepare_reference(model, step) if self.hooks.sampler is not None else None
-            result = run_sweep(model=model, bank=bank, variants=variants, step=step, writer=self.writer,
+            result = run_sweep(model=model, bank=bank, variants=variants, step=step, writer=writer,
                                cfg=self.cfg, sampler=self.hooks.sampler, extractor=self.extractor,
                                reference=reference, evaluate=self.hooks.evaluate,
                                sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name())
@@ -472,6 +477,19 @@ class Scorer:
         if kind == "points" and not (self.run_dir / rf.REFERENCE_POINTS).exists():
             self.writer.save_points(rf.REFERENCE_POINTS, data[: cfg.preview_points].float().numpy())
         return Reference.build(feats, cfg.nearest_k)
+
+
+class _MarkedWriter:
+    """A :class:`RunWriter` whose metric records carry a ``synthesized`` object; all else delegated."""
+
+    def __init__(self, writer: RunWriter, synthesized: dict[str, Any]) -> None:
+        self._writer, self._synthesized = writer, synthesized
+
+    def metric(self, step: int, variant: str, metric: str, value: float | None) -> None:
+        self._writer.metric(step, variant, metric, value, synthesized=self._synthesized)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
 
 
 def reference_kind(reference: Any) -> str | None:

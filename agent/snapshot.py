@@ -92,9 +92,31 @@ def _own_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # snapshots
 
 
-def snapshot_tensors(bank: EMABank) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the JSON state of a snapshot of ``bank``."""
+def snapshot_tensors(bank: EMABank, *, dtype: torch.dtype | None = None,
+                     decays: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the JSON state of a snapshot of ``bank``.
+
+    ``dtype``: store the bank rows (``bank``, and BEMA's ``theta0``) in this floating dtype instead
+    of float32 (``load_snapshot`` reads them back as float32). ``decays``: keep only these decays'
+    rows (a subset of the bank's; BEMA is dropped): the snapshot is then the state of a smaller
+    bank holding just those decays, readable like any other.
+    """
     sd = bank.state_dict()
+    if decays is not None:
+        keep = [float(d) for d in decays]
+        missing = [d for d in keep if d not in bank.decays]
+        if missing or not keep:
+            raise ValueError(f"decays {missing or keep} are not a non-empty subset of the bank's {list(bank.decays)}")
+        rows = [bank.decays.index(d) for d in keep]
+        sd.update(decays=keep, bank=sd["bank"][rows].contiguous(), bc_pow=sd["bc_pow"][rows].contiguous(),
+                  bema=None)
+        sd.pop("theta0", None)
+    if dtype is not None and dtype != torch.float32:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"snapshot dtype must be a floating torch.dtype, got {dtype!r}")
+        sd["bank"] = sd["bank"].to(dtype)
+        if "theta0" in sd:
+            sd["theta0"] = sd["theta0"].to(dtype)
     tensors: dict[str, torch.Tensor] = {"bank": sd["bank"], "applied": sd["applied"].reshape(1),
                                         "bc_pow": sd["bc_pow"]}
     if "theta0" in sd:
@@ -105,13 +127,16 @@ def snapshot_tensors(bank: EMABank) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, state
 
 
-def save_snapshot(bank: EMABank, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> int:
+def save_snapshot(bank: EMABank, path: str | os.PathLike, metadata: dict[str, str] | None = None, *,
+                  dtype: torch.dtype | None = None, decays: Any = None) -> int:
     """Write ``bank``'s whole state (bank rows + live weights) to ``path`` (.safetensors, atomic).
 
-    ``metadata``: extra string keys (e.g. ``run_id``, ``step``). Returns the file size in bytes.
+    ``metadata``: extra string keys (e.g. ``run_id``, ``step``). ``dtype`` / ``decays``: store the
+    rows in a smaller floating dtype / only some decays' rows (see :func:`snapshot_tensors`; stage
+    and lead-in snapshots use them). Returns the file size in bytes.
     """
     meta = _check_metadata(metadata)
-    tensors, state = snapshot_tensors(bank)
+    tensors, state = snapshot_tensors(bank, dtype=dtype, decays=decays)
     meta[rf.SNAPSHOT_META_KEY] = json.dumps(state, allow_nan=False, separators=(",", ":"))
     return _atomic_save(_own_all(tensors), path, meta).stat().st_size
 
@@ -152,10 +177,10 @@ def load_snapshot(path: str | os.PathLike) -> EMABank:
     try:
         state = dict(state)
         state["applied"] = tensors["applied"].reshape(())
-        state["bank"] = tensors["bank"]
+        state["bank"] = tensors["bank"].float()  # stage snapshots may store bf16/fp16 rows
         state["bc_pow"] = tensors["bc_pow"]
         if "theta0" in tensors:
-            state["theta0"] = tensors["theta0"]
+            state["theta0"] = tensors["theta0"].float()
         live = {k[len(_LIVE):]: t for k, t in tensors.items() if k.startswith(_LIVE)}
         return EMABank.from_state(state, live)
     except (KeyError, TypeError, AttributeError) as exc:
