@@ -364,7 +364,7 @@ class Scope:
         except Exception as exc:  # noqa: BLE001 (full disk, ...)
             self.writer.error("snapshot", self._step, exc)
             return None
-        self.writer.event("snapshot", self._step, path=rel, bytes=int(nbytes), seconds=time.perf_counter() - t,
+        self.writer.event("stage_snapshot", self._step, path=rel, bytes=int(nbytes), seconds=time.perf_counter() - t,
                           role=rf.ROLE_STAGE)
         upcoming = None
         if run.score_every:
@@ -384,13 +384,14 @@ class Scope:
             self.writer.error("snapshot", self._step, exc)
             return
         if out is not None:
-            self.writer.event("snapshot", self._step, path=out[0], bytes=int(out[1]),
+            self.writer.event("stage_snapshot", self._step, path=out[0], bytes=int(out[1]),
                               seconds=time.perf_counter() - t, role=rf.ROLE_LEAD_IN, stage=stage)
 
     def _note_stage_snapshot_cost(self) -> None:
-        """Print and record (``notice`` event, ``where: "stage_snapshots"``) their disk cost."""
+        """Print and record (``notice`` event, ``where: "stage_snapshots"``) their disk cost, when a
+        schedule of stages is set (``score_every``; without one only close / ``score_now`` make stages)."""
         run = self.run_cfg
-        if run.stage_snapshots == 0:
+        if run.stage_snapshots == 0 or not run.score_every:
             return
         cost = stages.disk_cost(self.bank, keep=run.stage_snapshots, lead_in=run.stage_lead_in,
                                 dtype=run.stage_snapshot_dtype)

@@ -204,6 +204,20 @@ def samples_view(run: RunData, stage: int | None) -> None:
                 st.caption(f"{v}: preview not readable yet")
 
 
+def search_caption(run: RunData, metric: str) -> None:
+    """One line on the last search between grid decays for ``metric`` (``search_evals``)."""
+    found = [e for e in run.events_of("search") if e.get("metric") == metric]
+    if not found:
+        return
+    e = found[-1]
+    best = e.get("best_decay")
+    where = "a grid decay" if e.get("best_is_grid") else "synthesised post hoc"
+    st.caption(
+        f"Search between grid decays at step {e.get('step')}: best {metric} at decay {best!r} ({where}; "
+        f"{len(e.get('evaluated') or [])} synthesised decays scored, open circles); stopped: {e.get('stopped')}."
+    )
+
+
 def compare_view(root: Path, runs: list[Path], metric: str, direction: str | None) -> None:
     if len(runs) < 2:
         st.info("Open a folder holding several runs (`emascope dashboard FOLDER`) to compare them.")
@@ -253,28 +267,58 @@ def export_view(run: RunData) -> None:
         st.info("No variants known yet.")
         return
     live = run.state() == "live"
-    c1, c2, c3 = st.columns([1, 2, 1])
-    default = ranking.recommend(
-        run.metrics, run.directions, st.session_state.get("metric") or ""
-    ).best_variant
-    if st.session_state.get("export_variant") not in variants:
-        st.session_state["export_variant"] = default if default in variants else variants[-1]
-    variant = c1.selectbox("Variant", variants, key="export_variant")
-    name = c2.text_input(
-        "File name (inside the run's exports/)",
-        value=exporting.default_name(variant),
-        key=f"export_name_{variant}",
+    mode = st.radio(
+        "Export",
+        ["a variant of the bank", "any decay (synthesised post hoc)"],
+        horizontal=True,
+        key="export_mode",
+        help="Any decay is built from the run's bank snapshots by least squares on the averaging profiles; "
+        "its measured error is shown before exporting (docs/synthesis.md).",
     )
+    decay = None
+    force = False
+    if mode == "a variant of the bank":
+        c1, c2, c3 = st.columns([1, 2, 1])
+        default = ranking.recommend(
+            run.metrics, run.directions, st.session_state.get("metric") or ""
+        ).best_variant
+        if st.session_state.get("export_variant") not in variants:
+            st.session_state["export_variant"] = default if default in variants else variants[-1]
+        variant = c1.selectbox("Variant", variants, key="export_variant")
+        name = c2.text_input(
+            "File name (inside the run's exports/)",
+            value=exporting.default_name(variant),
+            key=f"export_name_{variant}",
+        )
+    else:
+        c1, c2, c3 = st.columns([1, 2, 1])
+        decay = synthesis_input(run, c1)
+        if decay is None:
+            return
+        variant = rf.synthesized_name(decay, None)
+        name = c2.text_input(
+            "File name (inside the run's exports/)",
+            value=rf.default_synthesized_export_name(decay, None),
+            key=f"export_name_synth_{variant}",
+        )
+        report = synthesis_error(run, decay)
+        if report is None:
+            return
+        force = bool(report.get("refused")) and st.checkbox(
+            "Export anyway (the error above is large)", key="export_force"
+        )
     dtype = c3.selectbox("dtype", ["model dtype", "float32"], key="export_dtype")
     dtype = None if dtype == "model dtype" else dtype
-    how = "ask the live agent" if live else "from banks/latest.safetensors"
+    how = "ask the live agent" if live else (
+        "from the bank snapshots" if decay is not None else "from banks/latest.safetensors"
+    )
     if st.button(f"Export ({how})", type="primary", key="export_button"):
         try:
             if live:
-                rid = exporting.request_export(run.path, variant, name, dtype)
+                rid = exporting.request_export(run.path, variant, name, dtype, decay=decay, force=force)
                 st.session_state["export_request"] = (str(run.path), rid)
             else:
-                out = exporting.export_from_snapshot(run.path, variant, name, dtype)
+                out = exporting.export_from_snapshot(run.path, variant, name, dtype, decay=decay, force=force)
                 st.session_state["export_done"] = (str(run.path), str(out))
         except ValueError as exc:
             st.error(f"Export refused: {exc}")
@@ -294,6 +338,10 @@ def export_view(run: RunData) -> None:
                 f"Exported **{status.get('variant')}** at step {status.get('step')}: `{p}` "
                 f"({(size or 0) / 1e6:.2f} MB)"
             )
+            synth = status.get("synthesis")
+            if isinstance(synth, dict):
+                st.caption(f"Synthesised: profile residual {_fmt_err(synth.get('profile_residual'))}, "
+                           f"predicted weight error {_fmt_err(synth.get('predicted_error'))}")
         else:
             st.error(f"The agent could not export: {status.get('error')}")
     done = st.session_state.get("export_done")
@@ -305,6 +353,59 @@ def export_view(run: RunData) -> None:
             "Checkpoints in exports/: "
             + ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.2f} MB)" for p in exports if p.exists())
         )
+
+
+def _fmt_err(x: object) -> str:
+    return f"{x:.2e}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
+
+
+def synthesis_input(run: RunData, box) -> float | None:
+    """A decay typed by the user (any value in (0, 1)); ``None`` when the run has nothing to
+    synthesise from."""
+    if not exporting.can_synthesize(run.path):
+        st.info("This run has no bank snapshot yet: nothing to synthesise from.")
+        return None
+    decays = [d for d in ((run.info or {}).get("decays") or []) if isinstance(d, (int, float))]
+    default = max(decays) if decays else 0.999
+    rec = ranking.recommend(run.metrics, run.directions, st.session_state.get("metric") or "").best_variant
+    if rf.decay_of(rec) is not None:
+        default = rf.decay_of(rec)
+    if not isinstance(st.session_state.get("export_decay"), float):
+        st.session_state["export_decay"] = float(default)
+    return float(box.number_input(
+        "Decay (any value in (0, 1))",
+        min_value=1e-6,
+        max_value=1.0 - 1e-9,
+        step=1e-4,
+        format="%.7f",
+        key="export_decay",
+        help="The decay d of ema <- d ema + (1 - d) theta, also one between the bank's decays.",
+    ))
+
+
+def synthesis_error(run: RunData, decay: float) -> dict | None:
+    """Compute and show the predicted error of synthesising ``decay`` (before exporting)."""
+    try:
+        with st.spinner("Measuring the synthesis error (leave-one-out over the bank snapshots, once per stage)…"):
+            report = exporting.synthesis_preview(run.path, decay)
+    except Exception as exc:  # no snapshots, unreadable files: say so, never crash the page
+        st.warning(f"Cannot synthesise decay {decay!r}: {exc}")
+        return None
+    text = (
+        f"**Decay {decay!r} at step {report.get('step')}**: profile residual "
+        f"{_fmt_err(report.get('profile_residual'))} (snapping to the nearest bank decay "
+        f"{report.get('nearest', {}).get('variant')}: {_fmt_err(report.get('nearest', {}).get('profile_residual'))}); "
+        f"predicted weight-space error {_fmt_err(report.get('predicted_error'))} "
+        f"(bound {_fmt_err(report.get('error_bound'))}), from {len(report.get('snapshots') or [])} snapshots, "
+        f"condition number {_fmt_err(report.get('condition_number'))}."
+    )
+    if report.get("refused"):
+        st.error(text + " The snapshots cannot represent this decay: " + str(report["refused"]))
+    else:
+        st.info(text)
+    for w in report.get("warnings") or []:
+        st.caption(f"⚠️ {w}")
+    return report
 
 
 _CSS = """<style>
@@ -382,10 +483,12 @@ def main() -> None:
     with tabs[0]:
         max_lines = st.session_state.get("max_lines", plots.MAX_LINES)
         st.plotly_chart(
-            plots.metric_vs_decay(run.metrics, metric, direction, max_lines=max_lines),
+            plots.metric_vs_decay(run.metrics, metric, direction, max_lines=max_lines,
+                                  synthesized=run.synthesized),
             width="stretch",
             key="vs_decay",
         )
+        search_caption(run, metric)
     with tabs[1]:
         st.plotly_chart(plots.heatmap(run.metrics, metric, direction), width="stretch", key="heatmap")
     with tabs[2]:

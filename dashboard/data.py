@@ -29,6 +29,8 @@ from emascope import runformat as rf
 from emascope.runformat import FormatVersionError, check_format_version  # noqa: F401 (re-exported)
 
 METRIC_COLUMNS = list(rf.METRIC_KEYS)
+#: Columns of :attr:`RunData.synthesized`: the metric columns plus the synthesis's measured error.
+SYNTH_COLUMNS = [*METRIC_COLUMNS, "profile_residual", "predicted_error", "error_bound"]
 _PREFIX_CHECK = 64  # bytes before the read offset compared to detect a rewritten file
 _SKIP_DIRS = {*rf.SUBDIRS, "__pycache__", "node_modules"}
 
@@ -187,10 +189,14 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
     Returns ``(frame, invalid)`` where ``invalid`` counts records without an integer ``step``,
     a string ``variant`` or a string ``metric``. ``value`` is float (NaN when null/non-finite),
     ``decay`` is float (NaN for raw/bema). A repeated (step, variant, metric) keeps the last one.
+    Records scored on synthesised decays (a ``synthesized`` field) are left out (see
+    :func:`synthesized_records_to_frame`).
     """
     rows = []
     invalid = 0
     for r in records:
+        if rf.SYNTHESIZED in r:
+            continue  # scored on synthesised weights: synthesized_records_to_frame
         step, variant, metric = r.get("step"), r.get("variant"), r.get("metric")
         if (
             not isinstance(step, int)
@@ -222,6 +228,32 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
     return frame, invalid
 
 
+def synthesized_records_to_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """The metric records scored on weights synthesised post hoc (docs/synthesis.md), with their
+    error (:data:`SYNTH_COLUMNS`); invalid ones are skipped. These are kept out of the main frame:
+    the grid's ranking stays the grid's, the dashboard draws them apart."""
+    rows = []
+    for r in records:
+        mark = r.get(rf.SYNTHESIZED)
+        step, variant, metric = r.get("step"), r.get("variant"), r.get("metric")
+        if not isinstance(mark, dict) or not isinstance(step, int) or isinstance(step, bool) \
+                or not isinstance(variant, str) or not isinstance(metric, str):
+            continue
+        decay = _finite_or_none(r.get("decay"))
+        if decay is None:
+            continue
+        rows.append((step, variant, decay, metric, _finite_or_none(r.get("value")), _finite_or_none(r.get("time")),
+                     _finite_or_none(mark.get("profile_residual")), _finite_or_none(mark.get("predicted_error")),
+                     _finite_or_none(mark.get("error_bound"))))
+    frame = pd.DataFrame(rows, columns=SYNTH_COLUMNS)
+    frame = frame.astype({"step": "int64", "variant": "object", "decay": "float64", "metric": "object",
+                          "value": "float64", "time": "float64", "profile_residual": "float64",
+                          "predicted_error": "float64", "error_bound": "float64"})
+    if len(frame):
+        frame = frame.drop_duplicates(["step", "variant", "metric"], keep="last").reset_index(drop=True)
+    return frame
+
+
 def run_state(heartbeat: dict[str, Any] | None, now: float | None = None) -> str:
     """``"live"``, ``"finished"``, ``"stale"`` or ``"unknown"`` (:func:`emascope.runformat.run_state`)."""
     return rf.run_state(heartbeat, time.time() if now is None else now)
@@ -239,6 +271,8 @@ class RunData:
     error: str | None = None  # set when the run cannot be shown (newer format, no run.json ...)
     bad_lines: dict[str, int] = field(default_factory=dict)  # per file: skipped lines/records
     torn_tail: dict[str, bool] = field(default_factory=dict)
+    #: metric records scored on synthesised decays (:func:`synthesized_records_to_frame`)
+    synthesized: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SYNTH_COLUMNS))
 
     @property
     def name(self) -> str:
@@ -288,6 +322,7 @@ class RunReader:
         self._metrics = JsonlReader(self.path / rf.METRICS)
         self._events = JsonlReader(self.path / rf.EVENTS)
         self._frame = pd.DataFrame(columns=METRIC_COLUMNS)
+        self._synth = pd.DataFrame(columns=SYNTH_COLUMNS)
         self._invalid = 0
         self._lock = threading.Lock()
         self.frame_builds = 0
@@ -309,6 +344,7 @@ class RunReader:
                     error = str(exc)
             if error is None and self._metrics.read():
                 self._frame, self._invalid = metric_records_to_frame(self._metrics.records)
+                self._synth = synthesized_records_to_frame(self._metrics.records)
                 self.frame_builds += 1
             return RunData(
                 path=self.path,
@@ -322,6 +358,7 @@ class RunReader:
                     rf.EVENTS: self._events.bad_lines,
                 },
                 torn_tail={rf.METRICS: self._metrics.torn_tail, rf.EVENTS: self._events.torn_tail},
+                synthesized=self._synth if error is None else pd.DataFrame(columns=SYNTH_COLUMNS),
             )
 
 

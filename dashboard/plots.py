@@ -105,11 +105,15 @@ def metric_vs_decay(
     direction: str | None,
     max_lines: int = MAX_LINES,
     stages: Sequence[int] | None = None,
+    synthesized: pd.DataFrame | None = None,
 ) -> go.Figure:
     """View 1: metric vs decay, one line per stage (ordered colours), best point of each stage starred.
 
     At most ``max_lines`` stages are drawn (evenly spaced, first and last kept) unless ``stages``
     names them. The y range ignores collapsed values (they are drawn at the edge, hover has the value).
+    ``synthesized``: decays scored on weights synthesised post hoc (dashboard/data.py's
+    ``RunData.synthesized``), drawn as open circles in their stage's colour, apart from the lines,
+    with their synthesis error in the hover (docs/synthesis.md).
     """
     table = metric_table(metrics, metric)
     if table.empty:
@@ -140,6 +144,7 @@ def metric_vs_decay(
             best_x.append(pos[b])
             best_y.append(val)
             best_text.append(f"best at {name}: {b} ({format_value(val)})")
+    _add_synthesized(fig, synthesized, metric, list(table.index), colors)
     if best_x:
         fig.add_trace(
             go.Scatter(
@@ -165,6 +170,30 @@ def metric_vs_decay(
         legend=dict(title="stage"),
     )
     return fig
+
+
+def _add_synthesized(fig: go.Figure, synthesized: pd.DataFrame | None, metric: str, steps: list[int],
+                     colors: Mapping[int, str]) -> None:
+    """Open circles for the synthesised decays of the drawn stages (one legend entry for all)."""
+    if synthesized is None or synthesized.empty:
+        return
+    rows = synthesized[(synthesized["metric"] == metric) & synthesized["step"].isin(steps)]
+    rows = rows[np.isfinite(rows["value"].to_numpy(dtype=float)) & (rows["decay"] < 1.0)]
+    if rows.empty:
+        return
+    rows = rows.sort_values(["step", "decay"])
+
+    def err(x: float) -> str:
+        return "n/a" if not np.isfinite(x) else f"{x:.1e}"
+
+    text = [f"step {format_step(int(r.step))}<br>decay {r.variant} (synthesised post hoc)<br>{metric} "
+            f"{format_value(r.value)}<br>profile residual {err(r.profile_residual)}, predicted weight error "
+            f"{err(r.predicted_error)}" for r in rows.itertuples()]
+    fig.add_trace(go.Scatter(
+        x=(1.0 - rows["decay"]).to_numpy(), y=rows["value"].to_numpy(), mode="markers",
+        name="synthesised decays", text=text, hovertemplate="%{text}<extra></extra>",
+        marker=dict(symbol="circle-open", size=13, line=dict(width=2.5),
+                    color=[colors.get(int(s), "#444") for s in rows["step"]])))
 
 
 def heatmap(
