@@ -7,7 +7,7 @@
 
 ``--decay`` (any decay in (0, 1)) or ``--sigma-rel`` (EDM2's power-function EMA): synthesise it
 post hoc from the stage snapshots (:func:`emascope.posthoc.export_synthesized`, docs/synthesis.md)
-at ``--step`` (default: the latest snapshot), streaming tensor by tensor, and print its error
+at ``--step`` (default: the latest stage snapshot), streaming tensor by tensor, and print its error
 report (profile residual, leave-one-out calibrated weight-space error and bound); ``--report
 PATH`` also writes the report as JSON. A target the snapshots cannot represent is refused (exit
 code 2) unless ``--force``. Default output: ``RUN_DIR/exports/ema-<decay>-synth-step<step>.safetensors``
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     what.add_argument("--decay", type=float, help="any decay in (0, 1), synthesised post hoc if not in the bank")
     what.add_argument("--sigma-rel", type=float, help="EDM2 power-function EMA length (e.g. 0.05), synthesised")
     parser.add_argument("--step", type=int, default=None,
-                        help="synthesise the average as of this optimizer step (default: the latest snapshot)")
+                        help="synthesise the average as of this optimizer step (default: the latest stage snapshot)")
     parser.add_argument("--force", action="store_true", help="write a synthesis even when its error is large")
     parser.add_argument("--report", default=None, help="also write the synthesis error report (JSON) here")
     parser.add_argument("--out", default=None, help="output path (default: RUN_DIR/exports/...)")

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,11 +30,14 @@ from safetensors.torch import save_file
 
 from emascope import runformat as rf
 from emascope.atomic import temp_path_for
+from emascope.decay_search import SearchResult, search_between
 from emascope.synthesis import (
     Plan,
+    SynthesisError,
     SynthesisReport,
     Target,
     close_all,
+    exponential_distance,
     open_snapshots,
     plan_synthesis,
     stream_combinations,
@@ -96,7 +100,7 @@ def synthesize(run_dir: str | os.PathLike, *, decay: float | None = None, sigma_
                step: int | None = None, dtype: torch.dtype | str | None = None, force: bool = False,
                calibrate: bool = True) -> tuple[dict[str, torch.Tensor], SynthesisReport]:
     """The state dict of an EMA of ``decay`` (or EDM2's power-function EMA of ``sigma_rel``) at
-    ``step`` (default: the latest snapshot), synthesised from the run's bank snapshots, and its
+    ``step`` (default: the latest stage snapshot), synthesised from the run's bank snapshots, and its
     error report (:class:`emascope.synthesis.SynthesisReport`). A decay the bank holds is
     reproduced (coefficient 1 on its row). Raises :class:`emascope.synthesis.SynthesisError`
     naming the problem (no snapshots, a step after the last snapshot, a target the snapshots cannot
@@ -196,3 +200,49 @@ class StateSwap:
             with torch.no_grad():
                 for i, (t, _) in targets.items():
                     t.copy_(backup[i])
+
+
+def search_stage(run_dir: str | os.PathLike, *, step: int, grid: Mapping[float, float | None], direction: str,
+                 max_evals: int, score: Callable[[str, dict[str, torch.Tensor], SynthesisReport], float | None],
+                 noise: float | None = None) -> tuple[SearchResult, dict[float, SynthesisReport]]:
+    """Golden-section search between the grid decays of one stage (:func:`emascope.decay_search.search_between`)
+    with weights synthesised from the run's snapshots at ``step``.
+
+    ``grid``: ``{decay: metric value}`` of the bank's decays at that stage; ``score(variant,
+    state_dict, report)`` scores one synthesised decay (e.g. swap it into the model and run the
+    sweep's metrics) and returns the metric's value (``None`` on failure). The bracket stops
+    shrinking once its ends differ (in profile) by less than the probes' synthesis error, or by
+    less than ``noise`` in value. The agent (``search_evals``) calls this after a sweep; an
+    out-of-process scorer (``emascope score``) can call it the same way. Returns the search result
+    and the error report of every synthesised decay.
+    """
+    snaps = open_snapshots(run_dir)
+    m, bc = snaps[-1].update_every, snaps[-1].bias_correction
+    close_all(snaps)
+    reports: dict[float, SynthesisReport] = {}
+
+    def evaluate(decay: float) -> float | None:
+        try:
+            sd, report = synthesize(run_dir, decay=decay, step=step)
+        except SynthesisError:
+            return None
+        reports[decay] = report
+        return score(rf.variant_name(decay), sd, report)
+
+    def resolvable(d1: float, d2: float) -> bool:
+        worst = max((r.profile_residual for r in reports.values()), default=0.0)
+        return exponential_distance(d1, d2, step, m, bc) > max(worst, 1e-6)
+
+    result = search_between(grid, evaluate, direction=direction, max_evals=max_evals, resolvable=resolvable,
+                            noise=noise)
+    return result, reports
+
+
+def search_record(result: SearchResult, reports: Mapping[float, SynthesisReport]) -> dict[str, Any]:
+    """The fields of the ``search`` event (docs/run-format.md) for a search result."""
+    return {"evaluated": [{"decay": d, "value": v,
+                           "profile_residual": getattr(reports.get(d), "profile_residual", None),
+                           "predicted_error": getattr(reports.get(d), "predicted_error", None)}
+                          for d, v in result.evaluated],
+            "best_decay": result.best_decay, "best_value": result.best_value, "best_is_grid": result.best_is_grid,
+            "stopped": result.stopped}

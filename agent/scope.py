@@ -410,16 +410,13 @@ class Scope:
 
     def _search_between(self, result: SweepResult) -> None:
         """Score synthesised decays between the grid's around the best one (``search_evals``)."""
-        from emascope.decay_search import search_between
-
         try:
-            self._run_search(result, search_between)
+            self._run_search(result)
         except Exception as exc:  # noqa: BLE001 - never into training
             self.writer.error("search", self._step, exc)
 
-    def _run_search(self, result: SweepResult, search_between: Any) -> None:
-        from emascope.posthoc import StateSwap, synthesize
-        from emascope.synthesis import SynthesisError, exponential_distance
+    def _run_search(self, result: SweepResult) -> None:
+        from emascope.posthoc import StateSwap, search_record, search_stage
 
         step = self._step
         metric = self._search_metric(result)
@@ -427,37 +424,16 @@ class Scope:
             return
         direction = self.scorer.metric_directions.get(metric)
         grid = {rf.decay_of(v): s.get(metric) for v, s in result.scores.items() if rf.decay_of(v) is not None}
-        reports: dict[float, Any] = {}
 
-        def evaluate(decay: float) -> float | None:
-            try:
-                sd, report = synthesize(self.run_dir, decay=decay, step=step)
-            except SynthesisError as exc:
-                self.writer.event("notice", step, where="search", message=str(exc))
-                return None
-            reports[decay] = report
-            name = rf.variant_name(decay)
+        def score(name: str, sd: dict[str, torch.Tensor], report: Any) -> float | None:
             mark = rf.synthesis_record(profile_residual=report.profile_residual,
                                        predicted_error=report.predicted_error, error_bound=report.error_bound)
-            swap = StateSwap({name: sd})
-            res = self.scorer.sweep(self.model, swap, [name], step, synthesized=mark)
+            res = self.scorer.sweep(self.model, StateSwap({name: sd}), [name], step, synthesized=mark)
             return res.scores.get(name, {}).get(metric)
 
-        def resolvable(d1: float, d2: float) -> bool:
-            # the ends differ by more than the synthesis error of the bracket's probes
-            worst = max((r.profile_residual for r in reports.values()), default=0.0)
-            return exponential_distance(d1, d2, step, self.bank.update_every,
-                                        self.bank.bias_correction) > max(worst, 1e-6)
-
-        out = search_between(grid, evaluate, direction=direction, max_evals=self.scorer.cfg.search_evals,
-                             resolvable=resolvable)
-        self.writer.event("search", step, metric=metric, direction=direction,
-                          evaluated=[{"decay": d, "value": v,
-                                      "profile_residual": getattr(reports.get(d), "profile_residual", None),
-                                      "predicted_error": getattr(reports.get(d), "predicted_error", None)}
-                                     for d, v in out.evaluated],
-                          best_decay=out.best_decay, best_value=out.best_value, best_is_grid=out.best_is_grid,
-                          stopped=out.stopped)
+        out, reports = search_stage(self.run_dir, step=step, grid=grid, direction=direction,
+                                    max_evals=self.scorer.cfg.search_evals, score=score)
+        self.writer.event("search", step, metric=metric, direction=direction, **search_record(out, reports))
 
     def _search_metric(self, result: SweepResult) -> str | None:
         """The metric the search optimises: ``search_metric``, else fid, fd, else the first with a direction."""

@@ -258,7 +258,8 @@ def open_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
 class Target:
     """What to synthesise: an EMA of ``decay`` (in (0, 1)) or EDM2's power-function EMA of
     ``sigma_rel``, as it would be at optimizer ``step`` with the bank's ``update_every`` and
-    initialisation/bias-correction convention. ``step=None``: the latest snapshot's step."""
+    initialisation/bias-correction convention. ``step=None``: the latest stage snapshot's step
+    (else the latest snapshot's), see :func:`default_step`."""
 
     decay: float | None = None
     sigma_rel: float | None = None
@@ -311,9 +312,9 @@ class Basis:
 
 def build_basis(snaps: Sequence[Snapshot], step: int, exclude_decay: float | None = None) -> Basis:
     """Stored averages for target ``step``: every stage/latest snapshot at or before ``step`` (one
-    per step, float32 ``latest`` preferred) and the lead-in snapshots of the stage at or after
-    ``step`` that lie at or before it, each bank row and the raw weights. ``exclude_decay``: leave
-    that decay's rows out (leave-one-out)."""
+    per step, float32 ``latest`` preferred) and the lead-in snapshots at or before ``step`` of the
+    last stage at or before it and of the next stage, each bank row and the raw weights.
+    ``exclude_decay``: leave that decay's rows out (leave-one-out)."""
     chosen: dict[int, int] = {}
     for i, s in enumerate(snaps):
         if s.step > step or s.role == rf.ROLE_LEAD_IN:
@@ -321,8 +322,10 @@ def build_basis(snaps: Sequence[Snapshot], step: int, exclude_decay: float | Non
         j = chosen.get(s.step)
         if j is None or (s.role == "latest" and snaps[j].bank_dtype != "F32"):
             chosen[s.step] = i
+    last_stage = max((s.step for s in snaps if s.role == rf.ROLE_STAGE and s.step <= step), default=None)
     for i, s in enumerate(snaps):
-        if s.role == rf.ROLE_LEAD_IN and s.step <= step <= s.stage and s.step not in chosen:
+        near = s.stage >= step or s.stage == last_stage  # lead-ins of the stage at/before the step, or the next
+        if s.role == rf.ROLE_LEAD_IN and s.step <= step and near and s.step not in chosen:
             chosen[s.step] = i
     if not chosen:
         raise SynthesisError(f"no bank snapshot at or before step {step} (the first is at step "
@@ -662,6 +665,13 @@ class Plan:
     fixed_from: Snapshot
 
 
+def default_step(snaps: Sequence[Snapshot]) -> int:
+    """The step a synthesis targets by default: the latest stage snapshot's (where the scores, the
+    lead-ins and the calibration are), else the latest snapshot's."""
+    stage = [s.step for s in snaps if s.role == rf.ROLE_STAGE]
+    return max(stage) if stage else max(s.step for s in snaps)
+
+
 def calibration_step(snaps: Sequence[Snapshot], step: int) -> int | None:
     """The step whose full snapshot calibrates a target at ``step``: the latest stage/latest
     snapshot at or before it holding more than one decay."""
@@ -683,7 +693,7 @@ def plan_synthesis(run_dir: str | os.PathLike, target: Target, *, snaps: Sequenc
     snaps = list(snaps) if snaps is not None else open_snapshots(run_dir)
     full = [s for s in snaps if s.role != rf.ROLE_LEAD_IN]
     latest = max(s.step for s in (full or snaps))
-    step = latest if target.step is None else int(target.step)
+    step = default_step(snaps) if target.step is None else int(target.step)
     if step > latest:
         raise SynthesisError(f"target step {step} is after the latest snapshot (step {latest}): the weights "
                              "after it were never stored")
