@@ -181,7 +181,7 @@ class RunConfig:
     snapshot_every: int | None = None
     heartbeat_interval: float = 2.0
     request_interval: float = 1.0
-    stage_snapshots: int | None = 16
+    stage_snapshots: int | None = 8
     stage_lead_in: tuple[int, ...] = (4, 16, 64)
     stage_snapshot_dtype: str = "float32"
 

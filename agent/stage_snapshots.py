@@ -16,8 +16,9 @@ can an external-scoring mode):
 - **retention**: at most ``keep`` stage snapshots; beyond that the one whose removal leaves the
   smallest gap in log(age) (age relative to the newest stage) is deleted, so the kept ones stay
   spread geometrically in age (the newest and the oldest are always kept). Lead-ins are kept only
-  for kept stages (and for the upcoming one). Steps in ``protected`` (e.g. stages an external
-  scorer has not scored yet) are never deleted.
+  for the newest :data:`LEAD_IN_STAGES` kept stages (and for the upcoming one): they cost more
+  disk than the stage snapshot itself and matter for short decays near their own stage only.
+  Steps in ``protected`` (e.g. stages an external scorer has not scored yet) are never deleted.
 
 Steps are optimizer steps; a lead-in *age* ``a`` means the step ``stage - a`` (rounded up to a
 multiple of ``update_every``, the only steps at which the bank changes).
@@ -41,6 +42,9 @@ from emascope.synthesis import read_safetensors_header
 #: A lead-in snapshot keeps the decays whose window ``1/(1 - d)`` is at most this many times the
 #: longest lead-in age (longer averages hardly change over a lead-in and add nothing).
 LEAD_WINDOW_FACTOR = 16
+#: Lead-in snapshots are kept for this many of the newest kept stages (short decays can be
+#: synthesised at those stages; older stages keep their full stage snapshot only).
+LEAD_IN_STAGES = 2
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -160,8 +164,9 @@ def thin(steps: Sequence[int], keep: int, protected: Iterable[int] = ()) -> list
 def retain(run_dir: str | os.PathLike, keep: int | None, *, protected: Iterable[int] = (),
            upcoming: int | None = None) -> list[str]:
     """Apply the retention policy to ``banks/``: keep at most ``keep`` stage snapshots (``None``: all)
-    and the lead-ins of kept stages (and of the ``upcoming`` stage); returns the deleted paths
-    (relative). Deletion failures are ignored (the next call retries)."""
+    and the lead-ins of the newest :data:`LEAD_IN_STAGES` kept stages (and of the ``upcoming``
+    stage); returns the deleted paths (relative). Deletion failures are ignored (the next call
+    retries)."""
     run_dir = Path(run_dir)
     stages, leads = _listing(run_dir)
     protected = set(int(s) for s in protected)
@@ -176,9 +181,10 @@ def retain(run_dir: str | os.PathLike, keep: int | None, *, protected: Iterable[
                 pass
     if leads:
         newest = max(stages, default=-1)
+        with_leads = set(sorted(kept)[-LEAD_IN_STAGES:])
         for s, p in leads.items():
             owner = _lead_owner(p)
-            keep_it = owner is None or owner in kept or owner > newest or owner == upcoming or s in protected
+            keep_it = owner is None or owner in with_leads or owner > newest or owner == upcoming or s in protected
             if not keep_it:
                 try:
                     p.unlink()
@@ -216,7 +222,8 @@ def drop_after(run_dir: str | os.PathLike, step: int) -> list[str]:
 def disk_cost(bank: EMABank, *, keep: int | None, lead_in: Sequence[int], dtype: str = "float32",
               num_stages: int | None = None) -> dict[str, Any]:
     """Bytes of one stage snapshot and of one stage's lead-ins, and the most kept at once
-    (``keep`` stages, or ``num_stages`` when ``keep`` is None and the count of stages is known).
+    (``keep`` stages and the lead-ins of :data:`LEAD_IN_STAGES` of them, or ``num_stages`` stages
+    when ``keep`` is None and the count of stages is known).
 
     Estimated from the bank's shape: rows x averaged scalars x the storage dtype's size, plus the
     live weights (each entry in its own dtype), which every snapshot stores once.
@@ -228,7 +235,7 @@ def disk_cost(bank: EMABank, *, keep: int | None, lead_in: Sequence[int], dtype:
     lead_rows = len(lead_in_decays(bank.decays, lead_in))
     leads = len(lead_in) * (lead_rows * bank.numel * item + live) if lead_rows else 0
     count = keep if keep is not None else num_stages
-    total = None if count is None else count * (stage + leads)
+    total = None if count is None else count * stage + min(count, LEAD_IN_STAGES) * leads
     return {"stage_bytes": int(stage), "lead_in_bytes": int(leads), "max_stages": count,
             "max_bytes": None if total is None else int(total), "dtype": dtype}
 
@@ -242,5 +249,6 @@ def describe_cost(cost: dict[str, Any]) -> str:
     head = (f"stage snapshots ({cost['dtype']}): {mb(cost['stage_bytes'])} each"
             + (f" + {mb(cost['lead_in_bytes'])} of lead-ins" if cost["lead_in_bytes"] else ""))
     if cost["max_bytes"] is None:
-        return head + f" = {mb(per)} per scoring stage, all kept (stage_snapshots=None)"
-    return head + f"; at most {cost['max_stages']} kept: up to {mb(cost['max_bytes'])} under banks/"
+        return head + f" = {mb(per)} per scoring stage, all stages kept (stage_snapshots=None)"
+    return head + (f"; at most {cost['max_stages']} stages kept (lead-ins for the newest {LEAD_IN_STAGES}): up to "
+                   f"{mb(cost['max_bytes'])} under banks/")

@@ -15,9 +15,10 @@ and combines the stored weights tensor by tensor in float64. Every synthesis com
    The same pass picks the ridge (regularisation) with the smallest leave-one-out error.
 
 Only snapshots at or before the target step are used. The file reader is a minimal safetensors
-reader over ``numpy.memmap`` (safetensors' own numpy API has no bfloat16, which stage snapshots
-may use): a file is opened once per synthesis and read a tensor slice at a time, so memory holds
-one tensor's worth of float64 per stored average, never whole snapshots. Everything here is
+reader (safetensors' own numpy API has no bfloat16, which stage snapshots may use): a file is
+opened once per synthesis (its content stays readable if the agent replaces or deletes it) and
+read with ``os.pread`` one block of columns at a time, so memory holds one block of float64 per
+stored average (:data:`BLOCK_BYTES` in all), never whole snapshots. Everything here is
 torch-free: the dashboard computes the error report before it exports. Conventions: decays as in
 :mod:`emascope.profiles` (``d``, never ``1 - d``), steps are optimizer steps, errors are relative.
 """
@@ -73,14 +74,23 @@ class SynthesisError(ValueError):
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
     """``(header, data_start, file_size)`` of a .safetensors file, validated: tensor entries have a
     known dtype and in-bounds, shape-consistent offsets. ``ValueError`` naming the file otherwise."""
-    path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= min(_MAX_HEADER, size - 8):
-                raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
-            header = json.loads(f.read(n))
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {exc}") from None
+    try:
+        return _header_of(fd, Path(path))
+    finally:
+        os.close(fd)
+
+
+def _header_of(fd: int, path: Path) -> tuple[dict[str, Any], int, int]:
+    try:
+        size = os.fstat(fd).st_size
+        n = int.from_bytes(os.pread(fd, 8, 0), "little")
+        if not 0 < n <= min(_MAX_HEADER, size - 8):
+            raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
+        header = json.loads(os.pread(fd, n, 8))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {exc}") from None
     if not isinstance(header, dict):
@@ -124,7 +134,7 @@ class Entry:
 
 
 class Snapshot:
-    """A bank snapshot file opened for reading (memory-mapped; one file handle, kept until close).
+    """A bank snapshot file opened for reading (one file handle, kept until :meth:`close`).
 
     ``role``: ``"stage"``, ``"lead_in"`` or ``"latest"``; ``step`` the optimizer step of the
     snapshot, ``stage`` the stage a lead-in precedes; ``decays``, ``update_every``,
@@ -134,7 +144,20 @@ class Snapshot:
 
     def __init__(self, path: str | os.PathLike, role: str, rel: str) -> None:
         self.path, self.role, self.rel = Path(path), role, rel
-        header, self._start, self.size = read_safetensors_header(self.path)
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise ValueError(f"{str(self.path)!r} is not readable: {exc}") from None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        assert self._fd is not None
+        header, self._start, self.size = _header_of(self._fd, self.path)
         meta = header.get("__metadata__") or {}
         try:
             state = json.loads(meta[rf.SNAPSHOT_META_KEY])
@@ -154,29 +177,48 @@ class Snapshot:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{str(self.path)!r} is not an emascope bank snapshot ({type(exc).__name__}: {exc})") \
                 from None
-        if bank["shape"][-1] != self.numel or bank["shape"][0] < len(self.decays) or bank["dtype"] not in ROUNDOFF:
-            raise ValueError(f"{str(self.path)!r}: bank tensor {bank['shape']} {bank['dtype']} does not match "
-                             "its state")
+        shape = list(bank.get("shape") or [])
+        if len(shape) != 2 or shape[1] != self.numel or shape[0] < len(self.decays) or bank["dtype"] not in ROUNDOFF:
+            raise ValueError(f"{str(self.path)!r}: bank tensor {shape} {bank.get('dtype')} does not match its state")
         self.bank_dtype = str(bank["dtype"])
         self._bank_at = self._start + int(bank["data_offsets"][0])
         self._live = {k[len("live/"):]: v for k, v in header.items() if k.startswith("live/")}
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if self.size else None
+        for e in self.layout:
+            live = self._live.get(e.name)
+            if live is None or tuple(live["shape"]) != e.shape:
+                raise ValueError(f"{str(self.path)!r}: the live value of {e.name!r} is missing or misshapen")
+            if e.kind == "avg" and not (0 <= e.offset and e.numel == math.prod(e.shape)
+                                        and e.offset + e.numel <= self.numel):
+                raise ValueError(f"{str(self.path)!r}: entry {e.name!r} lies outside the bank")
         self.applied = None
         if "applied" in header:
             self.applied = int(self._read(header["applied"], 0, 1)[0])
 
+    def _raw(self, at: int, dtype: str, count: int) -> np.ndarray:
+        """``count`` elements of safetensors dtype ``dtype`` at byte ``at`` of the file (a fresh buffer)."""
+        dt = np.dtype(_NP_DTYPES[dtype])
+        nbytes = count * dt.itemsize
+        if self._fd is None:
+            raise ValueError(f"{str(self.path)!r} is closed")
+        buf = bytearray(nbytes)
+        view, done = memoryview(buf), 0
+        while done < nbytes:
+            chunk = os.preadv(self._fd, [view[done:]], at + done)
+            if chunk <= 0:
+                raise ValueError(f"{str(self.path)!r} ended early (truncated?)")
+            done += chunk
+        return np.frombuffer(buf, dtype=dt, count=count)
+
     def _read(self, info: dict[str, Any], first: int, count: int) -> np.ndarray:
-        dt = _NP_DTYPES[info["dtype"]]
-        item = np.dtype(dt).itemsize
+        item = np.dtype(_NP_DTYPES[info["dtype"]]).itemsize
         at = self._start + int(info["data_offsets"][0]) + first * item
-        return _to_float64(np.frombuffer(self._mm, dtype=dt, count=count, offset=at), info["dtype"])
+        return _to_float64(self._raw(at, info["dtype"], count), info["dtype"])
 
     def row(self, r: int, first: int, count: int) -> np.ndarray:
         """Columns ``[first, first + count)`` of bank row ``r`` (decay ``decays[r]``) as float64."""
-        dt = _NP_DTYPES[self.bank_dtype]
-        item = np.dtype(dt).itemsize
+        item = np.dtype(_NP_DTYPES[self.bank_dtype]).itemsize
         at = self._bank_at + (r * self.numel + first) * item
-        return _to_float64(np.frombuffer(self._mm, dtype=dt, count=count, offset=at), self.bank_dtype)
+        return _to_float64(self._raw(at, self.bank_dtype, count), self.bank_dtype)
 
     def live(self, name: str, first: int = 0, count: int | None = None) -> np.ndarray:
         """Elements ``[first, first + count)`` of the live (raw) value of entry ``name``, float64."""
@@ -192,10 +234,9 @@ class Snapshot:
         info = self._live.get(name)
         if info is None:
             raise ValueError(f"{str(self.path)!r} has no live value of {name!r}")
-        dt = _NP_DTYPES[info["dtype"]]
         n = math.prod(info["shape"])
         at = self._start + int(info["data_offsets"][0])
-        return np.frombuffer(self._mm, dtype=dt, count=n, offset=at).reshape(info["shape"]), str(info["dtype"])
+        return self._raw(at, info["dtype"], n).reshape(info["shape"]), str(info["dtype"])
 
     def live_roundoff(self) -> float:
         """Unit roundoff of the raw weights' storage (the coarsest averaged entry's dtype)."""
@@ -210,7 +251,15 @@ class Snapshot:
         return [self.rel, self.size, st.st_mtime_ns if st else 0, self.step]
 
     def close(self) -> None:
-        self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 def open_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
@@ -681,12 +730,13 @@ def calibration_step(snaps: Sequence[Snapshot], step: int) -> int | None:
 
 def plan_synthesis(run_dir: str | os.PathLike, target: Target, *, snaps: Sequence[Snapshot] | None = None,
                    calibrate_loo: bool = True, force: bool = False, ridge: float | None = None,
-                   write_cache: bool = True) -> Plan:
+                   write_cache: bool = True, calibration: Calibration | None = None) -> Plan:
     """Coefficients and error report of ``target`` from the run's snapshots (no weights combined yet,
     except for the leave-one-out calibration's pass, cached in ``banks/synthesis.json``).
 
     ``calibrate_loo=False``: use only a cached calibration (the report then may lack the
-    weight-space prediction). ``ridge``: override the calibrated one. Raises
+    weight-space prediction); ``calibration``: use this one (e.g. computed once by
+    :func:`calibrate` for many targets). ``ridge``: override the calibrated one. Raises
     :class:`SynthesisError` when nothing at or before the step exists, or when the profile residual
     exceeds :data:`MAX_RESIDUAL` and ``force`` is False (the message carries the report's summary).
     """
@@ -703,8 +753,8 @@ def plan_synthesis(run_dir: str | os.PathLike, target: Target, *, snaps: Sequenc
         warnings.append("the bank skipped non-finite updates: the profiles assume it did not (the leave-one-out "
                         "error still measures the result)")
     cstep = calibration_step(snaps, step)
-    cal = None
-    if cstep is not None:
+    cal = calibration
+    if cal is None and cstep is not None:
         cal = cached_calibration(run_dir, snaps, cstep, compute=calibrate_loo, write=write_cache)
     if cal is None:
         warnings.append("no leave-one-out calibration (needs a snapshot with two or more decays, or was not "

@@ -145,7 +145,7 @@ def test_stage_and_lead_in_snapshots_are_written(traj):
     stages = [rf.parse_stage_snapshot_name(n) for n in names if rf.parse_stage_snapshot_name(n) is not None]
     leads = [rf.parse_lead_in_snapshot_name(n) for n in names if rf.parse_lead_in_snapshot_name(n) is not None]
     assert stages == list(range(EVERY, STEPS + 1, EVERY))
-    assert leads == sorted(s - a for s in stages for a in (4, 16, 64))
+    assert leads == sorted(s - a for s in stages[-2:] for a in (4, 16, 64))  # lead-ins: newest two stages
     lead = load_snapshot(traj.run_dir / rf.lead_in_snapshot_file(STEPS - 16))
     assert lead.decays == (0.5, 0.9, 0.99, 0.999) and lead.step == STEPS - 16
     stage = load_snapshot(traj.run_dir / rf.stage_snapshot_file(STEPS))
@@ -155,9 +155,11 @@ def test_stage_and_lead_in_snapshots_are_written(traj):
         assert all(torch.equal(a[k], b[k]) for k in a)
     events = [json.loads(x) for x in (traj.run_dir / rf.EVENTS).read_text().splitlines()]
     notice = [e for e in events if e["type"] == "notice" and e.get("where") == "stage_snapshots"]
-    assert len(notice) == 1 and notice[0]["max_stages"] == 16 and notice[0]["stage_bytes"] > 0
+    assert len(notice) == 1 and notice[0]["max_stages"] == 8 and notice[0]["stage_bytes"] > 0
     written = [e for e in events if e["type"] == "stage_snapshot"]
-    assert {e["role"] for e in written} == {"stage", "lead_in"} and len(written) == len(names) - 1
+    assert {e["role"] for e in written} == {"stage", "lead_in"} and len(written) == len(stages) * 4
+    pruned = [p for e in events if e["type"] == "snapshot_pruned" for p in e["paths"]]
+    assert sorted(pruned) == sorted(rf.lead_in_snapshot_file(s - a) for s in stages[:-2] for a in (4, 16, 64))
 
 
 @pytest.mark.parametrize("where", list(TARGETS))
