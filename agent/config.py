@@ -277,8 +277,17 @@ def split_kwargs(kwargs: Mapping[str, Any], *, caller: str = "attach") -> dict[t
 def build_configs(kwargs: Mapping[str, Any]) -> tuple[RunConfig, BankConfig, ScoringConfig, Hooks]:
     """The four configs of ``attach(**kwargs)`` (validated: ``ValueError`` naming a bad value)."""
     parts = split_kwargs(kwargs)
-    return (RunConfig(**parts[RunConfig]), BankConfig(**parts[BankConfig]),
-            ScoringConfig(**parts[ScoringConfig]), Hooks(**parts[Hooks]))
+    run, scoring = RunConfig(**parts[RunConfig]), ScoringConfig(**parts[ScoringConfig])
+    check_together(run, scoring)
+    return run, BankConfig(**parts[BankConfig]), scoring, Hooks(**parts[Hooks])
+
+
+def check_together(run: RunConfig, scoring: ScoringConfig) -> None:
+    """Settings that only make sense together: the search between grid decays synthesises from
+    stage snapshots, so ``search_evals > 0`` needs ``stage_snapshots != 0``."""
+    if scoring.search_evals > 0 and run.stage_snapshots == 0:
+        raise ValueError("search_evals > 0 synthesises decays from the stage snapshots, but stage_snapshots=0 "
+                         "writes none: keep stage_snapshots >= 1 (or None) or set search_evals=0")
 
 
 def settings_of(run: RunConfig, bank: BankConfig, scoring: ScoringConfig) -> dict[str, Any]:

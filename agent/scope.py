@@ -47,7 +47,15 @@ from emascope import features as F
 from emascope import runformat as rf
 from emascope import stage_snapshots as stages
 from emascope.bank import EMABank, unwrap_model
-from emascope.config import BankConfig, Hooks, RunConfig, ScoringConfig, build_configs, settings_of
+from emascope.config import (
+    BankConfig,
+    Hooks,
+    RunConfig,
+    ScoringConfig,
+    build_configs,
+    check_together,
+    settings_of,
+)
 from emascope.requests import RequestPoller
 from emascope.rundir import RunWriter, host_info, new_run_id, prepare_run_dir
 from emascope.scoring import Scorer, SweepResult
@@ -114,6 +122,7 @@ class Scope:
                  hooks: Hooks | None = None) -> None:
         bank, scoring, hooks = bank or BankConfig(), scoring or ScoringConfig(), hooks or Hooks()
         check_attachable(model, optimizer, scoring, hooks)
+        check_together(run, scoring)
         self.run_cfg, self.bank_cfg = run, bank
         self.model, self.optimizer = unwrap_model(model), optimizer
         self.rank = dist_rank()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,14 +75,23 @@ class SynthesisError(ValueError):
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
     """``(header, data_start, file_size)`` of a .safetensors file, validated: tensor entries have a
     known dtype and in-bounds, shape-consistent offsets. ``ValueError`` naming the file otherwise."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {exc}") from None
+    fd = _open_regular(Path(path))
     try:
         return _header_of(fd, Path(path))
     finally:
         os.close(fd)
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of a regular file (never blocks on a FIFO; a device or folder is refused)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ValueError(f"{str(path)!r} is not readable: {exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{str(path)!r} is not a regular file")
+    return fd
 
 
 def _header_of(fd: int, path: Path) -> tuple[dict[str, Any], int, int]:
@@ -144,11 +154,7 @@ class Snapshot:
 
     def __init__(self, path: str | os.PathLike, role: str, rel: str) -> None:
         self.path, self.role, self.rel = Path(path), role, rel
-        self._fd: int | None = None
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise ValueError(f"{str(self.path)!r} is not readable: {exc}") from None
+        self._fd: int | None = _open_regular(self.path)
         try:
             self._open()
         except BaseException:

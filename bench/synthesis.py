@@ -232,7 +232,7 @@ def accuracy(args: argparse.Namespace, tmp: Path) -> None:
           "bank decay; within: share of all targets inside the reported bound; power: worst sigma_rel error):")
     print(f"{'snapshot set':>40} | {'median':>7} | {'max':>7} | {'<=1/4':>6} | {'within':>6} | {'power':>8}")
     for s in summaries:
-        print(f"{s['set']:>40} | {s['median_ratio']:7.3f} | {s['max_ratio']:7.3f} | {s['share_quarter']:6.2f} | "
+        print(f"{s['set']:>40} | {s['median_ratio']:7.1e} | {s['max_ratio']:7.3f} | {s['share_quarter']:6.2f} | "
               f"{s['within_bound']:6.2f} | {s['power_err']:8.1e}")
     if args.json:
         Path(args.json).write_text(json.dumps({"summaries": summaries, "results": results}, indent=1))
@@ -312,7 +312,7 @@ def build_run(run_dir: Path, params: int, quick: bool) -> None:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[3]))
 run_dir, mode = sys.argv[1], sys.argv[2]
@@ -346,7 +346,8 @@ else:  # naive: every snapshot file loaded whole, sum c_i row_i accumulated in f
     sd = {"flat": acc.float()}
     extra = {}
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process's own peak RSS (ru_maxrss survives exec, so it would show the parent's)
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": seconds, "peak_rss": peak, **extra}))
 """
 
@@ -361,9 +362,11 @@ def child(run_dir: Path, mode: str, threads: int) -> dict:
 
 def memory(args: argparse.Namespace, tmp: Path) -> None:
     run_dir = tmp / "big"
-    (run_dir / rf.BANKS).mkdir(parents=True)
     params = 2_000_000 if args.quick else args.params
-    build_run(run_dir, params, args.quick)
+    if not (run_dir / rf.BANKS).is_dir():  # with --keep, a run directory built before is reused
+        (run_dir / rf.BANKS).mkdir(parents=True)
+        build_run(run_dir, params, args.quick)
+    (run_dir / rf.SYNTHESIS_CACHE).unlink(missing_ok=True)
     base = child(run_dir, "baseline", args.threads)        # the interpreter with torch and emascope imported
     first = child(run_dir, "streaming", args.threads)      # computes and caches the leave-one-out pass
     cached = child(run_dir, "streaming", args.threads)     # calibration read from banks/synthesis.json
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="write the error-vs-decay plot here (PNG)")
     ap.add_argument("--json", default=None, help="write all numbers here (JSON)")
     ap.add_argument("--quick", action="store_true", help="small and fast (smoke test)")
-    ap.add_argument("--keep", default=None, help="keep the run directories in this folder")
+    ap.add_argument("--keep", default=None, help="keep the run directories in this folder (and reuse them)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="emascope-synthesis-bench-"))

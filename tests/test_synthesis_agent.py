@@ -257,3 +257,30 @@ def test_request_schema_for_synthesised_exports():
     assert rf.lead_in_snapshot_file(7) == "banks/lead_000000007.safetensors"
     assert rf.parse_lead_in_snapshot_name("lead_000000007.safetensors") == 7
     assert rf.parse_lead_in_snapshot_name("step_000000007.safetensors") is None
+
+
+def test_hostile_snapshot_files_are_skipped_not_read(tmp_path):
+    """A FIFO, a device symlink, garbage and a truncated copy under banks/: skipped (no hang, no
+    crash); the dashboard's preview says there is nothing to synthesise from."""
+    from emascope.synthesis import SynthesisError, open_snapshots
+
+    banks = tmp_path / rf.BANKS
+    banks.mkdir(parents=True)
+    os.mkfifo(banks / "step_000000010.safetensors")
+    os.symlink("/dev/zero", banks / "lead_000000005.safetensors")
+    (banks / "step_000000020.safetensors").write_bytes(b"\xff" * 100)
+    (banks / "step_000000030.safetensors").write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(SynthesisError, match="no readable bank snapshot"):
+        open_snapshots(tmp_path)
+    with pytest.raises(SynthesisError, match="no readable bank snapshot"):
+        exporting.synthesis_preview(tmp_path, 0.999)
+
+
+def test_search_without_stage_snapshots_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="search_evals > 0.*stage_snapshots=0"):
+        attach(Denoiser(8), run_dir=tmp_path / "r", search_evals=3, stage_snapshots=0)
+    with pytest.raises(ValueError, match="stage_snapshot_dtype"):
+        attach(Denoiser(8), run_dir=tmp_path / "r", stage_snapshot_dtype="int8")
+    with pytest.raises(ValueError, match="stage_lead_in"):
+        attach(Denoiser(8), run_dir=tmp_path / "r", stage_lead_in=(0, 4))
+    assert not (tmp_path / "r").exists()
