@@ -488,6 +488,11 @@ class _MarkedWriter:
     def metric(self, step: int, variant: str, metric: str, value: float | None) -> None:
         self._writer.metric(step, variant, metric, value, synthesized=self._synthesized)
 
+    def event(self, type: str, step: int, **fields: Any) -> None:
+        if type in ("score_start", "score_done"):  # not a sweep of the bank: readers can tell them apart
+            fields["synthesized"] = True
+        self._writer.event(type, step, **fields)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._writer, name)
 

@@ -137,7 +137,7 @@ def status_panel(run: RunData) -> None:
     hb = run.heartbeat or {}
     age = f" · heartbeat {_fmt_age(now - hb['time'])}" if isinstance(hb.get("time"), (int, float)) else ""
     last = run.last_step()
-    done = run.events_of("score_done")
+    done = [e for e in run.events_of("score_done") if not e.get("synthesized")]
     secs = [e["seconds"] for e in done if isinstance(e.get("seconds"), (int, float))]
     errors = run.events_of("error")
     skips = [e.get("count") for e in run.events_of("nonfinite_skip") if isinstance(e.get("count"), int)]

@@ -119,8 +119,12 @@ def searched(tmp_path_factory):
 
 def test_search_scores_synthesised_decays_and_marks_them(searched):
     run_dir = searched["run_dir"]
-    events = [e for e in _events(run_dir) if e["type"] == "search"]
+    everything = _events(run_dir)
+    events = [e for e in everything if e["type"] == "search"]
     assert [e["step"] for e in events] == [300, 600]
+    done = [e for e in everything if e["type"] == "score_done"]
+    assert [e["step"] for e in done if not e.get("synthesized")] == [300, 600]  # the bank's sweeps
+    assert sum(1 for e in done if e.get("synthesized")) == sum(len(e["evaluated"]) for e in events)
     last = events[-1]
     assert last["metric"] == "dist" and last["direction"] == "lower" and last["evaluated"]
     assert all(0.99 < x["decay"] < 0.999 and x["profile_residual"] is not None for x in last["evaluated"])
