@@ -49,9 +49,10 @@ from emascope.ema_math import (
     DEFAULT_DECAYS,
     BEMAConfig,
     bema_alpha,
-    bema_beta,
+    bema_weight,
     effective_decay,
     update_weight,
+    validate_bema_schedule,
     validate_decays,
     validate_update_every,
 )
@@ -228,6 +229,7 @@ class EMABank:
             bema = None
         elif not isinstance(bema, BEMAConfig):
             raise ValueError(f"bema must be a bool or a BEMAConfig, got {bema!r}")
+        validate_bema_schedule(bema, self.update_every)
         self.bema: BEMAConfig | None = bema
         names = [variant_name(d) for d in self.decays]
         self.variants: list[str] = [RAW, *names] + ([BEMA] if self.bema is not None else [])
@@ -418,6 +420,7 @@ class EMABank:
             n = k - j
             self._blocks[j:k].lerp_(st[j * BLOCK:k * BLOCK].view(n, 1, BLOCK).expand(n, self._rows, BLOCK), w)
         self._applied.add_(1)
+        self._bema_start(t)
 
     def _gather_into(self, staging: torch.Tensor) -> None:
         """Copy (and cast to fp32) every live averaged tensor into its columns of ``staging``."""
@@ -452,6 +455,14 @@ class EMABank:
             self._applied.add_(1)
         else:
             self._applied.add_(flag.to(torch.int64))
+        self._bema_start(t)
+
+    def _bema_start(self, t: int) -> None:
+        """BEMA Eq. tau: at step ``tau`` (> 0) the EMA row was just set to the live weights (weight 1);
+        ``theta_0`` becomes the same values. (A skipped update at ``tau`` leaves both at the attach
+        weights.)"""
+        if self.bema is not None and self.bema.tau > 0 and t == self.bema.tau:
+            self._theta0.copy_(self._row(len(self.decays)))
 
     def _row_weights(self, t: int, flag: torch.Tensor | None) -> torch.Tensor:
         """Per-row lerp weight (float64, ``[R]``): Eq. L, or Eq. BC' with bias correction, then BEMA."""
@@ -466,7 +477,7 @@ class EMABank:
         else:
             self._w[:k].copy_(self._w_const)
         if self.bema is not None:
-            self._w[k] = bema_beta(t, self.bema)
+            self._w[k] = bema_weight(t, self.bema, self.update_every)
         if flag is not None:
             return torch.where(flag, self._w, torch.zeros_like(self._w))
         return self._w
@@ -511,6 +522,8 @@ class EMABank:
         row = self._row(self._row_of[v])
         if v == BEMA:
             assert self.bema is not None and self._theta0 is not None
+            if self.step < self.bema.tau:  # BEMA Eq. tau: the live weights during the burn-in
+                return self._raw_flat()
             # BEMA Eq. correction: theta'_t = EMA_t + alpha_t (theta_t - theta_0), t = self.step
             return row + bema_alpha(self.step, self.bema) * (self._raw_flat() - self._theta0)
         return row
@@ -638,7 +651,13 @@ class EMABank:
                 raise ValueError(f"{key} differs: checkpoint has {sd[key]!r} but bank has "
                                  f"{getattr(self, key)!r}")
         mine_bema = None if self.bema is None else self.bema.as_dict()
-        if sd["bema"] != mine_bema:
+        theirs_bema = sd["bema"]
+        if isinstance(theirs_bema, dict):  # states written before tau/phi existed: their defaults
+            try:
+                theirs_bema = BEMAConfig(**theirs_bema).as_dict()
+            except (TypeError, ValueError):
+                pass
+        if theirs_bema != mine_bema:
             raise ValueError(f"bema differs: checkpoint has {sd['bema']!r} but bank has {mine_bema!r}")
         if self.bema is not None and "theta0" not in sd:
             raise ValueError("EMABank state dict lacks theta0 (needed for BEMA)")

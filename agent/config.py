@@ -22,7 +22,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from emascope.ema_math import DEFAULT_DECAYS, BEMAConfig, validate_decays, validate_update_every
+from emascope.ema_math import (
+    DEFAULT_DECAYS,
+    BEMAConfig,
+    validate_bema_schedule,
+    validate_decays,
+    validate_update_every,
+)
 from emascope.runformat import DIRECTIONS, SNAPSHOT_DTYPES
 
 IMAGE_RANGES = ("auto", "-1,1", "0,1")
@@ -80,6 +86,7 @@ class BankConfig:
             bema = None
         elif bema is not None and not isinstance(bema, BEMAConfig):
             raise ValueError(f"bema must be a bool or a BEMAConfig, got {bema!r}")
+        validate_bema_schedule(bema, self.update_every)
         object.__setattr__(self, "bema", bema)
         if self.device is not None:
             object.__setattr__(self, "device", str(self.device))

@@ -60,10 +60,21 @@ class BEMAConfig:
 
     ``beta_t = max((rho + gamma t)**-kappa, beta_min)`` (EMA weight of the new weights, i.e. the
     "1 - decay" side) and ``alpha_t = (rho + gamma t)**-eta`` (weight of the bias correction).
-    ``t`` counts optimizer steps since attach. With ``update_every = m`` the EMA is updated at
-    steps ``m, 2m, ...`` with ``beta_t`` of that step (no ``**m`` adjustment, as in the authors'
-    reference implementation with its update frequency); the correction uses the current step.
-    Defaults are those of the authors' reference implementation.
+    ``t`` counts optimizer steps since attach. Schedule (:func:`bema_weight`):
+
+    - ``tau`` (burn-in, TRL's ``update_after``): before step ``tau`` the ``"bema"`` variant is the
+      live weights; at step ``tau`` (when > 0) ``theta_0`` and the EMA are reset to the live
+      weights (with ``tau = 0`` they are the weights at attach);
+    - ``phi`` (update frequency, TRL's ``update_freq``): the EMA is updated at steps
+      ``tau + k phi`` (k >= 1) with ``beta_t`` of that step (no ``**phi`` adjustment, as in the
+      authors' reference implementation and TRL). ``None``: at every bank update (every
+      ``update_every`` steps). ``tau`` and ``phi`` must be multiples of the bank's ``update_every``.
+
+    The correction always uses the current step: between EMA updates the variant is
+    ``EMA + alpha_t (theta_t - theta_0)`` with the last EMA and the live ``theta_t`` (TRL keeps the
+    model of its last update step instead; both agree at update steps). Defaults are those of the
+    authors' reference implementation with an update at every step; :meth:`from_trl` maps TRL's
+    ``BEMACallback`` arguments (and defaults) onto these names.
     """
 
     kappa: float = 0.5
@@ -71,6 +82,8 @@ class BEMAConfig:
     rho: float = 10.0
     gamma: float = 1.0
     beta_min: float = 0.0
+    tau: int = 0
+    phi: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("kappa", "eta", "rho", "gamma", "beta_min"):
@@ -87,9 +100,26 @@ class BEMAConfig:
             raise ValueError(f"BEMAConfig.gamma must be >= 0, got {self.gamma!r}")
         if not 0.0 <= self.beta_min <= 1.0:
             raise ValueError(f"BEMAConfig.beta_min must be in [0, 1], got {self.beta_min!r}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 0:
+            raise ValueError(f"BEMAConfig.tau (TRL's update_after) must be an int >= 0, got {self.tau!r}")
+        if self.phi is not None and (isinstance(self.phi, bool) or not isinstance(self.phi, int) or self.phi < 1):
+            raise ValueError(f"BEMAConfig.phi (TRL's update_freq) must be an int >= 1 or None, got {self.phi!r}")
 
-    def as_dict(self) -> dict[str, float]:
-        return {k: float(getattr(self, k)) for k in ("kappa", "eta", "rho", "gamma", "beta_min")}
+    @classmethod
+    def from_trl(cls, *, update_freq: int = 400, ema_power: float = 0.5, bias_power: float = 0.2,
+                 lag: float = 10, update_after: int = 0, multiplier: float = 1.0,
+                 min_ema_multiplier: float = 0.0) -> BEMAConfig:
+        """The config equal to TRL's ``BEMACallback(**same arguments)`` (TRL's defaults included):
+        ``phi = update_freq``, ``kappa = ema_power``, ``eta = bias_power``, ``rho = lag``,
+        ``tau = update_after``, ``gamma = multiplier``, ``beta_min = min_ema_multiplier``."""
+        return cls(kappa=float(ema_power), eta=float(bias_power), rho=float(lag), gamma=float(multiplier),
+                   beta_min=float(min_ema_multiplier), tau=int(update_after), phi=int(update_freq))
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        out: dict[str, float | int | None] = {k: float(getattr(self, k))
+                                              for k in ("kappa", "eta", "rho", "gamma", "beta_min")}
+        out["tau"], out["phi"] = int(self.tau), self.phi
+        return out
 
 
 def bema_beta(t: int, cfg: BEMAConfig) -> float:
@@ -100,6 +130,28 @@ def bema_beta(t: int, cfg: BEMAConfig) -> float:
 def bema_alpha(t: int, cfg: BEMAConfig) -> float:
     """BEMA Eq. alpha: ``alpha_t = (rho + gamma t)**-eta``."""
     return (cfg.rho + cfg.gamma * t) ** (-cfg.eta)
+
+
+def bema_weight(t: int, cfg: BEMAConfig, update_every: int) -> float:
+    """BEMA's schedule as the lerp weight of its EMA row at a bank update at step ``t`` (>= 1):
+    ``1`` at ``t == tau`` (the start: the EMA is reset to the live weights), ``beta_t`` at
+    ``t = tau + k phi`` (k >= 1, ``phi`` defaults to ``update_every``), else ``0`` (unchanged)."""
+    phi = cfg.phi or update_every
+    if t < cfg.tau:
+        return 0.0
+    if t == cfg.tau:
+        return 1.0
+    return bema_beta(t, cfg) if (t - cfg.tau) % phi == 0 else 0.0
+
+
+def validate_bema_schedule(cfg: BEMAConfig | None, update_every: int) -> None:
+    """``tau`` and ``phi`` must be multiples of ``update_every`` (the bank only sees those steps)."""
+    if cfg is None:
+        return
+    for name, value in (("tau", cfg.tau), ("phi", cfg.phi)):
+        if value is not None and value % update_every:
+            raise ValueError(f"BEMAConfig.{name}={value} must be a multiple of update_every={update_every}: "
+                             "the bank reads the weights only every update_every steps")
 
 
 def validate_decays(decays: Sequence[float]) -> tuple[float, ...]:

@@ -1,9 +1,13 @@
-"""``emascope export RUN_DIR (--variant D | --decay D | --sigma-rel S) [--out PATH] [--dtype float32]``.
+"""``emascope export RUN_DIR (--variant D | --decay D | --sigma-rel S) [--format F] [--out PATH] [--dtype float32]``.
 
 ``--variant``: rebuild one variant the bank holds from the run's bank snapshot
-(``banks/latest.safetensors``) without the model's Python class, through
-:func:`emascope.snapshot.export_from_run`. Default output:
-``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``.
+(``banks/latest.safetensors``) without the model's Python class and write it (atomic files):
+
+- ``--format safetensors`` (default): one ``.safetensors`` state dict, through
+  :func:`emascope.snapshot.export_from_run`; default ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``;
+- ``--format transformers`` / ``diffusers``: a folder that ``from_pretrained`` loads (the config
+  recorded at attach + the weights), through :func:`emascope.pretrained.export_pretrained`;
+  default ``RUN_DIR/exports/ema-<variant>-step<step>/``.
 
 ``--decay`` (any decay in (0, 1)) or ``--sigma-rel`` (EDM2's power-function EMA): synthesise it
 post hoc from the stage snapshots (:func:`emascope.posthoc.export_synthesized`, docs/synthesis.md)
@@ -11,7 +15,9 @@ at ``--step`` (default: the latest stage snapshot), streaming tensor by tensor, 
 report (profile residual, leave-one-out calibrated weight-space error and bound); ``--report
 PATH`` also writes the report as JSON. A target the snapshots cannot represent is refused (exit
 code 2) unless ``--force``. Default output: ``RUN_DIR/exports/ema-<decay>-synth-step<step>.safetensors``
-(``phema-<sigma_rel>-step<step>``). Exit codes: 0 done, 2 bad input or refused.
+(``phema-<sigma_rel>-step<step>``); ``--format safetensors`` only.
+
+Exit codes: 0 done, 2 bad input or refused.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+
+from emascope.runformat import EXPORT_FORMATS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,20 +46,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report", default=None, help="also write the synthesis error report (JSON) here")
     parser.add_argument("--out", default=None, help="output path (default: RUN_DIR/exports/...)")
     parser.add_argument("--dtype", default=None, choices=["float32"], help="cast floating tensors")
+    parser.add_argument("--format", default="safetensors", choices=list(EXPORT_FORMATS),
+                        help="safetensors (a state dict file, default), or a folder that transformers' / "
+                             "diffusers' from_pretrained loads (needs the config recorded at attach)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.variant is not None:
-        if args.step is not None or args.force or args.report:
-            parser.error("--step, --force and --report go with --decay / --sigma-rel")
-        from emascope.snapshot import ExportError, export_from_run  # torch is imported only here
+    if args.variant is None:
+        if args.format != "safetensors":
+            parser.error("--format transformers/diffusers goes with --variant (a synthesised decay is "
+                         "written as a .safetensors state dict)")
+        return _synthesized(args)
+    if args.step is not None or args.force or args.report:
+        parser.error("--step, --force and --report go with --decay / --sigma-rel")
+    # torch is imported only here
+    from emascope.pretrained import export_pretrained
+    from emascope.snapshot import ExportError, export_from_run
 
-        try:
+    try:
+        if args.format == "safetensors":
             path = export_from_run(args.run_dir, args.variant, args.out, args.dtype)
-        except ExportError as exc:
-            print(f"emascope export: error: {exc}", file=sys.stderr)
-            return 2
-        print(f"{path}  ({path.stat().st_size} bytes)")
-        return 0
-    return _synthesized(args)
+        else:
+            path = export_pretrained(args.run_dir, args.variant, args.format, args.out, args.dtype)
+    except ExportError as exc:
+        print(f"emascope export: error: {exc}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+    print(f"{path}  ({size} bytes)")
+    return 0
 
 
 def _synthesized(args: argparse.Namespace) -> int:

@@ -215,20 +215,64 @@ class TorchFidelityExtractor:
         return Features(torch.cat(feats), torch.cat(logits) if logits else None)
 
 
-Extractor = IdentityExtractor | TorchFidelityExtractor | CallableExtractor
+class SmallImageExtractor:
+    """The built-in small-image extractor (:mod:`emascope.small_images`): fixed weights, no download,
+    256-d features, no logits. Runs on ``device`` in chunks of ``batch_size`` images."""
+
+    has_logits = False
+
+    def __init__(self, *, device: str | torch.device = "cpu", batch_size: int = 64,
+                 image_range: str = "-1,1") -> None:
+        from emascope.small_images import NAME, SmallImageFeatures
+
+        self.name = NAME
+        self.module = SmallImageFeatures().to(device)
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.image_range = image_range
+        self.weights_hash = module_hash(self.module)
+
+    def __call__(self, samples: torch.Tensor) -> Features:
+        feats = [self.module(chunk, self.image_range).cpu() for chunk in samples.split(self.batch_size)]
+        return Features(torch.cat(feats))
+
+
+Extractor = IdentityExtractor | TorchFidelityExtractor | CallableExtractor | SmallImageExtractor
+
+#: The default extractor of ``"auto"`` for images, and the built-in one for small images.
+INCEPTION = "inception-v3-compat"
+SMALL_IMAGES = "small-images-v1"
+#: Extractors emascope itself provides (no torch-fidelity registration, no download).
+BUILTIN_EXTRACTORS = (SMALL_IMAGES,)
+#: ``"auto"`` gives images whose shorter side is below this many pixels the built-in small-image
+#: extractor: Inception-v3 sees them upsampled to 299x299, far outside what it was trained on.
+AUTO_MIN_INCEPTION_SIZE = 32
+
+
+def auto_extractor(kind: str, image_size: tuple[int, int] | None = None) -> str:
+    """What ``"auto"`` means: ``identity`` for points; for images Inception-v3, or the built-in
+    small-image extractor when the images are smaller than :data:`AUTO_MIN_INCEPTION_SIZE` pixels."""
+    if kind == "points":
+        return "identity"
+    if image_size is not None and min(image_size) < AUTO_MIN_INCEPTION_SIZE:
+        return SMALL_IMAGES
+    return INCEPTION
 
 
 def make_extractor(spec: str | Callable | None, kind: str, *, weights_path: str | os.PathLike | None = None,
                    device: str | torch.device = "cpu", batch_size: int = 64,
-                   image_range: str = "-1,1") -> Extractor:
-    """Build the extractor for ``spec``: ``None``/``"auto"`` (identity for points, Inception-v3 for
-    images), ``"identity"``, a torch-fidelity registered name, or a callable."""
+                   image_range: str = "-1,1", image_size: tuple[int, int] | None = None) -> Extractor:
+    """Build the extractor for ``spec``: ``None``/``"auto"`` (:func:`auto_extractor`: identity for
+    points, Inception-v3 for images, the built-in small-image one for images below 32 px),
+    ``"identity"``, ``"small-images-v1"``, a torch-fidelity registered name, or a callable."""
     if callable(spec) and not isinstance(spec, str):
         return CallableExtractor(spec, batch_size=batch_size)
     if spec in (None, "auto"):
-        spec = "identity" if kind == "points" else "inception-v3-compat"
+        spec = auto_extractor(kind, image_size)
     if spec == "identity":
         return IdentityExtractor()
+    if spec == SMALL_IMAGES:
+        return SmallImageExtractor(device=device, batch_size=batch_size, image_range=image_range)
     if not isinstance(spec, str):
         raise ValueError("feature_extractor must be 'auto', 'identity', a torch-fidelity name or a "
                          f"callable, "
@@ -402,3 +446,121 @@ def extract_in_batches(extractor: Callable[[torch.Tensor], Features], samples: t
     logits: Sequence[torch.Tensor | None] = [p.logits for p in parts]
     return Features(torch.cat([p.features for p in parts]),
                     torch.cat(list(logits)) if all(x is not None for x in logits) else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# checks at attach: the reference's kind and the extractor (built before anything is written)
+
+
+def reference_sample_info(reference: Any) -> tuple[str | None, tuple[int, int] | None]:
+    """``(kind, (H, W))`` of a data reference from its first item (``(None, None)`` when it is not a
+    point or image tensor, e.g. a custom sample type for a callable extractor)."""
+    try:
+        first = reference_tensor(reference, 1)
+        kind = sample_kind(first)
+    except (ValueError, TypeError, IndexError, RuntimeError):
+        return None, None
+    return kind, (tuple(int(x) for x in first.shape[-2:]) if kind == "images" else None)  # type: ignore[return-value]
+
+
+def check_reference_kind(reference: Any, spec: Any) -> None:
+    """``ValueError`` when a data reference cannot go through the extractor ``spec``: fewer than two
+    items, items that are neither points nor images (unless ``spec`` is a callable), images with
+    ``"identity"``, or points with an image extractor."""
+    try:
+        n = len(reference)
+    except TypeError:
+        n = None
+    if n is not None and n < 2:
+        raise ValueError(f"reference holds {n} item(s); the metrics need at least 2")
+    if callable(spec) and not isinstance(spec, str):
+        return
+    kind, _ = reference_sample_info(reference)
+    if kind is None:
+        raise ValueError("reference items must be float points [d] or images [C, H, W] with C in (1, 3) "
+                         "(uint8 or float); for other sample types pass feature_extractor=<callable>")
+    if kind == "images" and spec == "identity":
+        raise ValueError("feature_extractor='identity' takes points [n, d], but the reference holds images: "
+                         "use 'auto', a torch-fidelity extractor, 'small-images-v1' or a callable")
+    if kind == "points" and isinstance(spec, str) and spec not in (None, "auto", "identity"):
+        raise ValueError(f"feature_extractor={spec!r} takes images, but the reference holds points [n, d]: "
+                         "use 'auto' or 'identity'")
+
+
+def _download_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a failed download (no network, DNS, HTTP, SSL, timeout)."""
+    import socket
+    import ssl
+    import urllib.error
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (urllib.error.URLError, socket.error, ssl.SSLError, TimeoutError, ConnectionError)):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
+
+
+def _inception_weights() -> tuple[str, Path]:
+    """URL and torch-hub cache path of torch-fidelity's Inception-v3 weights."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    name = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+    return URL_INCEPTION_V3, Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def offline_message(spec: str, cause: str, url: str | None = None, cached: Path | None = None) -> str:
+    """What to do when ``spec``'s weights cannot be downloaded: the file to pass and the offline options."""
+    if url is not None and cached is not None:
+        file = cached.name
+        return (f"feature extractor {spec!r} needs its weights file {file}: it is not in the torch hub cache "
+                f"({cached.parent}) and cannot be downloaded from {url} ({cause}). Offline: copy that file here and "
+                f"pass feature_extractor_weights_path='/path/to/{file}' (or put it in the cache folder); or pass "
+                f"feature_extractor='{SMALL_IMAGES}' (built in, no download; its FD is not comparable to FID)")
+    return (f"feature extractor {spec!r} could not download its weights ({cause}). Offline: pass "
+            f"feature_extractor_weights_path=<local weights file>, or feature_extractor='{SMALL_IMAGES}' "
+            "(built in, no download; not comparable to FID)")
+
+
+def _reachable(url: str, timeout: float = 10.0) -> str | None:
+    """``None`` when a TCP connection to ``url``'s host opens within ``timeout`` s, else the reason."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname, u.port or 443), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def open_extractor(spec: str | Callable | None, kind: str, **kwargs: Any) -> Extractor:
+    """:func:`make_extractor` at attach, with failures turned into a ``ValueError`` that says what to do.
+
+    For Inception without ``weights_path`` whose weights are not in the torch hub cache, the
+    download host is probed first (10 s at most), so an offline machine gets the error at once
+    instead of a download that hangs; the message names the file to pass and the offline options.
+    """
+    name = spec
+    if spec in (None, "auto"):
+        name = auto_extractor(kind, kwargs.get("image_size"))
+    if name == INCEPTION and kwargs.get("weights_path") is None:
+        url, cached = _inception_weights()
+        if not cached.is_file():
+            why = _reachable(url)
+            if why is not None:
+                raise ValueError(offline_message(INCEPTION, why, url, cached))
+    try:
+        return make_extractor(spec, kind, **kwargs)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        cause = f"{type(exc).__name__}: {exc}"
+        if isinstance(name, str) and kwargs.get("weights_path") is None and _download_error(exc):
+            if name == INCEPTION:
+                url, cached = _inception_weights()
+                raise ValueError(offline_message(INCEPTION, cause, url, cached)) from exc
+            raise ValueError(offline_message(name, cause)) from exc
+        raise ValueError(f"feature extractor {name!r} could not be built: {cause}") from exc

@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +29,37 @@ from emascope.atomic import append_jsonl, atomic_write_bytes, atomic_write_json
 log = logging.getLogger(__name__)
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create ``run_dir`` or check it may be used; returns it as a ``Path``.
+def check_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Check that ``run_dir`` may be used, writing nothing; returns it as a ``Path``.
 
     A folder that already holds a run (any of ``run.json``, ``metrics.jsonl``, ``events.jsonl``)
-    is refused unless ``resume=True`` (append to it) or ``overwrite=True`` (delete that run's
-    files; the reference-feature cache and ``exports/`` are kept). Raises ``ValueError``.
+    is refused unless ``resume=True`` (append to it) or ``overwrite=True``. Raises ``ValueError``.
     """
     if overwrite and resume:
         raise ValueError("overwrite=True and resume=True exclude each other")
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"run_dir {str(path)!r} exists and is not a directory")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"run_dir {str(path)!r}: {str(parent)!r} is not a directory")
+            break
     existing = [n for n in rf.RUN_MARKERS if (path / n).exists()]
     if existing and not (overwrite or resume):
         raise ValueError(f"run_dir {str(path)!r} already holds a run ({', '.join(existing)}); "
                          "pass resume=True to append to it or overwrite=True to replace it")
-    if existing and overwrite:
+    return path
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create ``run_dir`` or check it may be used (:func:`check_run_dir`); returns it as a ``Path``.
+
+    With ``overwrite=True`` the old run's files are deleted (the reference-feature cache and
+    ``exports/`` are kept); with ``resume=True`` a torn last line of a JSONL file is terminated.
+    """
+    path = check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    if overwrite and any((path / n).exists() for n in rf.RUN_MARKERS):
         for name in rf.RUN_FILES:
             (path / name).unlink(missing_ok=True)
         for name in rf.RUN_DIRS:
@@ -55,6 +70,74 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resu
         for name in rf.APPENDED:
             terminate_torn_line(path / name)
     return path
+
+
+@dataclass(frozen=True)
+class RunDirState:
+    """What a run directory held before ``attach`` wrote anything, to undo a failed start.
+
+    ``created``: the topmost folder that did not exist (``None`` if ``run_dir`` existed); undoing
+    removes it whole. Otherwise ``sizes`` (append-only files: bytes before) and ``contents`` (the
+    other top-level run files: their bytes, ``None`` if absent) restore the files, and ``subdirs``
+    lists the run's folders that existed (the others are removed).
+    """
+
+    created: Path | None
+    sizes: dict[str, int | None]
+    contents: dict[str, bytes | None]
+    subdirs: frozenset[str]
+
+
+def run_dir_state(run_dir: str | os.PathLike, *, overwrite: bool = False) -> RunDirState:
+    """Record :class:`RunDirState` (reads only; top-level run files are small). With ``overwrite``
+    the old run's files are about to be deleted: undoing then removes the new ones, it cannot bring
+    the old ones back."""
+    path = Path(run_dir).absolute()
+    if not path.exists():
+        created = path
+        while not created.parent.exists() and created.parent != created:
+            created = created.parent
+        return RunDirState(created, {}, {}, frozenset())
+    sizes: dict[str, int | None] = {}
+    contents: dict[str, bytes | None] = {}
+    for name in rf.RUN_FILES:
+        f = path / name
+        if overwrite:
+            (sizes if name in rf.APPENDED else contents)[name] = None
+            continue
+        if name in rf.APPENDED:
+            sizes[name] = f.stat().st_size if f.is_file() else None
+        else:
+            try:
+                contents[name] = f.read_bytes() if f.is_file() else None
+            except OSError:
+                contents[name] = None
+    return RunDirState(None, sizes, contents, frozenset(n for n in rf.SUBDIRS if (path / n).is_dir()))
+
+
+def undo_start(run_dir: str | os.PathLike, state: RunDirState) -> None:
+    """Undo what a failed start wrote into ``run_dir`` (see :class:`RunDirState`). Never raises."""
+    path = Path(run_dir).absolute()
+    try:
+        if state.created is not None:
+            shutil.rmtree(state.created, ignore_errors=True)
+            return
+        for name, size in state.sizes.items():
+            f = path / name
+            if size is None:
+                f.unlink(missing_ok=True)
+            elif f.is_file() and f.stat().st_size > size:
+                os.truncate(f, size)
+        for name, body in state.contents.items():
+            if body is None:
+                (path / name).unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(path / name, body)
+        for name in rf.SUBDIRS:
+            if name not in state.subdirs:
+                shutil.rmtree(path / name, ignore_errors=True)
+    except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+        log.warning("emascope: could not undo the failed start in %s: %s", path, exc)
 
 
 def terminate_torn_line(path: str | os.PathLike) -> bool:
@@ -98,6 +181,8 @@ class RunWriter:
         self.heartbeat_interval = float(heartbeat_interval)
         self.num_write_errors = 0
         self.last_error: str | None = None
+        self.num_errors = 0                # error events recorded
+        self._told: set[str] = set()       # ``where`` values already logged to the console
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -116,9 +201,14 @@ class RunWriter:
 
     # -- files ---------------------------------------------------------------------------------
 
-    def write_run_json(self, info: dict[str, Any]) -> None:
-        """Replace run.json atomically (``format``/``format_version`` are filled in)."""
+    def write_run_json(self, info: dict[str, Any], *, strict: bool = False) -> None:
+        """Replace run.json atomically (``format``/``format_version`` are filled in).
+
+        ``strict`` (at attach): a write error raises instead of being logged."""
         body = {**rf.run_json_header(), **info}
+        if strict:
+            atomic_write_json(self.run_dir / rf.RUN_JSON, body)
+            return
         self._guard(rf.RUN_JSON, lambda: atomic_write_json(self.run_dir / rf.RUN_JSON, body))
 
     def metric(self, step: int, variant: str, metric: str, value: float | None, *,
@@ -132,11 +222,24 @@ class RunWriter:
         """Append one events.jsonl line ``{"time", "step", "type", **fields}``."""
         self._append(rf.EVENTS, rf.event_record(type, step, time.time(), **fields))
 
-    def error(self, where: str, step: int, exc: BaseException, variant: str | None = None) -> None:
-        """Record an ``error`` event with the exception's message and traceback."""
+    def error(self, where: str, step: int, exc: BaseException, variant: str | None = None, *,
+              tell: bool = True) -> None:
+        """Record an ``error`` event with the exception's message and traceback.
+
+        The first error of each ``where`` is also logged (a ``logging`` warning of the
+        ``emascope`` logger, shown on the training console by default) with the message and where
+        to read the rest; later errors of the same kind are only recorded and counted. ``tell=False``
+        records without logging (the training job's own exception, which the user sees anyway)."""
+        message = f"{type(exc).__name__}: {exc}"
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.event("error", step, where=where, variant=variant, message=f"{type(exc).__name__}: {exc}",
-                   traceback=tb[-8000:])
+        self.event("error", step, where=where, variant=variant, message=message, traceback=tb[-8000:])
+        self.num_errors += 1
+        if tell and where not in self._told:
+            self._told.add(where)
+            on = f" ({variant})" if variant else ""
+            log.warning("emascope: %s failed at step %d%s: %s -- recorded in %s (traceback) and shown on the "
+                        "dashboard; later %s errors are only recorded; training continues",
+                        where, step, on, _one_line(message), self.run_dir / rf.EVENTS, where)
 
     def _append(self, name: str, rec: dict[str, Any]) -> None:
         def write() -> None:
@@ -179,13 +282,14 @@ class RunWriter:
         self._thread = threading.Thread(target=loop, name="emascope-heartbeat", daemon=True)
         self._thread.start()
 
-    def stop_heartbeat(self) -> None:
-        """Stop the thread and write the final ``"closed"`` heartbeat."""
+    def stop_heartbeat(self, *, final: bool = True) -> None:
+        """Stop the thread and (``final``) write the last heartbeat, state ``"closed"``."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
             self._thread = None
-        self.beat(rf.STATE_CLOSED)
+        if final:
+            self.beat(rf.STATE_CLOSED)
 
 
 def png_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> bytes:
@@ -208,6 +312,12 @@ def png_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> byte
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """The first line of a message, at most ``limit`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def host_info() -> dict[str, Any]:

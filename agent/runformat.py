@@ -42,11 +42,14 @@ EXPORTS = "exports"
 SNAPSHOT = f"{BANKS}/latest.safetensors"
 #: The first reference points of a low-dimensional run (float32 ``[n, d]`` .npy).
 REFERENCE_POINTS = f"{SAMPLES}/reference.npy"
+#: The model's transformers / diffusers config, recorded at attach when the model has one (JSON
+#: object, see :func:`model_config_body`); ``emascope export --format`` writes it as ``config.json``.
+MODEL_CONFIG = "model_config.json"
 
 #: A folder holding any of these holds a run (``attach`` refuses it without resume/overwrite).
 RUN_MARKERS = (RUN_JSON, METRICS, EVENTS)
 #: Top-level files of a run (removed by ``overwrite=True``).
-RUN_FILES = (RUN_JSON, METRICS, EVENTS, HEARTBEAT)
+RUN_FILES = (RUN_JSON, METRICS, EVENTS, HEARTBEAT, MODEL_CONFIG)
 #: Folders removed by ``overwrite=True`` (the reference cache and exports are kept).
 RUN_DIRS = (SAMPLES, BANKS, REQUESTS)
 #: Every folder of a run (created by ``attach``; a run's own folders are never searched for runs).
@@ -471,6 +474,47 @@ def status_record(*, request_id: str | None, state: str, variant: str | None, st
     if synthesis is not None:
         rec["synthesis"] = synthesis
     return rec
+
+
+def export_dir(name: str) -> str:
+    """``exports/<name>``: the folder of a ``from_pretrained`` export (``--format transformers|diffusers``)."""
+    return f"{EXPORTS}/{validate_export_name(name)}"
+
+
+#: Export formats: a plain ``.safetensors`` state dict (default), or a folder that the library's
+#: ``from_pretrained`` loads: ``config.json`` + the weights file under the library's own name.
+EXPORT_FORMATS = ("safetensors", "transformers", "diffusers")
+PRETRAINED_CONFIG = "config.json"
+PRETRAINED_WEIGHTS = {"transformers": "model.safetensors", "diffusers": "diffusion_pytorch_model.safetensors"}
+#: safetensors metadata the libraries' loaders expect in a PyTorch weights file.
+PRETRAINED_METADATA = {"format": "pt"}
+
+
+def model_config_body(*, library: str, cls: str, library_version: str, prefix: str,
+                      config: dict[str, Any]) -> dict[str, Any]:
+    """The body of :data:`MODEL_CONFIG`: the library (``"transformers"``/``"diffusers"``), the model
+    class name, the library version at attach, ``prefix`` (the model's key prefix inside the
+    attached module's state dict, ``""`` when the attached module is the model) and ``config``
+    (the dict the library writes as ``config.json``)."""
+    if library not in PRETRAINED_WEIGHTS:
+        raise ValueError(f"library must be one of {tuple(PRETRAINED_WEIGHTS)}, got {library!r}")
+    return {"library": library, "class": cls, "library_version": library_version, "prefix": prefix,
+            "config": config}
+
+
+def parse_model_config(body: Any) -> dict[str, Any]:
+    """Validate a :data:`MODEL_CONFIG` body read from disk; ``ValueError`` naming the bad field."""
+    if not isinstance(body, dict):
+        raise ValueError(f"{MODEL_CONFIG} must hold a JSON object, got {type(body).__name__}")
+    if body.get("library") not in PRETRAINED_WEIGHTS:
+        raise ValueError(f"{MODEL_CONFIG}: library must be one of {tuple(PRETRAINED_WEIGHTS)}, "
+                         f"got {body.get('library')!r}")
+    for key in ("class", "prefix"):
+        if not isinstance(body.get(key), str):
+            raise ValueError(f"{MODEL_CONFIG}: {key} must be a string, got {body.get(key)!r}")
+    if not isinstance(body.get("config"), dict):
+        raise ValueError(f"{MODEL_CONFIG}: config must be a JSON object")
+    return body
 
 
 def export_metadata(variant: str, step: int, *, run_id: str = "", emascope_version: str = "") -> dict[str, str]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import sys
 import time
@@ -56,11 +57,22 @@ from emascope.config import (
     check_together,
     settings_of,
 )
+from emascope.pretrained import export_pretrained_from_bank, model_config_record, write_model_config
 from emascope.requests import RequestPoller
-from emascope.rundir import RunWriter, host_info, new_run_id, prepare_run_dir
-from emascope.scoring import Scorer, SweepResult
+from emascope.rundir import (
+    RunWriter,
+    check_run_dir,
+    host_info,
+    new_run_id,
+    prepare_run_dir,
+    run_dir_state,
+    undo_start,
+)
+from emascope.scoring import Scorer, SweepResult, attach_extractor
 from emascope.snapshot import export_checkpoint, load_snapshot, save_snapshot
 from emascope.version import __version__
+
+log = logging.getLogger(__name__)
 
 
 def dist_rank() -> int:
@@ -84,30 +96,102 @@ def model_info(model: nn.Module) -> dict[str, Any]:
             "num_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "dtypes": dtypes}
 
 
-def check_attachable(model: Any, optimizer: Any, scoring: ScoringConfig, hooks: Hooks) -> None:
+#: Attributes through which optimizer wrappers expose the optimizer they drive: accelerate's
+#: ``AcceleratedOptimizer.optimizer``, Lightning's ``LightningOptimizer._optimizer`` (and
+#: ``.optimizer``), DeepSpeed's engine/ZeRO wrappers ``.optimizer``.
+OPTIMIZER_WRAPPER_ATTRS = ("optimizer", "_optimizer")
+
+
+def _has_step_hook(optimizer: Any) -> bool:
+    """A torch optimizer whose ``Optimizer.__init__`` ran, so ``register_step_post_hook`` works
+    (accelerate's ``AcceleratedOptimizer`` subclasses ``Optimizer`` without running it): tried with
+    a hook that is removed at once."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return False
+    try:
+        optimizer.register_step_post_hook(lambda *args: None).remove()
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    return True
+
+
+#: Packages whose optimizer wrappers only delegate ``step`` (and skip it on accumulation or AMP
+#: overflow): always unwrapped, even if a future version made them hookable themselves.
+DELEGATING_PACKAGES = ("accelerate", "lightning", "pytorch_lightning", "deepspeed")
+
+
+def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer, list[str]]:
+    """The torch optimizer whose step hook drives the bank, and the chain of class names to it.
+
+    A wrapper exposes its inner optimizer as ``.optimizer`` or ``._optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, DeepSpeed's wrappers). The
+    outermost object that is a torch optimizer with a working step hook is used, except that
+    wrappers from :data:`DELEGATING_PACKAGES` are always unwrapped: their inner optimizer's
+    ``step`` runs exactly once per real optimizer step (accelerate calls it only on
+    gradient-synchronising micro-batches and not at all when AMP's GradScaler skips a step).
+    A hookable optimizer that wraps another (e.g. a Lookahead that moves the weights after its
+    inner step) is hooked itself, so the bank sees the weights after all of its step.
+    ``ValueError`` when no torch optimizer with a step hook is found.
+    """
+    chain, seen, current = [], set(), optimizer
+    while id(current) not in seen:
+        seen.add(id(current))
+        chain.append(type(current).__name__)
+        delegating = type(current).__module__.split(".", 1)[0] in DELEGATING_PACKAGES
+        if _has_step_hook(current) and not delegating:
+            break
+        inner = None
+        for attr in OPTIMIZER_WRAPPER_ATTRS:
+            try:
+                candidate = getattr(current, attr, None)
+            except Exception:  # noqa: BLE001 - a property of a half-built wrapper
+                candidate = None
+            if candidate is not None and candidate is not current and not isinstance(candidate, (str, bytes)):
+                inner = candidate
+                break
+        if inner is None:
+            break
+        current = inner
+    if not _has_step_hook(current):
+        raise ValueError(
+            f"optimizer {' -> '.join(chain)} has no step hook: attach() follows a torch.optim.Optimizer "
+            "through register_step_post_hook (wrappers exposing .optimizer or ._optimizer are unwrapped). "
+            "Pass the torch optimizer, or optimizer=None and call scope.step() after every optimizer step")
+    return current, chain
+
+
+def check_attachable(model: Any, optimizer: Any, scoring: ScoringConfig,
+                     hooks: Hooks) -> torch.optim.Optimizer | None:
     """The checks of :func:`attach` that need torch (the configs check the rest); ``ValueError``
-    naming the problem, raised before anything is written."""
+    naming the problem, raised before anything is written. Returns the (unwrapped) optimizer."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inner = None
     if optimizer is not None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        own = {id(p) for p in model.parameters()}
-        if not any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
-            raise ValueError("optimizer does not update any parameter of model: pass the optimizer that "
-                             "trains this model (its steps drive the EMA bank)")
+        inner, chain = unwrap_optimizer(optimizer)
+        own = {id(p) for p in unwrap_model(model).parameters()}
+        if not any(id(p) in own for group in inner.param_groups for p in group["params"]):
+            via = f" ({' -> '.join(chain)})" if len(chain) > 1 else ""
+            raise ValueError(
+                f"optimizer{via} does not update any parameter of model: pass the optimizer that trains this "
+                "model (its steps drive the EMA bank). A wrapper that steps copies of the parameters (fp32 "
+                "master weights, DeepSpeed ZeRO partitions) cannot drive it: attach with optimizer=None and call "
+                "scope.step() after every optimizer step")
     spec, reference = scoring.feature_extractor, hooks.reference
     if isinstance(reference, F.Features) and spec in (None, "auto"):
         raise ValueError("reference holds precomputed features: pass feature_extractor= naming the "
                          "extractor that produced them ('identity', a torch-fidelity name or a callable)")
-    if isinstance(spec, str) and spec not in ("auto", "identity"):
+    if isinstance(spec, str) and spec not in (None, "auto", "identity", *F.BUILTIN_EXTRACTORS):
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
         if spec not in FEATURE_EXTRACTORS_REGISTRY:
-            raise ValueError(f"feature_extractor {spec!r} is not 'auto', 'identity' or a "
-                             f"torch-fidelity extractor ({sorted(FEATURE_EXTRACTORS_REGISTRY)})")
+            raise ValueError(f"feature_extractor {spec!r} is not 'auto', 'identity', a built-in extractor "
+                             f"({', '.join(F.BUILTIN_EXTRACTORS)}) or a torch-fidelity extractor "
+                             f"({sorted(FEATURE_EXTRACTORS_REGISTRY)})")
     if reference is not None and not isinstance(reference, F.Features):
         F.reference_identity(reference, max_items=2)  # validates the type early
+        F.check_reference_kind(reference, spec)
     _refuse_sharded_params(model)
+    return inner
 
 
 class Scope:
@@ -121,10 +205,11 @@ class Scope:
                  bank: BankConfig | None = None, scoring: ScoringConfig | None = None,
                  hooks: Hooks | None = None) -> None:
         bank, scoring, hooks = bank or BankConfig(), scoring or ScoringConfig(), hooks or Hooks()
-        check_attachable(model, optimizer, scoring, hooks)
+        inner = check_attachable(model, optimizer, scoring, hooks)
         check_together(run, scoring)
         self.run_cfg, self.bank_cfg = run, bank
-        self.model, self.optimizer = unwrap_model(model), optimizer
+        self.model, self.optimizer = unwrap_model(model), inner
+        self.optimizer_chain = unwrap_optimizer(optimizer)[1] if optimizer is not None else []
         self.rank = dist_rank()
         self.is_writer = self.rank == 0
         self.run_dir = Path(run.run_dir)
@@ -144,39 +229,69 @@ class Scope:
         self._hook = None
         self.t0 = self.start_time = time.time()
         if self.is_writer:
-            self._open_run(scoring, hooks)
-        if optimizer is not None:
-            self._hook = optimizer.register_step_post_hook(self._optimizer_hook)
+            plan = self._prepare_run(scoring, hooks)  # reads and checks only: nothing written yet
+            self._start_run(plan)                     # writes; a failure undoes what it wrote
+        elif inner is not None:
+            self._hook = inner.register_step_post_hook(self._optimizer_hook)
 
-    def _open_run(self, scoring: ScoringConfig, hooks: Hooks) -> None:
-        """Rank 0: build the bank, prepare the run directory, write run.json and start the heartbeat."""
+    def _prepare_run(self, scoring: ScoringConfig, hooks: Hooks) -> dict[str, Any]:
+        """Rank 0, before anything is written: build the bank, check the run directory, read the run
+        being resumed, build the feature extractor and read the model's config. Raises ``ValueError``
+        naming a problem; writes nothing."""
         run, b = self.run_cfg, self.bank_cfg
         self.bank = EMABank(self.model, b.decays, device=b.device, update_every=b.update_every,
                             bias_correction=b.bias_correction, bema=b.bema or False,
                             average_buffers=b.average_buffers)
-        self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
+        check_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
         resumed_from = self._resume_bank() if run.resume else None
         previous = self._previous_run() if run.resume else {}
-        self.run_id = str(previous.get("run_id") or new_run_id())
-        if isinstance(previous.get("start_time"), (int, float)):
-            self.start_time = float(previous["start_time"])
-        old = previous.get("metric_directions")
-        known = {str(k): v for k, v in old.items() if v in rf.DIRECTIONS} if isinstance(old, dict) else {}
-        self.name = run.name or self.run_dir.resolve().name
-        self.writer = RunWriter(self.run_dir, step_fn=lambda: self._step, heartbeat_interval=run.heartbeat_interval)
-        self.scorer = Scorer(scoring, hooks, self.writer, self.run_dir, on_info_change=self._write_run_json,
-                             known_directions=known)
-        self.settings = settings_of(run, b, scoring)
-        self.settings.update(device=str(self.bank.device), feature_extractor=self.scorer.extractor_label(),
-                             sample_seeding=rf.SAMPLE_SEEDING)
-        self._write_run_json()
-        self.writer.event("start", self._step)
-        if resumed_from is not None:
-            self.writer.event("resume", self._step, snapshot_step=resumed_from)
-        self.writer.start_heartbeat()
-        self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
-                                      on_result=self._export_event, synthesize=self._synthesize_for_request)
-        self._note_stage_snapshot_cost()
+        extractor = attach_extractor(scoring, hooks, self.model)
+        return {"scoring": scoring, "hooks": hooks, "resumed_from": resumed_from, "previous": previous,
+                "extractor": extractor, "model_config": model_config_record(self.model),
+                "before": run_dir_state(run.run_dir, overwrite=run.overwrite)}
+
+    def _start_run(self, plan: dict[str, Any]) -> None:
+        """Rank 0: prepare the run directory, write run.json (and the model's config), start the
+        heartbeat, hook the optimizer. If anything here raises, what it wrote is removed (or, for a
+        resumed run, restored), the heartbeat thread is stopped, and the error propagates."""
+        run, b, previous = self.run_cfg, self.bank_cfg, plan["previous"]
+        try:
+            self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
+            self.run_id = str(previous.get("run_id") or new_run_id())
+            if isinstance(previous.get("start_time"), (int, float)):
+                self.start_time = float(previous["start_time"])
+            old = previous.get("metric_directions")
+            known = {str(k): v for k, v in old.items() if v in rf.DIRECTIONS} if isinstance(old, dict) else {}
+            self.name = run.name or self.run_dir.resolve().name
+            self.writer = RunWriter(self.run_dir, step_fn=lambda: self._step,
+                                    heartbeat_interval=run.heartbeat_interval)
+            self.scorer = Scorer(plan["scoring"], plan["hooks"], self.writer, self.run_dir,
+                                 on_info_change=self._write_run_json, known_directions=known,
+                                 extractor=plan["extractor"])
+            self.settings = settings_of(run, b, plan["scoring"])
+            self.settings.update(device=str(self.bank.device), feature_extractor=self.scorer.extractor_label(),
+                                 sample_seeding=rf.SAMPLE_SEEDING)
+            self._write_run_json(strict=True)
+            if plan["model_config"] is not None:
+                write_model_config(self.run_dir, plan["model_config"])
+            self.writer.event("start", self._step, optimizer=" -> ".join(self.optimizer_chain) or None)
+            if plan["resumed_from"] is not None:
+                self.writer.event("resume", self._step, snapshot_step=plan["resumed_from"])
+            self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
+                                          on_result=self._export_event, synthesize=self._synthesize_for_request)
+            if self.optimizer is not None:
+                self._hook = self.optimizer.register_step_post_hook(self._optimizer_hook)
+            self.writer.start_heartbeat()
+            self._note_stage_snapshot_cost()
+        except BaseException:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+            if self.writer is not None:
+                self.writer.stop_heartbeat(final=False)
+            undo_start(run.run_dir, plan["before"])
+            self.closed = True
+            raise
 
     # ------------------------------------------------------------------ public API
 
@@ -207,25 +322,47 @@ class Scope:
         return self._score()
 
     def export(self, variant: str | float, path: str | os.PathLike | None = None, *,
-               dtype: str | torch.dtype | None = None) -> Path | None:
-        """Write ``variant`` as a ``.safetensors`` checkpoint; returns its path (``None`` off rank 0).
+               dtype: str | torch.dtype | None = None, format: str = "safetensors") -> Path | None:
+        """Write ``variant`` as a checkpoint; returns its path (``None`` off rank 0).
 
-        Default path: ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. ``dtype``: ``None``
-        (the model's dtypes) or ``"float32"``/``torch.float32``.
+        ``format="safetensors"`` (default): one ``.safetensors`` state dict, default path
+        ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. ``"transformers"`` /
+        ``"diffusers"`` (a model whose config was recorded at attach): a folder that the library's
+        ``from_pretrained`` loads, default ``RUN_DIR/exports/ema-<variant>-step<step>/``.
+        ``dtype``: ``None`` (the model's dtypes) or ``"float32"``/``torch.float32``.
         """
         if not self.is_writer:
             return None
+        if format not in rf.EXPORT_FORMATS:
+            raise ValueError(f"format must be one of {rf.EXPORT_FORMATS}, got {format!r}")
         variant = self.bank.resolve(variant)
-        if path is None:
-            path = self.run_dir / rf.export_file(rf.default_export_name(variant, self._step))
-        out = self._export(variant, Path(path), dtype)
+        name = rf.default_export_name(variant, self._step)
+        if format == "safetensors":
+            out = self._export(variant, Path(path or self.run_dir / rf.export_file(name)), dtype)
+        else:
+            record = model_config_record(self.model)
+            if record is None:
+                raise ValueError(f"format={format!r} needs a transformers or diffusers model; "
+                                 f"{type(self.model).__name__} is neither (use format='safetensors')")
+            self._export(variant, None, dtype)  # the same checks as a plain export
+            out = export_pretrained_from_bank(self.bank, variant, record, path or self.run_dir / rf.export_dir(name),
+                                              fmt=format, dtype=None if dtype is None else "float32",
+                                              run_id=str(self.run_id))
         try:  # relative to the run directory when inside it, as in export requests
             shown = out.resolve().relative_to(self.run_dir.resolve()).as_posix()
         except ValueError:
             shown = str(out.resolve())
+        nbytes = sum(f.stat().st_size for f in out.iterdir()) if out.is_dir() else out.stat().st_size
         self.writer.event("export", self._step, request_id=None, variant=variant, path=shown,
-                          bytes=out.stat().st_size, ok=True, error=None)
+                          bytes=nbytes, ok=True, error=None, format=format)
         return out
+
+    def notice(self, where: str, message: str) -> None:
+        """Say something the user should know on the console (a ``logging`` warning) and, on rank 0,
+        in the run (a ``notice`` event with ``where`` and ``message``). Used by the integrations."""
+        log.warning("emascope: %s", message)
+        if self.writer is not None and not self.closed:
+            self.writer.event("notice", self._step, where=where, message=message)
 
     def state_dict(self) -> dict[str, Any]:
         """The agent's state for the training checkpoint: ``{"format", "step", "bank"}`` (``bank`` is
@@ -291,9 +428,18 @@ class Scope:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None and self.is_writer and not self.closed:
-            self.writer.error("training", self._step, exc)
-        self.close(score=False if exc is not None else None)
+        if exc is not None:
+            self.abort(exc)
+        else:
+            self.close()
+
+    def abort(self, exc: BaseException) -> None:
+        """Close after the training job failed with ``exc``: an ``error`` event (``where:
+        "training"``), then :meth:`close` without the final sweep (the bank is still snapshotted).
+        What the context manager and the Lightning / HF callbacks do on an exception."""
+        if self.is_writer and not self.closed:
+            self.writer.error("training", self._step, exc, tell=False)
+        self.close(score=False)
 
     # ------------------------------------------------------------------ per step
 
@@ -472,11 +618,14 @@ class Scope:
         self.writer.event("snapshot", self._step, path=rf.SNAPSHOT, bytes=int(nbytes),
                           seconds=time.perf_counter() - t)
 
-    def _export(self, variant: str, path: Path, dtype: str | torch.dtype | None) -> Path:
+    def _export(self, variant: str, path: Path | None, dtype: str | torch.dtype | None) -> Path | None:
+        """Check ``dtype`` and that the bank can give ``variant``, then write it to ``path`` (if given)."""
         if dtype not in (None, "float32", torch.float32):
             raise ValueError(f"dtype must be None or 'float32', got {dtype!r}")
         if variant != rf.RAW and not self._bank_ok:
             raise RuntimeError("the bank is disabled after an update error; only 'raw' can be exported")
+        if path is None:
+            return None
         return export_checkpoint(self.bank, variant, path, dtype=dtype, run_id=str(self.run_id))
 
     def _export_for_request(self, variant: str, path: Path, dtype: str | None) -> int:
@@ -515,9 +664,10 @@ class Scope:
             return {}
         return info if isinstance(info, dict) else {}
 
-    def _write_run_json(self) -> None:
+    def _write_run_json(self, strict: bool = False) -> None:
+        """Replace run.json; ``strict`` (at attach): raise a write error instead of logging it."""
         directions = {k: v for k, v in self.scorer.metric_directions.items() if v in rf.DIRECTIONS}
-        self.writer.write_run_json({
+        self.writer.write_run_json(strict=strict, info={
             "run_id": self.run_id, "name": self.name, "start_time": self.start_time, **host_info(),
             "emascope_version": __version__, "decays": [float(d) for d in self.bank.decays],
             "variants": list(self.bank.variants), "model": model_info(self.model),

@@ -33,11 +33,14 @@ from emascope import runformat as rf
 from emascope.config import Hooks, ScoringConfig
 from emascope.features import (
     Features,
+    auto_extractor,
     cache_key,
     images_to_uint8,
     load_cached,
     make_extractor,
+    open_extractor,
     reference_identity,
+    reference_sample_info,
     reference_tensor,
     resolve_image_range,
     sample_kind,
@@ -238,7 +241,8 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
               cfg: ScoringConfig, sampler: Sampler | None = None,
               extractor: Callable[[torch.Tensor], Features] | None = None,
               reference: Reference | None = None, evaluate: Evaluate | None = None,
-              sample_metrics: SampleMetrics | None = None, fd_name: str = "fid") -> SweepResult:
+              sample_metrics: SampleMetrics | None = None, fd_name: str = "fid",
+              prior_errors: int = 0) -> SweepResult:
     """Score every variant; write metrics/previews/events through ``writer``. Never raises.
 
     ``model`` is the unwrapped module the bank was built on. Generative metrics need
@@ -246,9 +250,10 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
     each variant's weights loaded (eval mode, ``torch.no_grad``). ``sample_metrics(samples) ->
     {name: value}`` (needs ``sampler``) is called once per variant with all ``num_samples``
     samples the sampler drew for it, on CPU (the same samples the features and the preview come
-    from); they are kept in memory for it (``num_samples`` x one sample's size).
+    from); they are kept in memory for it (``num_samples`` x one sample's size). ``prior_errors``:
+    failures of this sweep that happened before it (building the reference), counted in ``errors``.
     """
-    res = SweepResult(step=step)
+    res = SweepResult(step=step, errors=int(prior_errors))  # e.g. the reference failed just before
     t_start = time.perf_counter()
     writer.event("score_start", step, variants=list(variants))
     for variant in variants:
@@ -369,7 +374,7 @@ class Scorer:
 
     def __init__(self, cfg: ScoringConfig, hooks: Hooks, writer: RunWriter, run_dir: Path, *,
                  on_info_change: Callable[[], None] = lambda: None,
-                 known_directions: dict[str, str] | None = None) -> None:
+                 known_directions: dict[str, str] | None = None, extractor: Any = None) -> None:
         self.cfg, self.hooks, self.writer, self.run_dir = cfg, hooks, writer, Path(run_dir)
         self.on_info_change = on_info_change
         self.user_directions = dict(hooks.metric_directions)
@@ -377,8 +382,9 @@ class Scorer:
             k: self.user_directions.get(k, v) for k, v in (known_directions or {}).items()}
         self.sample_kind: str | None = reference_kind(hooks.reference)
         self.reference: Reference | None = None
-        self.extractor: Any = None
+        self.extractor: Any = extractor  # built at attach (attach_extractor), else at the first sweep
         self._reference_failed = False
+        self.reference_errors = 0  # counted into the errors of the sweep that hit them
         self._kid_noted = False
 
     @property
@@ -387,17 +393,21 @@ class Scorer:
         return self.hooks.sampler is not None or self.hooks.evaluate is not None
 
     def extractor_label(self) -> str:
-        """The extractor's name for run.json (``"auto"`` resolved from the reference's kind)."""
+        """The extractor's name for run.json (``"auto"`` resolved from the reference's kind and size)."""
         if self.cfg.feature_extractor in (None, "auto"):
-            return {"points": "identity", "images": "inception-v3-compat"}.get(self.sample_kind or "", "auto")
+            if self.extractor is not None:
+                return str(self.extractor.name)
+            kind, size = reference_sample_info(self.hooks.reference) if self.hooks.reference is not None \
+                else (None, None)
+            return auto_extractor(kind, size) if kind is not None else "auto"
         return self.cfg.extractor_label()
 
     def fd_name(self) -> str:
-        """``"fid"`` on Inception features, ``"fd"`` on any other."""
+        """``"fid"`` on Inception features (a torch-fidelity Inception extractor), ``"fd"`` on any other."""
         spec = self.cfg.feature_extractor
-        if isinstance(spec, str) and spec.startswith("inception"):
-            return "fid"
-        return "fid" if spec in (None, "auto") and self.sample_kind == "images" else "fd"
+        if callable(spec) and not isinstance(spec, str):
+            return "fd"
+        return "fid" if self.extractor_label().startswith("inception") else "fd"
 
     def sweep(self, model: nn.Module, bank: Any, variants: list[str], step: int, *,
               synthesized: dict[str, Any] | None = None) -> SweepResult:
@@ -412,7 +422,9 @@ class Scorer:
             result = run_sweep(model=model, bank=bank, variants=variants, step=step, writer=writer,
                                cfg=self.cfg, sampler=self.hooks.sampler, extractor=self.extractor,
                                reference=reference, evaluate=self.hooks.evaluate,
-                               sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name())
+                               sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name(),
+                               prior_errors=self.reference_errors)
+        self.reference_errors = 0
         self._note(result, reference, step)
         return result
 
@@ -444,6 +456,7 @@ class Scorer:
             self.reference = self._build_reference(model, step)
         except Exception as exc:  # noqa: BLE001
             self._reference_failed = True
+            self.reference_errors += 1
             self.writer.error("reference", step, exc)
         return self.reference
 
@@ -451,18 +464,23 @@ class Scorer:
         ref, cfg = self.hooks.reference, self.cfg
         device = cfg.feature_device if cfg.feature_device is not None else model_device(model)
         if isinstance(ref, Features):
-            self.extractor = make_extractor(cfg.feature_extractor, self.sample_kind or "points",
-                                            weights_path=cfg.feature_extractor_weights_path, device=device,
-                                            batch_size=cfg.feature_batch_size,
-                                            image_range=resolve_image_range(cfg.image_range, None))
+            if self.extractor is None:
+                self.extractor = make_extractor(cfg.feature_extractor, self.sample_kind or "points",
+                                                weights_path=cfg.feature_extractor_weights_path, device=device,
+                                                batch_size=cfg.feature_batch_size,
+                                                image_range=resolve_image_range(cfg.image_range, None))
             return Reference.build(ref, cfg.nearest_k)
         data = reference_tensor(ref, cfg.reference_size)
         kind = sample_kind(data) if torch.is_tensor(data) else None
         image_range = resolve_image_range(cfg.image_range, data if kind == "images" else None)
         self.cfg = cfg = dataclasses.replace(cfg, image_range=image_range)
-        self.extractor = make_extractor(cfg.feature_extractor, kind or "points",
-                                        weights_path=cfg.feature_extractor_weights_path, device=device,
-                                        batch_size=cfg.feature_batch_size, image_range=image_range)
+        if self.extractor is None:
+            self.extractor = make_extractor(cfg.feature_extractor, kind or "points",
+                                            weights_path=cfg.feature_extractor_weights_path, device=device,
+                                            batch_size=cfg.feature_batch_size, image_range=image_range,
+                                            image_size=tuple(data.shape[-2:]) if kind == "images" else None)
+        elif hasattr(self.extractor, "image_range"):
+            self.extractor.image_range = image_range
         key = cache_key(self.extractor.name, self.extractor.weights_hash,
                         reference_identity(ref, cfg.reference_size))
         cache = self.run_dir / rf.reference_cache_file(key)
@@ -495,6 +513,22 @@ class _MarkedWriter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._writer, name)
+
+
+def attach_extractor(cfg: ScoringConfig, hooks: Hooks, model: nn.Module) -> Any:
+    """The feature extractor, built at attach so that a missing weights file or a failed download is
+    a ``ValueError`` there (naming the file and the offline options), not a silent gap in the metrics.
+
+    ``None`` when there is nothing to extract (no sampler or no reference). The image range is set
+    from the reference at the first sweep."""
+    ref = hooks.reference
+    if ref is None or hooks.sampler is None:
+        return None
+    kind, size = (None, None) if isinstance(ref, Features) else reference_sample_info(ref)
+    device = cfg.feature_device if cfg.feature_device is not None else model_device(model)
+    return open_extractor(cfg.feature_extractor, kind or "points", weights_path=cfg.feature_extractor_weights_path,
+                          device=device, batch_size=cfg.feature_batch_size,
+                          image_range=resolve_image_range(cfg.image_range, None), image_size=size)
 
 
 def reference_kind(reference: Any) -> str | None:

@@ -206,17 +206,23 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLike, *,
                       dtype: torch.dtype | str | None = None, run_id: str = "",
-                      metadata: dict[str, str] | None = None) -> Path:
+                      metadata: dict[str, str] | None = None, prefix: str = "") -> Path:
     """Write one variant's full state_dict to ``path`` (.safetensors, atomic); returns the path.
 
     Metadata: :func:`emascope.runformat.export_metadata` (variant, decay, the bank's step, run_id,
     emascope_version), then the caller's ``metadata`` (str to str; may override those keys).
     ``dtype=None`` keeps each tensor's model dtype; a floating dtype casts floating tensors.
+    ``prefix``: keep only the entries whose key starts with it, with it removed (a submodule's
+    state dict, e.g. ``"unet."``); ``""`` keeps everything.
     """
     v = bank.resolve(variant)
     meta = rf.export_metadata(v, bank.step, run_id=run_id, emascope_version=__version__)
     meta.update(_check_metadata(metadata))
     sd = bank.materialize(v, dtype=parse_dtype(dtype), device="cpu")
+    if prefix:
+        sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise ValueError(f"no entry of the model starts with {prefix!r}")
     return _atomic_save(_own_all(sd), path, meta)  # tied names share one tensor in sd: own storage each
 
 

@@ -156,6 +156,9 @@ def status_panel(run: RunData) -> None:
             f"{STATE_LABEL[state]}{age}"
             + (" · live updates paused" if st.session_state.get("paused") else "")
         )
+    text = run.error_banner()
+    if text:
+        st.warning(text, icon="🛑")
     bad = {k: v for k, v in run.bad_lines.items() if v}
     if bad:
         st.caption("Skipped unreadable lines: " + ", ".join(f"{k}: {v}" for k, v in bad.items()))

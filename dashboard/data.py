@@ -308,6 +308,23 @@ class RunData:
     def events_of(self, *types: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("type") in types]
 
+    def error_banner(self) -> str | None:
+        """One line saying the agent reported errors (how many, of which kinds, the last one), or
+        ``None``. The training job's own exception (``where: "training"``) is named as such."""
+        errors = self.events_of("error")
+        if not errors:
+            return None
+        kinds = sorted({str(e.get("where")) for e in errors})
+        last = errors[-1]
+        message = str(last.get("message") or "").strip().splitlines()
+        first = message[0] if message else "no message"
+        first = first if len(first) <= 200 else first[:197] + "..."
+        step = last.get("step")
+        at = f"step {step:,}" if isinstance(step, int) else "an unknown step"
+        return (f"The agent reported {len(errors)} error{'s' if len(errors) != 1 else ''} "
+                f"({', '.join(kinds)}); some scores may be missing. Last, at {at} in "
+                f"{last.get('where')}{' (' + str(last['variant']) + ')' if last.get('variant') else ''}: {first}")
+
 
 class RunReader:
     """Holds the per-file caches of one run directory; :meth:`load` returns a fresh RunData.

@@ -94,30 +94,41 @@ class ReferenceEMA:
 
 
 class ReferenceBEMA:
-    """Direct float64 BEMA (arXiv 2508.00180) from the formulas in issue #2.
+    """Direct float64 BEMA (arXiv 2508.00180) from the formulas in issue #2, with the burn-in ``tau``
+    and update frequency ``phi`` of the paper (TRL's ``update_after`` / ``update_freq``).
 
-    ``EMA_t = (1 - beta_t) EMA_{t-1} + beta_t theta_t`` at every ``m``-th step, ``EMA_0 = theta_0``;
-    ``beta_t = max((rho + gamma t)**-kappa, beta_min)``; read out at step ``t`` as
-    ``EMA + alpha_t (theta_t - theta_0)``, ``alpha_t = (rho + gamma t)**-eta``.
+    The bank sees every ``m``-th step only. Before ``tau`` the output is the live weights; at
+    ``t = tau > 0``: ``theta_0 = EMA = theta_tau``; at ``t = tau + k phi`` (k >= 1, ``phi`` default
+    ``m``): ``EMA_t = (1 - beta_t) EMA + beta_t theta_t``, ``beta_t = max((rho + gamma t)**-kappa,
+    beta_min)``; read out at step ``t`` as ``EMA + alpha_t (theta_t - theta_0)``,
+    ``alpha_t = (rho + gamma t)**-eta``.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], *, kappa=0.5, eta=0.2, rho=10.0, gamma=1.0,
-                 beta_min=0.0, update_every: int = 1) -> None:
+                 beta_min=0.0, tau: int = 0, phi: int | None = None, update_every: int = 1) -> None:
         self.kappa, self.eta, self.rho, self.gamma, self.beta_min = kappa, eta, rho, gamma, beta_min
-        self.m = update_every
+        self.m, self.tau, self.phi = update_every, tau, phi or update_every
         self.t = 0
         self.theta0 = {k: v.detach().double().clone() for k, v in tensors.items()}
         self.ema = {k: v.clone() for k, v in self.theta0.items()}
 
     def step(self, tensors: dict[str, torch.Tensor], finite: bool = True) -> None:
         self.t += 1
-        if self.t % self.m != 0 or not finite:
+        if self.t % self.m != 0 or not finite or self.t < self.tau:
+            return
+        if self.t == self.tau:
+            self.theta0 = {k: v.detach().double().clone() for k, v in tensors.items()}
+            self.ema = {k: v.clone() for k, v in self.theta0.items()}
+            return
+        if (self.t - self.tau) % self.phi:
             return
         beta = max((self.rho + self.gamma * self.t) ** (-self.kappa), self.beta_min)
         for k, v in tensors.items():
             self.ema[k] = (1.0 - beta) * self.ema[k] + beta * v.detach().double()
 
     def value(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.t < self.tau:
+            return {k: v.detach().double() for k, v in tensors.items()}
         alpha = (self.rho + self.gamma * self.t) ** (-self.eta)
         return {k: self.ema[k] + alpha * (v.detach().double() - self.theta0[k]) for k, v in tensors.items()}
 

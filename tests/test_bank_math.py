@@ -120,6 +120,9 @@ def test_each_decay_matches_torch_averaged_model(decay):
     (BEMAConfig(), 1),
     (BEMAConfig(kappa=0.7, eta=0.4, rho=3.0, gamma=2.0, beta_min=0.02), 1),
     (BEMAConfig(), 4),
+    (BEMAConfig(tau=7, phi=3), 1),         # TRL's update_after / update_freq
+    (BEMAConfig(tau=20, phi=8, rho=4.0), 4),
+    (BEMAConfig.from_trl(update_freq=5), 1),
 ])
 def test_bema_matches_direct_formulas(cfg, update_every):
     model = make_tiny(6)
@@ -131,7 +134,7 @@ def test_bema_matches_direct_formulas(cfg, update_every):
         random_step(model, gen, scale=0.1)
         bank.update()
         ref.step(trainable(model))
-        if t % 60 == 0 or t == 1 or t == 5:
+        if t % 60 == 0 or t in (1, 5, 6, 7, 8, 10, 20, 21, 28):
             want = ref.value(trainable(model))
             got = _bank_params(bank, "bema", model)
             err = max_abs_diff(got, want)
@@ -139,9 +142,22 @@ def test_bema_matches_direct_formulas(cfg, update_every):
 
 
 def test_bema_true_uses_reference_defaults():
-    assert BEMAConfig().as_dict() == {"kappa": 0.5, "eta": 0.2, "rho": 10.0, "gamma": 1.0, "beta_min": 0.0}
+    assert BEMAConfig().as_dict() == {"kappa": 0.5, "eta": 0.2, "rho": 10.0, "gamma": 1.0, "beta_min": 0.0,
+                                      "tau": 0, "phi": None}
     bank = EMABank(make_tiny(), [0.9], bema=True)
     assert bank.bema == BEMAConfig()
+
+
+def test_bema_schedule_is_checked_against_update_every():
+    with pytest.raises(ValueError, match="phi=6 must be a multiple of update_every=4"):
+        EMABank(make_tiny(), [0.9], bema=BEMAConfig(phi=6), update_every=4)
+    with pytest.raises(ValueError, match="tau=3 must be a multiple"):
+        EMABank(make_tiny(), [0.9], bema=BEMAConfig(tau=3), update_every=2)
+    with pytest.raises(ValueError, match="update_after"):
+        BEMAConfig(tau=-1)
+    with pytest.raises(ValueError, match="update_freq"):
+        BEMAConfig(phi=0)
+    assert BEMAConfig.from_trl() == BEMAConfig(phi=400)  # TRL's defaults: the paper's, every 400 steps
 
 
 def test_bema_at_attach_is_the_attach_weights():

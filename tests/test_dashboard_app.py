@@ -195,3 +195,23 @@ def test_image_previews_in_gallery(tmp_path, monkeypatch):
     captions = [c.value for c in at.caption]
     assert any("0.999: preview not readable yet" in c for c in captions)
     assert len(at.image) == 3
+
+
+def test_agent_errors_show_as_a_banner(tmp_path, monkeypatch):
+    from dashboard_fixtures import write_jsonl
+
+    run = make_run(tmp_path, "r", steps=(1000,))
+    write_jsonl(run / "events.jsonl", [
+        {"time": time.time(), "step": 1000, "type": "error", "where": "sampler", "variant": "0.9",
+         "message": "RuntimeError: CUDA out of memory\nmore lines", "traceback": "..."},
+        {"time": time.time(), "step": 1000, "type": "error", "where": "reference", "variant": None,
+         "message": "ValueError: feature extractor 'inception-v3-compat' needs its weights file", "traceback": "..."},
+    ])
+    at = start(monkeypatch, tmp_path)
+    shown = [w.value for w in at.warning if "reported" in w.value]
+    assert shown == ["The agent reported 2 errors (reference, sampler); some scores may be missing. Last, at "
+                     "step 1,000 in reference: ValueError: feature extractor 'inception-v3-compat' needs its "
+                     "weights file"]
+    assert load_run(run).error_banner() == shown[0]
+    clean = make_run(tmp_path / "other", "ok", steps=(1000,))
+    assert load_run(clean).error_banner() is None

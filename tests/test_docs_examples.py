@@ -119,6 +119,11 @@ def test_agent_md_example_runs_verbatim(tmp_path: Path):
     tensors = load_file(exported[0])
     assert set(tensors) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
     assert all(torch.isfinite(t).all() for t in tensors.values())
+    # "Reading a run from Python", verbatim, on the run the example wrote
+    reading = next(b for b in blocks if b.startswith("from emascope.dashboard.data import"))
+    out = run_script(reading, tmp_path, timeout=300).stdout
+    assert "[0.9, 0.99, 0.995, 0.999, 0.9999] lower finished" in out
+    assert "0 None" in out and "quickstart" in out and "0.9999" in out
 
 
 def test_agent_md_documents_every_attach_argument_with_its_default():

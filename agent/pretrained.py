@@ -1,0 +1,177 @@
+"""Exports that load where users load models: a ``from_pretrained`` folder for transformers / diffusers.
+
+At attach, :func:`model_config_record` looks for a transformers ``PreTrainedModel`` or a diffusers
+``ModelMixin`` (the attached module itself, or the one such model inside it, e.g. a
+LightningModule's ``self.unet``) and records the config the library would write as
+``config.json`` into ``RUN_DIR/model_config.json`` (:data:`emascope.runformat.MODEL_CONFIG`).
+:func:`export_pretrained` then writes any variant as a folder holding that ``config.json`` and
+the weights under the library's own file name (``model.safetensors`` /
+``diffusion_pytorch_model.safetensors``), which ``AutoModel*.from_pretrained(folder)`` /
+``UNet2DModel.from_pretrained(folder)`` load without the training code.
+
+Detection is by duck typing over the class hierarchy (a base class named ``PreTrainedModel`` from
+a ``transformers`` module, ``ModelMixin`` from a ``diffusers`` module): neither library is
+imported here, so the core never needs them installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from emascope import runformat as rf
+from emascope.atomic import atomic_write_json
+from emascope.bank import EMABank
+from emascope.snapshot import ExportError, export_checkpoint, load_snapshot, snapshot_metadata
+
+log = logging.getLogger(__name__)
+
+#: library -> the base class every model of it derives from
+_BASES = {"transformers": "PreTrainedModel", "diffusers": "ModelMixin"}
+
+
+def library_of(module: nn.Module) -> str | None:
+    """``"transformers"`` / ``"diffusers"`` when ``module`` is such a model (by its base classes)."""
+    for cls in type(module).__mro__:
+        top = cls.__module__.split(".", 1)[0]
+        if _BASES.get(top) == cls.__name__:
+            return top
+    return None
+
+
+def find_pretrained(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(prefix, submodule)`` of the transformers/diffusers model in ``model``: ``model`` itself
+    (prefix ``""``), else the one outermost such submodule (prefix ``"name."``); ``None`` when there
+    is none or several (ambiguous: which one would a folder hold?)."""
+    if library_of(model) is not None:
+        return "", model
+    found: list[tuple[str, nn.Module]] = []
+    for name, sub in model.named_modules():
+        if name and library_of(sub) is not None and not any(name.startswith(p + ".") for p, _ in found):
+            found.append((name, sub))
+    return (found[0][0] + ".", found[0][1]) if len(found) == 1 else None
+
+
+def _library_version(library: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(library)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def config_dict(module: nn.Module, library: str) -> dict[str, Any]:
+    """The dict the library writes as ``config.json`` for ``module``.
+
+    transformers: ``config.to_json_string(use_diff=False)`` (every field), with ``architectures``
+    set to the class when empty (``AutoModel*`` needs it); diffusers: ``module.to_json_string()``
+    (``_class_name`` and ``_diffusers_version`` included).
+    """
+    if library == "transformers":
+        body = json.loads(module.config.to_json_string(use_diff=False))
+        if not body.get("architectures"):
+            body["architectures"] = [type(module).__name__]
+        return body
+    return json.loads(module.to_json_string())
+
+
+def model_config_record(model: nn.Module) -> dict[str, Any] | None:
+    """The :data:`~emascope.runformat.MODEL_CONFIG` body for ``model``, or ``None`` when it holds no
+    transformers/diffusers model. Never raises: a config the library cannot serialise is logged
+    and left out (the plain safetensors export still works)."""
+    try:
+        found = find_pretrained(model)
+        if found is None:
+            return None
+        prefix, module = found
+        library = library_of(module)
+        assert library is not None
+        return rf.model_config_body(library=library, cls=type(module).__name__,
+                                    library_version=_library_version(library), prefix=prefix,
+                                    config=config_dict(module, library))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("emascope: could not record the model's config (%s: %s); exports stay plain safetensors",
+                    type(exc).__name__, exc)
+        return None
+
+
+def write_model_config(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Write ``RUN_DIR/model_config.json`` atomically (raises on a write error: called at attach)."""
+    path = Path(run_dir) / rf.MODEL_CONFIG
+    atomic_write_json(path, record)
+    return path
+
+
+def read_model_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The recorded model config of a run, ``None`` if the run has none; ``ValueError`` if malformed."""
+    path = Path(run_dir) / rf.MODEL_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not readable JSON: {exc}") from None
+    return rf.parse_model_config(body)
+
+
+def export_pretrained_from_bank(bank: EMABank, variant: str | float, record: dict[str, Any],
+                                out: str | os.PathLike, *, fmt: str, dtype: str | None = None,
+                                run_id: str = "") -> Path:
+    """Write ``variant`` of ``bank`` as a ``from_pretrained`` folder ``out`` (created if needed):
+    ``config.json`` from ``record`` and the weights (keys under ``record["prefix"]``, prefix
+    removed) as ``model.safetensors`` / ``diffusion_pytorch_model.safetensors``, both atomic.
+    ``ValueError`` when ``fmt`` does not match the recorded library or ``out`` is a file."""
+    record = rf.parse_model_config(record)
+    if fmt != record["library"]:
+        raise ValueError(f"this run's model is a {record['library']} model ({record['class']}): "
+                         f"use --format {record['library']} (or safetensors), not {fmt!r}")
+    variant = bank.resolve(variant)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{str(out)!r} exists and is not a folder (a {fmt} export is a folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / rf.PRETRAINED_CONFIG, record["config"])
+    export_checkpoint(bank, variant, out / rf.PRETRAINED_WEIGHTS[fmt], dtype=dtype, run_id=run_id,
+                      metadata=dict(rf.PRETRAINED_METADATA), prefix=record["prefix"])
+    return out
+
+
+def export_pretrained(run_dir: str | os.PathLike, variant: str, fmt: str, out: str | os.PathLike | None = None,
+                      dtype: str | None = None) -> Path:
+    """``emascope export RUN_DIR --variant D --format transformers|diffusers``: rebuild ``variant``
+    from the run's bank snapshot and write a ``from_pretrained`` folder (default
+    ``RUN_DIR/exports/ema-<variant>-step<step>/``). :class:`~emascope.snapshot.ExportError` naming
+    the problem (no recorded config, wrong library, missing snapshot, unknown variant)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"run directory {str(run_dir)!r} does not exist")
+    try:
+        record = read_model_config(run_dir)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if record is None:
+        raise ExportError(f"{str(run_dir)!r} has no recorded model config ({rf.MODEL_CONFIG}): the attached model "
+                          "was not a transformers or diffusers model; use --format safetensors")
+    if fmt != record["library"]:
+        raise ExportError(f"this run's model is a {record['library']} model ({record['class']}): "
+                          f"use --format {record['library']} (or safetensors), not {fmt!r}")
+    snapshot = run_dir / rf.SNAPSHOT
+    if not snapshot.is_file():
+        raise ExportError(f"{str(run_dir)!r} has no bank snapshot ({rf.SNAPSHOT}); "
+                          "the run has not reached snapshot_every steps or close() yet")
+    try:
+        rf.validate_export_dtype(dtype)
+        bank = load_snapshot(snapshot)
+        name = bank.resolve(variant)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    path = Path(out) if out is not None else run_dir / rf.export_dir(rf.default_export_name(name, bank.step))
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"{str(path)!r} exists and is not a folder (a {fmt} export is a folder)")
+    run_id = snapshot_metadata(snapshot).get("run_id", "")
+    return export_pretrained_from_bank(bank, name, record, path, fmt=fmt, dtype=dtype, run_id=run_id)
