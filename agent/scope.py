@@ -543,7 +543,7 @@ class Scope:
                               seconds=time.perf_counter() - t, role=rf.ROLE_LEAD_IN, stage=stage)
 
     def _note_stage_snapshot_cost(self) -> None:
-        """Print and record (``notice`` event, ``where: "stage_snapshots"``) their disk cost, when a
+        """Print and record (a ``stage_snapshot_plan`` event) their disk cost, when a
         schedule of stages is set (``score_every``; without one only close / ``score_now`` make stages)."""
         run = self.run_cfg
         if run.stage_snapshots == 0 or not run.score_every:
@@ -553,7 +553,8 @@ class Scope:
         text = stages.describe_cost(cost)
         print(f"emascope: {text} (stage_snapshots=, stage_lead_in=, stage_snapshot_dtype= set this)",
               file=sys.stderr)
-        self.writer.event("notice", self._step, where="stage_snapshots", message=text, **cost)
+        self.writer.event("stage_snapshot_plan", self._step, message=text, keep=run.stage_snapshots,
+                          lead_in=list(run.stage_lead_in), **cost)
 
     def _synthesize_for_request(self, request: rf.ExportRequest, path: Path) -> tuple[int, dict[str, Any]]:
         """Write a synthesised export for a request (runs in a worker thread: reads files only)."""

@@ -154,7 +154,7 @@ def test_stage_and_lead_in_snapshots_are_written(traj):
         a, b = stage.materialize(v), latest.materialize(v)
         assert all(torch.equal(a[k], b[k]) for k in a)
     events = [json.loads(x) for x in (traj.run_dir / rf.EVENTS).read_text().splitlines()]
-    notice = [e for e in events if e["type"] == "notice" and e.get("where") == "stage_snapshots"]
+    notice = [e for e in events if e["type"] == "stage_snapshot_plan"]
     assert len(notice) == 1 and notice[0]["max_stages"] == 8 and notice[0]["stage_bytes"] > 0
     written = [e for e in events if e["type"] == "stage_snapshot"]
     assert {e["role"] for e in written} == {"stage", "lead_in"} and len(written) == len(stages) * 4
