@@ -180,7 +180,10 @@ def test_synthesised_weights_match_a_float64_ema_within_the_reported_bound(traj,
 
 
 def test_a_bank_decay_is_reproduced(traj):
-    sd, report = synthesize(traj.run_dir, decay=0.999)
+    import emascope
+
+    assert emascope.synthesize is synthesize  # the Python API on a run directory, at the top level
+    sd, report = emascope.synthesize(traj.run_dir, decay=0.999)
     row = load_snapshot(traj.run_dir / rf.SNAPSHOT).materialize(0.999)
     assert report.profile_residual < 1e-6
     assert max(float((sd[k] - row[k]).abs().max()) for k in row) < 1e-5
