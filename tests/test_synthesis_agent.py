@@ -84,10 +84,13 @@ def searched(tmp_path_factory):
     def flat(m: torch.nn.Module) -> torch.Tensor:
         return torch.cat([p.detach().double().reshape(-1) for p in m.parameters()])
 
-    ref = {"ema": flat(model)}
+    ref = {"ema": flat(model), "t": 0}
 
     def track(*_):  # registered before attach: runs before the agent's hook at every step
         ref["ema"] = 0.996 * ref["ema"] + 0.004 * flat(model)
+        ref["t"] += 1
+        if ref["t"] == 300:
+            ref[300] = ref["ema"].clone()  # the reference at the first stage, for an out-of-process search
 
     opt.register_step_post_hook(track)
 
@@ -114,7 +117,7 @@ def searched(tmp_path_factory):
         scope.close(score=False)
     finally:
         torch.set_num_threads(threads)
-    return {"run_dir": run_dir, "rid": rid, "steps": steps}
+    return {"run_dir": run_dir, "rid": rid, "steps": steps, "ref300": ref[300]}
 
 
 def test_search_scores_synthesised_decays_and_marks_them(searched):
@@ -142,6 +145,34 @@ def test_search_scores_synthesised_decays_and_marks_them(searched):
     fig = plots.metric_vs_decay(run.metrics, "dist", "lower", synthesized=run.synthesized)
     trace = next(t for t in fig.data if t.name == "synthesised decays")
     assert trace.marker.symbol == "circle-open" and len(trace.x) == len(synth)
+
+
+def test_search_stage_runs_out_of_process_at_an_older_stage(searched):
+    """``search_stage`` on a closed run with a scorer of its own (as ``emascope score`` would call
+    it): at the first stage, from the snapshots at or before it only, it finds the same values as
+    the agent's own search there, and beats the grid."""
+    from emascope.posthoc import StateSwap, search_stage
+
+    run_dir, ref = searched["run_dir"], searched["ref300"]
+    recs = [json.loads(x) for x in (run_dir / rf.METRICS).read_text().splitlines()]
+    grid = {float(r["variant"]): r["value"] for r in recs
+            if r["step"] == 300 and "synthesized" not in r and rf.decay_of(r["variant"]) is not None}
+    agent_vals = {float(r["variant"]): r["value"] for r in recs if r["step"] == 300 and "synthesized" in r}
+    model = Denoiser(32)
+
+    def score(name: str, sd: dict, report) -> float:
+        assert report.step == 300 and all(c["step"] <= 300 for c in report.coefficients)
+        with StateSwap({name: sd}).swap(model, name) as m:
+            th = torch.cat([p.detach().double().reshape(-1) for p in m.parameters()])
+        return float((th - ref).norm() / ref.norm())
+
+    out, reports = search_stage(run_dir, step=300, grid=grid, direction="lower", max_evals=3, score=score)
+    assert len(out.evaluated) == 3 and set(reports) == {d for d, _ in out.evaluated}
+    assert not out.best_is_grid and out.best_value < min(grid.values())
+    for d, v in out.evaluated[:2]:  # same probes as the agent's search at that stage, same values
+        assert v == pytest.approx(agent_vals[d], rel=1e-5, abs=1e-9)
+    flat = search_stage(run_dir, step=300, grid=grid, direction="lower", max_evals=3, score=score, noise=10.0)[0]
+    assert flat.evaluated == [] and "uncertainty" in flat.stopped
 
 
 def test_live_request_for_any_decay_is_synthesised(searched):
