@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ class ScoringConfig:
     post hoc from the stage snapshots, by golden-section search on ``log(1 - decay)`` around the
     best grid decay of ``search_metric`` (``None``: fid, else fd, else the first ranked metric); 0: off
     (docs/synthesis.md). Needs stage snapshots (``stage_snapshots`` != 0).
+    ``search_tolerance``: the metric's uncertainty, in the metric's own units (absolute): the search
+    stops once the values in its bracket differ by less than this (``None``: no such stop; it
+    still stops at the budget or when the bracket is within the synthesis error).
     """
 
     num_samples: int = 2000
@@ -130,6 +134,7 @@ class ScoringConfig:
     kid_subsets: int = 100
     search_evals: int = 0
     search_metric: str | None = None
+    search_tolerance: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "feature_batch_size", "kid_subsets", "nearest_k",
@@ -138,6 +143,11 @@ class ScoringConfig:
         check_int("search_evals", self.search_evals, 0)
         if self.search_metric is not None and (not isinstance(self.search_metric, str) or not self.search_metric):
             raise ValueError(f"search_metric must be a metric name or None, got {self.search_metric!r}")
+        tol = self.search_tolerance
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
+                                or not math.isfinite(tol) or tol < 0):
+            raise ValueError(f"search_tolerance must be a finite number >= 0 (the metric's uncertainty) or None, "
+                             f"got {tol!r}")
         check_int("num_samples", self.num_samples, 2)
         check_int("seed", self.seed, 0)
         check_int("preview", self.preview, 0)

@@ -588,8 +588,10 @@ class Scope:
             return res.scores.get(name, {}).get(metric)
 
         out, reports = search_stage(self.run_dir, step=step, grid=grid, direction=direction,
-                                    max_evals=self.scorer.cfg.search_evals, score=score)
-        self.writer.event("search", step, metric=metric, direction=direction, **search_record(out, reports))
+                                    max_evals=self.scorer.cfg.search_evals, score=score,
+                                    noise=self.scorer.cfg.search_tolerance)
+        self.writer.event("search", step, metric=metric, direction=direction,
+                          tolerance=self.scorer.cfg.search_tolerance, **search_record(out, reports))
 
     def _search_metric(self, result: SweepResult) -> str | None:
         """The metric the search optimises: ``search_metric``, else fid, fd, else the first with a direction."""

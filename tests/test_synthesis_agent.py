@@ -102,7 +102,7 @@ def searched(tmp_path_factory):
     try:
         scope = attach(model, opt, run_dir=run_dir, score_every=300, decays=(0.9, 0.99, 0.999, 0.9999),
                        evaluate=evaluate, metric_directions={"dist": "lower"}, search_evals=4,
-                       request_interval=0.0)
+                       search_tolerance=1e-12, request_interval=0.0)
         for _ in range(600):
             train_step(model, opt, data, g)
         # a live export request for a decay the bank does not hold, and a bad one
@@ -130,6 +130,7 @@ def test_search_scores_synthesised_decays_and_marks_them(searched):
     assert sum(1 for e in done if e.get("synthesized")) == sum(len(e["evaluated"]) for e in events)
     last = events[-1]
     assert last["metric"] == "dist" and last["direction"] == "lower" and last["evaluated"]
+    assert last["tolerance"] == 1e-12 and "uncertainty" not in last["stopped"]  # far below the differences
     assert all(0.99 < x["decay"] < 0.999 and x["profile_residual"] is not None for x in last["evaluated"])
     # the search beats the grid: the metric's optimum (0.996) lies between grid points
     assert not last["best_is_grid"] and abs(to_x(last["best_decay"]) - to_x(0.996)) < 0.25
@@ -318,4 +319,7 @@ def test_search_without_stage_snapshots_is_refused_before_writing(tmp_path):
         attach(Denoiser(8), run_dir=tmp_path / "r", stage_snapshot_dtype="int8")
     with pytest.raises(ValueError, match="stage_lead_in"):
         attach(Denoiser(8), run_dir=tmp_path / "r", stage_lead_in=(0, 4))
+    for bad in (-0.1, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="search_tolerance must be a finite number"):
+            attach(Denoiser(8), run_dir=tmp_path / "r", search_evals=3, search_tolerance=bad)
     assert not (tmp_path / "r").exists()
