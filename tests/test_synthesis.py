@@ -156,6 +156,11 @@ def test_stage_and_lead_in_snapshots_are_written(traj):
     events = [json.loads(x) for x in (traj.run_dir / rf.EVENTS).read_text().splitlines()]
     notice = [e for e in events if e["type"] == "stage_snapshot_plan"]
     assert len(notice) == 1 and notice[0]["max_stages"] == 8 and notice[0]["stage_bytes"] > 0
+    # the disk cost announced at attach is what the files take (up to their JSON headers)
+    stage_size = (traj.run_dir / rf.stage_snapshot_file(STEPS)).stat().st_size
+    lead_size = sum((traj.run_dir / rf.lead_in_snapshot_file(STEPS - a)).stat().st_size for a in (4, 16, 64))
+    assert 0 <= stage_size - notice[0]["stage_bytes"] < 64 * 1024
+    assert 0 <= lead_size - notice[0]["lead_in_bytes"] < 3 * 64 * 1024
     written = [e for e in events if e["type"] == "stage_snapshot"]
     assert {e["role"] for e in written} == {"stage", "lead_in"} and len(written) == len(stages) * 4
     pruned = [p for e in events if e["type"] == "snapshot_pruned" for p in e["paths"]]
