@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from emascope.runformat import check_decay
+from emascope.runformat import MAX_DECAYS, check_decay
 
 #: The default decay sweep: from a few steps (0.5) to a million steps (0.999999) of averaging window,
 #: dense around the community default 0.9999 where the field's sweeps find the cliff.
@@ -155,7 +155,8 @@ def validate_bema_schedule(cfg: BEMAConfig | None, update_every: int) -> None:
 
 
 def validate_decays(decays: Sequence[float]) -> tuple[float, ...]:
-    """Check a decay set: at least one, each a real number in [0, 1), no duplicates. Returns floats."""
+    """Check a decay set: 1 to :data:`~emascope.runformat.MAX_DECAYS` decays, each a real number in
+    [0, 1), no duplicates. Returns floats."""
     if isinstance(decays, (str, bytes)) or not isinstance(decays, Sequence):
         try:
             decays = list(decays)  # type: ignore[arg-type]
@@ -163,11 +164,15 @@ def validate_decays(decays: Sequence[float]) -> tuple[float, ...]:
             raise ValueError(f"decays must be a sequence of floats, got {decays!r}") from None
     if len(decays) == 0:
         raise ValueError("decays must hold at least one decay, got an empty sequence")
+    if len(decays) > MAX_DECAYS:
+        raise ValueError(f"decays holds {len(decays)} decays; at most {MAX_DECAYS} are supported")
     out: list[float] = []
+    seen: set[float] = set()
     for d in decays:
         f = check_decay(d)
-        if f in out:
+        if f in seen:
             raise ValueError(f"decay {d!r} is given twice")
+        seen.add(f)
         out.append(f)
     return tuple(out)
 

@@ -17,7 +17,9 @@ PATH`` also writes the report as JSON. A target the snapshots cannot represent i
 code 2) unless ``--force``. Default output: ``RUN_DIR/exports/ema-<decay>-synth-step<step>.safetensors``
 (``phema-<sigma_rel>-step<step>``); ``--format safetensors`` only.
 
-Exit codes: 0 done, 2 bad input or refused.
+``--out`` may be any path outside the run directory or under its ``exports/``; a folder (for a
+file export), an unwritable place or a file of the run itself (``RUN/run.json``) is refused.
+Exit codes: 0 done, 2 bad input (a message naming the problem) or a refused synthesis.
 """
 
 from __future__ import annotations
@@ -61,12 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from emascope.pretrained import export_pretrained
     from emascope.snapshot import ExportError, export_from_run
 
+    def note(message: str) -> None:
+        print(f"emascope export: note: {message}", file=sys.stderr)
+
     try:
         if args.format == "safetensors":
-            path = export_from_run(args.run_dir, args.variant, args.out, args.dtype)
+            path = export_from_run(args.run_dir, args.variant, args.out, args.dtype, notice=note)
         else:
-            path = export_pretrained(args.run_dir, args.variant, args.format, args.out, args.dtype)
-    except ExportError as exc:
+            path = export_pretrained(args.run_dir, args.variant, args.format, args.out, args.dtype, notice=note)
+    except (ExportError, OSError) as exc:  # OSError: a file system error not foreseen by the checks
         print(f"emascope export: error: {exc}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size

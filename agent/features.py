@@ -73,12 +73,50 @@ def sample_kind(samples: torch.Tensor) -> str:
     """``"points"`` for ``[n, d]`` tensors, ``"images"`` for ``[n, C, H, W]`` with C in {1, 3}."""
     if not torch.is_tensor(samples):
         raise ValueError(f"samples must be a torch.Tensor, got {type(samples).__name__}")
-    if samples.dim() == 2 and samples.is_floating_point():
+    if samples.dim() == 2 and _real(samples):
         return "points"
     if samples.dim() == 4 and samples.shape[1] in (1, 3):
         return "images"
-    raise ValueError(f"samples must be float [n, d] points or [n, C, H, W] images with C in (1, 3); "
+    raise ValueError(f"samples must be [n, d] points (real numbers) or [n, C, H, W] images with C in (1, 3); "
                      f"got dtype {samples.dtype} shape {tuple(samples.shape)}")
+
+
+def _real(t: torch.Tensor) -> bool:
+    return not t.is_complex() and t.dtype != torch.bool
+
+
+def check_samples(samples: torch.Tensor, what: str = "samples") -> str | None:
+    """Refuse samples that cannot give an honest score; say what is converted.
+
+    Floating samples holding any NaN/Inf raise ``ValueError`` with the count (a score of them, or
+    of the black images they would turn into, would look real). Integer ``[n, d]`` points return
+    a note saying they are converted (float64 features, float32 previews); anything else (float
+    samples, uint8 images: the documented convention) returns ``None``.
+    """
+    if not torch.is_tensor(samples):
+        return None
+    if samples.is_floating_point() or samples.is_complex():
+        bad = samples.numel() - int(torch.isfinite(samples).sum())
+        if bad:
+            raise ValueError(f"{what} hold {bad} non-finite values (NaN/Inf) of {samples.numel()}: "
+                             "not scored (no metric is written for them)")
+        return None
+    if samples.dim() == 2 and _real(samples):
+        return (f"{what} are {str(samples.dtype).removeprefix('torch.')} points [n, {samples.shape[1]}]: "
+                "converted to float64 for features and metrics, to float32 for previews")
+    return None
+
+
+def check_finite_features(feats: Features, what: str = "features") -> None:
+    """``ValueError`` with the count if features or logits hold NaN/Inf (no metric is computed)."""
+    for name, t in (("features", feats.features), ("logits", feats.logits)):
+        if t is None:
+            continue
+        bad = t.numel() - int(torch.isfinite(t).sum())
+        if bad:
+            rows = int((~torch.isfinite(t)).any(dim=1).sum())
+            raise ValueError(f"{what}: {name} hold {bad} non-finite values (NaN/Inf) in {rows} of {len(t)} rows; "
+                             "no metric is computed from them")
 
 
 def resolve_image_range(image_range: str, reference: torch.Tensor | None) -> str:
@@ -154,12 +192,41 @@ class CallableExtractor:
         return Features(torch.cat(feats), torch.cat(logits) if logits else None)
 
 
+def load_weights_once(path: str | os.PathLike) -> io.BytesIO:
+    """Read a weights file once, safely, and hand its tensors on as an in-memory file.
+
+    torch-fidelity's extractors load ``feature_extractor_weights_path`` with
+    ``torch.load(weights_only=False)``, which runs code from a hostile pickle; checking the file
+    first with ``weights_only=True`` and then letting torch-fidelity read it again leaves a window in
+    which the file can be swapped. So the file is read here, exactly once, with
+    ``torch.load(weights_only=True)`` (plain tensors and containers only), and what torch-fidelity
+    receives instead of the path is a ``BytesIO`` holding those tensors saved again by
+    ``torch.save``: its ``torch.load`` (and any extractor that calls ``torch.load`` on the argument)
+    reads our own serialisation of plain tensors. ``ValueError`` naming the file otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"feature_extractor_weights_path {str(path)!r} is not a file")
+    try:
+        with open(path, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError for anything but plain tensors
+        raise ValueError(f"feature_extractor_weights_path {str(path)!r} cannot be loaded safely "
+                         f"(torch.load weights_only=True): {type(exc).__name__}: {str(exc)[:500]}") from None
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
+
+
 class TorchFidelityExtractor:
     """A feature extractor from torch-fidelity's registry (``register_feature_extractor``).
 
     ``name``: registered name (``"inception-v3-compat"`` by default for images);
-    ``weights_path``: local weights file (no download), passed as
-    ``feature_extractor_weights_path``; ``device``: where the extractor runs ("cpu", "cuda:0").
+    ``weights_path``: local weights file (no download), read once with ``weights_only=True`` and
+    passed to the extractor as ``feature_extractor_weights_path`` in the form of an in-memory file
+    holding those tensors (:func:`load_weights_once`; ``torch.load`` reads it like a path);
+    ``device``: where the extractor runs ("cpu", "cuda:0").
     Features come from the extractor's default FID layer, logits from its default ISC layer
     (when it provides one, e.g. Inception's ``logits_unbiased``).
     """
@@ -172,13 +239,7 @@ class TorchFidelityExtractor:
         if name not in FEATURE_EXTRACTORS_REGISTRY:
             raise ValueError(f"feature extractor {name!r} is not registered with torch-fidelity; "
                              f"known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
-        if weights_path is not None:
-            weights_path = Path(weights_path)
-            if not weights_path.is_file():
-                raise ValueError(f"feature_extractor_weights_path {str(weights_path)!r} is not a file")
-            # torch-fidelity loads it with weights_only=False; refuse anything that is not plain
-            # tensors first so a hostile file is never unpickled with arbitrary globals.
-            torch.load(weights_path, map_location="cpu", weights_only=True)
+        weights = load_weights_once(weights_path) if weights_path is not None else None
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         cls = FEATURE_EXTRACTORS_REGISTRY[name]
@@ -192,8 +253,10 @@ class TorchFidelityExtractor:
         self.logits_layer = logits_layer
         layers = [self.feature_layer] + ([logits_layer] if logits_layer else [])
         kwargs: dict[str, Any] = {"verbose": False}
-        if weights_path is not None:
-            kwargs["feature_extractor_weights_path"] = str(weights_path)
+        if weights is not None:
+            # the tensors read once above, re-serialised in memory: torch-fidelity's own
+            # torch.load(weights_only=False) unpickles our plain tensors, never the file again
+            kwargs["feature_extractor_weights_path"] = weights
         self.module = cls(name, layers, **kwargs).to(device).eval().requires_grad_(False)
         self.name = name
         self.device = torch.device(device)

@@ -2,7 +2,9 @@
 
 Convention everywhere: ``gen`` are features of *generated* samples ``[n_gen, d]``, ``ref`` are
 features of *reference* (real) data ``[n_ref, d]``. Inputs are CPU tensors; they are converted to
-float64 here. Nothing in this module touches models, files or global state.
+float64 here (integer features too). Features holding NaN/Inf are refused with a ``ValueError``:
+no metric returns a number computed from them. Nothing in this module touches models, files or
+global state.
 
 FID/FD, KID, precision/recall and the Inception Score go through torch-fidelity's own metric
 functions (``metric_fid``, ``metric_kid``, ``metric_prc``, ``metric_isc``); this module only picks
@@ -46,7 +48,13 @@ def _check_features(name: str, x: torch.Tensor) -> torch.Tensor:
                          f"with shape {tuple(getattr(x, 'shape', ()))}")
     if x.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 rows, got {x.shape[0]}")
-    return x.detach().to("cpu", torch.float64)
+    x = x.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        rows = int((~finite).any(dim=1).sum())
+        raise ValueError(f"{name} hold non-finite values (NaN/Inf) in {rows} of {len(x)} rows; no score is computed "
+                         "(a score of them would look real)")
+    return x
 
 
 def _check_pair(gen: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

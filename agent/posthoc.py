@@ -29,8 +29,9 @@ import torch
 from safetensors.torch import save_file
 
 from emascope import runformat as rf
-from emascope.atomic import temp_path_for
+from emascope.atomic import atomic_write_with
 from emascope.decay_search import SearchResult, search_between
+from emascope.snapshot import ExportError, check_export_target
 from emascope.synthesis import (
     Plan,
     SynthesisError,
@@ -130,18 +131,10 @@ def _own(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Write a state dict as .safetensors atomically (temp file, fsync, ``os.replace``)."""
-    path = Path(path)
-    tmp = temp_path_for(path)
-    try:
-        save_file(_own(sd), str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write a state dict as .safetensors atomically (:func:`emascope.atomic.atomic_write_with`:
+    temp file, fsync, ``os.replace``, the umask's file mode)."""
+    owned = _own(sd)
+    return atomic_write_with(path, lambda tmp: save_file(owned, str(tmp), metadata=metadata))
 
 
 def export_synthesized(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -152,9 +145,19 @@ def export_synthesized(run_dir: str | os.PathLike, out: str | os.PathLike | None
     Default ``out``: ``RUN_DIR/exports/ema-<decay>-synth-step<step>.safetensors`` (or
     ``phema-<sigma_rel>-step<step>``). Metadata: :func:`emascope.runformat.synthesized_export_metadata`
     (variant, decay, step, run_id, synthesized, sigma_rel, profile_residual, predicted_error,
-    error_bound). Nothing is written when the synthesis is refused.
+    error_bound). A given ``out`` is checked first (:func:`emascope.snapshot.check_export_target`:
+    not a folder, not a file of the run other than under ``exports/``; ``ExportError``); nothing is
+    written when it is refused or the synthesis is refused.
     """
     rf.validate_export_dtype(dtype)
+    if out is not None:
+        out = check_export_target(run_dir, out)
+    else:
+        try:
+            (Path(run_dir) / rf.EXPORTS).mkdir(exist_ok=True)
+            rf.run_subdir(run_dir, rf.EXPORTS)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot export into the run: {exc}") from None
     sd, report = synthesize(run_dir, decay=decay, sigma_rel=sigma_rel, step=step, dtype=dtype, force=force)
     path = Path(out) if out is not None else Path(run_dir) / rf.export_file(
         rf.default_synthesized_export_name(decay, sigma_rel, report.step))

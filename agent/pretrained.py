@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,13 @@ from torch import nn
 from emascope import runformat as rf
 from emascope.atomic import atomic_write_json
 from emascope.bank import EMABank
-from emascope.snapshot import ExportError, export_checkpoint, load_snapshot, snapshot_metadata
+from emascope.snapshot import (
+    ExportError,
+    check_export_target,
+    export_checkpoint,
+    load_snapshot,
+    snapshot_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +149,13 @@ def export_pretrained_from_bank(bank: EMABank, variant: str | float, record: dic
 
 
 def export_pretrained(run_dir: str | os.PathLike, variant: str, fmt: str, out: str | os.PathLike | None = None,
-                      dtype: str | None = None) -> Path:
+                      dtype: str | None = None, *, notice: Callable[[str], None] | None = None) -> Path:
     """``emascope export RUN_DIR --variant D --format transformers|diffusers``: rebuild ``variant``
     from the run's bank snapshot and write a ``from_pretrained`` folder (default
     ``RUN_DIR/exports/ema-<variant>-step<step>/``). :class:`~emascope.snapshot.ExportError` naming
-    the problem (no recorded config, wrong library, missing snapshot, unknown variant)."""
+    the problem (no recorded config, wrong library, missing, malformed or corrupt snapshot, unknown
+    variant, an ``out`` inside the run but not under its ``exports/``, see
+    :func:`~emascope.snapshot.check_export_target`). ``notice``: see :func:`~emascope.snapshot.load_snapshot`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"run directory {str(run_dir)!r} does not exist")
@@ -164,14 +173,25 @@ def export_pretrained(run_dir: str | os.PathLike, variant: str, fmt: str, out: s
     if not snapshot.is_file():
         raise ExportError(f"{str(run_dir)!r} has no bank snapshot ({rf.SNAPSHOT}); "
                           "the run has not reached snapshot_every steps or close() yet")
+    if out is not None:
+        out = check_export_target(run_dir, out, folder=True)
     try:
         rf.validate_export_dtype(dtype)
-        bank = load_snapshot(snapshot)
+        bank = load_snapshot(snapshot, notice=notice)
         name = bank.resolve(variant)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
+    if out is None:
+        try:
+            (run_dir / rf.EXPORTS).mkdir(exist_ok=True)
+            rf.run_subdir(run_dir, rf.EXPORTS)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot export into the run: {exc}") from None
     path = Path(out) if out is not None else run_dir / rf.export_dir(rf.default_export_name(name, bank.step))
     if path.exists() and not path.is_dir():
         raise ExportError(f"{str(path)!r} exists and is not a folder (a {fmt} export is a folder)")
     run_id = snapshot_metadata(snapshot).get("run_id", "")
-    return export_pretrained_from_bank(bank, name, record, path, fmt=fmt, dtype=dtype, run_id=run_id)
+    try:
+        return export_pretrained_from_bank(bank, name, record, path, fmt=fmt, dtype=dtype, run_id=run_id)
+    except OSError as exc:
+        raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None

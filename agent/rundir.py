@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 
 from emascope import runformat as rf
-from emascope.atomic import append_jsonl, atomic_write_bytes, atomic_write_json
+from emascope.atomic import (
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale_temp_files,
+    terminate_torn_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,24 +146,36 @@ def undo_start(run_dir: str | os.PathLike, state: RunDirState) -> None:
         log.warning("emascope: could not undo the failed start in %s: %s", path, exc)
 
 
-def terminate_torn_line(path: str | os.PathLike) -> bool:
-    """End a JSONL file whose last line is torn (a killed writer) with a newline; True if it did.
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[tuple[str, int]]:
+    """Remove temp files of atomic writes left in the run by a killed writer (``kill -9`` during a
+    snapshot leaves ``banks/.latest.safetensors.<random>.tmp``, as large as the bank).
 
-    Without it the first record appended by a resumed run would be glued to the fragment and
-    both would be lost to readers; with it only the fragment is (an invalid line, skipped).
+    Only this package's temp-file pattern (:func:`emascope.runformat.is_temp_file_name`), only
+    regular files, only in the run's own folders (the run directory, its real subfolders and the
+    stage folders under ``samples/``; a symlinked folder is skipped). In folders other processes
+    write to (:data:`~emascope.runformat.SHARED_DIRS`) only files older than
+    :data:`~emascope.runformat.STALE_TEMP_AGE_S` go. Returns ``(path relative to the run, bytes)``.
     """
-    try:
-        with open(path, "rb+") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() == 0:
-                return False
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) == b"\n":
-                return False
-            f.write(b"\n")
-            return True
-    except FileNotFoundError:
-        return False
+    base = Path(run_dir)
+    folders: list[tuple[Path, float]] = [(base, 0.0)]
+    for name in rf.SUBDIRS:
+        try:
+            sub = rf.run_subdir(base, name)
+        except (OSError, ValueError):
+            continue
+        folders.append((sub, rf.STALE_TEMP_AGE_S if name in rf.SHARED_DIRS else 0.0))
+        if name == rf.SAMPLES:
+            try:
+                stages = [e for e in os.scandir(sub) if rf.parse_stage_dir_name(e.name) is not None
+                          and e.is_dir(follow_symlinks=False)]
+            except OSError:
+                stages = []
+            folders += [(Path(e.path), 0.0) for e in stages]
+    removed = []
+    for folder, age in folders:
+        for path, size in remove_stale_temp_files(folder, min_age_s=age):
+            removed.append((path.relative_to(base).as_posix(), size))
+    return removed
 
 
 def new_run_id() -> str:

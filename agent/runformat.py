@@ -62,6 +62,21 @@ WATCHED_DIRS = (SAMPLES, EXPORTS)
 #: Preview file extensions: PNG image grids and float32 ``[n, d]`` point arrays.
 PREVIEW_EXTS = (".png", ".npy")
 
+#: Temp files of atomic writes (:mod:`emascope.atomic`): ``.<target name>.<random>.tmp`` beside the
+#: target. A writer killed mid-write leaves one behind; ``attach`` removes them (start and resume).
+TEMP_SUFFIX = ".tmp"
+_TEMP_RE = re.compile(r"\..+\.[A-Za-z0-9_]{8,}\.tmp")
+
+
+def temp_file_name(target_name: str, token: str) -> str:
+    """The temp-file name of an atomic write of ``target_name``: ``.<target_name>.<token>.tmp``."""
+    return f".{target_name}.{token}{TEMP_SUFFIX}"
+
+
+def is_temp_file_name(name: str) -> bool:
+    """Whether ``name`` is a temp-file name made by :func:`temp_file_name` (8+ token characters)."""
+    return _TEMP_RE.fullmatch(name) is not None
+
 _STAGE_RE = re.compile(r"step_(\d{9,})")
 
 
@@ -314,6 +329,11 @@ EXPORT_SUFFIX = ".safetensors"
 EXPORT_DTYPES = (None, "float32")
 #: Metadata key of a bank snapshot holding its JSON state (safetensors metadata).
 SNAPSHOT_META_KEY = "emascope"
+#: Metadata key of a bank snapshot holding ``"sha256:<hex>"`` over its metadata and tensors
+#: (:func:`emascope.snapshot.snapshot_checksum`); absent in snapshots written before it existed.
+SNAPSHOT_CHECKSUM_KEY = "emascope_sha256"
+#: Most decays a bank (and a snapshot read back) may hold.
+MAX_DECAYS = 4096
 
 
 def validate_request_id(rid: Any) -> str:
@@ -364,6 +384,44 @@ def default_export_name(variant: str, step: int | None = None) -> str:
     """Default export stem: ``ema-<decay>`` / ``raw`` / ``bema``, with ``-step<step>`` when given."""
     base = variant if variant in NAMED_VARIANTS else f"ema-{variant}"
     return base if step is None else f"{base}-step{int(step)}"
+
+
+#: Export requests: at most this many are fulfilled per check of ``requests/`` (about once a
+#: second) and per minute; more wait for later checks (a ``notice`` event says so). Beyond
+#: :data:`MAX_PENDING_REQUESTS` waiting requests the newest are refused (``error`` status).
+REQUESTS_PER_POLL = 4
+REQUESTS_PER_MINUTE = 30
+MAX_PENDING_REQUESTS = 64
+#: A request file larger than this is refused unread (a request is ~100 bytes).
+MAX_REQUEST_BYTES = 64 * 1024
+#: Temp files younger than this in folders other processes write to (:data:`SHARED_DIRS`) are
+#: left alone by the stale-temp cleanup; elsewhere the agent is the only writer and removes all.
+STALE_TEMP_AGE_S = 3600.0
+#: Folders of a run that other processes write to as well: the dashboard (request files) and a
+#: finished-run export (``emascope export`` into ``exports/``).
+SHARED_DIRS = (REQUESTS, EXPORTS)
+
+
+def run_subdir(run_dir: str | os.PathLike, name: str) -> Path:
+    """``RUN_DIR/name`` if it is a real folder of the run: not a symlink, resolving inside RUN_DIR.
+
+    ``ValueError`` naming the problem otherwise (a symlinked ``requests/`` or ``exports/`` is
+    refused: the agent would read, write or delete files elsewhere); ``FileNotFoundError`` if missing.
+    """
+    path = Path(run_dir) / name
+    if path.is_symlink():
+        try:
+            where = os.readlink(path)
+        except OSError:
+            where = "?"
+        raise ValueError(f"{name}/ of the run {str(run_dir)!r} is a symlink (to {where!r}); refused: "
+                         f"emascope only uses a real {name}/ folder inside the run directory")
+    if not path.exists():
+        raise FileNotFoundError(f"the run {str(run_dir)!r} has no {name}/ folder")
+    if not path.is_dir():
+        raise ValueError(f"{name} of the run {str(run_dir)!r} is not a folder")
+    inside_run(run_dir, name)
+    return path
 
 
 def inside_run(run_dir: str | os.PathLike, rel: str) -> Path:

@@ -38,6 +38,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,12 @@ from emascope.rundir import (
     host_info,
     new_run_id,
     prepare_run_dir,
+    remove_stale_temps,
     run_dir_state,
     undo_start,
 )
 from emascope.scoring import Scorer, SweepResult, attach_extractor
-from emascope.snapshot import export_checkpoint, load_snapshot, save_snapshot
+from emascope.snapshot import check_export_target, export_checkpoint, load_snapshot, save_snapshot
 from emascope.version import __version__
 
 log = logging.getLogger(__name__)
@@ -243,11 +245,12 @@ class Scope:
                             bias_correction=b.bias_correction, bema=b.bema or False,
                             average_buffers=b.average_buffers)
         check_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
-        resumed_from = self._resume_bank() if run.resume else None
+        notices: list[str] = []
+        resumed_from = self._resume_bank(notices.append) if run.resume else None
         previous = self._previous_run() if run.resume else {}
         extractor = attach_extractor(scoring, hooks, self.model)
         return {"scoring": scoring, "hooks": hooks, "resumed_from": resumed_from, "previous": previous,
-                "extractor": extractor, "model_config": model_config_record(self.model),
+                "notices": notices, "extractor": extractor, "model_config": model_config_record(self.model),
                 "before": run_dir_state(run.run_dir, overwrite=run.overwrite)}
 
     def _start_run(self, plan: dict[str, Any]) -> None:
@@ -257,6 +260,7 @@ class Scope:
         run, b, previous = self.run_cfg, self.bank_cfg, plan["previous"]
         try:
             self.run_dir = prepare_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
+            stale = remove_stale_temps(self.run_dir)  # left by a killed writer (kill -9 mid-snapshot)
             self.run_id = str(previous.get("run_id") or new_run_id())
             if isinstance(previous.get("start_time"), (int, float)):
                 self.start_time = float(previous["start_time"])
@@ -277,8 +281,15 @@ class Scope:
             self.writer.event("start", self._step, optimizer=" -> ".join(self.optimizer_chain) or None)
             if plan["resumed_from"] is not None:
                 self.writer.event("resume", self._step, snapshot_step=plan["resumed_from"])
+            for message in plan["notices"]:
+                self.writer.event("notice", self._step, where="resume", message=message)
+            if stale:
+                self.writer.event("notice", self._step, where="start", removed=[p for p, _ in stale],
+                                  message=f"removed {len(stale)} stale temp file(s) of "
+                                          f"{sum(n for _, n in stale)} bytes left by a writer that was killed")
             self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
-                                          on_result=self._export_event, synthesize=self._synthesize_for_request)
+                                          on_result=self._export_event, on_notice=self._requests_notice,
+                                          synthesize=self._synthesize_for_request)
             if self.optimizer is not None:
                 self._hook = self.optimizer.register_step_post_hook(self._optimizer_hook)
             self.writer.start_heartbeat()
@@ -337,6 +348,10 @@ class Scope:
             raise ValueError(f"format must be one of {rf.EXPORT_FORMATS}, got {format!r}")
         variant = self.bank.resolve(variant)
         name = rf.default_export_name(variant, self._step)
+        if path is None:
+            rf.run_subdir(self.run_dir, rf.EXPORTS)  # ValueError: a symlinked exports/
+        else:  # never a file of the run itself
+            path = check_export_target(self.run_dir, path, folder=format != "safetensors")
         if format == "safetensors":
             out = self._export(variant, Path(path or self.run_dir / rf.export_file(name)), dtype)
         else:
@@ -417,7 +432,7 @@ class Scope:
                 self._score()
             if self._last_snapshot != self._step:
                 self._snapshot()
-            self.requests.poll(self._step)
+            self.requests.poll(self._step, final=True)
             self.requests.join()
         except Exception as exc:  # noqa: BLE001
             self.writer.error("close", self._step, exc)
@@ -634,6 +649,9 @@ class Scope:
     def _export_for_request(self, variant: str, path: Path, dtype: str | None) -> int:
         return self._export(variant, path, dtype).stat().st_size
 
+    def _requests_notice(self, message: str) -> None:
+        self.writer.event("notice", self._step, where=rf.REQUESTS, message=message)
+
     def _export_event(self, record: dict[str, Any]) -> None:
         self.writer.event("export", self._step, request_id=record.get("id"), variant=record.get("variant"),
                           path=record.get("path"), bytes=record.get("bytes"),
@@ -641,18 +659,19 @@ class Scope:
 
     # ------------------------------------------------------------------ run.json and resume
 
-    def _resume_bank(self) -> int | None:
+    def _resume_bank(self, notice: Callable[[str], None]) -> int | None:
         """Load ``banks/latest.safetensors`` into the new bank and continue its step count.
 
         Returns the snapshot's step, or ``None`` when the run has no snapshot yet (the bank then
         starts from the current weights at step 0). Raises ``ValueError`` if the snapshot belongs
-        to another model or other bank settings.
+        to another model or other bank settings, or is malformed or corrupt (checksum). ``notice``
+        receives a message when the snapshot predates checksums (loaded unverified).
         """
         path = self.run_dir / rf.SNAPSHOT
         if not path.is_file():
             return None
         try:
-            self.bank.load_state_dict(load_snapshot(path).state_dict())
+            self.bank.load_state_dict(load_snapshot(path, notice=notice).state_dict())
         except (ValueError, OSError) as exc:
             raise ValueError(f"resume=True: cannot continue the bank snapshot {str(path)!r}: {exc}") from exc
         self._step = int(self.bank.step)

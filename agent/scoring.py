@@ -35,6 +35,8 @@ from emascope.features import (
     Features,
     auto_extractor,
     cache_key,
+    check_finite_features,
+    check_samples,
     images_to_uint8,
     load_cached,
     make_extractor,
@@ -80,6 +82,7 @@ class SweepResult:
     num_samples: int = 0             # most samples drawn for one variant in this sweep
     kid_subset_size: int | None = None
     sample_kind: str | None = None
+    notes: list[str] = field(default_factory=list)  # conversions of the samples (check_samples)
 
 
 @contextlib.contextmanager
@@ -152,7 +155,8 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
-                     timings: dict[str, float], *, keep_all: bool = False) -> Drawn:
+                     timings: dict[str, float], *, keep_all: bool = False,
+                     notes: list[str] | None = None) -> Drawn:
     """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size``, batch ``b`` from a generator
     (on the model's device) seeded with :func:`batch_seed` ``(cfg.seed, b)``, and turn each batch into
     features as it arrives.
@@ -164,7 +168,8 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
     ``head``, ``features`` and ``samples`` ``None``; an extractor error keeps the head (for the
     preview) and ``samples`` and stops extracting. Without an extractor and without ``keep_all``,
     drawing stops once the head is full (nothing else would use the samples).
-    ``timings["sampling"|"features"]`` are increased.
+    ``timings["sampling"|"features"]`` are increased. Samples holding NaN/Inf are a sampler error
+    (:func:`emascope.features.check_samples`); what is converted (integer points) is added to ``notes``.
     """
     device = model_device(model)
     keep = -1  # samples kept for the preview: decided from the first batch's kind
@@ -181,6 +186,9 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                 raise ValueError(f"sampler must return a tensor with {n} samples on dim 0, got "
                                  f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
             out = out.detach().cpu()
+            note = check_samples(out)  # ValueError: NaN/Inf samples are not scored
+            if note is not None and notes is not None and note not in notes:
+                notes.append(note)
         except Exception as exc:  # noqa: BLE001
             return Drawn(None, None, StageError("sampler", exc), cfg.num_samples - remaining, None)
         finally:
@@ -286,7 +294,7 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
         if sampler is not None:
             samples, feats, err, drawn, every = draw_and_extract(
                 model, sampler, cfg, extractor if reference is not None else None, res.timings,
-                keep_all=sample_metrics is not None)
+                keep_all=sample_metrics is not None, notes=res.notes)
             res.num_samples = max(res.num_samples, drawn)
             if err is not None:
                 res.errors += 1
@@ -304,6 +312,12 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
     if samples is not None:
         _save_preview(writer, step, variant, samples, cfg, res)
     if feats is None or reference is None:
+        return
+    try:
+        check_finite_features(feats)
+    except ValueError as exc:  # one error for the variant, no metric values
+        res.errors += 1
+        writer.error("features", step, exc, variant=variant)
         return
     t = time.perf_counter()
     for group, job in feature_metric_jobs(feats, reference, cfg, fd_name):
@@ -386,6 +400,7 @@ class Scorer:
         self._reference_failed = False
         self.reference_errors = 0  # counted into the errors of the sweep that hit them
         self._kid_noted = False
+        self._noted: set[str] = set()
 
     @property
     def active(self) -> bool:
@@ -429,6 +444,8 @@ class Scorer:
         return result
 
     def _note(self, result: SweepResult, reference: Reference | None, step: int) -> None:
+        for note in result.notes:
+            self._notice_once("samples", note, step)
         if result.kid_subset_size is not None and not self._kid_noted:
             self._kid_noted = True
             n_ref = len(reference.features.features) if reference is not None else None
@@ -448,6 +465,11 @@ class Scorer:
             changed = True
         if changed:
             self.on_info_change()
+
+    def _notice_once(self, where: str, message: str, step: int) -> None:
+        if message not in self._noted:
+            self._noted.add(message)
+            self.writer.event("notice", step, where=where, message=message)
 
     def _prepare_reference(self, model: nn.Module, step: int) -> Reference | None:
         if self.reference is not None or self._reference_failed or self.hooks.reference is None:
@@ -469,8 +491,12 @@ class Scorer:
                                                 weights_path=cfg.feature_extractor_weights_path, device=device,
                                                 batch_size=cfg.feature_batch_size,
                                                 image_range=resolve_image_range(cfg.image_range, None))
+            check_finite_features(ref, "reference features")
             return Reference.build(ref, cfg.nearest_k)
         data = reference_tensor(ref, cfg.reference_size)
+        note = check_samples(data, "reference samples")  # ValueError: NaN/Inf in the reference
+        if note is not None:
+            self._notice_once("reference", note, step)
         kind = sample_kind(data) if torch.is_tensor(data) else None
         image_range = resolve_image_range(cfg.image_range, data if kind == "images" else None)
         self.cfg = cfg = dataclasses.replace(cfg, image_range=image_range)
@@ -489,7 +515,10 @@ class Scorer:
         t = time.perf_counter()
         if feats is None:
             feats = self.extractor(data)
+            check_finite_features(feats, "reference features")  # NaN/Inf features are never cached
             self.writer._guard("reference cache", lambda: save_cached(cache, feats))
+        else:
+            check_finite_features(feats, "reference features")
         self.writer.event("reference", step, key=key, cached=hit, num=len(feats.features),
                           seconds=time.perf_counter() - t)
         if kind == "points" and not (self.run_dir / rf.REFERENCE_POINTS).exists():

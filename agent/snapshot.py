@@ -20,8 +20,12 @@ requests and ``emascope export``): a plain state_dict loadable with
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from emascope import runformat as rf
-from emascope.atomic import temp_path_for
+from emascope.atomic import atomic_write_with
 from emascope.bank import EMABank
 from emascope.version import __version__
 
@@ -45,23 +49,14 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     for k, v in metadata.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise ValueError(f"metadata must map str to str; got {k!r}: {v!r}")
-    if rf.SNAPSHOT_META_KEY in metadata:
-        raise ValueError(f"metadata key {rf.SNAPSHOT_META_KEY!r} is reserved for the bank layout")
+    for key in (rf.SNAPSHOT_META_KEY, rf.SNAPSHOT_CHECKSUM_KEY):
+        if key in metadata:
+            raise ValueError(f"metadata key {key!r} is reserved (bank layout and checksum)")
     return dict(metadata)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    path = Path(path)
-    tmp = temp_path_for(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:  # durable before it becomes visible, like emascope.atomic
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -90,6 +85,19 @@ def _own_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------
 # snapshots
+
+#: safetensors' dtype names of the torch dtypes a snapshot may hold.
+_ST_DTYPES: dict[str, str] = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+    "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL", "complex64": "C64",
+}
+_KINDS = ("avg", "frozen", "buffer", "int")
+_CHECKSUM_TAG = b"emascope-snapshot-sha256/1"
+
+
+class UnverifiedSnapshotWarning(UserWarning):
+    """A snapshot written before checksums existed was loaded without verification."""
 
 
 def snapshot_tensors(bank: EMABank, *, dtype: torch.dtype | None = None,
@@ -127,53 +135,191 @@ def snapshot_tensors(bank: EMABank, *, dtype: torch.dtype | None = None,
     return tensors, state
 
 
+def snapshot_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """``"sha256:<hex>"`` over a snapshot's metadata and tensors, in a fixed order.
+
+    Hashed: a version tag; every metadata item but :data:`~emascope.runformat.SNAPSHOT_CHECKSUM_KEY`
+    (sorted by key: key, value); every tensor (sorted by name: name, dtype, shape, raw bytes in
+    the machine's byte order, which is what safetensors stores on little-endian machines).
+    """
+    h = hashlib.sha256(_CHECKSUM_TAG)
+    for key in sorted(metadata):
+        if key != rf.SNAPSHOT_CHECKSUM_KEY:
+            h.update(b"\0m" + key.encode() + b"\0" + metadata[key].encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"\0t{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        if t.numel():
+            flat = t.to("cpu").contiguous().reshape(-1)
+            h.update(memoryview(flat.view(torch.uint8).numpy()))
+    return "sha256:" + h.hexdigest()
+
+
 def save_snapshot(bank: EMABank, path: str | os.PathLike, metadata: dict[str, str] | None = None, *,
                   dtype: torch.dtype | None = None, decays: Any = None) -> int:
     """Write ``bank``'s whole state (bank rows + live weights) to ``path`` (.safetensors, atomic).
 
     ``metadata``: extra string keys (e.g. ``run_id``, ``step``). ``dtype`` / ``decays``: store the
     rows in a smaller floating dtype / only some decays' rows (see :func:`snapshot_tensors`; stage
-    and lead-in snapshots use them). Returns the file size in bytes.
+    and lead-in snapshots use them). The metadata key
+    :data:`~emascope.runformat.SNAPSHOT_CHECKSUM_KEY` holds :func:`snapshot_checksum` of what is
+    written, verified by :func:`load_snapshot`. Returns the file size in bytes.
     """
     meta = _check_metadata(metadata)
     tensors, state = snapshot_tensors(bank, dtype=dtype, decays=decays)
     meta[rf.SNAPSHOT_META_KEY] = json.dumps(state, allow_nan=False, separators=(",", ":"))
-    return _atomic_save(_own_all(tensors), path, meta).stat().st_size
+    owned = _own_all(tensors)
+    meta[rf.SNAPSHOT_CHECKSUM_KEY] = snapshot_checksum(owned, meta)
+    return _atomic_save(owned, path, meta).stat().st_size
 
 
-def _read_header(path: Path) -> dict[str, str]:
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """The metadata and ``{tensor name: (safetensors dtype, shape)}`` of a file, without its data."""
     if not path.is_file():
         raise FileNotFoundError(f"no bank snapshot at {str(path)!r}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            infos = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                infos[k] = (str(sl.get_dtype()), tuple(int(s) for s in sl.get_shape()))
+            return dict(f.metadata() or {}), infos
     except Exception as exc:  # safetensors raises its own error types for a truncated/corrupt header
         raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {exc}") from None
 
 
 def snapshot_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The caller metadata of a snapshot (``run_id``, ``step``, ...), without reading its tensors."""
-    return {k: v for k, v in _read_header(Path(path)).items() if k != rf.SNAPSHOT_META_KEY}
+    meta, _ = _read_header(Path(path))
+    return {k: v for k, v in meta.items() if k not in (rf.SNAPSHOT_META_KEY, rf.SNAPSHOT_CHECKSUM_KEY)}
 
 
-def load_snapshot(path: str | os.PathLike) -> EMABank:
+def _int(state: dict[str, Any], key: str, minimum: int = 0) -> int:
+    v = state.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+#: safetensors dtypes of the bank rows (``bank``, ``theta0``): float32, or a stage snapshot's
+#: reduced-precision storage (``stage_snapshot_dtype``).
+_ROW_DTYPES = ("F32", "F16", "BF16")
+
+
+def _expect(infos: dict[str, tuple[str, tuple[int, ...]]], name: str, dtype: str | tuple[str, ...],
+            shape: tuple[int, ...]) -> None:
+    got = infos.get(name)
+    if got is None:
+        raise ValueError(f"tensor {name!r} is missing")
+    dtypes = (dtype,) if isinstance(dtype, str) else dtype
+    if got[0] not in dtypes or got[1] != shape:
+        want = dtypes[0] if len(dtypes) == 1 else "/".join(dtypes)
+        raise ValueError(f"tensor {name!r} is {got[0]} {list(got[1])}, the snapshot state says {want} {list(shape)}")
+
+
+def validate_snapshot_header(state: Any, infos: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Check a snapshot's JSON state against the real sizes of its tensors, before anything is
+    allocated: ``ValueError`` naming the first problem.
+
+    ``infos`` maps each tensor name to its (safetensors dtype, shape) as the file's header states
+    them (safetensors has checked those against the file's length). Checked: at most
+    :data:`~emascope.runformat.MAX_DECAYS` decays; ``bank`` is F32 ``[R, numel]`` with R the
+    decays (+1 for BEMA; F16/BF16 in a reduced-precision stage snapshot, as is ``theta0``);
+    ``applied``, ``bc_pow`` and ``theta0`` have their shapes; every layout entry has a
+    ``live/<name>`` tensor of its shape and dtype; averaged entries tile ``[0, numel)`` in order;
+    no other tensor is present. So a crafted header cannot make a load allocate more than a few
+    times the file's own size.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"the snapshot state is {type(state).__name__}, not a JSON object")
+    decays = state.get("decays")
+    if not isinstance(decays, list) or not 1 <= len(decays) <= rf.MAX_DECAYS:
+        size = len(decays) if isinstance(decays, list) else type(decays).__name__
+        raise ValueError(f"decays must be a list of 1 to {rf.MAX_DECAYS} decays, got {size}")
+    bema = state.get("bema")
+    if bema is not None and not isinstance(bema, dict):
+        raise ValueError(f"bema must be null or an object, got {type(bema).__name__}")
+    numel = _int(state, "numel", 1)
+    for key in ("step", "events", "update_every"):
+        _int(state, key, 1 if key == "update_every" else 0)
+    k = len(decays)
+    rows = k + (1 if bema is not None else 0)
+    _expect(infos, "bank", _ROW_DTYPES, (rows, numel))
+    _expect(infos, "applied", "I64", (1,))
+    _expect(infos, "bc_pow", "F64", (k,))
+    expected = {"bank", "applied", "bc_pow"}
+    if bema is not None:
+        _expect(infos, "theta0", _ROW_DTYPES, (numel,))
+        expected.add("theta0")
+    layout = state.get("layout")
+    if not isinstance(layout, list) or not layout:
+        raise ValueError("layout must be a non-empty list")
+    if len(layout) > len(infos):
+        raise ValueError(f"layout has {len(layout)} entries but the file holds {len(infos)} tensors")
+    offset = 0
+    for e in layout:
+        if not isinstance(e, dict):
+            raise ValueError(f"layout entry {e!r} is not an object")
+        name, shape, dtype, kind = e.get("name"), e.get("shape"), e.get("dtype"), e.get("kind")
+        if not isinstance(name, str) or not isinstance(e.get("keys"), list) or kind not in _KINDS:
+            raise ValueError(f"layout entry {str(e)[:200]!r} is malformed")
+        if (not isinstance(shape, list) or len(shape) > 64
+                or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape)):
+            raise ValueError(f"layout entry {name!r} has a bad shape {str(shape)[:200]}")
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"layout entry {name!r} has an unsupported dtype {str(dtype)[:50]!r}")
+        _expect(infos, _LIVE + name, _ST_DTYPES[dtype], tuple(shape))
+        expected.add(_LIVE + name)
+        if kind == "avg":
+            n = math.prod(shape)
+            if e.get("offset") != offset or e.get("numel") != n:
+                raise ValueError(f"layout entry {name!r}: offset {e.get('offset')!r} / numel {e.get('numel')!r}, "
+                                 f"expected {offset} / {n}")
+            offset += n
+    if offset != numel:
+        raise ValueError(f"the averaged entries hold {offset} values, numel says {numel}")
+    extra = sorted(set(infos) - expected)
+    if extra:
+        raise ValueError(f"unexpected tensors {extra[:5]}")
+
+
+def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | None = None) -> EMABank:
     """A model-less bank (cpu) from a snapshot written by :func:`save_snapshot`.
 
-    ``materialize``/``swap``/:func:`export_checkpoint` work on it; ``update`` raises. A file that
-    is not a bank snapshot, torn or malformed is a ``ValueError`` naming it.
+    ``materialize``/``swap``/:func:`export_checkpoint` work on it; ``update`` raises. Before any
+    tensor is read the header is checked (:func:`validate_snapshot_header`); after reading, the
+    checksum (:func:`snapshot_checksum`) must match. A file that is not a bank snapshot, torn,
+    malformed or corrupt is a ``ValueError`` naming it. A snapshot without a checksum (written
+    before checksums existed) still loads: ``notice(message)`` is called, or an
+    :class:`UnverifiedSnapshotWarning` is issued when ``notice`` is None.
     """
     path = Path(path)
-    header = _read_header(path)
+    header, infos = _read_header(path)
     if rf.SNAPSHOT_META_KEY not in header:
         raise ValueError(f"{str(path)!r} is not an emascope bank snapshot (no {rf.SNAPSHOT_META_KEY!r} metadata)")
     try:
         state: dict[str, Any] = json.loads(header[rf.SNAPSHOT_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(path)!r}: bad {rf.SNAPSHOT_META_KEY!r} metadata: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{str(path)!r}: bad {rf.SNAPSHOT_META_KEY!r} metadata: {type(exc).__name__}") from None
+    try:
+        validate_snapshot_header(state, infos)
+    except ValueError as exc:
+        raise ValueError(f"{str(path)!r}: malformed bank snapshot: {exc}") from None
     try:
         tensors = load_file(str(path))
     except Exception as exc:
         raise ValueError(f"{str(path)!r}: cannot read the snapshot tensors: {exc}") from None
+    stored = header.get(rf.SNAPSHOT_CHECKSUM_KEY)
+    if stored is None:
+        message = (f"{str(path)!r} has no checksum (written by an emascope before checksums existed): "
+                   "loaded without verifying its contents")
+        if notice is None:
+            warnings.warn(message, UnverifiedSnapshotWarning, stacklevel=2)
+        else:
+            notice(message)
+    elif snapshot_checksum(tensors, header) != stored:
+        raise ValueError(f"{str(path)!r} is corrupt: its contents do not match the checksum stored in it "
+                         f"({rf.SNAPSHOT_CHECKSUM_KEY}); the file was damaged after it was written")
     try:
         state = dict(state)
         state["applied"] = tensors["applied"].reshape(())
@@ -183,7 +329,7 @@ def load_snapshot(path: str | os.PathLike) -> EMABank:
             state["theta0"] = tensors["theta0"].float()
         live = {k[len(_LIVE):]: t for k, t in tensors.items() if k.startswith(_LIVE)}
         return EMABank.from_state(state, live)
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise ValueError(f"{str(path)!r}: malformed bank snapshot ({type(exc).__name__}: {exc})") from None
     except ValueError as exc:
         raise ValueError(f"{str(path)!r}: {exc}") from None
@@ -230,13 +376,50 @@ class ExportError(ValueError):
     """A user-facing export error (``emascope export`` prints it and exits with code 2)."""
 
 
+def check_export_target(run_dir: str | os.PathLike, out: str | os.PathLike, *, folder: bool = False) -> Path:
+    """``out`` as a checked output path for an export of the run in ``run_dir``; :class:`ExportError`
+    naming the problem.
+
+    Refused: a folder (``folder=False``, a file export) or an existing file (``folder=True``, a
+    ``from_pretrained`` folder export); a path whose parent is not a folder; any path inside the
+    run directory other than under its ``exports/`` (``--out RUN/run.json`` would replace a file
+    of the run itself). ``out`` may otherwise point anywhere: the user named it. Symlinks in the
+    parent folders are followed (the file is replaced where they lead); a symlink at ``out``
+    itself is replaced, never written through.
+    """
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise ExportError(f"--out {str(out)!r} exists and is not a folder (this export is a folder)")
+    if not folder and out.is_dir():
+        raise ExportError(f"--out {str(out)!r} is a folder; give a file path such as "
+                          f"{str(out / 'ema.safetensors')!r}")
+    parent = out.parent
+    for p in (parent, *parent.parents):  # the nearest existing ancestor must be a folder
+        if p.exists():
+            if not p.is_dir():
+                raise ExportError(f"--out {str(out)!r}: {str(p)!r} is not a folder")
+            break
+    try:
+        target = parent.resolve() / out.name
+        base = Path(run_dir).resolve()
+    except (OSError, RuntimeError) as exc:
+        raise ExportError(f"--out {str(out)!r}: cannot resolve the path: {exc}") from None
+    if (target == base or base in target.parents) and (base / rf.EXPORTS) not in target.parents:
+        rel = target.relative_to(base).as_posix() if target != base else "."
+        raise ExportError(f"--out {str(out)!r} would replace {rel!r}, a file of the run itself; exports go "
+                          f"under the run's {rf.EXPORTS}/ or outside the run directory")
+    return out
+
+
 def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.PathLike | None = None,
-                    dtype: str | None = None) -> Path:
+                    dtype: str | None = None, *, notice: Callable[[str], None] | None = None) -> Path:
     """Export ``variant`` of the run in ``run_dir`` from its bank snapshot; returns the written path.
 
-    Default ``out``: ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. Raises
-    :class:`ExportError` naming the problem (missing run or snapshot, unknown variant listing the
-    available ones, bad dtype) before anything is written.
+    Default ``out``: ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors`` (``exports/`` must
+    be a real folder of the run, not a symlink). A given ``out`` is checked by
+    :func:`check_export_target`. Raises :class:`ExportError` naming the problem (missing run or
+    snapshot, unknown variant listing the available ones, bad dtype, a refused or unwritable
+    ``out``, a corrupt snapshot) before anything is written. ``notice``: see :func:`load_snapshot`.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -249,14 +432,25 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
         rf.validate_export_dtype(dtype)
     except ValueError as exc:
         raise ExportError(f"--dtype: {exc}") from None
+    if out is not None:
+        out = check_export_target(run_dir, out)
+    else:
+        try:
+            (run_dir / rf.EXPORTS).mkdir(exist_ok=True)
+            rf.run_subdir(run_dir, rf.EXPORTS)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot export into the run: {exc}") from None
     try:
-        bank = load_snapshot(snapshot)
+        bank = load_snapshot(snapshot, notice=notice)
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"cannot read bank snapshot {str(snapshot)!r}: {exc}") from exc
+        raise ExportError(f"cannot read the bank snapshot: {exc}") from exc  # exc names the file
     try:
         name = bank.resolve(variant)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     path = Path(out) if out is not None else run_dir / rf.export_file(rf.default_export_name(name, bank.step))
     run_id = snapshot_metadata(snapshot).get("run_id", "")
-    return export_checkpoint(bank, name, path, dtype=dtype, run_id=run_id)
+    try:
+        return export_checkpoint(bank, name, path, dtype=dtype, run_id=run_id)
+    except OSError as exc:
+        raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None

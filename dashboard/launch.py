@@ -21,7 +21,7 @@ import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
-from emascope.procs import restore_sigint
+from emascope.procs import PARENT_ENV, die_with_parent_preexec, restore_sigint, watch_parent
 
 APP = Path(__file__).with_name("app.py")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -159,9 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     cmd = build_command(path, host=args.host, port=args.port, poll=args.poll, extra_hosts=args.allowed_host)
     env = dict(os.environ, **{ENV_PATH: str(path)})
+    env.pop(PARENT_ENV, None)  # for this process's watch_parent only, not the server's children
     if args.poll:
         env["EMASCOPE_POLL"] = "1"
-    proc = subprocess.Popen(cmd, env=env)
+    # the server dies with this launcher, even a SIGKILLed one (Linux: parent-death signal)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent_preexec())
 
     def forward(signum, _frame):  # a terminated launcher must not leave the server running
         proc.send_signal(signum)
@@ -171,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, forward)
         except (ValueError, OSError, AttributeError):  # not the main thread / not on this platform
             pass
+    # started by `emascope demo` (EMASCOPE_PARENT_PID): stop when it is gone, on any platform
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     url = url_for(args.host, args.port)
 
     def announce() -> None:

@@ -81,10 +81,15 @@ def metric_table(metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def best_of_row(row: pd.Series, direction: str | None) -> tuple[str | None, float]:
-    """(variant, value) of the best finite entry of one stage's row; (None, NaN) if none/unknown."""
+    """(variant, value) of the best finite entry of one stage's row; (None, NaN) if none/unknown.
+
+    Ties go to the first variant in :func:`variant_order` (the smaller decay), whatever the row's order.
+    """
     if direction not in ("lower", "higher"):
         return None, math.nan
     vals = row.dropna()
+    vals = vals[~vals.index.duplicated(keep="last")]
+    vals = vals.reindex(variant_order(vals.index))
     if vals.empty:
         return None, math.nan
     v = vals.idxmin() if direction == "lower" else vals.idxmax()

@@ -11,7 +11,8 @@ dashboard (``emascope dashboard RUN_DIR``, i.e. :mod:`emascope.dashboard.launch`
 process, and the sample trains in this process with a progress bar in the terminal; every
 ``steps / 8`` optimizer steps the agent scores every EMA decay and the dashboard shows the new
 stage. When training ends the dashboard keeps running until Ctrl-C (``--exit-when-done`` stops it
-instead). The dashboard child is always stopped on exit: nothing is left running.
+instead). The dashboard child is always stopped on exit: nothing is left running, also when the
+demo is killed with SIGKILL (see :mod:`emascope.procs`).
 
 The demo is a shorter version of the shipped runs (fewer steps and samples, so it finishes in a
 few minutes on a laptop CPU); ``python -m emascope.samples.tree2d`` / ``emascope.samples.digits`` are the
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from emascope import runformat as rf
-from emascope.procs import restore_sigint
+from emascope.procs import child_env, die_with_parent_preexec, restore_sigint
 
 SAMPLES = ("tree2d", "digits")
 DEFAULT_STEPS = {"tree2d": 2000, "digits": 1200}
@@ -198,7 +199,10 @@ class Dashboard:
         self._probe = probe_url("127.0.0.1", port)
         self.log = tempfile.NamedTemporaryFile(prefix="emascope-demo-dashboard-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "emascope.dashboard.launch", str(run_dir), "--port", str(port), "--no-browser"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # dies with this process, even when it is SIGKILLed: a parent-death signal on Linux, and the
+        # child polls its parent (EMASCOPE_PARENT_PID) everywhere
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=child_env(), preexec_fn=die_with_parent_preexec())
         self.up = threading.Event()
         self._thread = threading.Thread(target=self._wait_up, daemon=True)
         self._thread.start()

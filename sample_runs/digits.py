@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,7 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
     """
 
     def __init__(self, name: str, features_list: Sequence[str],
-                 feature_extractor_weights_path: str | None = None, **kwargs: Any) -> None:
+                 feature_extractor_weights_path: str | BinaryIO | None = None, **kwargs: Any) -> None:
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
             raise ValueError(f"{name}: pass feature_extractor_weights_path (a digits_cnn.pt state dict, "

@@ -46,7 +46,8 @@ def _assert_same(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
 
 @pytest.fixture(scope="module")
 def live_run(tmp_path_factory):
-    """Train 20 steps; requests are dropped after step 8 and fulfilled during step 9."""
+    """Train 20 steps; requests are dropped after step 8 and fulfilled from step 9 on (at most
+    ``REQUESTS_PER_POLL`` per check, so they spread over steps 9 and 10)."""
     run_dir = tmp_path_factory.mktemp("export") / "run"
     torch.manual_seed(0)
     model = Denoiser()
@@ -54,7 +55,7 @@ def live_run(tmp_path_factory):
     data, g = mixture(1000, seed=1), torch.Generator().manual_seed(0)
     scope = attach(model, opt, run_dir=run_dir, score_every=None, decays=DECAYS, request_interval=0.0)
     ema = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
-    at_export = None
+    at_export = {}
     outside = run_dir.parent / "evil.safetensors"
     for step in range(1, 21):
         train_step(model, opt, data, g)
@@ -70,9 +71,9 @@ def live_run(tmp_path_factory):
             _drop_request(run_dir, "unk", {"id": "unk", "variant": "0.12345"})
             (run_dir / "requests" / "junk.json").write_text("{not json")
             (run_dir / "requests" / "bad name!.json").write_text(json.dumps({"variant": "0.99"}))
-        if step == 9:
-            at_export = {"0.99": scope.bank.materialize("0.99"), "0.9": scope.bank.materialize("0.9"),
-                         "ema64": {k: v.clone() for k, v in ema.items()}}
+        if step >= 9:
+            at_export[step] = {"0.99": scope.bank.materialize("0.99"), "0.9": scope.bank.materialize("0.9"),
+                               "ema64": {k: v.clone() for k, v in ema.items()}}
     own = scope.export(0.99)  # default path inside exports/
     user = scope.export("raw", run_dir.parent / "mine" / "raw.safetensors")
     scope.close()
@@ -88,6 +89,7 @@ def test_request_is_fulfilled_at_the_next_step(live_run):
     run_dir, at = live_run["run_dir"], live_run["at_export"]
     st = _status(run_dir, "ok1")
     assert st["state"] == "done" and st["error"] is None and st["step"] == 9 and st["variant"] == "0.99"
+    at = at[9]
     assert st["path"] == "exports/ema-0.99.safetensors"
     path = run_dir / st["path"]
     assert st["bytes"] == path.stat().st_size
@@ -99,10 +101,11 @@ def test_request_is_fulfilled_at_the_next_step(live_run):
         meta = f.metadata()
     assert meta["variant"] == "0.99" and meta["decay"] == "0.99" and meta["step"] == "9"
     assert meta["run_id"] == live_run["scope"].run_id and meta["emascope_version"]
-    st2 = _status(run_dir, "ok2")
-    assert st2["state"] == "done" and st2["path"] == "exports/f32.safetensors"
-    _assert_same(_fresh(run_dir / st2["path"]), at["0.9"])
-    assert not list((run_dir / "requests").glob("*.json"))  # every request consumed
+    st2 = _status(run_dir, "ok2")  # the fifth request (by name): the next check, one step later
+    assert st2["state"] == "done" and st2["path"] == "exports/f32.safetensors" and st2["step"] == 10
+    _assert_same(_fresh(run_dir / st2["path"]), live_run["at_export"][10]["0.9"])
+    # every request consumed; a file whose name is not a request id is not ours: left in place
+    assert sorted(p.name for p in (run_dir / "requests").glob("*.json")) == ["bad name!.json"]
 
 
 def test_bad_requests_are_refused_and_nothing_escapes_exports(live_run):

@@ -170,3 +170,38 @@ def test_weights_file_with_pickled_code_is_refused(tmp_path):
         make_extractor("inception-v3-compat", "images", weights_path=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="not registered"):
         make_extractor("no-such-extractor", "images")
+
+
+def test_weights_swapped_after_the_safe_read_never_reach_torch_fidelitys_unsafe_load(weights_path, tmp_path,
+                                                                                     monkeypatch):
+    """torch-fidelity's InceptionV3 loads its weights path with ``weights_only=False``: swap the file for
+    a pickle that runs code at the moment torch-fidelity's constructor starts (after emascope's own
+    read). The real class is built; the payload never runs and the weights are the original ones."""
+    import builtins
+    import shutil
+
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, ("import builtins; builtins._emascope_pwned = True",))
+
+    user_file = tmp_path / "inception.pth"
+    shutil.copy(weights_path, user_file)
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": Payload()}, evil)
+
+    class Swapped(tfi.FeatureExtractorInceptionV3):
+        def __init__(self, *args, **kwargs):
+            user_file.write_bytes(evil.read_bytes())  # the swap, inside the window
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setitem(FEATURE_EXTRACTORS_REGISTRY, "inception-swap-test", Swapped)
+    monkeypatch.delattr(builtins, "_emascope_pwned", raising=False)
+    try:
+        ext = make_extractor("inception-swap-test", "images", weights_path=user_file)
+    finally:  # (a load of the swapped file runs the payload, then fails on its contents)
+        assert not hasattr(builtins, "_emascope_pwned"), "torch-fidelity unpickled the swapped file"
+    original = torch.load(weights_path, weights_only=True)
+    for key, value in ext.module.state_dict().items():  # the weights read before the swap
+        assert torch.equal(value, original[key]), key
