@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -252,6 +253,20 @@ def test_export_synthesized_writes_a_loadable_checkpoint_with_its_error(traj, tm
     assert meta["synthesized"] == "true" and meta["decay"] == repr(HALF) and meta["step"] == str(STEPS)
     assert float(meta["profile_residual"]) == report.profile_residual
     assert float(meta["error_bound"]) == report.error_bound
+    # --out is checked before the synthesis: never a file of the run itself, never a folder
+    before = (traj.run_dir / rf.RUN_JSON).read_bytes()
+    with pytest.raises(ValueError, match="a file of the run itself"):
+        export_synthesized(traj.run_dir, traj.run_dir / rf.RUN_JSON, decay=HALF)
+    with pytest.raises(ValueError, match="is a folder"):
+        export_synthesized(traj.run_dir, tmp_path, decay=HALF)
+    assert (traj.run_dir / rf.RUN_JSON).read_bytes() == before
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~_umask())  # the umask's mode, not safetensors' 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
