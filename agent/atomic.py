@@ -122,6 +122,26 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
         f.flush()
 
 
+def append_jsonl_lines(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+    """Append several JSON objects, one per line, in a single ``write`` call, then flush.
+
+    One write of an ``O_APPEND`` file lands in one piece among other appenders (local file
+    systems); a writer killed mid-way leaves at most a torn last line, which readers skip. A torn
+    fragment already at the end is ended with a newline first, as :func:`append_jsonl` does.
+    """
+    if not records:
+        return
+    data = "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in records).encode("utf-8")
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end > 0:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                data = b"\n" + data
+        f.write(data)  # append mode: always at the end, whatever the read position
+        f.flush()
+
+
 def terminate_torn_line(path: str | os.PathLike) -> bool:
     """End a JSONL file whose last line is torn (a killed writer) with a newline; True if it did.
 

@@ -30,7 +30,7 @@ from emascope.ema_math import (
     validate_decays,
     validate_update_every,
 )
-from emascope.runformat import DIRECTIONS, SNAPSHOT_DTYPES
+from emascope.runformat import BUSY_POLICIES, COPY_PLACEMENTS, DIRECTIONS, SCORING_MODES, SNAPSHOT_DTYPES
 
 IMAGE_RANGES = ("auto", "-1,1", "0,1")
 
@@ -115,6 +115,9 @@ class ScoringConfig:
     ``search_tolerance``: the metric's uncertainty, in the metric's own units (absolute): the search
     stops once the values in its bracket differ by less than this (``None``: no such stop; it
     still stops at the budget or when the bracket is within the synthesis error).
+    ``batched_sampling``: the sampler is a pure function of the model (the contract of
+    :mod:`emascope.batched`): draw all variants in one vmapped call per batch (same samples),
+    falling back to one variant at a time if that fails.
     """
 
     num_samples: int = 2000
@@ -135,6 +138,7 @@ class ScoringConfig:
     search_evals: int = 0
     search_metric: str | None = None
     search_tolerance: float | None = None
+    batched_sampling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "feature_batch_size", "kid_subsets", "nearest_k",
@@ -154,6 +158,7 @@ class ScoringConfig:
         check_int("preview_points", self.preview_points, 0)
         check_int("reference_size", self.reference_size, 2, allow_none=True)
         check_int("kid_subset_size", self.kid_subset_size, 2, allow_none=True)
+        check_bool("batched_sampling", self.batched_sampling)
         if self.image_range not in IMAGE_RANGES:
             raise ValueError(f"image_range must be one of {IMAGE_RANGES}, got {self.image_range!r}")
         fe = self.feature_extractor
@@ -187,6 +192,19 @@ class RunConfig:
     between bank snapshots (``None``: ``score_every``). ``heartbeat_interval``: seconds between
     heartbeats; ``request_interval``: seconds between checks of ``requests/`` and of the bank's
     non-finite skip counter.
+
+    Where sweeps run (docs/agent.md, "Where scoring runs"): ``scoring`` is ``"background"`` (a
+    worker thread scores a frozen copy of the bank while training goes on), ``"inline"`` (in the
+    step hook; training waits) or ``"external"`` (the training process only writes a stage
+    snapshot; ``emascope score`` scores it elsewhere). ``score_busy``: a scoring point reached
+    while a background sweep runs is ``"queue"``-d (one waits; a newer one replaces it),
+    ``"skip"``-ped, or ``"wait"``-s (training blocks while another stage already waits).
+    ``score_copy``: where the frozen copy lives (``"auto"``: device if it fits, else pinned host
+    memory, else the stage snapshot on disk; see
+    :func:`emascope.background.choose_copy_placement`). ``score_timeout``: seconds a background
+    sweep may go without progress (a sample batch, a variant, a metric) before it is declared hung,
+    abandoned and recorded (``None``: never). ``close_timeout``: seconds ``close()`` waits for
+    background sweeps in all (``None``: as long as they make progress).
     """
 
     run_dir: str
@@ -201,6 +219,11 @@ class RunConfig:
     stage_snapshots: int | None = 8
     stage_lead_in: tuple[int, ...] = (4, 16, 64)
     stage_snapshot_dtype: str = "float32"
+    scoring: str = "background"
+    score_busy: str = "queue"
+    score_copy: str = "auto"
+    score_timeout: float | None = 1800.0
+    close_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, (str, os.PathLike)) or not os.fspath(self.run_dir):
@@ -226,6 +249,13 @@ class RunConfig:
         if self.stage_snapshot_dtype not in SNAPSHOT_DTYPES:
             raise ValueError(f"stage_snapshot_dtype must be one of {SNAPSHOT_DTYPES}, "
                              f"got {self.stage_snapshot_dtype!r}")
+        for name, allowed in (("scoring", SCORING_MODES), ("score_busy", BUSY_POLICIES),
+                              ("score_copy", COPY_PLACEMENTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("score_timeout", "close_timeout"):
+            if getattr(self, name) is not None:
+                check_seconds(name, getattr(self, name), positive=True)
 
     @property
     def snapshot_interval(self) -> int | None:
@@ -301,10 +331,15 @@ def build_configs(kwargs: Mapping[str, Any]) -> tuple[RunConfig, BankConfig, Sco
 
 def check_together(run: RunConfig, scoring: ScoringConfig) -> None:
     """Settings that only make sense together: the search between grid decays synthesises from
-    stage snapshots, so ``search_evals > 0`` needs ``stage_snapshots != 0``."""
+    stage snapshots, so ``search_evals > 0`` needs ``stage_snapshots != 0``; it runs after an
+    inline sweep only (not yet in the background worker or an external scorer), so it needs
+    ``scoring="inline"``."""
     if scoring.search_evals > 0 and run.stage_snapshots == 0:
         raise ValueError("search_evals > 0 synthesises decays from the stage snapshots, but stage_snapshots=0 "
                          "writes none: keep stage_snapshots >= 1 (or None) or set search_evals=0")
+    if scoring.search_evals > 0 and run.scoring != "inline":
+        raise ValueError(f"search_evals > 0 runs the search between grid decays after inline sweeps only, but "
+                         f"scoring={run.scoring!r}: set scoring='inline' or search_evals=0")
 
 
 def settings_of(run: RunConfig, bank: BankConfig, scoring: ScoringConfig) -> dict[str, Any]:

@@ -6,9 +6,11 @@ float64 here (integer features too). Features holding NaN/Inf are refused with a
 no metric returns a number computed from them. Nothing in this module touches models, files or
 global state.
 
-FID/FD, KID, precision/recall and the Inception Score go through torch-fidelity's own metric
-functions (``metric_fid``, ``metric_kid``, ``metric_prc``, ``metric_isc``); this module only picks
-safe arguments (subset sizes, batch sizes) for them. Density and coverage (Naeem et al. 2020,
+FID/FD, precision/recall and the Inception Score go through torch-fidelity's own metric functions
+(``metric_fid``, ``metric_prc``, ``metric_isc``); this module only picks safe arguments (subset
+sizes, batch sizes) for them. KID is torch-fidelity's estimator with torch-fidelity's subsets,
+computed with torch on the feature device by :mod:`emascope.kid` (tested equal to
+``kid_features_to_metric`` to 1e-6; 10x-100x faster, see that module). Density and coverage (Naeem et al. 2020,
 "Reliable Fidelity and Diversity Metrics for Generative Models"), which torch-fidelity lacks, are
 implemented here with chunked ``torch.cdist`` so that no ``N x N`` matrix is ever built.
 """
@@ -21,8 +23,9 @@ import numpy as np
 import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
+
+from emascope.kid import KIDPlan
 
 #: Memory budget (bytes) of one block of pairwise distances built at a time.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
@@ -115,21 +118,30 @@ def kid_subset_size_for(n_gen: int, n_ref: int, requested: int | None = None) ->
 
 
 def kid(gen: torch.Tensor, ref: torch.Tensor, *, subset_size: int | None = None, subsets: int = 100,
-        seed: int = 2020) -> dict[str, float]:
-    """KID mean and std over ``subsets`` random subsets (torch-fidelity ``kid_features_to_metric``).
+        seed: int = 2020, device: str | torch.device | None = None,
+        plan: KIDPlan | None = None) -> dict[str, float]:
+    """KID mean and std over ``subsets`` random subsets: torch-fidelity's ``kid_features_to_metric``
+    (same estimator, same subsets), computed with torch on ``device`` (:mod:`emascope.kid`).
 
     ``subset_size`` is capped by :func:`kid_subset_size_for`. Returns ``kid_mean``, ``kid_std``
-    and ``kid_subset_size`` (the size actually used).
+    and ``kid_subset_size`` (the size actually used). ``plan``: a :func:`kid_plan` built for this
+    ``ref`` and these settings (shares the reference side between calls).
     """
     gen, ref = _check_pair(gen, ref)
+    if plan is None:
+        plan = kid_plan(ref, len(gen), subset_size=subset_size, subsets=subsets, seed=seed, device=device)
+    return plan(gen)
+
+
+def kid_plan(ref: torch.Tensor, n_gen: int, *, subset_size: int | None = None, subsets: int = 100,
+             seed: int = 2020, device: str | torch.device | None = None) -> KIDPlan:
+    """The reference side of :func:`kid` for ``n_gen`` generated samples (subsets and reference
+    kernel sums), to share between variants; ``subset_size`` capped by :func:`kid_subset_size_for`."""
+    ref = _check_features("ref", ref)
     if subsets < 1:
         raise ValueError(f"subsets must be >= 1, got {subsets}")
-    size = kid_subset_size_for(len(gen), len(ref), subset_size)
-    out = kid_features_to_metric(gen, ref, kid_subset_size=size, kid_subsets=int(subsets),
-                                 rng_seed=int(seed), verbose=False)
-    return {"kid_mean": float(out["kernel_inception_distance_mean"]),
-            "kid_std": float(out["kernel_inception_distance_std"]),
-            "kid_subset_size": size}
+    size = kid_subset_size_for(n_gen, len(ref), subset_size)
+    return KIDPlan.build(ref, n_gen, subset_size=size, subsets=int(subsets), seed=int(seed), device=device)
 
 
 # ----------------------------------------------------------------------------------------------

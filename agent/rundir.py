@@ -26,6 +26,7 @@ import numpy as np
 from emascope import runformat as rf
 from emascope.atomic import (
     append_jsonl,
+    append_jsonl_lines,
     atomic_write_bytes,
     atomic_write_json,
     remove_stale_temp_files,
@@ -236,6 +237,13 @@ class RunWriter:
         self._append(rf.METRICS, rf.metric_record(step, variant, metric, value, time.time(),
                                                   synthesized=synthesized))
 
+    def metrics(self, records: list[dict[str, Any]]) -> None:
+        """Append metrics.jsonl records (:func:`emascope.runformat.metric_record`) in one write."""
+        def write() -> None:
+            with self._lock:
+                append_jsonl_lines(self.run_dir / rf.METRICS, [_json_safe(r) for r in records])
+        self._guard(rf.METRICS, write)
+
     def event(self, type: str, step: int, **fields: Any) -> None:
         """Append one events.jsonl line ``{"time", "step", "type", **fields}``."""
         self._append(rf.EVENTS, rf.event_record(type, step, time.time(), **fields))
@@ -308,6 +316,85 @@ class RunWriter:
             self._thread = None
         if final:
             self.beat(rf.STATE_CLOSED)
+
+
+class StageWriter:
+    """What one sweep writes when it runs off the training thread (background or external).
+
+    Same methods as :class:`RunWriter` for what a sweep writes. Metric records are buffered and
+    written by :meth:`commit` in one append, so a sweep that is abandoned (hung, killed) leaves no
+    half stage in metrics.jsonl; events and previews (atomic files, rewritten identically when the
+    stage is scored again) go through at once. After :meth:`mute` nothing more is written (an
+    abandoned sweep that wakes up later). ``on_write()`` is called on every write (liveness).
+    ``score_done`` events are held back and written after the records (:meth:`commit`).
+    """
+
+    HELD = ("score_done",)
+
+    def __init__(self, base: RunWriter, on_write: Callable[[], None] | None = None) -> None:
+        self.base = base
+        self.run_dir = base.run_dir
+        self.on_write = on_write or (lambda: None)
+        self.pending: list[dict[str, Any]] = []
+        self.held: list[tuple[str, int, dict[str, Any]]] = []  # events written after the records
+        self.muted = False
+        self._lock = threading.Lock()
+
+    def mute(self) -> None:
+        """Drop everything from now on (the buffered records too)."""
+        with self._lock:
+            self.muted = True
+            self.pending, self.held = [], []
+
+    def metric(self, step: int, variant: str, metric: str, value: float | None) -> None:
+        with self._lock:
+            if not self.muted:
+                self.pending.append(rf.metric_record(step, variant, metric, value, time.time()))
+        self.on_write()
+
+    def commit(self, before: Callable[[], bool] = lambda: True,
+               then: Callable[[int], Any] = lambda n: None) -> int | None:
+        """Write the buffered records in one append (unless muted or ``before()`` is false), call
+        ``then(count)`` (e.g. write the done marker), then the held-back ``score_done`` event.
+        Returns how many records were written, ``None`` when nothing was."""
+        with self._lock:
+            if self.muted or not before():
+                return None
+            records, self.pending = self.pending, []
+            held, self.held = self.held, []
+            self.base.metrics(records)
+            then(len(records))
+            for type_, step, fields in held:
+                self.base.event(type_, step, **fields)
+            return len(records)
+
+    def _through(self, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self.muted:
+                return None
+        self.on_write()
+        return fn()
+
+    def event(self, type: str, step: int, **fields: Any) -> None:
+        if type in self.HELD:
+            with self._lock:
+                if not self.muted:
+                    self.held.append((type, step, fields))
+            return
+        self._through(lambda: self.base.event(type, step, **fields))
+
+    def error(self, where: str, step: int, exc: BaseException, variant: str | None = None, *,
+              tell: bool = True) -> None:
+        self._through(lambda: self.base.error(where, step, exc, variant=variant, tell=tell))
+
+    def save_points(self, relpath: str, points: np.ndarray) -> None:
+        self._through(lambda: self.base.save_points(relpath, points))
+
+    def save_image_grid(self, relpath: str, images_uint8: np.ndarray) -> None:
+        self._through(lambda: self.base.save_image_grid(relpath, images_uint8))
+
+    def _guard(self, where: str, fn: Callable[[], Any]) -> Any:
+        return self._through(lambda: self.base._guard(where, fn))
 
 
 def png_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> bytes:

@@ -38,6 +38,10 @@ BANKS = "banks"
 REFERENCE = "reference"
 REQUESTS = "requests"
 EXPORTS = "exports"
+#: Claims and done markers of scoring stages (see :func:`stage_claim_file`, :func:`stage_done_file`).
+SCORING = "scoring"
+#: Lock file external scorers hold while they merge metric directions into run.json.
+SCORING_LOCK = f"{SCORING}/run_json.lock"
 #: The latest bank snapshot (safetensors, atomic replace).
 SNAPSHOT = f"{BANKS}/latest.safetensors"
 #: The first reference points of a low-dimensional run (float32 ``[n, d]`` .npy).
@@ -51,9 +55,9 @@ RUN_MARKERS = (RUN_JSON, METRICS, EVENTS)
 #: Top-level files of a run (removed by ``overwrite=True``).
 RUN_FILES = (RUN_JSON, METRICS, EVENTS, HEARTBEAT, MODEL_CONFIG)
 #: Folders removed by ``overwrite=True`` (the reference cache and exports are kept).
-RUN_DIRS = (SAMPLES, BANKS, REQUESTS)
+RUN_DIRS = (SAMPLES, BANKS, REQUESTS, SCORING)
 #: Every folder of a run (created by ``attach``; a run's own folders are never searched for runs).
-SUBDIRS = (SAMPLES, BANKS, REFERENCE, REQUESTS, EXPORTS)
+SUBDIRS = (SAMPLES, BANKS, REFERENCE, REQUESTS, EXPORTS, SCORING)
 #: Append-only JSON Lines files.
 APPENDED = (METRICS, EVENTS)
 #: Files the dashboard watches for live refresh, and folders whose files it watches.
@@ -143,6 +147,137 @@ ROLE_STAGE = "stage"
 ROLE_LEAD_IN = "lead_in"
 #: Storage dtypes of stage and lead-in snapshot bank rows (``banks/latest.safetensors`` is always float32).
 SNAPSHOT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_stage_snapshot_file_step(rel: str) -> int | None:
+    """The step of a ``banks/step_<digits>.safetensors`` path relative to RUN_DIR, else ``None``."""
+    folder, _, name = rel.rpartition("/")
+    return parse_stage_snapshot_name(name) if folder == BANKS else None
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring stages: who scores them, claims and done markers (scoring/)
+
+#: ``attach(scoring=...)``: where sweeps run. ``"background"``: a worker thread of the training
+#: process, on a frozen copy of the bank; ``"inline"``: in the optimizer step hook (training
+#: waits); ``"external"``: another process (``emascope score RUN --watch --entry mod:build``) scores
+#: the stage snapshots the training process writes.
+SCORING_MODES = ("background", "inline", "external")
+#: ``attach(score_busy=...)``: a scoring point that arrives while a background sweep runs is
+#: ``"queue"``-d (at most one waits; a newer one replaces it, the replaced one is skipped),
+#: ``"skip"``-ped, or ``"wait"``-s (training blocks while another stage is already waiting).
+BUSY_POLICIES = ("queue", "skip", "wait")
+#: ``attach(score_copy=...)``: where a background sweep's frozen copy of the bank lives.
+COPY_PLACEMENTS = ("auto", "device", "pinned", "disk")
+#: ``scorer`` of in-process sweeps.
+SCORER_INLINE = "inline"
+SCORER_BACKGROUND = "background"
+SCORER_EXTERNAL = "external"
+#: Stage states shown by the dashboard (:func:`stage_states`).
+STAGE_STATES = ("pending", "scoring", "done", "skipped", "failed")
+_CLAIM_RE = re.compile(r"(step_\d{9,})\.claim\.(\d{1,6})")
+
+
+def scorer_name(kind: str, host: str | None = None, pid: int | None = None, name: str | None = None) -> str:
+    """The ``scorer`` field of sweep events: ``"inline"``, ``"background"``, or for an external
+    scorer ``"external:<name or host:pid>"``."""
+    if kind != SCORER_EXTERNAL:
+        return kind
+    return f"{SCORER_EXTERNAL}:{name}" if name else f"{SCORER_EXTERNAL}:{host}:{pid}"
+
+
+def stage_claim_file(step: int, generation: int) -> str:
+    """``scoring/step_<step:09d>.claim.<generation>``: an external scorer's claim on a stage.
+
+    Created with ``O_CREAT | O_EXCL`` (one creator wins); generation ``g + 1`` takes over a stale
+    generation ``g``. Its mtime is the claim's heartbeat. Body: :func:`claim_record`.
+    """
+    return f"{SCORING}/{stage_dir_name(step)}.claim.{int(generation)}"
+
+
+def parse_stage_claim_name(name: str) -> tuple[int, int] | None:
+    """``(step, generation)`` of a claim file name under ``scoring/``, else ``None``."""
+    m = _CLAIM_RE.fullmatch(name)
+    if not m:
+        return None
+    step = parse_stage_dir_name(m.group(1))
+    return None if step is None else (step, int(m.group(2)))
+
+
+def stage_done_file(step: int) -> str:
+    """``scoring/step_<step:09d>.done.json``: the stage's metrics are in metrics.jsonl (written by
+    every sweep, in any mode, after its records; body: :func:`done_record`). A stage snapshot an
+    external scorer must score is kept until this file exists."""
+    return f"{SCORING}/{stage_dir_name(step)}.done.json"
+
+
+def parse_stage_done_name(name: str) -> int | None:
+    """The step of a ``step_<digits>.done.json`` file name under ``scoring/``, else ``None``."""
+    stem, dot, ext = name.partition(".")
+    return parse_stage_dir_name(stem) if dot and ext == "done.json" else None
+
+
+def claim_record(*, scorer: str, host: str, pid: int, time: float) -> dict[str, Any]:
+    """Body of a claim file."""
+    return {"scorer": scorer, "host": host, "pid": int(pid), "time": time}
+
+
+def done_record(*, step: int, scorer: str, seconds: float, records: int, time: float) -> dict[str, Any]:
+    """Body of a done marker: who scored the stage, how long it took, how many metric records."""
+    return {"step": int(step), "scorer": scorer, "seconds": float(seconds), "records": int(records), "time": time}
+
+
+def stage_states(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Each stage's state from events.jsonl records, by step (the latest attempt wins).
+
+    ``state`` is one of :data:`STAGE_STATES`: ``pending`` (``stage_pending``: frozen or snapshotted,
+    waiting for a scorer), ``scoring`` (``score_start`` without ``score_done`` yet; ``done``/``total``
+    variants from ``score_progress``), ``done`` (``score_done``), ``skipped`` (``score_skipped``),
+    ``failed`` (``score_timeout``: the sweep hung or close() stopped waiting; ``score_failed``: it
+    could not run). Also: ``scorer``,
+    ``mode``, ``seconds`` (of a done sweep), ``done``/``total``, ``attempts`` (``score_start`` seen),
+    ``reason`` (of a skip or failure), ``time`` (of the last event). Unknown or malformed records are
+    ignored; runs written before these events existed show ``scoring``/``done`` only.
+    """
+    out: dict[int, dict[str, Any]] = {}
+    for e in events:
+        if not isinstance(e, dict):
+            continue
+        step, kind = e.get("step"), e.get("type")
+        if isinstance(step, bool) or not isinstance(step, int) or kind not in _STAGE_EVENTS:
+            continue
+        if e.get("synthesized"):  # a sweep of decays synthesised post hoc (search), not of the stage
+            continue
+        st = out.setdefault(step, {"step": step, "state": "pending", "scorer": None, "mode": None,
+                                   "seconds": None, "done": 0, "total": None, "attempts": 0, "reason": None,
+                                   "time": None})
+        st["time"] = _finite(e.get("time"))
+        scorer = e.get("scorer") if isinstance(e.get("scorer"), str) else None
+        if kind == "stage_pending":
+            st.update(state="pending", mode=e.get("mode") if isinstance(e.get("mode"), str) else None)
+        elif kind == "score_start":
+            variants = e.get("variants")
+            st.update(state="scoring", scorer=scorer, done=0, reason=None, seconds=None,
+                      total=len(variants) if isinstance(variants, list) else None, attempts=st["attempts"] + 1)
+        elif kind == "score_progress" and st["state"] == "scoring" and scorer == st["scorer"]:
+            done, total = e.get("done"), e.get("total")
+            if isinstance(done, int) and not isinstance(done, bool):
+                st["done"] = done
+            if isinstance(total, int) and not isinstance(total, bool):
+                st["total"] = total
+        elif kind == "score_done":
+            st.update(state="done", scorer=scorer or st["scorer"], seconds=_finite(e.get("seconds")), reason=None)
+            if st["total"] is not None:
+                st["done"] = st["total"]
+        elif kind == "score_skipped" and st["state"] != "done":
+            st.update(state="skipped", reason=e.get("reason") if isinstance(e.get("reason"), str) else None)
+        elif kind in ("score_timeout", "score_failed") and st["state"] != "done":
+            st.update(state="failed", reason=e.get("reason") if isinstance(e.get("reason"), str) else kind)
+    return out
+
+
+_STAGE_EVENTS = ("stage_pending", "score_start", "score_progress", "score_done", "score_skipped", "score_timeout",
+                 "score_failed")
 
 
 def reference_cache_file(key: str) -> str:
@@ -397,9 +532,10 @@ MAX_REQUEST_BYTES = 64 * 1024
 #: Temp files younger than this in folders other processes write to (:data:`SHARED_DIRS`) are
 #: left alone by the stale-temp cleanup; elsewhere the agent is the only writer and removes all.
 STALE_TEMP_AGE_S = 3600.0
-#: Folders of a run that other processes write to as well: the dashboard (request files) and a
-#: finished-run export (``emascope export`` into ``exports/``).
-SHARED_DIRS = (REQUESTS, EXPORTS)
+#: Folders of a run that other processes write to as well: the dashboard (request files), a
+#: finished-run export (``emascope export`` into ``exports/``) and external scorers (``emascope
+#: score``: done markers and claims in ``scoring/``).
+SHARED_DIRS = (REQUESTS, EXPORTS, SCORING)
 
 
 def run_subdir(run_dir: str | os.PathLike, name: str) -> Path:

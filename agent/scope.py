@@ -26,8 +26,12 @@ Scoring runs on rank 0 alone with the unwrapped module (``ddp.module``): the sam
 in their next collective meanwhile, so a sweep must finish within the process group's timeout).
 Sharded parameters (FSDP2 ``fully_shard``, DTensor) raise ``NotImplementedError``.
 
-Scoring forks the global random generators (``torch.random.fork_rng``) and restores them, so the
-training job's random stream is the same with and without the agent.
+Where sweeps run (``scoring=``): ``"background"`` (default) freezes a copy of the bank at each
+scoring point and scores it on a worker thread (:mod:`emascope.background`); ``"inline"`` scores in
+the step hook (training waits); ``"external"`` only writes the stage snapshot for ``emascope score``
+(:mod:`emascope.external`). An inline sweep forks the global random generators
+(``torch.random.fork_rng``) and restores them; a background sweep never touches them. Either way
+the training job's random stream, the bank and the metrics are the same in every mode.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from torch import nn
 from emascope import features as F
 from emascope import runformat as rf
 from emascope import stage_snapshots as stages
+from emascope.background import BackgroundScorer, choose_copy_placement, freeze_stage, frozen_nbytes
 from emascope.bank import EMABank, unwrap_model
+from emascope.claims import clear_stage, done_steps, mark_done
 from emascope.config import (
     BankConfig,
     Hooks,
@@ -70,7 +76,7 @@ from emascope.rundir import (
     run_dir_state,
     undo_start,
 )
-from emascope.scoring import Scorer, SweepResult, attach_extractor
+from emascope.scoring import Scorer, SweepResult, attach_extractor, cuda_devices
 from emascope.snapshot import check_export_target, export_checkpoint, load_snapshot, save_snapshot
 from emascope.version import __version__
 
@@ -229,6 +235,7 @@ class Scope:
         self._bank_ok, self._skipped_seen = True, 0
         self._housekeeping_at = -float("inf")
         self._hook = None
+        self._background: BackgroundScorer | None = None
         self.t0 = self.start_time = time.time()
         if self.is_writer:
             plan = self._prepare_run(scoring, hooks)  # reads and checks only: nothing written yet
@@ -290,6 +297,9 @@ class Scope:
             self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
                                           on_result=self._export_event, on_notice=self._requests_notice,
                                           synthesize=self._synthesize_for_request)
+            if run.scoring == "background":
+                self._background = BackgroundScorer(self.scorer, self.writer, self.run_dir, policy=run.score_busy,
+                                                    stall_timeout=run.score_timeout, on_result=self._on_result)
             if self.optimizer is not None:
                 self._hook = self.optimizer.register_step_post_hook(self._optimizer_hook)
             self.writer.start_heartbeat()
@@ -326,11 +336,23 @@ class Scope:
             raise RuntimeError("this Scope follows the optimizer through a step hook; do not call step() too")
         self._after_step()
 
-    def score_now(self) -> SweepResult | None:
-        """Score every variant at the current step now (rank 0; ``None`` elsewhere or if closed)."""
+    def score_now(self, *, wait: bool = True) -> SweepResult | None:
+        """Score every variant at the current step now (rank 0; ``None`` elsewhere or if closed).
+
+        Inline: returns the sweep's result. Background: the stage is frozen and queued (never
+        skipped); with ``wait=True`` (default) this waits for it and returns its result (``None`` if
+        it did not finish). External: writes the stage snapshot for ``emascope score``; ``None``.
+        """
         if not self.is_writer or self.closed:
             return None
-        return self._score()
+        return self._score(force=True, wait=wait)
+
+    def wait(self, timeout: float | None = None) -> SweepResult | None:
+        """Wait until no background sweep runs or waits (up to ``timeout`` s; hung sweeps are
+        abandoned after ``score_timeout``) and return :attr:`last_scores`. Immediate when inline."""
+        if self._background is not None:
+            self._background.wait(timeout)
+        return self.last_scores
 
     def export(self, variant: str | float, path: str | os.PathLike | None = None, *,
                dtype: str | torch.dtype | None = None, format: str = "safetensors") -> Path | None:
@@ -411,11 +433,15 @@ class Scope:
             if gone:  # taken on a trajectory the restart abandons: synthesis must not mix them in
                 self.writer.event("snapshot_pruned", step, paths=gone)
 
-    def close(self, *, score: bool | None = None) -> None:
-        """Final score (if due), final snapshot, ``close`` event, heartbeat ``closed``. Idempotent.
+    def close(self, *, score: bool | None = None, wait: bool = True) -> None:
+        """Final score (if due), final snapshot, wait for background sweeps, ``close`` event,
+        heartbeat ``closed``. Idempotent.
 
-        ``score``: run the final sweep (default ``score_at_close``); the context manager passes
-        ``False`` when the training loop raised, so a crash or Ctrl-C does not wait for a sweep.
+        ``score``: run the final sweep (default ``score_at_close``). ``wait``: wait for the running
+        and queued background sweeps (up to ``close_timeout``); ``False`` abandons them at once
+        (recorded; finished sweeps are written already). The context manager passes
+        ``score=False, wait=False`` when the training loop raised, so a crash or Ctrl-C does not
+        wait for a sweep; a Ctrl-C while close() waits stops the waiting the same way, then raises.
         """
         if self.closed:
             return
@@ -428,16 +454,28 @@ class Scope:
         try:
             self._check_skipped()
             final = self.run_cfg.score_at_close if score is None else bool(score)
-            if final and self._last_scored != self._step and self.scorer.active:
-                self._score()
+            wanted = self.scorer.active or self.run_cfg.scoring == "external"
+            if final and self._last_scored != self._step and wanted:
+                self._score(force=True, wait=False)
             if self._last_snapshot != self._step:
                 self._snapshot()
             self.requests.poll(self._step, final=True)
             self.requests.join()
         except Exception as exc:  # noqa: BLE001
             self.writer.error("close", self._step, exc)
+        interrupted = None
+        if self._background is not None:
+            try:  # finished sweeps are already written; this waits for the running and queued ones
+                self._background.close(self.run_cfg.close_timeout if wait else 0.0)
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+                self._background.close(0.0)
+            except Exception as exc:  # noqa: BLE001
+                self.writer.error("close", self._step, exc)
         self.writer.event("close", self._step, seconds_alive=time.time() - self.t0)
         self.writer.stop_heartbeat()
+        if interrupted is not None:
+            raise interrupted
 
     def __enter__(self) -> Scope:
         return self
@@ -450,11 +488,12 @@ class Scope:
 
     def abort(self, exc: BaseException) -> None:
         """Close after the training job failed with ``exc``: an ``error`` event (``where:
-        "training"``), then :meth:`close` without the final sweep (the bank is still snapshotted).
-        What the context manager and the Lightning / HF callbacks do on an exception."""
+        "training"``), then :meth:`close` without the final sweep and without waiting for running
+        background sweeps (the bank is still snapshotted). What the context manager and the
+        Lightning / HF callbacks do on an exception."""
         if self.is_writer and not self.closed:
             self.writer.error("training", self._step, exc, tell=False)
-        self.close(score=False)
+        self.close(score=False, wait=False)
 
     # ------------------------------------------------------------------ per step
 
@@ -484,6 +523,8 @@ class Scope:
                 self._housekeeping_at = now
                 self._check_skipped()
                 self.requests.poll(step)
+                if self._background is not None:
+                    self._background.check()  # abandons a sweep without progress for score_timeout s
         except Exception as exc:  # noqa: BLE001 - never into optimizer.step
             self.writer.error("agent", self._step, exc)
 
@@ -507,15 +548,93 @@ class Scope:
             self._skipped_seen = skipped
             self.writer.event("nonfinite_skip", self._step, count=skipped)
 
-    def _score(self) -> SweepResult:
+    def _score(self, *, force: bool = False, wait: bool = False) -> SweepResult | None:
+        """A scoring point: score inline, freeze for the background worker, or write the stage
+        snapshot for an external scorer (``scoring=``). ``force``: never skipped by ``score_busy``."""
         self._last_scored = self._step
-        self.write_stage_snapshot()
+        mode = self.run_cfg.scoring
+        if mode != "external":  # (an external scorer's stage snapshot is written by _write_stage)
+            self.write_stage_snapshot()  # for post-hoc synthesis (stage_snapshots=, docs/synthesis.md)
+        if mode == "external":
+            self._write_stage()
+            return None
+        if mode == "background" and self._background is not None:
+            try:
+                return self._score_background(force=force, wait=wait)
+            except Exception as exc:  # noqa: BLE001 - e.g. the model cannot be deep-copied
+                self.writer.error("background", self._step, exc)
+                self.writer.event("notice", self._step, where="background", message="background scoring is "
+                                  f"unavailable ({type(exc).__name__}: {exc}); scoring inline from now on")
+                self._background = None
+        return self._score_inline()
+
+    def _score_inline(self) -> SweepResult:
+        step = self._step
         variants = list(self.bank.variants) if self._bank_ok else [rf.RAW]
-        self.last_scores = self.scorer.sweep(self.model, self.bank if self._bank_ok else None, variants,
-                                             self._step)
+        self.last_scores = res = self.scorer.sweep(self.model, self.bank if self._bank_ok else None, variants, step)
+        self.writer._guard("done marker", lambda: mark_done(self.run_dir, step, rf.done_record(
+            step=step, scorer=rf.SCORER_INLINE, seconds=res.seconds, records=sum(map(len, res.scores.values())),
+            time=time.time())))
         if self.scorer.cfg.search_evals > 0 and self._bank_ok:
-            self._search_between(self.last_scores)
-        return self.last_scores
+            self._search_between(res)
+        return res
+
+    def _score_background(self, *, force: bool, wait: bool) -> SweepResult | None:
+        """Freeze the stage in this (training) thread and hand it to the worker."""
+        bg, step = self._background, self._step
+        assert bg is not None
+        if not force and not bg.accepts():
+            self.writer.event("score_skipped", step, reason="busy", policy=bg.policy, scorer=rf.SCORER_BACKGROUND)
+            return None
+        t = time.perf_counter()
+        waited = bg.wait_for_slot() if bg.policy == "wait" else 0.0
+        with torch.random.fork_rng(devices=cuda_devices(self.model)):
+            self.scorer.prepare(self.model, step)  # extractor + reference data: may draw random numbers
+        twin = bg.model_copy(self.model)
+        bank = self.bank if self._bank_ok else None
+        placement = choose_copy_placement(frozen_nbytes(bank), bank.device, requested=self.run_cfg.score_copy) \
+            if bank is not None else "device"
+        frozen = freeze_stage(bank, self.model, step, placement=placement, run_dir=self.run_dir,
+                              run_id=str(self.run_id))
+        blocked = time.perf_counter() - t
+        self.writer.event("stage_pending", step, mode=rf.SCORER_BACKGROUND, copy=placement,
+                          bytes=int(frozen.nbytes), blocked_seconds=blocked, freeze_seconds=frozen.blocked,
+                          waited_seconds=waited)
+        bg.submit(frozen, twin, force_queue=force)
+        if not wait:
+            return None
+        bg.wait()
+        return self.last_scores if self.last_scores is not None and self.last_scores.step == step else None
+
+    def _on_result(self, result: SweepResult) -> None:
+        """Called by the background worker with each finished sweep."""
+        self.last_scores = result
+
+    def _write_stage(self) -> None:
+        """External scoring: write the stage snapshot (``banks/step_<step>.safetensors``) and a
+        ``stage_pending`` event; an external scorer scores it and writes its done marker."""
+        step = self._step
+        if not self._bank_ok:
+            self.writer.event("score_skipped", step, reason="bank_disabled", scorer=rf.SCORER_EXTERNAL)
+            return
+        t = time.perf_counter()
+        rel = rf.stage_snapshot_file(step)
+        try:
+            clear_stage(self.run_dir, step)  # a stage written again (restart from an older checkpoint)
+            nbytes = save_snapshot(self.bank, self.run_dir / rel,
+                                   metadata={"run_id": str(self.run_id), "step": str(step)})
+        except Exception as exc:  # noqa: BLE001 (OSError: full disk, ...)
+            self.writer.error("snapshot", step, exc)
+            return
+        self.writer.event("stage_pending", step, mode=rf.SCORER_EXTERNAL, copy="disk", path=rel,
+                          bytes=int(nbytes), blocked_seconds=time.perf_counter() - t)
+        if self.run_cfg.stage_snapshots != 0:
+            upcoming = (step // self.run_cfg.score_every + 1) * self.run_cfg.score_every \
+                if self.run_cfg.score_every else None
+            try:
+                self._retain_stages((), upcoming)
+            except Exception as exc:  # noqa: BLE001 - never into training
+                self.writer.error("snapshot", step, exc)
 
     # ------------------------------------------------------------------ post-hoc synthesis
 
@@ -539,10 +658,23 @@ class Scope:
         upcoming = None
         if run.score_every:
             upcoming = (self._step // run.score_every + 1) * run.score_every
-        gone = stages.retain(self.run_dir, run.stage_snapshots, protected=protected, upcoming=upcoming)
+        self._retain_stages(protected, upcoming)
+        return rel
+
+    def _retain_stages(self, protected: tuple[int, ...] = (), upcoming: int | None = None) -> None:
+        """Apply the stage snapshot retention policy, never deleting a stage snapshot still in use:
+        one an external scorer has not scored yet (no done marker), or one the background worker
+        reads (a ``"disk"`` copy, running or queued)."""
+        run = self.run_cfg
+        keep = set(protected)
+        if run.scoring == "external":
+            done = done_steps(self.run_dir)
+            keep |= {s for s in stages.stage_steps(self.run_dir) if s not in done}
+        if self._background is not None:
+            keep |= self._background.steps_in_use()
+        gone = stages.retain(self.run_dir, run.stage_snapshots, protected=tuple(sorted(keep)), upcoming=upcoming)
         if gone:
             self.writer.event("snapshot_pruned", self._step, paths=gone)
-        return rel
 
     def _lead_in_snapshot(self, stage: int) -> None:
         run = self.run_cfg

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from torch import nn
 
 from emascope import metrics as M
 from emascope import runformat as rf
+from emascope.batched import BatchedSamplingUnsupported, sample_stacked, stack_weights
 from emascope.config import Hooks, ScoringConfig
 from emascope.features import (
     Features,
@@ -63,11 +66,20 @@ class Reference:
     stats: dict[str, Any]
     radii: torch.Tensor
     nearest_k: int
+    kid_plans: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, features: Features, nearest_k: int = 5) -> Reference:
         return cls(features, M.frechet_statistics(features.features),
                    M.knn_radii(features.features, nearest_k), nearest_k)
+
+    def kid_plan(self, n_gen: int, cfg: ScoringConfig, device: torch.device | str | None) -> Any:
+        """The reference side of KID for ``n_gen`` samples (built once, shared by every variant)."""
+        key = (n_gen, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed, str(device))
+        if key not in self.kid_plans:
+            self.kid_plans[key] = M.kid_plan(self.features.features, n_gen, subset_size=cfg.kid_subset_size,
+                                             subsets=cfg.kid_subsets, seed=cfg.seed, device=device)
+        return self.kid_plans[key]
 
 
 @dataclass
@@ -82,6 +94,9 @@ class SweepResult:
     num_samples: int = 0             # most samples drawn for one variant in this sweep
     kid_subset_size: int | None = None
     sample_kind: str | None = None
+    seconds: float = 0.0             # wall time of the sweep
+    batched: bool = False            # samples drawn for all variants at once (emascope.batched)
+    batched_failed: bool = False     # batched sampling was tried and fell back to one variant at a time
     notes: list[str] = field(default_factory=list)  # conversions of the samples (check_samples)
 
 
@@ -153,9 +168,75 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
     return [min(batch_size, num_samples - i) for i in range(0, num_samples, batch_size)]
 
 
+class _Collector:
+    """What :func:`draw_and_extract` keeps of one variant's sample batches: the preview head,
+    the features (extracted batch by batch), and, with ``keep_all``, every sample."""
+
+    def __init__(self, cfg: ScoringConfig, extractor: Callable[[torch.Tensor], Features] | None,
+                 keep_all: bool) -> None:
+        self.cfg, self.extractor, self.keep_all = cfg, extractor, keep_all
+        self.keep = -1  # samples kept for the preview: decided from the first batch's kind
+        self.head: list[torch.Tensor] = []
+        self.everything: list[torch.Tensor] = []
+        self.feats: list[Features] = []
+        self.kept = self.drawn = 0
+        self.error: StageError | None = None
+
+    def add(self, out: torch.Tensor, timings: dict[str, float]) -> None:
+        """Take one batch (already checked and on the CPU)."""
+        self.drawn += len(out)
+        if self.keep_all:
+            self.everything.append(out)
+        if self.keep < 0:
+            try:
+                self.keep = self.cfg.preview if sample_kind(out) == "images" else self.cfg.preview_points
+            except ValueError:
+                self.keep = 0  # a custom sample type: no preview
+        if self.kept < self.keep:
+            self.head.append(out[: self.keep - self.kept])
+            self.kept += len(self.head[-1])
+        if self.extractor is not None:
+            t = time.perf_counter()
+            try:
+                self.feats.append(self.extractor(out))
+            except Exception as exc:  # noqa: BLE001
+                self.error, self.extractor, self.feats = StageError("features", exc), None, []
+            finally:
+                timings["features"] += time.perf_counter() - t
+
+    @property
+    def wants_more(self) -> bool:
+        """False once nothing more would be kept: no features wanted, no keep_all, head full."""
+        return self.extractor is not None or self.keep_all or self.kept < self.keep
+
+    def result(self) -> Drawn:
+        features = None
+        if self.feats:
+            logits = [f.logits for f in self.feats]
+            features = Features(torch.cat([f.features for f in self.feats]),
+                                torch.cat(logits) if all(x is not None for x in logits) else None)  # type: ignore[arg-type]
+        # the only place all samples are concatenated: only when a sample_metrics hook asked for them
+        samples = torch.cat(self.everything) if self.keep_all else None
+        return Drawn(torch.cat(self.head) if self.head else None, features, self.error, self.drawn, samples)
+
+
+def _checked(out: Any, n: int, notes: list[str] | None = None) -> torch.Tensor:
+    """One sampler batch as a CPU tensor of ``n`` samples; ``ValueError`` for anything else and for
+    NaN/Inf samples (:func:`emascope.features.check_samples`), whose conversion notes go to ``notes``."""
+    if not torch.is_tensor(out) or out.dim() < 1 or len(out) != n:
+        raise ValueError(f"sampler must return a tensor with {n} samples on dim 0, got "
+                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+    out = out.detach().cpu()
+    note = check_samples(out)  # ValueError: NaN/Inf samples are not scored
+    if note is not None and notes is not None and note not in notes:
+        notes.append(note)
+    return out
+
+
 def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
                      timings: dict[str, float], *, keep_all: bool = False,
+                     on_batch: Callable[[], None] | None = None,
                      notes: list[str] | None = None) -> Drawn:
     """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size``, batch ``b`` from a generator
     (on the model's device) seeded with :func:`batch_seed` ``(cfg.seed, b)``, and turn each batch into
@@ -168,74 +249,92 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
     ``head``, ``features`` and ``samples`` ``None``; an extractor error keeps the head (for the
     preview) and ``samples`` and stops extracting. Without an extractor and without ``keep_all``,
     drawing stops once the head is full (nothing else would use the samples).
-    ``timings["sampling"|"features"]`` are increased. Samples holding NaN/Inf are a sampler error
-    (:func:`emascope.features.check_samples`); what is converted (integer points) is added to ``notes``.
+    ``timings["sampling"|"features"]`` are increased; ``on_batch()`` is called after each batch.
+    Samples holding NaN/Inf are a sampler error (:func:`emascope.features.check_samples`); what
+    is converted (integer points) is added to ``notes``.
     """
     device = model_device(model)
-    keep = -1  # samples kept for the preview: decided from the first batch's kind
-    head: list[torch.Tensor] = []
-    everything: list[torch.Tensor] = []
-    feats: list[Features] = []
-    kept, remaining, error = 0, cfg.num_samples, None
+    col = _Collector(cfg, extractor, keep_all)
     for b, n in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
         t = time.perf_counter()
         try:
-            out = sampler(model, n, gen)
-            if not torch.is_tensor(out) or out.dim() < 1 or len(out) != n:
-                raise ValueError(f"sampler must return a tensor with {n} samples on dim 0, got "
-                                 f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
-            out = out.detach().cpu()
-            note = check_samples(out)  # ValueError: NaN/Inf samples are not scored
-            if note is not None and notes is not None and note not in notes:
-                notes.append(note)
+            out = _checked(sampler(model, n, gen), n, notes)
         except Exception as exc:  # noqa: BLE001
-            return Drawn(None, None, StageError("sampler", exc), cfg.num_samples - remaining, None)
+            return Drawn(None, None, StageError("sampler", exc), col.drawn, None)
         finally:
             timings["sampling"] += time.perf_counter() - t
-        remaining -= n
-        if keep_all:
-            everything.append(out)
-        if keep < 0:
-            try:
-                keep = cfg.preview if sample_kind(out) == "images" else cfg.preview_points
-            except ValueError:
-                keep = 0  # a custom sample type: no preview
-        if kept < keep:
-            head.append(out[: keep - kept])
-            kept += len(head[-1])
-        if extractor is not None:
-            t = time.perf_counter()
-            try:
-                feats.append(extractor(out))
-            except Exception as exc:  # noqa: BLE001
-                error, extractor, feats = StageError("features", exc), None, []
-            finally:
-                timings["features"] += time.perf_counter() - t
-        if extractor is None and not keep_all and kept >= keep:
-            break  # nothing more to keep: the preview head is full and no features are wanted
-    features = None
-    if feats:
-        logits = [f.logits for f in feats]
-        features = Features(torch.cat([f.features for f in feats]),
-                            torch.cat(logits) if all(x is not None for x in logits) else None)  # type: ignore[arg-type]
-    # the only place all samples are concatenated: only when a sample_metrics hook asked for them
-    samples = torch.cat(everything) if keep_all else None
-    return Drawn(torch.cat(head) if head else None, features, error, cfg.num_samples - remaining, samples)
+        col.add(out, timings)
+        if on_batch is not None:
+            on_batch()
+        if not col.wants_more:
+            break
+    return col.result()
 
 
-def feature_metric_jobs(feats: Features, ref: Reference, cfg: ScoringConfig,
-                        fd_name: str) -> list[tuple[str, Callable[[], dict[str, float]]]]:
-    """The metric groups to compute for one variant, as ``(name, thunk)`` pairs."""
+def draw_variants_batched(model: nn.Module, bank: Any, variants: list[str], sampler: Sampler,
+                          cfg: ScoringConfig, extractor: Callable[[torch.Tensor], Features] | None,
+                          timings: dict[str, float], *, keep_all: bool = False,
+                          on_batch: Callable[[], None] | None = None,
+                          notes: list[str] | None = None) -> dict[str, Drawn]:
+    """:func:`draw_and_extract` for every variant at once: each batch ``b`` is drawn for all
+    variants in one vmapped sampler call (:mod:`emascope.batched`) from one generator seeded with
+    ``batch_seed(cfg.seed, b)``, whose draws all variants share. Same samples, same features, same
+    previews as drawing one variant at a time. Raises if the sampler cannot be batched (the caller
+    falls back); extractor errors and refused samples (NaN/Inf) are kept per variant as in
+    :func:`draw_and_extract`.
+    """
+    device = model_device(model)
+    t = time.perf_counter()
+    weights = stack_weights(model, [functools.partial(bank.materialize, v) for v in variants])
+    timings["sampling"] += time.perf_counter() - t
+    cols = [_Collector(cfg, extractor, keep_all) for _ in variants]
+    failed: dict[int, Drawn] = {}  # variants whose samples were refused, as draw_and_extract returns them
+    for b, n in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
+        gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
+        t = time.perf_counter()
+        try:
+            out = sample_stacked(model, weights, sampler, n, gen)
+            if out.dim() < 2 or out.shape[0] != len(variants):
+                raise BatchedSamplingUnsupported(f"batched sampler output has shape {tuple(out.shape)}")
+            outs: list[torch.Tensor | None] = []
+            for i, o in enumerate(out.unbind(0)):
+                if i in failed:
+                    outs.append(None)
+                    continue
+                try:  # a variant's bad samples (NaN/Inf) fail that variant only, as one at a time
+                    outs.append(_checked(o, n, notes))
+                except ValueError as exc:
+                    failed[i] = Drawn(None, None, StageError("sampler", exc), cols[i].drawn, None)
+                    outs.append(None)
+        finally:
+            timings["sampling"] += time.perf_counter() - t
+        for col, o in zip(cols, outs, strict=True):
+            if o is not None:
+                col.add(o, timings)
+        if on_batch is not None:
+            on_batch()
+        if not any(c.wants_more for i, c in enumerate(cols) if i not in failed):
+            break
+    return {v: failed[i] if i in failed else c.result() for i, (v, c) in enumerate(zip(variants, cols, strict=True))}
+
+
+def feature_metric_jobs(feats: Features, ref: Reference, cfg: ScoringConfig, fd_name: str,
+                        kid_device: torch.device | str | None = None
+                        ) -> list[tuple[str, Callable[[], dict[str, float]]]]:
+    """The metric groups to compute for one variant, as ``(name, thunk)`` pairs. KID runs with
+    torch on ``kid_device`` (the feature device) and shares the reference side between variants."""
     gen, real = feats.features, ref.features.features
 
     def fd() -> dict[str, float]:
         return {fd_name: M.frechet_distance_from_statistics(M.frechet_statistics(gen), ref.stats)}
 
+    def kid() -> dict[str, float]:
+        return M.kid(gen, real, plan=ref.kid_plan(len(gen), cfg, kid_device))
+
     jobs: list[tuple[str, Callable[[], dict[str, float]]]] = [
         (fd_name, fd),
-        ("kid", lambda: M.kid(gen, real, subset_size=cfg.kid_subset_size, subsets=cfg.kid_subsets,
-                              seed=cfg.seed)),
+        ("kid", kid),
         ("prc", lambda: M.precision_recall(gen, real, neighborhood=cfg.prc_neighborhood)),
         ("density_coverage", lambda: M.density_coverage(gen, real, k=ref.nearest_k, ref_radii=ref.radii)),
     ]
@@ -250,7 +349,9 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
               extractor: Callable[[torch.Tensor], Features] | None = None,
               reference: Reference | None = None, evaluate: Evaluate | None = None,
               sample_metrics: SampleMetrics | None = None, fd_name: str = "fid",
-              prior_errors: int = 0) -> SweepResult:
+              scorer: str = rf.SCORER_INLINE, batched: bool = False,
+              kid_device: torch.device | str | None = None,
+              on_progress: Callable[[], None] | None = None, prior_errors: int = 0) -> SweepResult:
     """Score every variant; write metrics/previews/events through ``writer``. Never raises.
 
     ``model`` is the unwrapped module the bank was built on. Generative metrics need
@@ -258,49 +359,82 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
     each variant's weights loaded (eval mode, ``torch.no_grad``). ``sample_metrics(samples) ->
     {name: value}`` (needs ``sampler``) is called once per variant with all ``num_samples``
     samples the sampler drew for it, on CPU (the same samples the features and the preview come
-    from); they are kept in memory for it (``num_samples`` x one sample's size). ``prior_errors``:
-    failures of this sweep that happened before it (building the reference), counted in ``errors``.
+    from); they are kept in memory for it (``num_samples`` x one sample's size).
+
+    ``scorer`` names who runs the sweep in its events (:func:`emascope.runformat.scorer_name`).
+    ``batched``: draw all variants in one vmapped sampler call per batch (:mod:`emascope.batched`);
+    if that raises, a ``notice`` event says so, ``result.batched_failed`` is set and the variants
+    are drawn one at a time. ``on_progress()`` is called after every sample batch, variant and
+    metric group (a liveness signal for watchdogs). ``prior_errors``: failures of this sweep that
+    happened before it (building the reference), counted in ``errors``.
     """
     res = SweepResult(step=step, errors=int(prior_errors))  # e.g. the reference failed just before
+    tick = on_progress or (lambda: None)
     t_start = time.perf_counter()
-    writer.event("score_start", step, variants=list(variants))
-    for variant in variants:
+    writer.event("score_start", step, variants=list(variants), scorer=scorer)
+    drawn: dict[str, Drawn] = {}
+    if batched and sampler is not None and bank is not None and len(variants) > 1:
+        try:
+            with preserved_training_flags(model), torch.no_grad():
+                model.eval()
+                drawn = draw_variants_batched(model, bank, list(variants), sampler, cfg,
+                                              extractor if reference is not None else None, res.timings,
+                                              keep_all=sample_metrics is not None, on_batch=tick,
+                                              notes=res.notes)
+            res.batched = True
+        except Exception as exc:  # noqa: BLE001 - fall back to one variant at a time
+            drawn, res.batched_failed = {}, True
+            writer.event("notice", step, where="batched_sampling", scorer=scorer,
+                         message=f"batched sampling failed, drawing one variant at a time: "
+                                 f"{type(exc).__name__}: {exc}")
+    for i, variant in enumerate(variants):
         res.scores[variant] = {}
         try:
             _score_variant(model, bank, variant, res, writer, cfg, sampler, extractor, reference,
-                           evaluate, sample_metrics, fd_name)
+                           evaluate, sample_metrics, fd_name, drawn.pop(variant, None), kid_device, tick)
         except Exception as exc:  # noqa: BLE001 - e.g. swap itself failed
             res.errors += 1
             writer.error("swap", step, exc, variant=variant)
-    writer.event("score_done", step, seconds=time.perf_counter() - t_start, timings=dict(res.timings),
-                 num_samples=res.num_samples, errors=res.errors)
+        tick()
+        writer.event("score_progress", step, scorer=scorer, variant=variant, done=i + 1, total=len(variants))
+    res.seconds = time.perf_counter() - t_start
+    writer.event("score_done", step, seconds=res.seconds, timings=dict(res.timings),
+                 num_samples=res.num_samples, errors=res.errors, scorer=scorer)
     return res
 
 
 def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, writer: RunWriter,
                    cfg: ScoringConfig, sampler: Sampler | None,
                    extractor: Callable[[torch.Tensor], Features] | None, reference: Reference | None,
-                   evaluate: Evaluate | None, sample_metrics: SampleMetrics | None, fd_name: str) -> None:
+                   evaluate: Evaluate | None, sample_metrics: SampleMetrics | None, fd_name: str,
+                   drawn: Drawn | None = None, kid_device: torch.device | str | None = None,
+                   tick: Callable[[], None] = lambda: None) -> None:
     step = res.step
     samples: torch.Tensor | None = None
     every: torch.Tensor | None = None
     feats: Features | None = None
     user: dict[str, Any] = {}
-    # "raw" goes through swap too: its backup/restore undoes a sampler or evaluate that writes to
-    # the weights in place (the live weights leave the sweep bit-identical whatever happens)
-    swap = bank.swap(model, variant) if bank is not None else restored_state(model)
+    if (sampler is not None and drawn is None) or evaluate is not None:
+        # "raw" goes through swap too: its backup/restore undoes a sampler or evaluate that writes to
+        # the weights in place (the live weights leave the sweep bit-identical whatever happens)
+        swap = bank.swap(model, variant) if bank is not None else restored_state(model)
+    else:
+        swap = contextlib.nullcontext(model)  # samples drawn already (batched) and no evaluate
     with preserved_training_flags(model), swap, torch.no_grad():
         model.eval()
         if sampler is not None:
-            samples, feats, err, drawn, every = draw_and_extract(
-                model, sampler, cfg, extractor if reference is not None else None, res.timings,
-                keep_all=sample_metrics is not None, notes=res.notes)
-            res.num_samples = max(res.num_samples, drawn)
+            if drawn is None:
+                drawn = draw_and_extract(model, sampler, cfg, extractor if reference is not None else None,
+                                         res.timings, keep_all=sample_metrics is not None, on_batch=tick,
+                                         notes=res.notes)
+            samples, feats, err, n_drawn, every = drawn
+            res.num_samples = max(res.num_samples, n_drawn)
             if err is not None:
                 res.errors += 1
                 writer.error(err.where, step, err.exc, variant=variant)
         if evaluate is not None:
             user.update(_user_hook("evaluate", evaluate, model, res, writer, variant, "user_metrics"))
+    drawn = None
     if every is not None and sample_metrics is not None:
         with torch.no_grad():
             user.update(_user_hook("sample_metrics", sample_metrics, every, res, writer, variant,
@@ -320,13 +454,15 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
         writer.error("features", step, exc, variant=variant)
         return
     t = time.perf_counter()
-    for group, job in feature_metric_jobs(feats, reference, cfg, fd_name):
+    for group, job in feature_metric_jobs(feats, reference, cfg, fd_name, kid_device):
         try:
             values = job()
         except Exception as exc:  # noqa: BLE001
             res.errors += 1
             writer.error(f"metric:{group}", step, exc, variant=variant)
             continue
+        finally:
+            tick()
         if group == "kid":
             res.kid_subset_size = int(values.pop("kid_subset_size"))
         for name, value in values.items():
@@ -399,7 +535,10 @@ class Scorer:
         self.extractor: Any = extractor  # built at attach (attach_extractor), else at the first sweep
         self._reference_failed = False
         self.reference_errors = 0  # counted into the errors of the sweep that hit them
+        self._pending: _PendingReference | None = None
         self._kid_noted = False
+        self._batched_ok = True
+        self._lock = threading.Lock()
         self._noted: set[str] = set()
 
     @property
@@ -424,67 +563,109 @@ class Scorer:
             return "fd"
         return "fid" if self.extractor_label().startswith("inception") else "fd"
 
-    def sweep(self, model: nn.Module, bank: Any, variants: list[str], step: int, *,
-              synthesized: dict[str, Any] | None = None) -> SweepResult:
-        """Score ``variants`` at ``step`` (see :func:`run_sweep`). The training job's global random
-        streams are forked and restored, so they are the same with and without the sweep.
-
-        ``synthesized``: the variants are decays synthesised post hoc (``bank`` swaps their state
-        dicts in); every metrics record gets this ``synthesized`` object (docs/synthesis.md)."""
-        writer = self.writer if synthesized is None else _MarkedWriter(self.writer, synthesized)
-        with torch.random.fork_rng(devices=cuda_devices(model)):
-            reference = self._prepare_reference(model, step) if self.hooks.sampler is not None else None
-            result = run_sweep(model=model, bank=bank, variants=variants, step=step, writer=writer,
-                               cfg=self.cfg, sampler=self.hooks.sampler, extractor=self.extractor,
-                               reference=reference, evaluate=self.hooks.evaluate,
-                               sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name(),
-                               prior_errors=self.reference_errors)
-        self.reference_errors = 0
-        self._note(result, reference, step)
-        return result
-
-    def _note(self, result: SweepResult, reference: Reference | None, step: int) -> None:
-        for note in result.notes:
-            self._notice_once("samples", note, step)
-        if result.kid_subset_size is not None and not self._kid_noted:
-            self._kid_noted = True
-            n_ref = len(reference.features.features) if reference is not None else None
-            self.writer.event("notice", step, where="metric:kid", kid_subset_size=result.kid_subset_size,
-                              message=f"KID subset size {result.kid_subset_size} "
-                                      f"(num_samples={self.cfg.num_samples}, num_reference={n_ref})")
-        changed = False
-        if result.sample_kind and result.sample_kind != self.sample_kind:
-            self.sample_kind, changed = result.sample_kind, True
-        seen = {m for scores in result.scores.values() for m in scores}
-        for m in sorted(seen - set(self.metric_directions)):
-            direction = self.user_directions.get(m, M.METRIC_DIRECTIONS.get(m))
-            if direction is None:
-                self.writer.event("notice", step, where="evaluate", message=f"metric {m!r} has no declared "
-                                  "direction (pass metric_directions={...}); it is shown but never ranked")
-            self.metric_directions[m] = direction
-            changed = True
-        if changed:
-            self.on_info_change()
-
-    def _notice_once(self, where: str, message: str, step: int) -> None:
-        if message not in self._noted:
-            self._noted.add(message)
-            self.writer.event("notice", step, where=where, message=message)
-
-    def _prepare_reference(self, model: nn.Module, step: int) -> Reference | None:
-        if self.reference is not None or self._reference_failed or self.hooks.reference is None:
-            return self.reference
+    def prepare(self, model: nn.Module, step: int) -> None:
+        """The part of the reference set-up that may draw from the global random generators: build
+        the feature extractor (module initialisation) and read the reference data (a dataset's
+        transforms) when the feature cache misses. An inline sweep does it inside its forked
+        generators; a background sweep's caller runs it in the training thread, under
+        ``torch.random.fork_rng``, so the worker thread never touches the training job's random
+        stream. Idempotent; failures are an ``error`` event (``where: "reference"``)."""
+        if (self.hooks.sampler is None or self.hooks.reference is None or self.reference is not None
+                or self._reference_failed or self._pending is not None):
+            return
         try:
-            self.reference = self._build_reference(model, step)
+            self._pending = self._start_reference(model)
         except Exception as exc:  # noqa: BLE001
             self._reference_failed = True
             self.reference_errors += 1
             self.writer.error("reference", step, exc)
+
+    def sweep(self, model: nn.Module, bank: Any, variants: list[str], step: int, *,
+              writer: Any = None, scorer: str = rf.SCORER_INLINE, isolate_rng: bool = True,
+              on_progress: Callable[[], None] | None = None,
+              synthesized: dict[str, Any] | None = None) -> SweepResult:
+        """Score ``variants`` at ``step`` (see :func:`run_sweep`).
+
+        ``isolate_rng=True`` (inline): the global random streams are forked and restored, so the
+        training job's stream is the same with and without the sweep. A sweep on another thread
+        must not fork them (that would rewind the training thread's draws): it passes ``False``
+        after :meth:`prepare` ran in the training thread. ``writer``: where this sweep writes
+        (default the run's writer; background and external sweeps pass a
+        :class:`emascope.rundir.StageWriter`). ``scorer``: named in the sweep's events.
+        ``synthesized``: the variants are decays synthesised post hoc (``bank`` swaps their state
+        dicts in); every metrics record gets this ``synthesized`` object (docs/synthesis.md).
+        """
+        writer = writer if writer is not None else self.writer
+        if synthesized is not None:
+            writer = _MarkedWriter(writer, synthesized)
+        rng = torch.random.fork_rng(devices=cuda_devices(model)) if isolate_rng else contextlib.nullcontext()
+        with rng:
+            reference = self._prepare_reference(model, step, writer) if self.hooks.sampler is not None else None
+            result = run_sweep(model=model, bank=bank, variants=variants, step=step, writer=writer,
+                               cfg=self.cfg, sampler=self.hooks.sampler, extractor=self.extractor,
+                               reference=reference, evaluate=self.hooks.evaluate,
+                               sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name(),
+                               scorer=scorer, batched=self.cfg.batched_sampling and self._batched_ok,
+                               kid_device=self.feature_device(model), on_progress=on_progress,
+                               prior_errors=self.reference_errors)
+        self.reference_errors = 0
+        if result.batched_failed:
+            self._batched_ok = False  # recorded once: later sweeps draw one variant at a time
+        self._note(result, reference, step, writer)
+        return result
+
+    def feature_device(self, model: nn.Module) -> torch.device:
+        """Where features (and KID) are computed: ``feature_device``, else the model's device."""
+        return torch.device(self.cfg.feature_device) if self.cfg.feature_device else model_device(model)
+
+    def _note(self, result: SweepResult, reference: Reference | None, step: int, writer: Any) -> None:
+        changed = False
+        for note in result.notes:
+            self._notice_once("samples", note, step, writer)
+        with self._lock:
+            if result.kid_subset_size is not None and not self._kid_noted:
+                self._kid_noted = True
+                n_ref = len(reference.features.features) if reference is not None else None
+                writer.event("notice", step, where="metric:kid", kid_subset_size=result.kid_subset_size,
+                             message=f"KID subset size {result.kid_subset_size} "
+                                     f"(num_samples={self.cfg.num_samples}, num_reference={n_ref})")
+            if result.sample_kind and result.sample_kind != self.sample_kind:
+                self.sample_kind, changed = result.sample_kind, True
+            seen = {m for scores in result.scores.values() for m in scores}
+            for m in sorted(seen - set(self.metric_directions)):
+                direction = self.user_directions.get(m, M.METRIC_DIRECTIONS.get(m))
+                if direction is None:
+                    writer.event("notice", step, where="evaluate", message=f"metric {m!r} has no declared "
+                                 "direction (pass metric_directions={...}); it is shown but never ranked")
+                self.metric_directions[m] = direction
+                changed = True
+        if changed:
+            self.on_info_change()
+
+    def _notice_once(self, where: str, message: str, step: int, writer: Any) -> None:
+        """A ``notice`` event, once per message for the life of this scorer."""
+        with self._lock:
+            if message in self._noted:
+                return
+            self._noted.add(message)
+        writer.event("notice", step, where=where, message=message)
+
+    def _prepare_reference(self, model: nn.Module, step: int, writer: Any) -> Reference | None:
+        self.prepare(model, step)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                self.reference = self._finish_reference(pending, step, writer)
+            except Exception as exc:  # noqa: BLE001
+                self._reference_failed = True
+                self.reference_errors += 1
+                writer.error("reference", step, exc)
         return self.reference
 
-    def _build_reference(self, model: nn.Module, step: int) -> Reference:
+    def _start_reference(self, model: nn.Module) -> _PendingReference:
+        """Build the extractor; read the cached reference features, or the reference data to extract."""
         ref, cfg = self.hooks.reference, self.cfg
-        device = cfg.feature_device if cfg.feature_device is not None else model_device(model)
+        device = self.feature_device(model)
         if isinstance(ref, Features):
             if self.extractor is None:
                 self.extractor = make_extractor(cfg.feature_extractor, self.sample_kind or "points",
@@ -492,11 +673,9 @@ class Scorer:
                                                 batch_size=cfg.feature_batch_size,
                                                 image_range=resolve_image_range(cfg.image_range, None))
             check_finite_features(ref, "reference features")
-            return Reference.build(ref, cfg.nearest_k)
+            return _PendingReference(features=ref)
         data = reference_tensor(ref, cfg.reference_size)
         note = check_samples(data, "reference samples")  # ValueError: NaN/Inf in the reference
-        if note is not None:
-            self._notice_once("reference", note, step)
         kind = sample_kind(data) if torch.is_tensor(data) else None
         image_range = resolve_image_range(cfg.image_range, data if kind == "images" else None)
         self.cfg = cfg = dataclasses.replace(cfg, image_range=image_range)
@@ -509,21 +688,40 @@ class Scorer:
             self.extractor.image_range = image_range
         key = cache_key(self.extractor.name, self.extractor.weights_hash,
                         reference_identity(ref, cfg.reference_size))
-        cache = self.run_dir / rf.reference_cache_file(key)
-        feats = load_cached(cache)
-        hit = feats is not None
+        return _PendingReference(features=load_cached(self.run_dir / rf.reference_cache_file(key)), data=data,
+                                 key=key, kind=kind, note=note)
+
+    def _finish_reference(self, p: _PendingReference, step: int, writer: Any) -> Reference:
+        """Extract the reference features on a cache miss (deterministic compute), cache them, build."""
+        if p.key is None:  # precomputed features handed to attach
+            return Reference.build(p.features, self.cfg.nearest_k)
+        feats, hit = p.features, p.features is not None
         t = time.perf_counter()
         if feats is None:
-            feats = self.extractor(data)
+            feats = self.extractor(p.data)
             check_finite_features(feats, "reference features")  # NaN/Inf features are never cached
-            self.writer._guard("reference cache", lambda: save_cached(cache, feats))
+            cache = self.run_dir / rf.reference_cache_file(p.key)
+            writer._guard("reference cache", lambda: save_cached(cache, feats))
         else:
             check_finite_features(feats, "reference features")
-        self.writer.event("reference", step, key=key, cached=hit, num=len(feats.features),
-                          seconds=time.perf_counter() - t)
-        if kind == "points" and not (self.run_dir / rf.REFERENCE_POINTS).exists():
-            self.writer.save_points(rf.REFERENCE_POINTS, data[: cfg.preview_points].float().numpy())
-        return Reference.build(feats, cfg.nearest_k)
+        if p.note is not None:
+            self._notice_once("reference", p.note, step, writer)
+        writer.event("reference", step, key=p.key, cached=hit, num=len(feats.features),
+                     seconds=time.perf_counter() - t)
+        if p.kind == "points" and not (self.run_dir / rf.REFERENCE_POINTS).exists():
+            writer.save_points(rf.REFERENCE_POINTS, p.data[: self.cfg.preview_points].float().numpy())
+        return Reference.build(feats, self.cfg.nearest_k)
+
+
+@dataclass
+class _PendingReference:
+    """The reference between :meth:`Scorer.prepare` and the features: cached features, or the data."""
+
+    features: Features | None
+    data: Any = None
+    key: str | None = None
+    kind: str | None = None
+    note: str | None = None  # what check_samples converted in the reference data
 
 
 class _MarkedWriter:
@@ -536,7 +734,7 @@ class _MarkedWriter:
         self._writer.metric(step, variant, metric, value, synthesized=self._synthesized)
 
     def event(self, type: str, step: int, **fields: Any) -> None:
-        if type in ("score_start", "score_done"):  # not a sweep of the bank: readers can tell them apart
+        if type in ("score_start", "score_progress", "score_done"):  # not a sweep of the bank: marked apart
             fields["synthesized"] = True
         self._writer.event(type, step, **fields)
 

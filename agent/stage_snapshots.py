@@ -161,6 +161,11 @@ def thin(steps: Sequence[int], keep: int, protected: Iterable[int] = ()) -> list
     return kept
 
 
+def stage_steps(run_dir: str | os.PathLike) -> list[int]:
+    """The steps of the stage snapshots under ``banks/`` (sorted)."""
+    return sorted(_listing(Path(run_dir))[0])
+
+
 def retain(run_dir: str | os.PathLike, keep: int | None, *, protected: Iterable[int] = (),
            upcoming: int | None = None) -> list[str]:
     """Apply the retention policy to ``banks/``: keep at most ``keep`` stage snapshots (``None``: all)

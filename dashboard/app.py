@@ -178,6 +178,46 @@ def status_panel(run: RunData) -> None:
             )
 
 
+STAGE_ICONS = {"pending": "⏳", "scoring": "🔄", "done": "✅", "skipped": "⏭️", "failed": "❌"}
+
+
+def stage_label(st: dict) -> str:
+    """One stage as text: state, progress while scoring, who scored it, the reason of a skip/failure."""
+    state = st["state"]
+    text = state
+    if state == "scoring" and st.get("total"):
+        text += f" {st.get('done') or 0}/{st['total']}"
+    if st.get("scorer"):
+        text += f" · {st['scorer']}"
+    if state == "done" and isinstance(st.get("seconds"), (int, float)):
+        text += f" · {st['seconds']:.1f} s"
+    if st.get("reason") and state in ("skipped", "failed"):
+        text += f" · {st['reason']}"
+    return text
+
+
+def stages_panel(run: RunData) -> None:
+    """Scoring stages: counts by state, the ones not done yet, and a table of all of them."""
+    stages = run.stages()
+    if not stages:
+        return
+    counts = {s: sum(1 for x in stages if x["state"] == s) for s in rf.STAGE_STATES}
+    open_ = [x for x in stages if x["state"] in ("pending", "scoring")]
+    summary = " · ".join(f"{STAGE_ICONS[s]} {n} {s}" for s, n in counts.items() if n)
+    if open_:
+        summary += " — " + ", ".join(
+            f"step {ranking.format_step(x['step'])}: {stage_label(x)}" for x in open_[-3:])
+    st.caption(f"Stages: {summary}")
+    with st.expander(f"Scoring stages ({len(stages)})"):
+        st.dataframe(
+            [{"step": s["step"], "state": f"{STAGE_ICONS[s['state']]} {s['state']}",
+              "progress": (f"{s.get('done') or 0}/{s['total']}" if s.get("total") else ""),
+              "scorer": s.get("scorer") or "", "seconds": s.get("seconds"), "attempts": s.get("attempts"),
+              "note": s.get("reason") or ""} for s in stages[-500:]],
+            width="stretch", hide_index=True,
+        )
+
+
 def samples_view(run: RunData, stage: int | None) -> None:
     stages = sample_stages(run.path)
     if not stages or run.sample_kind is None:
@@ -464,6 +504,7 @@ def main() -> None:
     )
     if metric is None:
         status_panel(run)
+        stages_panel(run)
         st.info("No scores yet: the first scoring sweep has not finished. This page updates live.")
         return
     direction = run.directions.get(metric)
@@ -472,6 +513,7 @@ def main() -> None:
         rec.text, icon="⚠️" if rec.level == "warning" else "🎯"
     )
     status_panel(run)
+    stages_panel(run)
     tabs = st.tabs(
         [
             "Metric vs decay",

@@ -308,6 +308,12 @@ class RunData:
     def events_of(self, *types: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("type") in types]
 
+    def stages(self) -> list[dict[str, Any]]:
+        """Every scoring stage's state, by step: ``pending``, ``scoring`` (``done``/``total``
+        variants), ``done``, ``skipped`` or ``failed``, and the ``scorer`` that took it
+        (:func:`emascope.runformat.stage_states`; from events.jsonl only)."""
+        return [st for _, st in sorted(rf.stage_states(self.events).items())]
+
     def error_banner(self) -> str | None:
         """One line saying the agent reported errors (how many, of which kinds, the last one), or
         ``None``. The training job's own exception (``where: "training"``) is named as such."""

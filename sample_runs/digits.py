@@ -237,7 +237,8 @@ def train(run_dir: str | Path, cfg: DigitsConfig | None = None, *,
                    sampler=make_sampler(cfg.sample_steps), reference=images, image_range="-1,1",
                    feature_extractor=EXTRACTOR_NAME, feature_extractor_weights_path=weights,
                    reference_size=cfg.reference_size,
-                   score_every=cfg.score_every, num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
+                   score_every=cfg.score_every, score_busy="wait",  # every stage scored, in the background
+                   num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
                    seed=cfg.seed + 1, decays=cfg.decays)
     train_flow(model, opt, scope, steps=cfg.steps, generator=gen, progress=progress,
                draw_batch=lambda g: images[torch.randint(len(images), (cfg.batch_size,), generator=g)])

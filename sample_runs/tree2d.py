@@ -160,7 +160,8 @@ def train(run_dir: str | Path, cfg: Tree2DConfig | None = None, *, overwrite: bo
                    score_at_close=score_at_close,
                    sampler=make_sampler(cfg.sample_steps), reference=reference, feature_extractor="identity",
                    sample_metrics=TreeMetrics(tree, cfg), metric_directions=TREE_METRIC_DIRECTIONS,
-                   score_every=cfg.score_every, num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
+                   score_every=cfg.score_every, score_busy="wait",  # every stage scored, in the background
+                   num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
                    kid_subset_size=cfg.kid_subset_size,
                    seed=cfg.seed + 1, decays=cfg.decays)
     train_flow(model, opt, scope, steps=cfg.steps, draw_batch=lambda g: tree.sample(cfg.batch_size, g),

@@ -34,7 +34,8 @@ def ddp_worker(rank: int, world: int, tmp: str, attach_on: str) -> None:
             scope = attach(model, opt, run_dir=f"{tmp}/run", sampler=sampler, reference=mixture(200, 3),
                            evaluate=lambda m: {"val": float(m(mixture(50, 4), 0.4).pow(2).mean())},
                            metric_directions={"val": "lower"}, score_every=4, num_samples=100,
-                           decays=DECAYS, request_interval=0.0)
+                           decays=DECAYS, request_interval=0.0,
+                           score_busy="wait")  # background sweeps on rank 0; none of the stages skipped
             out["is_writer"] = scope.is_writer
         own = EMABank(model, DECAYS)  # an independent bank of this rank's replica
         for _ in range(STEPS):

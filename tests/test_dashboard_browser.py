@@ -104,15 +104,17 @@ class LiveTraining(threading.Thread):
         g = torch.Generator().manual_seed(0)
         with attach(model, opt, run_dir=self.run_dir, sampler=sampler, reference=reference,
                     score_every=EVERY, num_samples=250, batch_size=250, decays=DECAYS,
-                    request_interval=0.2, score_at_close=False) as scope:
-            self.scope = scope
+                    request_interval=0.2, score_at_close=False, score_busy="wait") as scope:
+            self.scope = scope  # background sweeps (the default); "wait": none of the stages is skipped
             while scope.current_step < 3 * EVERY:
                 train_step(model, opt, data, g)
+            scope.wait()
             self.at_stage3.set()
             if not self.go_stage.wait(WAIT_S):
                 return
             while scope.current_step < 4 * EVERY:
                 train_step(model, opt, data, g)
+            scope.wait()
             self.at_stage4.set()
             if not self.go_export.wait(WAIT_S):
                 return

@@ -80,7 +80,7 @@ def _events(run_dir, type_=None):
 def test_trainer_callback_follows_global_step_and_exports_for_from_pretrained(tmp_path, accumulation):
     run_dir = tmp_path / "run"
     cb = ScopeCallback(run_dir=run_dir, evaluate=val_loss, metric_directions={"val_loss": "lower"},
-                       score_every=3, decays=(0.9, 0.99))
+                       score_every=3, decays=(0.9, 0.99), score_busy="wait")  # background: every stage scored
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "out", gradient_accumulation_steps=accumulation),
                       train_dataset=TRAIN, callbacks=[cb])
     trainer.train()

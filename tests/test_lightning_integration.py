@@ -88,7 +88,7 @@ def straight(tmp_path_factory):
     """Two epochs (6 optimizer steps, 12 batches) with a checkpoint every 3 steps."""
     root = tmp_path_factory.mktemp("lightning")
     cb = ScopeCallback(run_dir=root / "run", evaluate=val_loss, metric_directions={"val_loss": "lower"},
-                       score_every=3, decays=(0.9, 0.99))
+                       score_every=3, decays=(0.9, 0.99), score_busy="wait")  # background: every stage scored
     ckpt = L.callbacks.ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_top_k=-1,
                                        filename="{step}")
     module = Diffusion()
@@ -113,7 +113,7 @@ def test_callback_follows_global_step_and_closes(straight):
 def test_resume_from_a_lightning_checkpoint_is_exact(straight, tmp_path):
     root = straight["root"]
     cb = ScopeCallback(run_dir=root / "run", evaluate=val_loss, metric_directions={"val_loss": "lower"},
-                       score_every=3, decays=(0.9, 0.99))
+                       score_every=3, decays=(0.9, 0.99), score_busy="wait")
     trainer = _trainer(tmp_path, [cb])
     trainer.fit(Diffusion(), loader(), ckpt_path=str(root / "ckpt" / "step=3.ckpt"))
     assert trainer.global_step == 6 and cb.scope.current_step == 6

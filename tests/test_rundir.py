@@ -56,8 +56,10 @@ def test_reader_thread_never_fails_while_the_agent_writes(tmp_path):
     thread = threading.Thread(target=read_loop)
     thread.start()
     try:
-        for _ in range(15):
+        for i in range(15):
             train_step(model, opt, data, g)
+            if i % 3 == 2:
+                scope.wait()  # the background sweep writes from its thread; no stage is superseded
         scope.close()
     finally:
         stop.set()
@@ -151,7 +153,7 @@ def test_prepare_run_dir_rules(tmp_path):
     with pytest.raises(ValueError, match="exclude each other"):
         prepare_run_dir(tmp_path / "r", overwrite=True, resume=True)
     d = prepare_run_dir(tmp_path / "r")
-    assert sorted(p.name for p in d.iterdir()) == ["banks", "exports", "reference", "requests", "samples"]
+    assert sorted(p.name for p in d.iterdir()) == ["banks", "exports", "reference", "requests", "samples", "scoring"]
     prepare_run_dir(d)  # an empty layout is not a run yet: reusable
     (d / "events.jsonl").write_text("{}\n")
     (d / "reference" / "k.npz").write_bytes(b"cache")

@@ -53,6 +53,7 @@ def _train(run_dir, steps=30, score_every=10, seed=0, evaluate=True, **kw):
     g = torch.Generator().manual_seed(seed)
     ev = (lambda m: {"val_loss": val_loss(m, held_out), "undeclared": 1.0}) if evaluate else None
     kw.setdefault("sampler", sampler)
+    kw.setdefault("scoring", "inline")  # the sweep's exact records at each stage (modes: test_scoring_modes.py)
     scope = attach(model, opt, run_dir=run_dir, reference=reference, evaluate=ev,
                    metric_directions={"val_loss": "lower"}, score_every=score_every, num_samples=NUM_SAMPLES,
                    batch_size=64, decays=DECAYS, heartbeat_interval=0.2, **kw)
@@ -305,7 +306,7 @@ def test_disk_full_training_goes_on(tmp_path, monkeypatch):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     data, g = mixture(2000, seed=1), torch.Generator().manual_seed(0)
     scope = attach(model, opt, run_dir=run_dir, sampler=sampler, reference=mixture(300, 3), score_every=5,
-                   num_samples=100, decays=(0.9,), heartbeat_interval=0.05)
+                   num_samples=100, decays=(0.9,), heartbeat_interval=0.05, scoring="inline")
     size_before = (run_dir / "events.jsonl").stat().st_size
     with monkeypatch.context() as mp:  # every write path of the agent fails with ENOSPC
         mp.setattr(emascope.atomic, "open", enospc, raising=False)  # JSONL appends
@@ -604,8 +605,9 @@ def test_bank_update_error_disables_the_bank_training_goes_on(tmp_path):
     model = Denoiser()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data, g = mixture(300, seed=1), torch.Generator().manual_seed(0)
+    # background (the default) with score_busy="wait": no stage is superseded, however slow the worker
     scope = attach(model, opt, run_dir=tmp_path / "r", evaluate=lambda m: {"v": val_loss(m, data[:50])},
-                   score_every=2, decays=(0.9,))
+                   score_every=2, decays=(0.9,), score_busy="wait")
     train_step(model, opt, data, g)
 
     def broken():

@@ -102,7 +102,7 @@ def searched(tmp_path_factory):
     try:
         scope = attach(model, opt, run_dir=run_dir, score_every=300, decays=(0.9, 0.99, 0.999, 0.9999),
                        evaluate=evaluate, metric_directions={"dist": "lower"}, search_evals=4,
-                       search_tolerance=1e-12, request_interval=0.0)
+                       search_tolerance=1e-12, request_interval=0.0, scoring="inline")
         for _ in range(600):
             train_step(model, opt, data, g)
         # a live export request for a decay the bank does not hold, and a bad one
@@ -319,7 +319,9 @@ def test_search_without_stage_snapshots_is_refused_before_writing(tmp_path):
         attach(Denoiser(8), run_dir=tmp_path / "r", stage_snapshot_dtype="int8")
     with pytest.raises(ValueError, match="stage_lead_in"):
         attach(Denoiser(8), run_dir=tmp_path / "r", stage_lead_in=(0, 4))
+    with pytest.raises(ValueError, match="search_evals > 0 runs the search .* after inline sweeps only"):
+        attach(Denoiser(8), run_dir=tmp_path / "r", search_evals=3)  # the default scoring="background"
     for bad in (-0.1, float("nan"), "0.1", True):
         with pytest.raises(ValueError, match="search_tolerance must be a finite number"):
-            attach(Denoiser(8), run_dir=tmp_path / "r", search_evals=3, search_tolerance=bad)
+            attach(Denoiser(8), run_dir=tmp_path / "r", search_evals=3, search_tolerance=bad, scoring="inline")
     assert not (tmp_path / "r").exists()
