@@ -111,7 +111,7 @@ class ScoringConfig:
     ``search_evals``: after each sweep, score up to this many decays *between* the grid's, synthesised
     post hoc from the stage snapshots, by golden-section search on ``log(1 - decay)`` around the
     best grid decay of ``search_metric`` (``None``: fid, else fd, else the first ranked metric); 0: off
-    (docs/synthesis.md). Needs stage snapshots (``stage_snapshots`` != 0).
+    (docs/synthesis.md). Needs stage snapshots (``stage_snapshots`` != 0) and ``scoring="inline"``.
     ``search_tolerance``: the metric's uncertainty, in the metric's own units (absolute): the search
     stops once the values in its bracket differ by less than this (``None``: no such stop; it
     still stops at the budget or when the bracket is within the synthesis error).
