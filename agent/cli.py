@@ -16,6 +16,7 @@ from emascope.version import __version__
 #: subcommand -> (module with a ``main(argv) -> int``, help line)
 COMMANDS = {
     "export": ("emascope.export_cli", "export one variant (decay) of a run as a .safetensors checkpoint"),
+    "plan": ("emascope.plan_cli", "memory plan of a bank: bytes per rank and update traffic of each placement"),
     "score": ("emascope.score_cli", "score the stage snapshots of a run attached with scoring='external'"),
     "dashboard": ("emascope.dashboard.launch", "open the live dashboard on a run directory or a folder of runs"),
     "demo": ("emascope.samples.demo", "train a sample model live with the agent attached and open the dashboard"),

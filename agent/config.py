@@ -3,7 +3,8 @@
 ``attach(model, optimizer, **kwargs)`` takes flat keyword arguments (like torch-fidelity's
 ``calculate_metrics``) and :func:`split_kwargs` maps each onto the one config that owns it:
 
-- :class:`BankConfig`: the EMA bank (decays, where it lives, update_every, bias correction, BEMA);
+- :class:`BankConfig`: the EMA bank (decays, where it lives, update_every, bias correction, BEMA,
+  sharding over ranks);
 - :class:`ScoringConfig`: how a sweep samples and scores (sample counts, seeds, extractor, metrics);
 - :class:`RunConfig`: the run directory and the schedule (score/snapshot every, heartbeat);
 - :class:`Hooks`: the user's objects (sampler, reference, evaluate, sample_metrics, directions).
@@ -60,11 +61,14 @@ class BankConfig:
     """The EMA bank (:class:`emascope.bank.EMABank`, same meaning and defaults).
 
     ``decays``: decays ``d`` in [0, 1) (``None``: :data:`emascope.ema_math.DEFAULT_DECAYS`).
-    ``device``: where the bank lives (``None``: the parameters' device; ``"cpu"``: pinned host
-    memory). ``update_every``: fold the weights in every m-th optimizer step with decay ``d**m``.
-    ``bias_correction``: Adam-style zero-initialised EMAs (else initialised to the attach weights).
-    ``bema``: ``True`` or a :class:`BEMAConfig` adds the ``"bema"`` variant.
-    ``average_buffers``: average floating-point buffers too (else taken from the live model).
+    ``device``: where the bank lives (``None``: the parameters' device; ``"cpu"``: the host placement,
+    host memory updated by a background thread; ``"auto"``: chosen from the memory plan, refused
+    with the numbers when nothing fits). ``update_every``: fold the weights in every m-th optimizer
+    step with decay ``d**m``. ``bias_correction``: Adam-style zero-initialised EMAs (else
+    initialised to the attach weights). ``bema``: ``True`` or a :class:`BEMAConfig` adds the
+    ``"bema"`` variant. ``average_buffers``: average floating-point buffers too (else taken from
+    the live model). ``shard``: split the bank over the ranks of torch.distributed (``None``: when
+    there is more than one rank; FSDP2 models always; ``False``: rank 0 holds the whole bank).
     """
 
     decays: tuple[float, ...] | None = DEFAULT_DECAYS
@@ -73,6 +77,7 @@ class BankConfig:
     bias_correction: bool = False
     bema: BEMAConfig | bool | None = False
     average_buffers: bool = False
+    shard: bool | None = None
 
     def __post_init__(self) -> None:
         decays = DEFAULT_DECAYS if self.decays is None else self.decays
@@ -91,6 +96,8 @@ class BankConfig:
         object.__setattr__(self, "bema", bema)
         if self.device is not None:
             object.__setattr__(self, "device", str(self.device))
+        if self.shard not in (None, True, False):
+            raise ValueError(f"shard must be True, False or None (auto), got {self.shard!r}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,17 @@ class ScoringConfig:
     ``search_tolerance``: the metric's uncertainty, in the metric's own units (absolute): the search
     stops once the values in its bracket differ by less than this (``None``: no such stop; it
     still stops at the budget or when the bracket is within the synthesis error).
+
+    Uncertainty (:mod:`emascope.uncertainty`): ``uncertainty`` turns the intervals on;
+    ``confidence_level`` is their level (0.95: 95% intervals); ``bootstrap_replicates`` half-samples
+    per variant and stage; ``bootstrap_calls``: at most this many extra calls of a ``sample_metrics``
+    hook per variant for the metrics it returns as plain numbers (each call gets a random half of the
+    samples; 0: no interval for them); ``noise_floor``: score the reference against a disjoint part
+    of itself (or the ``exact_samples`` hook) once per run.
+    Racing (:mod:`emascope.racing`): ``racing`` draws the samples in rounds and stops drawing for the
+    variants already significantly worse than the best on ``racing_metric`` (``None``: ``fid``/``fd``);
+    ``racing_first`` is the fraction of the ``num_samples`` drawn in the first round (it doubles each
+    round).
     ``batched_sampling``: the sampler is a pure function of the model (the contract of
     :mod:`emascope.batched`): draw all variants in one vmapped call per batch (same samples),
     falling back to one variant at a time if that fails.
@@ -138,6 +156,14 @@ class ScoringConfig:
     search_evals: int = 0
     search_metric: str | None = None
     search_tolerance: float | None = None
+    uncertainty: bool = True
+    confidence_level: float = 0.95
+    bootstrap_replicates: int = 100
+    bootstrap_calls: int = 16
+    noise_floor: bool = True
+    racing: bool = False
+    racing_metric: str | None = None
+    racing_first: float = 0.0625
     batched_sampling: bool = False
 
     def __post_init__(self) -> None:
@@ -158,6 +184,18 @@ class ScoringConfig:
         check_int("preview_points", self.preview_points, 0)
         check_int("reference_size", self.reference_size, 2, allow_none=True)
         check_int("kid_subset_size", self.kid_subset_size, 2, allow_none=True)
+        for name in ("uncertainty", "noise_floor", "racing"):
+            check_bool(name, getattr(self, name))
+        level = self.confidence_level
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.5 <= level < 1.0:
+            raise ValueError(f"confidence_level must be a number in [0.5, 1), got {level!r}")
+        check_int("bootstrap_replicates", self.bootstrap_replicates, 10)
+        check_int("bootstrap_calls", self.bootstrap_calls, 0)
+        first = self.racing_first
+        if isinstance(first, bool) or not isinstance(first, (int, float)) or not 0.0 < first <= 1.0:
+            raise ValueError(f"racing_first must be a fraction in (0, 1], got {first!r}")
+        if self.racing_metric is not None and (not isinstance(self.racing_metric, str) or not self.racing_metric):
+            raise ValueError(f"racing_metric must be a metric name or None, got {self.racing_metric!r}")
         check_bool("batched_sampling", self.batched_sampling)
         if self.image_range not in IMAGE_RANGES:
             raise ValueError(f"image_range must be one of {IMAGE_RANGES}, got {self.image_range!r}")
@@ -271,7 +309,9 @@ class Hooks:
     randomness from ``generator``); ``reference``: real data (tensor, ndarray, dataset) or
     precomputed ``emascope.features.Features``; ``evaluate(model) -> {name: value}``;
     ``sample_metrics(samples) -> {name: value}`` over each variant's samples;
-    ``metric_directions``: ``{name: "lower" | "higher"}`` for user metrics.
+    ``metric_directions``: ``{name: "lower" | "higher"}`` for user metrics;
+    ``exact_samples``: exact samples of the data distribution (a tensor of the sampler's kind), used
+    for the noise floor instead of a split of the reference (the first ``num_samples`` are used).
     """
 
     sampler: Callable[..., Any] | None = None
@@ -279,6 +319,7 @@ class Hooks:
     evaluate: Callable[..., Any] | None = None
     sample_metrics: Callable[..., Any] | None = None
     metric_directions: Mapping[str, str] = field(default_factory=dict)
+    exact_samples: Any = None
 
     def __post_init__(self) -> None:
         for name, what in (("sampler", "(model, n, generator) -> samples"), ("evaluate", "(model) -> dict"),
@@ -290,6 +331,13 @@ class Hooks:
             raise ValueError("sample_metrics was given but sampler is None: there are no samples to pass it")
         if self.reference is not None and self.sampler is None:
             raise ValueError("reference was given but sampler is None: nothing to compare it with")
+        if self.exact_samples is not None:
+            shape = getattr(self.exact_samples, "shape", None)
+            if shape is None or len(shape) < 2 or shape[0] < 4:
+                raise ValueError("exact_samples must be a tensor of at least 4 samples ([n, d] points or "
+                                 f"[n, C, H, W] images), got {type(self.exact_samples).__name__} {shape}")
+            if self.reference is None:
+                raise ValueError("exact_samples was given but reference is None: they are scored against it")
         directions = dict(self.metric_directions or {})
         for key, value in directions.items():
             if value not in DIRECTIONS:

@@ -1,10 +1,11 @@
 """``emascope export RUN_DIR (--variant D | --decay D | --sigma-rel S) [--format F] [--out PATH] [--dtype float32]``.
 
-``--variant``: rebuild one variant the bank holds from the run's bank snapshot
-(``banks/latest.safetensors``) without the model's Python class and write it (atomic files):
+``--variant``: rebuild one variant the bank holds from the run's latest bank snapshot
+(``banks/latest.safetensors``, or a sharded run's ``banks/latest.index.json`` and its per-rank files,
+consolidated offline with no process group) without the model's Python class and write it (atomic files):
 
 - ``--format safetensors`` (default): one ``.safetensors`` state dict, through
-  :func:`emascope.snapshot.export_from_run`; default ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``;
+  :func:`emascope.shardfiles.export_from_run`; default ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``;
 - ``--format transformers`` / ``diffusers``: a folder that ``from_pretrained`` loads (the config
   recorded at attach + the weights), through :func:`emascope.pretrained.export_pretrained`;
   default ``RUN_DIR/exports/ema-<variant>-step<step>/``.
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emascope export",
                                      description="Export one variant (EMA decay) of a run as .safetensors, "
                                                  "or synthesise any decay / sigma_rel from its stage snapshots.")
-    parser.add_argument("run_dir", help="run directory (holds banks/latest.safetensors)")
+    parser.add_argument("run_dir", help="run directory (holds banks/latest.safetensors or a sharded snapshot)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--variant", help='a variant the bank holds: decay such as 0.999, or "raw" / "bema"')
     what.add_argument("--decay", type=float, help="any decay in (0, 1), synthesised post hoc if not in the bank")
@@ -61,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--step, --force and --report go with --decay / --sigma-rel")
     # torch is imported only here
     from emascope.pretrained import export_pretrained
-    from emascope.snapshot import ExportError, export_from_run
+    from emascope.shardfiles import export_from_run
+    from emascope.snapshot import ExportError
 
     def note(message: str) -> None:
         print(f"emascope export: note: {message}", file=sys.stderr)

@@ -28,13 +28,8 @@ from torch import nn
 from emascope import runformat as rf
 from emascope.atomic import atomic_write_json
 from emascope.bank import EMABank
-from emascope.snapshot import (
-    ExportError,
-    check_export_target,
-    export_checkpoint,
-    load_snapshot,
-    snapshot_metadata,
-)
+from emascope.shardfiles import latest_snapshot, load_bank, open_snapshot
+from emascope.snapshot import ExportError, check_export_target, export_checkpoint, snapshot_metadata
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +110,21 @@ def write_model_config(run_dir: str | os.PathLike, record: dict[str, Any]) -> Pa
 
 
 def read_model_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The recorded model config of a run, ``None`` if the run has none; ``ValueError`` if malformed."""
+    """The recorded model config of a run, ``None`` if the run has none; ``ValueError`` if malformed,
+    larger than :data:`~emascope.runformat.MAX_MODEL_CONFIG_BYTES` or nested too deeply."""
     path = Path(run_dir) / rf.MODEL_CONFIG
     if not path.is_file():
         return None
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with open(path, "rb") as f:  # is_file(): a regular file, never a FIFO or device
+            data = f.read(rf.MAX_MODEL_CONFIG_BYTES + 1)
+        if len(data) > rf.MAX_MODEL_CONFIG_BYTES:
+            raise ValueError(f"larger than {rf.MAX_MODEL_CONFIG_BYTES} bytes")
+        body = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError) as exc:  # JSON and UTF-8 errors are ValueErrors
         raise ValueError(f"{str(path)!r} is not readable JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{str(path)!r} is not readable JSON: nested too deeply") from None
     return rf.parse_model_config(body)
 
 
@@ -169,15 +171,15 @@ def export_pretrained(run_dir: str | os.PathLike, variant: str, fmt: str, out: s
     if fmt != record["library"]:
         raise ExportError(f"this run's model is a {record['library']} model ({record['class']}): "
                           f"use --format {record['library']} (or safetensors), not {fmt!r}")
-    snapshot = run_dir / rf.SNAPSHOT
-    if not snapshot.is_file():
+    snapshot = latest_snapshot(run_dir)  # banks/latest.safetensors, or a sharded run's index
+    if snapshot is None:
         raise ExportError(f"{str(run_dir)!r} has no bank snapshot ({rf.SNAPSHOT}); "
                           "the run has not reached snapshot_every steps or close() yet")
     if out is not None:
         out = check_export_target(run_dir, out, folder=True)
     try:
         rf.validate_export_dtype(dtype)
-        bank = load_snapshot(snapshot, notice=notice)
+        bank = load_bank(snapshot, notice=notice)  # a sharded set is consolidated offline
         name = bank.resolve(variant)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
@@ -190,7 +192,8 @@ def export_pretrained(run_dir: str | os.PathLike, variant: str, fmt: str, out: s
     path = Path(out) if out is not None else run_dir / rf.export_dir(rf.default_export_name(name, bank.step))
     if path.exists() and not path.is_dir():
         raise ExportError(f"{str(path)!r} exists and is not a folder (a {fmt} export is a folder)")
-    run_id = snapshot_metadata(snapshot).get("run_id", "")
+    run_id = (open_snapshot(snapshot).run_id if snapshot.name.endswith(".json")
+              else snapshot_metadata(snapshot).get("run_id", ""))
     try:
         return export_pretrained_from_bank(bank, name, record, path, fmt=fmt, dtype=dtype, run_id=run_id)
     except OSError as exc:

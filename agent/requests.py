@@ -1,9 +1,11 @@
 """Export requests dropped into ``RUN_DIR/requests/`` (by the dashboard), fulfilled by a live agent.
 
 Protocol (docs/run-format.md, "requests/ and exports/"; schema in :mod:`emascope.runformat`):
-``requests/<id>.json`` holds ``{"id", "variant", "name", "dtype", "time"}``. At a step boundary
-the agent exports the variant to ``exports/<name>.safetensors`` atomically, writes
-``exports/<id>.status.json`` and removes the request. Ids and names are checked by the one shared
+``requests/<id>.json`` holds ``{"id", "variant", "name", "dtype", "overwrite", "time"}``. At a step
+boundary the agent exports the variant to ``exports/<name>.safetensors`` atomically, writes
+``exports/<id>.status.json`` and removes the request. An existing ``exports/<name>.safetensors``
+is replaced only when the request says ``"overwrite": true``; otherwise the request fails with an
+error status and the file is left as it was. Ids and names are checked by the one shared
 validation (:func:`emascope.runformat.parse_request`), so nothing is written outside ``exports/``.
 
 Containment and limits (the run directory may be hostile):
@@ -41,6 +43,12 @@ REFUSALS_PER_POLL = 64
 #: Problems reported once are remembered up to this many (then forgotten and reported again).
 MAX_REMEMBERED = 4096
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+#: Where the OS can, ``requests/`` is opened once per check (never through a symlink) and every
+#: entry is looked at, read and removed relative to that open folder: swapping ``requests/`` for a
+#: symlink after the check changes nothing. Elsewhere the folder's identity is re-checked instead.
+_USE_DIR_FD = (os.open in os.supports_dir_fd and os.unlink in os.supports_dir_fd
+               and os.stat in os.supports_dir_fd and os.scandir in os.supports_fd)
 
 
 class RequestPoller:
@@ -117,10 +125,22 @@ class RequestPoller:
     def _poll(self, step: int, final: bool) -> int:
         try:
             rdir = rf.run_subdir(self.run_dir, rf.REQUESTS)
-            names = _scan(rdir)
+            dfd = os.open(rdir, _DIR_FLAGS) if _USE_DIR_FD else None  # ELOOP if swapped for a link since
         except FileNotFoundError:
             return 0
         except (ValueError, OSError) as exc:
+            self._notice_once(("dir", rf.REQUESTS), f"export requests are ignored: {exc}")
+            return 0
+        try:
+            return self._poll_folder(_Folder(rdir, dfd), step, final)
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+
+    def _poll_folder(self, rdir: _Folder, step: int, final: bool) -> int:
+        try:
+            names = rdir.scan()
+        except OSError as exc:
             self._notice_once(("dir", rf.REQUESTS), f"export requests are ignored: {exc}")
             return 0
         pending: list[str] = []
@@ -140,14 +160,13 @@ class RequestPoller:
         except (ValueError, OSError) as exc:  # nowhere safe to write exports and status files
             self._notice_once(("dir", rf.EXPORTS), f"export requests are not fulfilled: {exc}")
             return 0
-        dir_id = _identity(rdir)
         now = self.clock()
         while self._recent and now - self._recent[0] >= 60.0:
             self._recent.popleft()
         budget = max(0, min(rf.REQUESTS_PER_POLL, rf.REQUESTS_PER_MINUTE - len(self._recent)))
         handled = 0
         for rid in pending[:budget]:
-            if self._handle(rdir, dir_id, rid, step):
+            if self._handle(rdir, rid, step):
                 handled += 1
         waiting = pending[budget:]
         if final:
@@ -156,7 +175,7 @@ class RequestPoller:
             refuse = waiting[rf.MAX_PENDING_REQUESTS:][:REFUSALS_PER_POLL]
             why = f"more than {rf.MAX_PENDING_REQUESTS} export requests were waiting"
         for rid in refuse:
-            if self._handle(rdir, dir_id, rid, step, refuse=why):
+            if self._handle(rdir, rid, step, refuse=why):
                 handled += 1
         left = len(waiting) - len(refuse)
         if refuse:
@@ -167,22 +186,33 @@ class RequestPoller:
         self._backlog = left > 0
         return handled
 
+    def _exports_ok(self) -> bool:
+        """``exports/`` is still a real folder of the run (checked again right before each write:
+        a folder swapped for a symlink after the check is written through only in that instant)."""
+        try:
+            rf.run_subdir(self.run_dir, rf.EXPORTS)
+            return True
+        except (ValueError, OSError) as exc:
+            self._notice_once(("dir", rf.EXPORTS), f"export requests are not fulfilled: {exc}")
+            return False
+
     def _call_notice(self, message: str) -> None:
         try:
             self.on_notice(message)
         except Exception:  # noqa: BLE001
             pass
 
-    def _handle(self, rdir: Path, dir_id: tuple[int, int], rid: str, step: int, refuse: str | None = None) -> bool:
+    def _handle(self, rdir: _Folder, rid: str, step: int, refuse: str | None = None) -> bool:
         """Fulfil (or refuse) one request; False if the file was not ours to touch (left in place)."""
         name = f"{rid}.json"
-        path = rdir / name
         try:
-            st = os.lstat(path)
+            st = rdir.lstat(name)
         except OSError:
             return False  # gone meanwhile (the dashboard withdrew it)
         if not stat.S_ISREG(st.st_mode):
             self._reject_once(name, "not a regular file (symlink, folder or device)", step)
+            return False
+        if not self._exports_ok():  # swapped for a symlink since the check: leave the request
             return False
         variant = rel = nbytes = error = None
         try:
@@ -190,24 +220,43 @@ class RequestPoller:
                 raise RuntimeError(f"refused: {refuse}")
             if st.st_size > rf.MAX_REQUEST_BYTES:
                 raise ValueError(f"request file is {st.st_size} bytes (at most {rf.MAX_REQUEST_BYTES})")
-            req = rf.parse_request(json.loads(_read_regular(path)), stem=rid)
+            req = rf.parse_request(json.loads(rdir.read_regular(name)), stem=rid)
             if req.synthesized and not self._bank_holds(req):
                 if self.synthesize is None:
-                    raise ValueError("this agent cannot synthesise decays")
+                    raise ValueError("this agent cannot synthesise decays (a sharded bank writes no "
+                                     "stage snapshots to synthesise from)")
+                self._check_overwrite(req)
                 self._recent.append(self.clock())
-                _remove(rdir, dir_id, path)  # taken: a later poll must not start it again
+                self._take(rdir, name)  # taken: a later poll must not start it again
                 self._start_worker(req, rid, step)
                 return True
             variant = self.resolve_variant(req.variant)
             rel = rf.export_file(req.name)
+            self._check_overwrite(req)
             self._recent.append(self.clock())
             nbytes = int(self.export_fn(variant, self.run_dir / rel, req.dtype))
         except Exception as exc:  # noqa: BLE001 - reported in the status file
             rel, error = None, f"{type(exc).__name__}: {exc}"
         record = self._status(rid, variant, step, rel, nbytes, error, None)
-        _remove(rdir, dir_id, path)
+        self._take(rdir, name)
         self.on_result(record)
         return True
+
+    def _check_overwrite(self, req: rf.ExportRequest) -> None:
+        """``FileExistsError`` when ``exports/<name>.safetensors`` exists and the request did not ask
+        to overwrite it (plain and synthesised exports alike)."""
+        rel = rf.export_file(req.name)
+        if not req.overwrite and os.path.lexists(self.run_dir / rel):
+            raise FileExistsError(f"{rel} already exists and the request did not ask to overwrite it "
+                                  '(set "overwrite": true to replace it); the file was left as it was')
+
+    @staticmethod
+    def _take(rdir: _Folder, name: str) -> None:
+        """Remove a handled request file (relative to the checked folder, see :class:`_Folder`)."""
+        try:
+            rdir.unlink(name)
+        except OSError:
+            pass
 
     def _bank_holds(self, req: rf.ExportRequest) -> bool:
         if req.decay is None:
@@ -245,47 +294,58 @@ class RequestPoller:
                                   step=step, path=rel, nbytes=nbytes, time=time.time(), error=error,
                                   synthesis=synthesis)
         try:
-            atomic_write_json(self.run_dir / rf.status_file(rid), record)
+            if self._exports_ok():
+                atomic_write_json(self.run_dir / rf.status_file(rid), record)
         except OSError as exc:
             record["error"] = record["error"] or f"status file: {exc}"
         return record
 
 
-def _remove(rdir: Path, dir_id: tuple[int, int], path: Path) -> None:
-    """Remove a handled request file, only from the folder that was checked (not one swapped for a link)."""
-    try:
-        if _identity(rdir) == dir_id:
-            os.unlink(path)
-    except OSError:
-        pass
+class _Folder:
+    """The checked ``requests/`` folder: entries are looked at, read and removed relative to the
+    folder opened at the check (``fd``, never through a symlink) where the OS allows; otherwise by
+    path, removing only while the folder is still the one that was checked (same device/inode)."""
 
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path, self.fd = path, fd
+        self._identity = _identity(path) if fd is None else None
 
-def _scan(folder: Path) -> list[str]:
-    """Up to :data:`MAX_SCAN` entry names of ``folder``."""
-    names: list[str] = []
-    with os.scandir(folder) as it:
-        for entry in it:
-            names.append(entry.name)
-            if len(names) >= MAX_SCAN:
-                break
-    return names
+    def scan(self) -> list[str]:
+        """Up to :data:`MAX_SCAN` entry names."""
+        names: list[str] = []
+        with os.scandir(self.path if self.fd is None else self.fd) as it:
+            for entry in it:
+                names.append(entry.name)
+                if len(names) >= MAX_SCAN:
+                    break
+        return names
+
+    def lstat(self, name: str) -> os.stat_result:
+        if self.fd is None:
+            return os.lstat(self.path / name)
+        return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+
+    def read_regular(self, name: str) -> bytes:
+        """The bytes of a regular file, never following a symlink or blocking on a FIFO; size-capped."""
+        fd = os.open(self.path / name, _READ_FLAGS) if self.fd is None else os.open(name, _READ_FLAGS, dir_fd=self.fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            data = os.read(fd, rf.MAX_REQUEST_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(data) > rf.MAX_REQUEST_BYTES:
+            raise ValueError(f"request file is larger than {rf.MAX_REQUEST_BYTES} bytes")
+        return data
+
+    def unlink(self, name: str) -> None:
+        if self.fd is not None:
+            os.unlink(name, dir_fd=self.fd)
+        elif _identity(self.path) == self._identity:  # still the folder that was checked (not a link now)
+            os.unlink(self.path / name)
 
 
 def _identity(folder: Path) -> tuple[int, int]:
     """(device, inode) of ``folder`` itself (a symlink is its own identity, never its target's)."""
     st = os.lstat(folder)
     return st.st_dev, st.st_ino
-
-
-def _read_regular(path: Path) -> bytes:
-    """The bytes of a regular file, never following a symlink or blocking on a FIFO; size-capped."""
-    fd = os.open(path, _READ_FLAGS)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("not a regular file")
-        data = os.read(fd, rf.MAX_REQUEST_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > rf.MAX_REQUEST_BYTES:
-        raise ValueError(f"request file is larger than {rf.MAX_REQUEST_BYTES} bytes")
-    return data

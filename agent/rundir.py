@@ -40,7 +40,8 @@ def check_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume
     """Check that ``run_dir`` may be used, writing nothing; returns it as a ``Path``.
 
     A folder that already holds a run (any of ``run.json``, ``metrics.jsonl``, ``events.jsonl``)
-    is refused unless ``resume=True`` (append to it) or ``overwrite=True``. Raises ``ValueError``.
+    is refused unless ``resume=True`` (append to it) or ``overwrite=True``. ``resume=True`` refuses
+    a ``metrics.jsonl`` / ``events.jsonl`` that exists but is not a regular file. Raises ``ValueError``.
     """
     if overwrite and resume:
         raise ValueError("overwrite=True and resume=True exclude each other")
@@ -56,6 +57,11 @@ def check_run_dir(run_dir: str | os.PathLike, *, overwrite: bool = False, resume
     if existing and not (overwrite or resume):
         raise ValueError(f"run_dir {str(path)!r} already holds a run ({', '.join(existing)}); "
                          "pass resume=True to append to it or overwrite=True to replace it")
+    if resume:
+        for name in rf.APPENDED:  # appended to in place: a FIFO or device there would block or swallow records
+            if (path / name).exists() and not (path / name).is_file():
+                raise ValueError(f"resume=True: {name} of the run {str(path)!r} is not a regular file "
+                                 "(a FIFO, device or folder); remove it, or pass overwrite=True to start afresh")
     return path
 
 
@@ -231,11 +237,13 @@ class RunWriter:
         self._guard(rf.RUN_JSON, lambda: atomic_write_json(self.run_dir / rf.RUN_JSON, body))
 
     def metric(self, step: int, variant: str, metric: str, value: float | None, *,
-               synthesized: dict[str, Any] | None = None) -> None:
-        """Append one metrics.jsonl line (``value`` must already be finite or None); ``synthesized``:
-        the error of a post-hoc synthesised variant (:func:`emascope.runformat.synthesis_record`)."""
+               synthesized: dict[str, Any] | None = None, **interval: Any) -> None:
+        """Append one metrics.jsonl line (``value`` must already be finite or None; ``interval``:
+        the optional ``se``, ``lo``, ``hi``, ``n`` of :func:`emascope.runformat.metric_record`;
+        ``synthesized``: the error of a post-hoc synthesised variant
+        (:func:`emascope.runformat.synthesis_record`))."""
         self._append(rf.METRICS, rf.metric_record(step, variant, metric, value, time.time(),
-                                                  synthesized=synthesized))
+                                                  synthesized=synthesized, **interval))
 
     def metrics(self, records: list[dict[str, Any]]) -> None:
         """Append metrics.jsonl records (:func:`emascope.runformat.metric_record`) in one write."""
@@ -326,10 +334,11 @@ class StageWriter:
     half stage in metrics.jsonl; events and previews (atomic files, rewritten identically when the
     stage is scored again) go through at once. After :meth:`mute` nothing more is written (an
     abandoned sweep that wakes up later). ``on_write()`` is called on every write (liveness).
-    ``score_done`` events are held back and written after the records (:meth:`commit`).
+    ``score_done`` and ``comparison`` events are held back and written after the records
+    (:meth:`commit`): an abandoned sweep leaves no comparison of records that were never written.
     """
 
-    HELD = ("score_done",)
+    HELD = ("score_done", rf.EVENT_COMPARISON)
 
     def __init__(self, base: RunWriter, on_write: Callable[[], None] | None = None) -> None:
         self.base = base
@@ -346,10 +355,10 @@ class StageWriter:
             self.muted = True
             self.pending, self.held = [], []
 
-    def metric(self, step: int, variant: str, metric: str, value: float | None) -> None:
+    def metric(self, step: int, variant: str, metric: str, value: float | None, **interval: Any) -> None:
         with self._lock:
             if not self.muted:
-                self.pending.append(rf.metric_record(step, variant, metric, value, time.time()))
+                self.pending.append(rf.metric_record(step, variant, metric, value, time.time(), **interval))
         self.on_write()
 
     def commit(self, before: Callable[[], bool] = lambda: True,

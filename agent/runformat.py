@@ -44,6 +44,14 @@ SCORING = "scoring"
 SCORING_LOCK = f"{SCORING}/run_json.lock"
 #: The latest bank snapshot (safetensors, atomic replace).
 SNAPSHOT = f"{BANKS}/latest.safetensors"
+#: The latest snapshot of a *sharded* bank: a JSON index (atomic replace) naming one safetensors
+#: file per rank (:func:`snapshot_shard_file`), written instead of :data:`SNAPSHOT`.
+SNAPSHOT_INDEX = f"{BANKS}/latest.index.json"
+#: The files that may hold a run's latest bank snapshot (one of them; the newer one wins).
+LATEST_SNAPSHOTS = (SNAPSHOT, SNAPSHOT_INDEX)
+#: ``format`` and ``version`` of a sharded snapshot's index.
+SHARD_INDEX_FORMAT = "emascope-bank-shards"
+SHARD_INDEX_VERSION = 1
 #: The first reference points of a low-dimensional run (float32 ``[n, d]`` .npy).
 REFERENCE_POINTS = f"{SAMPLES}/reference.npy"
 #: The model's transformers / diffusers config, recorded at attach when the model has one (JSON
@@ -111,6 +119,43 @@ def stage_snapshot_file(step: int) -> str:
     """``banks/step_<step:09d>.safetensors``: the bank as it was at a scoring stage (same format as
     :data:`SNAPSHOT`), kept for out-of-process scoring and post-hoc synthesis of other decays."""
     return f"{BANKS}/{stage_dir_name(step)}.safetensors"
+
+
+def shard_file_name(stem: str, rank: int, world_size: int) -> str:
+    """``<stem>.rank<rank:05d>-of-<world_size:05d>.safetensors``: one rank's file of a sharded snapshot."""
+    if not 0 <= int(rank) < int(world_size):
+        raise ValueError(f"rank {rank!r} is not in [0, {world_size!r})")
+    return f"{stem}.rank{int(rank):05d}-of-{int(world_size):05d}.safetensors"
+
+
+_SHARD_RE = re.compile(r"(.+)\.rank(\d{5,})-of-(\d{5,})\.safetensors")
+
+
+def parse_shard_file_name(name: str) -> tuple[str, int, int] | None:
+    """``(stem, rank, world_size)`` of a :func:`shard_file_name`, else ``None``."""
+    m = _SHARD_RE.fullmatch(name)
+    if not m or int(m.group(2)) >= int(m.group(3)):
+        return None
+    return m.group(1), int(m.group(2)), int(m.group(3))
+
+
+def snapshot_shard_file(step: int, rank: int, world_size: int) -> str:
+    """``banks/latest.step_<step:09d>.rank<r:05d>-of-<W:05d>.safetensors``: rank ``r``'s file of the
+    latest sharded snapshot (named by step, so the previous set stays whole until the new index
+    replaces :data:`SNAPSHOT_INDEX`)."""
+    return shard_file_name(f"{BANKS}/latest.{stage_dir_name(step)}", rank, world_size)
+
+
+def stage_snapshot_index(step: int) -> str:
+    """``banks/step_<step:09d>.index.json``: a sharded bank's snapshot at a scoring stage (the
+    sharded form of :func:`stage_snapshot_file`)."""
+    return f"{BANKS}/{stage_dir_name(step)}.index.json"
+
+
+def stage_snapshot_shard_file(step: int, rank: int, world_size: int) -> str:
+    """``banks/step_<step:09d>.rank<r:05d>-of-<W:05d>.safetensors``: rank ``r``'s file of
+    :func:`stage_snapshot_index`."""
+    return shard_file_name(f"{BANKS}/{stage_dir_name(step)}", rank, world_size)
 
 
 def parse_stage_snapshot_name(name: str) -> int | None:
@@ -368,15 +413,34 @@ SAMPLE_KINDS = ("images", "points")
 SAMPLE_SEEDING = "batch_sha256"
 
 
+#: Optional keys of a metrics.jsonl record (format 1, added with the uncertainty intervals): the
+#: standard error ``se``, the interval ``lo``/``hi`` at the run's confidence level, and ``n``, the
+#: number of generated samples the value was computed on. Absent when unknown (and in older runs).
+METRIC_INTERVAL_KEYS = ("se", "lo", "hi", "n")
+#: events.jsonl types written with the uncertainty intervals (format 1, additive).
+EVENT_COMPARISON = "comparison"
+EVENT_NOISE_FLOOR = "noise_floor"
+#: ``noise_floor`` sources: exact samples of the data distribution given to ``attach``, or a disjoint
+#: split of the reference (part of it scored against the rest).
+FLOOR_SOURCES = ("exact", "reference_split")
+
+
 def metric_record(step: int, variant: str, metric: str, value: float | None, time: float, *,
-                  synthesized: dict[str, Any] | None = None) -> dict[str, Any]:
+                  se: float | None = None, lo: float | None = None, hi: float | None = None,
+                  n: int | None = None, synthesized: dict[str, Any] | None = None) -> dict[str, Any]:
     """One metrics.jsonl record; ``decay`` is derived from the variant (``None`` for raw/bema).
+    The optional :data:`METRIC_INTERVAL_KEYS` are written only when given.
 
     ``synthesized``: for a decay the bank does not hold, scored from weights synthesised post hoc
     (docs/synthesis.md), the record gets ``"synthesized": {...}`` (:func:`synthesis_record`); plain
     records have no such key (readers written before it treat these as ordinary decays)."""
     rec = {"step": int(step), "variant": variant, "decay": decay_of(variant), "metric": metric,
            "value": value, "time": time}
+    for key, v in (("se", se), ("lo", lo), ("hi", hi)):
+        if v is not None:
+            rec[key] = float(v)
+    if n is not None:
+        rec["n"] = int(n)
     if synthesized is not None:
         rec[SYNTHESIZED] = synthesized
     return rec
@@ -394,6 +458,14 @@ def synthesis_record(*, profile_residual: float, predicted_error: float | None,
     ``error_bound`` (relative to the weights' norm; ``None`` when not calibrated)."""
     return {"profile_residual": profile_residual, "predicted_error": predicted_error,
             "error_bound": error_bound}
+
+
+def comparison_entry(*, diff: float, se: float | None, lo: float | None, hi: float | None, n: int | None,
+                     worse: bool | None, paired: bool) -> dict[str, Any]:
+    """One variant of a ``comparison`` event: ``diff`` = its value minus the best's (metric units),
+    the standard error and interval of that difference, the samples per variant it rests on, and
+    whether the variant is significantly worse than the best (``null``: unknown)."""
+    return {"diff": diff, "se": se, "lo": lo, "hi": hi, "n": n, "worse": worse, "paired": bool(paired)}
 
 
 def event_record(type: str, step: int, time: float, **fields: Any) -> dict[str, Any]:
@@ -579,12 +651,16 @@ class ExportRequest:
     A *synthesised* export (docs/synthesis.md) names ``decay`` (any decay in (0, 1), also one the
     bank does not hold) or ``sigma_rel`` (EDM2's power-function EMA); its ``variant`` is then
     :func:`synthesized_name`. ``force``: write it even when its measured error is large.
+    ``overwrite``: replace an existing ``exports/<name>.safetensors`` (default False: the agent
+    refuses the request when the file exists, and the file is left as it was); the same rule holds
+    for synthesised exports.
     """
 
     id: str
     variant: str
     name: str
     dtype: str | None
+    overwrite: bool = False
     decay: float | None = None
     sigma_rel: float | None = None
     force: bool = False
@@ -597,7 +673,7 @@ class ExportRequest:
 def request_body(request: ExportRequest, time: float) -> dict[str, Any]:
     """The JSON body of ``requests/<id>.json`` (``decay``/``sigma_rel``/``force`` only when synthesised)."""
     body: dict[str, Any] = {"id": request.id, "variant": request.variant, "name": request.name,
-                            "dtype": request.dtype, "time": time}
+                            "dtype": request.dtype, "overwrite": request.overwrite, "time": time}
     if request.synthesized:
         body.update(decay=request.decay, sigma_rel=request.sigma_rel, force=request.force)
     return body
@@ -636,12 +712,16 @@ def default_synthesized_export_name(decay: float | None = None, sigma_rel: float
 def parse_request(body: Any, *, stem: str) -> ExportRequest:
     """Validate a request object read from ``requests/<stem>.json``; ``ValueError`` naming the bad
     field. The ``id`` field must equal the file stem (or be absent); the variant is normalised
-    (:func:`parse_variant`) but whether the bank holds it is checked by the agent."""
+    (:func:`parse_variant`) but whether the bank holds it is checked by the agent; ``overwrite``
+    must be a JSON boolean (absent: false)."""
     if not isinstance(body, dict):
         raise ValueError(f"request must be a JSON object, got {type(body).__name__}")
     rid = body.get("id", stem)
     if not isinstance(rid, str) or not ID_RE.fullmatch(rid) or rid != stem:
         raise ValueError(f"bad request id {rid!r} (must match [A-Za-z0-9_-]{{1,64}} and the file name {stem!r})")
+    overwrite = body.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"bad overwrite {overwrite!r} (true or false; absent means false)")
     if body.get("decay") is not None or body.get("sigma_rel") is not None:
         decay, sigma_rel = check_synthesis_target(body.get("decay"), body.get("sigma_rel"))
         force = body.get("force", False)
@@ -649,13 +729,15 @@ def parse_request(body: Any, *, stem: str) -> ExportRequest:
             raise ValueError(f"bad force {force!r} (true or false)")
         name = body.get("name") or default_synthesized_export_name(decay, sigma_rel)
         return ExportRequest(rid, synthesized_name(decay, sigma_rel), validate_export_name(name),
-                             validate_export_dtype(body.get("dtype")), decay, sigma_rel, force)
+                             validate_export_dtype(body.get("dtype")), overwrite=overwrite,
+                             decay=decay, sigma_rel=sigma_rel, force=force)
     variant = body.get("variant")
     if not isinstance(variant, (str, int, float)) or isinstance(variant, bool):
         raise ValueError(f"bad variant {variant!r}")
     variant = parse_variant(str(variant))
     name = body.get("name") or default_export_name(variant)
-    return ExportRequest(rid, variant, validate_export_name(name), validate_export_dtype(body.get("dtype")))
+    return ExportRequest(rid, variant, validate_export_name(name), validate_export_dtype(body.get("dtype")),
+                         overwrite=overwrite)
 
 
 def status_record(*, request_id: str | None, state: str, variant: str | None, step: int, path: str | None,
@@ -694,6 +776,12 @@ def model_config_body(*, library: str, cls: str, library_version: str, prefix: s
         raise ValueError(f"library must be one of {tuple(PRETRAINED_WEIGHTS)}, got {library!r}")
     return {"library": library, "class": cls, "library_version": library_version, "prefix": prefix,
             "config": config}
+
+
+#: Largest ``run.json`` the agent reads back when resuming (a real one is a few kB).
+MAX_RUN_JSON_BYTES = 16 * 1024 * 1024
+#: Largest ``model_config.json`` read (a real config is a few kB; a hostile one is refused unread).
+MAX_MODEL_CONFIG_BYTES = 16 * 1024 * 1024
 
 
 def parse_model_config(body: Any) -> dict[str, Any]:

@@ -18,13 +18,14 @@ writes are caught and recorded in ``events.jsonl``. If ``bank.update()`` raises,
 *disabled* (its state may be half-updated): no more updates, EMA variants are no longer scored
 or snapshotted, only ``raw`` is; a ``bank_disabled`` event says so.
 
-Under ``torch.distributed`` only rank 0 builds a bank, scores and writes files; other ranks count
-steps and do nothing else (``scope.bank`` is ``None`` there, ``score_now``/``export`` return
-``None``). ``attach`` issues no collective, so it may be called on every rank or on rank 0 only.
-Scoring runs on rank 0 alone with the unwrapped module (``ddp.module``): the sampler and
-``evaluate`` must use the model they are given and must not call collectives (the other ranks wait
-in their next collective meanwhile, so a sweep must finish within the process group's timeout).
-Sharded parameters (FSDP2 ``fully_shard``, DTensor) raise ``NotImplementedError``.
+Under ``torch.distributed`` with more than one rank the bank is *sharded* by default
+(:mod:`emascope.shards`): ``attach`` is then a collective (call it on every rank), every rank
+updates its 1/W of the bank from its own weights (DDP replicas or FSDP2 shards; no communication
+per step), snapshots are written by every rank (:mod:`emascope.shardfiles`), exports, export
+requests and scoring sweeps are collectives at step boundaries every rank reaches together, and
+rank 0 alone writes the run directory's other files. ``shard=False`` keeps the former mode: only
+rank 0 builds a (whole) bank, scores and writes; other ranks count steps (``scope.bank`` is
+``None`` there) and ``attach`` issues no collective, so it may be called on rank 0 only.
 
 Where sweeps run (``scoring=``): ``"background"`` (default) freezes a copy of the bank at each
 scoring point and scores it on a worker thread (:mod:`emascope.background`); ``"inline"`` scores in
@@ -36,6 +37,7 @@ the training job's random stream, the bank and the metrics are the same in every
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -51,10 +53,12 @@ from torch import nn
 
 from emascope import features as F
 from emascope import runformat as rf
+from emascope import shardfiles as SF
 from emascope import stage_snapshots as stages
 from emascope.background import BackgroundScorer, choose_copy_placement, freeze_stage, frozen_nbytes
 from emascope.bank import EMABank, unwrap_model
 from emascope.claims import clear_stage, done_steps, mark_done
+from emascope.collectives import all_gather_ints, broadcast_json, cpu_group, explained_barrier
 from emascope.config import (
     BankConfig,
     Hooks,
@@ -64,6 +68,7 @@ from emascope.config import (
     check_together,
     settings_of,
 )
+from emascope.plan import format_bytes, format_plan
 from emascope.pretrained import export_pretrained_from_bank, model_config_record, write_model_config
 from emascope.requests import RequestPoller
 from emascope.rundir import (
@@ -77,10 +82,29 @@ from emascope.rundir import (
     undo_start,
 )
 from emascope.scoring import Scorer, SweepResult, attach_extractor, cuda_devices
+from emascope.shards import is_dtensor
 from emascope.snapshot import check_export_target, export_checkpoint, load_snapshot, save_snapshot
+from emascope.sweep_ranks import run_sweep_ranks
 from emascope.version import __version__
 
 log = logging.getLogger(__name__)
+
+#: Seconds ``attach`` waits at its barrier for every rank when the bank is sharded (gloo groups name
+#: the missing ranks after it).
+ATTACH_TIMEOUT_S = 120.0
+
+
+def dist_world() -> int:
+    """World size of the default process group; before ``init_process_group`` the launcher's
+    ``WORLD_SIZE`` environment variable, else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size())
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 
 
 def dist_rank() -> int:
@@ -198,7 +222,6 @@ def check_attachable(model: Any, optimizer: Any, scoring: ScoringConfig,
     if reference is not None and not isinstance(reference, F.Features):
         F.reference_identity(reference, max_items=2)  # validates the type early
         F.check_reference_kind(reference, spec)
-    _refuse_sharded_params(model)
     return inner
 
 
@@ -216,10 +239,30 @@ class Scope:
         inner = check_attachable(model, optimizer, scoring, hooks)
         check_together(run, scoring)
         self.run_cfg, self.bank_cfg = run, bank
+        self._wrapped = model
         self.model, self.optimizer = unwrap_model(model), inner
         self.optimizer_chain = unwrap_optimizer(optimizer)[1] if optimizer is not None else []
         self.rank = dist_rank()
+        self.world_size = dist_world()
         self.is_writer = self.rank == 0
+        dtensors = any(is_dtensor(p) for p in self.model.parameters())
+        initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if bank.shard is True and not initialized:
+            raise ValueError("shard=True needs torch.distributed's process group: call init_process_group "
+                             "before attach()")
+        #: every rank holds a shard of the bank (collective attach, sweeps, snapshots, exports)
+        self.sharded = dtensors or (initialized and self.world_size > 1 and bank.shard is not False)
+        if self.sharded and run.scoring == "external":  # the same verdict on every rank, nothing written
+            raise ValueError("scoring='external' is not available with a sharded bank (its stage snapshots "
+                             "would be per-rank sets emascope score does not read yet): use scoring='inline' "
+                             "or 'background' (both score on every rank at the step), or shard=False")
+        if self.sharded and scoring.search_evals > 0:  # same verdict on every rank, nothing written
+            raise ValueError("search_evals is not available with a sharded bank (post-hoc synthesis reads "
+                             "one-process stage snapshots; a sharded bank writes per-rank files): set "
+                             "search_evals=0, or shard=False")
+        self._cpu_group = None
+        self._hooks, self._scoring = hooks, scoring
+        self._extractor: Any = None
         self.run_dir = Path(run.run_dir)
         self.bank: EMABank | None = None
         self.writer: RunWriter | None = None
@@ -235,22 +278,76 @@ class Scope:
         self._bank_ok, self._skipped_seen = True, 0
         self._housekeeping_at = -float("inf")
         self._hook = None
+        self._failed = False
         self._background: BackgroundScorer | None = None
         self.t0 = self.start_time = time.time()
-        if self.is_writer:
+        if self.sharded:
+            self._open_sharded(scoring, hooks, inner)
+        elif self.is_writer:
             plan = self._prepare_run(scoring, hooks)  # reads and checks only: nothing written yet
             self._start_run(plan)                     # writes; a failure undoes what it wrote
         elif inner is not None:
             self._hook = inner.register_step_post_hook(self._optimizer_hook)
 
+    def _build_bank(self) -> EMABank:
+        b = self.bank_cfg
+        return EMABank(self._wrapped, b.decays, device=b.device, update_every=b.update_every,
+                       bias_correction=b.bias_correction, bema=b.bema or False,
+                       average_buffers=b.average_buffers, shard=self.sharded)
+
+    def _open_sharded(self, scoring: ScoringConfig, hooks: Hooks, inner: torch.optim.Optimizer | None) -> None:
+        """Every rank: build its shard of the bank and check (rank 0: the run directory, the run being
+        resumed, the extractor; every rank: its columns of the snapshot to resume), meet the others
+        (a barrier that names missing ranks), and agree; then rank 0 writes and every rank is hooked.
+        A failure on any rank raises on every rank, before anything is written."""
+        error: BaseException | None = None
+        prepared: dict[str, Any] | None = None
+        try:
+            if self.is_writer:
+                prepared = self._prepare_run(scoring, hooks)  # builds the bank, resumes rank 0's shard
+            else:
+                self.bank = self._build_bank()
+                if self.run_cfg.resume:
+                    self._resume_bank()
+                self._extractor = attach_extractor(scoring, hooks, self.model)
+        except Exception as exc:  # noqa: BLE001 - raised below on every rank, after the others know
+            error = exc
+        plan = self.bank.shard_plan if self.bank is not None else None
+        self._cpu_group = cpu_group(plan.group if plan is not None else None)
+        try:
+            explained_barrier(self._cpu_group, ATTACH_TIMEOUT_S, "attach() with a sharded bank")
+        except RuntimeError as exc:
+            raise ValueError(f"{exc}; or pass shard=False to keep the whole bank on rank 0 (attach on rank "
+                             "0 only)") from exc
+        self._agree_or_raise(error, "checking the settings, the run directory and the bank")
+        error = None
+        if self.is_writer:
+            assert prepared is not None
+            try:
+                self._start_run(prepared)  # hooks rank 0's optimizer
+            except BaseException as exc:  # noqa: BLE001 - _start_run undid its writes
+                error = exc
+        self._agree_or_raise(error, "starting the run")
+        if not self.is_writer and inner is not None:
+            self._hook = inner.register_step_post_hook(self._optimizer_hook)
+        self.run_id = broadcast_json(self.run_id, 0, self._cpu_group)
+
+    def _agree_or_raise(self, error: BaseException | None, what: str) -> None:
+        """All ranks learn whether ``what`` worked everywhere; every rank raises if one failed."""
+        oks = all_gather_ints([error is None], self._cpu_group)
+        failed = [r for r, (ok,) in enumerate(oks) if not ok]
+        if error is not None:
+            raise error
+        if failed:
+            raise ValueError(f"attach() failed on rank(s) {failed} while {what} (see their error)")
+
     def _prepare_run(self, scoring: ScoringConfig, hooks: Hooks) -> dict[str, Any]:
         """Rank 0, before anything is written: build the bank, check the run directory, read the run
         being resumed, build the feature extractor and read the model's config. Raises ``ValueError``
         naming a problem; writes nothing."""
-        run, b = self.run_cfg, self.bank_cfg
-        self.bank = EMABank(self.model, b.decays, device=b.device, update_every=b.update_every,
-                            bias_correction=b.bias_correction, bema=b.bema or False,
-                            average_buffers=b.average_buffers)
+        run = self.run_cfg
+        if self.bank is None:
+            self.bank = self._build_bank()
         check_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
         notices: list[str] = []
         resumed_from = self._resume_bank(notices.append) if run.resume else None
@@ -280,12 +377,16 @@ class Scope:
                                  on_info_change=self._write_run_json, known_directions=known,
                                  extractor=plan["extractor"])
             self.settings = settings_of(run, b, plan["scoring"])
+            shard = self.bank.shard_plan
             self.settings.update(device=str(self.bank.device), feature_extractor=self.scorer.extractor_label(),
-                                 sample_seeding=rf.SAMPLE_SEEDING)
+                                 sample_seeding=rf.SAMPLE_SEEDING, placement=self.bank.placement,
+                                 world_size=self.world_size, sharding=None if shard is None else shard.kind)
             self._write_run_json(strict=True)
             if plan["model_config"] is not None:
                 write_model_config(self.run_dir, plan["model_config"])
             self.writer.event("start", self._step, optimizer=" -> ".join(self.optimizer_chain) or None)
+            log.info("emascope: bank placement %r (%s per rank)\n%s", self.bank.placement,
+                     format_bytes(self.bank.nbytes), format_plan(self.bank.memory_plan))
             if plan["resumed_from"] is not None:
                 self.writer.event("resume", self._step, snapshot_step=plan["resumed_from"])
             for message in plan["notices"]:
@@ -296,8 +397,16 @@ class Scope:
                                           f"{sum(n for _, n in stale)} bytes left by a writer that was killed")
             self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
                                           on_result=self._export_event, on_notice=self._requests_notice,
-                                          synthesize=self._synthesize_for_request)
-            if run.scoring == "background":
+                                          synthesize=None if self.sharded else self._synthesize_for_request)
+            if self.sharded and run.scoring == "background":
+                self.writer.event("notice", self._step, where="background", message=(
+                    "a sharded bank is scored on every rank at its scoring steps (training waits for each "
+                    "sweep): background scoring applies to one-process banks"))
+            if self.sharded and run.stage_snapshots != 0:
+                self.writer.event("notice", self._step, where="snapshot", message=(
+                    "stage snapshots for post-hoc synthesis are not written for a sharded bank (synthesis "
+                    "reads one-process snapshots): synthesised exports of this run are refused"))
+            if run.scoring == "background" and not self.sharded:
                 self._background = BackgroundScorer(self.scorer, self.writer, self.run_dir, policy=run.score_busy,
                                                     stall_timeout=run.score_timeout, on_result=self._on_result)
             if self.optimizer is not None:
@@ -342,8 +451,9 @@ class Scope:
         Inline: returns the sweep's result. Background: the stage is frozen and queued (never
         skipped); with ``wait=True`` (default) this waits for it and returns its result (``None`` if
         it did not finish). External: writes the stage snapshot for ``emascope score``; ``None``.
+        Sharded bank: a sweep on every rank (a collective: call it on every rank at the same step).
         """
-        if not self.is_writer or self.closed:
+        if self.closed or not (self.is_writer or self.sharded):
             return None
         return self._score(force=True, wait=wait)
 
@@ -362,18 +472,37 @@ class Scope:
         ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. ``"transformers"`` /
         ``"diffusers"`` (a model whose config was recorded at attach): a folder that the library's
         ``from_pretrained`` loads, default ``RUN_DIR/exports/ema-<variant>-step<step>/``.
-        ``dtype``: ``None`` (the model's dtypes) or ``"float32"``/``torch.float32``.
+        ``dtype``: ``None`` (the model's dtypes) or ``"float32"``/``torch.float32``. Sharded bank: a
+        collective (call it on every rank); the entries stream to rank 0 one at a time and rank 0
+        writes.
         """
-        if not self.is_writer:
+        if not self.is_writer and not self.sharded:
             return None
         if format not in rf.EXPORT_FORMATS:
             raise ValueError(f"format must be one of {rf.EXPORT_FORMATS}, got {format!r}")
+        if self.sharded and format != "safetensors":  # raised on every rank, before any collective
+            raise ValueError(f"format={format!r} exports of a sharded bank are written offline: "
+                             f"`emascope export RUN_DIR --variant V --format {format}` reads the sharded snapshot")
         variant = self.bank.resolve(variant)
+        refused: ValueError | None = None
+        if self.is_writer:
+            try:
+                if path is None:
+                    rf.run_subdir(self.run_dir, rf.EXPORTS)  # ValueError: a symlinked exports/
+                else:  # never a file of the run itself
+                    path = check_export_target(self.run_dir, path, folder=format != "safetensors")
+            except ValueError as exc:
+                refused = exc
+        if self.sharded:  # every rank learns rank 0's verdict on the path before the collective export
+            message = broadcast_json(None if refused is None else str(refused), 0, self._cpu_group)
+            if refused is None and message is not None:
+                raise ValueError(f"export refused on rank 0: {message}")
+        if refused is not None:
+            raise refused
+        if not self.is_writer:  # a sharded bank's other ranks send their pieces to rank 0
+            self._export(variant, None, dtype)
+            return None
         name = rf.default_export_name(variant, self._step)
-        if path is None:
-            rf.run_subdir(self.run_dir, rf.EXPORTS)  # ValueError: a symlinked exports/
-        else:  # never a file of the run itself
-            path = check_export_target(self.run_dir, path, folder=format != "safetensors")
         if format == "safetensors":
             out = self._export(variant, Path(path or self.run_dir / rf.export_file(name)), dtype)
         else:
@@ -381,10 +510,11 @@ class Scope:
             if record is None:
                 raise ValueError(f"format={format!r} needs a transformers or diffusers model; "
                                  f"{type(self.model).__name__} is neither (use format='safetensors')")
-            self._export(variant, None, dtype)  # the same checks as a plain export
+            self._check_export(variant, dtype)
             out = export_pretrained_from_bank(self.bank, variant, record, path or self.run_dir / rf.export_dir(name),
                                               fmt=format, dtype=None if dtype is None else "float32",
                                               run_id=str(self.run_id))
+        assert out is not None
         try:  # relative to the run directory when inside it, as in export requests
             shown = out.resolve().relative_to(self.run_dir.resolve()).as_posix()
         except ValueError:
@@ -404,7 +534,9 @@ class Scope:
     def state_dict(self) -> dict[str, Any]:
         """The agent's state for the training checkpoint: ``{"format", "step", "bank"}`` (``bank`` is
         ``EMABank.state_dict()``, copies; ``None`` off rank 0). Saves and loads with ``torch.save`` /
-        ``torch.load(weights_only=True)``.
+        ``torch.load(weights_only=True)``. Sharded bank: each rank's own shard (no communication);
+        save it from every rank, like a sharded model checkpoint, and load it at the same world size
+        (``attach(..., resume=True)`` re-shards from the run's snapshot at another world size).
 
         Putting it in the training checkpoint makes a restart exact: ``attach(..., resume=True)``
         then ``scope.load_state_dict(ckpt["emascope"])`` continues from the checkpoint's step even
@@ -449,20 +581,26 @@ class Scope:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if not self.is_writer:
+        if not self.is_writer and not self.sharded:
             return
         try:
-            self._check_skipped()
-            final = self.run_cfg.score_at_close if score is None else bool(score)
-            wanted = self.scorer.active or self.run_cfg.scoring == "external"
-            if final and self._last_scored != self._step and wanted:
-                self._score(force=True, wait=False)
-            if self._last_snapshot != self._step:
-                self._snapshot()
-            self.requests.poll(self._step, final=True)
-            self.requests.join()
+            if self.sharded and self._failed:
+                pass  # the training loop raised here: other ranks may be gone; no collective
+            else:
+                if self.is_writer:
+                    self._check_skipped()
+                final = self.run_cfg.score_at_close if score is None else bool(score)
+                wanted = self._scoring_active() or self.run_cfg.scoring == "external"
+                if final and self._last_scored != self._step and wanted:
+                    self._score(force=True, wait=False)
+                if self._last_snapshot != self._step:
+                    self._snapshot()
+                self._serve_requests(final=True)  # what still waits is refused
+                if self.requests is not None:
+                    self.requests.join()  # synthesised exports still being written
         except Exception as exc:  # noqa: BLE001
-            self.writer.error("close", self._step, exc)
+            if self.writer is not None:
+                self.writer.error("close", self._step, exc)
         interrupted = None
         if self._background is not None:
             try:  # finished sweeps are already written; this waits for the running and queued ones
@@ -472,8 +610,12 @@ class Scope:
                 self._background.close(0.0)
             except Exception as exc:  # noqa: BLE001
                 self.writer.error("close", self._step, exc)
-        self.writer.event("close", self._step, seconds_alive=time.time() - self.t0)
-        self.writer.stop_heartbeat()
+        if self.bank is not None:
+            with contextlib.suppress(Exception):
+                self.bank.close()  # the host placement's worker thread
+        if self.writer is not None:
+            self.writer.event("close", self._step, seconds_alive=time.time() - self.t0)
+            self.writer.stop_heartbeat()
         if interrupted is not None:
             raise interrupted
 
@@ -489,10 +631,13 @@ class Scope:
     def abort(self, exc: BaseException) -> None:
         """Close after the training job failed with ``exc``: an ``error`` event (``where:
         "training"``), then :meth:`close` without the final sweep and without waiting for running
-        background sweeps (the bank is still snapshotted). What the context manager and the
-        Lightning / HF callbacks do on an exception."""
-        if self.is_writer and not self.closed:
-            self.writer.error("training", self._step, exc, tell=False)
+        background sweeps (the bank is still snapshotted, except a sharded one: the other ranks may be
+        gone, so nothing collective runs). What the context manager and the Lightning / HF callbacks
+        do on an exception."""
+        if not self.closed:
+            self._failed = True
+            if self.writer is not None:
+                self.writer.error("training", self._step, exc, tell=False)
         self.close(score=False, wait=False)
 
     # ------------------------------------------------------------------ per step
@@ -504,29 +649,33 @@ class Scope:
         if self.closed:
             return
         self._step += 1
-        if not self.is_writer:
+        if not self.is_writer and not self.sharded:
             return
         try:
             self._update_bank()
             step, run = self._step, self.run_cfg
-            if run.stage_snapshots != 0 and self._bank_ok:
+            if run.stage_snapshots != 0 and self._bank_ok and not self.sharded:
                 stage = stages.next_stage_for_lead_in(step, run.score_every, run.stage_lead_in, self.bank.update_every)
                 if stage is not None:
                     self._lead_in_snapshot(stage)
             if run.snapshot_interval and step % run.snapshot_interval == 0:
                 self._snapshot()
+                if self.sharded:
+                    self._serve_requests()  # at a step every rank reaches: export requests are collectives
             if run.score_every and step % run.score_every == 0:
                 self._score()
             now = time.monotonic()
-            if now - self._housekeeping_at >= run.request_interval:
+            if self.is_writer and now - self._housekeeping_at >= run.request_interval:
                 # at most about once a second: reading the skip counter syncs a GPU bank
                 self._housekeeping_at = now
                 self._check_skipped()
-                self.requests.poll(step)
+                if not self.sharded:
+                    self.requests.poll(step)
                 if self._background is not None:
                     self._background.check()  # abandons a sweep without progress for score_timeout s
         except Exception as exc:  # noqa: BLE001 - never into optimizer.step
-            self.writer.error("agent", self._step, exc)
+            if self.writer is not None:
+                self.writer.error("agent", self._step, exc)
 
     def _update_bank(self) -> None:
         if not self._bank_ok:
@@ -534,23 +683,56 @@ class Scope:
         try:
             self.bank.update()
         except Exception as exc:  # noqa: BLE001
-            self._bank_ok = False
+            self._bank_failed(exc)
+
+    def _bank_failed(self, exc: BaseException) -> None:
+        """The bank raised (its update, or the host placement's worker): stop using it."""
+        self._bank_ok = False
+        if self.writer is not None:
             self.writer.error("bank", self._step, exc)
-            self.writer.event("bank_disabled", self._step,
-                              message="bank.update() raised; EMA updates stopped, only 'raw' is scored")
+            self._bank_disabled_event()
+
+    def _bank_disabled_event(self, ranks: list[int] | None = None) -> None:
+        where = "" if ranks is None else f" on rank(s) {ranks}"
+        self.writer.event("bank_disabled", self._step,
+                          message=f"bank.update() raised{where}; EMA updates stopped, only 'raw' is scored")
+
+    def _agree_bank_ok(self) -> bool:
+        """Sharded banks: every rank learns whether every shard is still updating (a tiny all-gather
+        at snapshot/score steps, never per update); a failure on any rank disables the bank everywhere."""
+        if not self.sharded:
+            return self._bank_ok
+        oks = all_gather_ints([int(self._bank_ok)], self._cpu_group)
+        failed = [r for r, (ok,) in enumerate(oks) if not ok]
+        if failed and self._bank_ok:
+            self._bank_ok = False
+            if self.writer is not None:
+                self._bank_disabled_event(failed)
+        return self._bank_ok
+
+    def _scoring_active(self) -> bool:
+        return self.scorer.active if self.scorer is not None else bool(
+            self._hooks.sampler is not None or self._hooks.evaluate is not None)
 
     def _check_skipped(self) -> None:
         """Write a ``nonfinite_skip`` event if the bank skipped updates since the last check."""
         if not self._bank_ok:
             return
-        skipped = int(self.bank.num_skipped)
+        try:
+            skipped = int(self.bank.num_skipped)
+        except Exception as exc:  # noqa: BLE001 - the host placement's worker failed
+            self._bank_failed(exc)
+            return
         if skipped != self._skipped_seen:
             self._skipped_seen = skipped
             self.writer.event("nonfinite_skip", self._step, count=skipped)
 
     def _score(self, *, force: bool = False, wait: bool = False) -> SweepResult | None:
         """A scoring point: score inline, freeze for the background worker, or write the stage
-        snapshot for an external scorer (``scoring=``). ``force``: never skipped by ``score_busy``."""
+        snapshot for an external scorer (``scoring=``). ``force``: never skipped by ``score_busy``.
+        Sharded bank: a sweep on every rank, at the step (whatever ``scoring`` says)."""
+        if self.sharded:
+            return self._score_sharded()
         self._last_scored = self._step
         mode = self.run_cfg.scoring
         if mode != "external":  # (an external scorer's stage snapshot is written by _write_stage)
@@ -644,7 +826,7 @@ class Scope:
         every scoring stage; returns the relative path, ``None`` when off or on failure (an ``error``
         event, ``where: "snapshot"``). See :mod:`emascope.stage_snapshots`."""
         run = self.run_cfg
-        if run.stage_snapshots == 0 or not self._bank_ok or not self.is_writer:
+        if run.stage_snapshots == 0 or not self._bank_ok or not self.is_writer or self.sharded:
             return None
         t = time.perf_counter()
         try:
@@ -693,7 +875,7 @@ class Scope:
         """Print and record (a ``stage_snapshot_plan`` event) their disk cost, when a
         schedule of stages is set (``score_every``; without one only close / ``score_now`` make stages)."""
         run = self.run_cfg
-        if run.stage_snapshots == 0 or not run.score_every:
+        if run.stage_snapshots == 0 or not run.score_every or self.sharded:
             return
         cost = stages.disk_cost(self.bank, keep=run.stage_snapshots, lead_in=run.stage_lead_in,
                                 dtype=run.stage_snapshot_dtype)
@@ -752,34 +934,117 @@ class Scope:
                 return m
         return None
 
+    def _score_sharded(self) -> SweepResult | None:
+        """A sweep on every rank (:mod:`emascope.sweep_ranks`): each draws its share of the batches,
+        rank 0 gathers the features, computes the metrics and writes."""
+        self._last_scored = step = self._step
+        ok = self._agree_bank_ok()
+        variants = list(self.bank.variants) if ok else [rf.RAW]
+        hooks, cfg = self._hooks, self._scoring
+        with torch.random.fork_rng(devices=cuda_devices(self.model)):
+            reference, info = None, None
+            if self.is_writer:
+                reference = self.scorer.reference_for(self.model, step)
+                info = ({"image_range": self.scorer.cfg.image_range}
+                        if reference is not None and self.scorer.extractor is not None else None)
+            info = broadcast_json(info, 0, self._cpu_group)
+            extractor, extractor_error = self._rank_extractor(info)
+            result = run_sweep_ranks(
+                model=self.model, bank=self.bank if ok else None, variants=variants, step=step,
+                writer=self.writer, cfg=self.scorer.cfg if self.scorer is not None else cfg,
+                sampler=hooks.sampler, extractor=extractor, reference=reference, evaluate=hooks.evaluate,
+                sample_metrics=hooks.sample_metrics, fd_name=self.scorer.fd_name() if self.scorer else "fd",
+                group=self._cpu_group, collective_sampler=any(is_dtensor(p) for p in self.model.parameters()),
+                extractor_error=extractor_error,
+                prior_errors=self.scorer.reference_errors if self.scorer is not None else 0)
+        if self.is_writer and result is not None:
+            self.scorer.reference_errors = 0
+            self.scorer.note(result, reference, step)
+            self.last_scores = res = result
+            self.writer._guard("done marker", lambda: mark_done(self.run_dir, step, rf.done_record(
+                step=step, scorer=rf.SCORER_INLINE, seconds=res.seconds, records=sum(map(len, res.scores.values())),
+                time=time.time())))
+        return result
+
+    def _rank_extractor(self, info: dict[str, Any] | None) -> tuple[Any, BaseException | None]:
+        """The extractor of this rank this sweep: rank 0's own; the others' were built at attach
+        the same way (``attach_extractor``) and take the image range rank 0 set from the reference
+        (``info``; ``None``: no features this sweep)."""
+        if info is None:
+            return None, None
+        if self.is_writer:
+            return self.scorer.extractor, None
+        if self._extractor is None:
+            return None, RuntimeError("this rank has no feature extractor (no sampler or reference given to it)")
+        if hasattr(self._extractor, "image_range"):
+            self._extractor.image_range = info["image_range"]
+        return self._extractor, None
+
     # ------------------------------------------------------------------ snapshots and exports
 
     def _snapshot(self) -> None:
-        if not self._bank_ok:
+        if not self._agree_bank_ok():
             return
         t = time.perf_counter()
+        rel = rf.SNAPSHOT_INDEX if self.sharded else rf.SNAPSHOT
+        if self.sharded:  # every rank marks it attempted: close() must not retry on some ranks only
+            self._last_snapshot = self._step
         try:
-            nbytes = save_snapshot(self.bank, self.run_dir / rf.SNAPSHOT,
-                                   metadata={"run_id": self.run_id, "step": str(self._step)})
-        except Exception as exc:  # noqa: BLE001 (OSError: full disk, ...)
-            self.writer.error("snapshot", self._step, exc)
+            if self.sharded:
+                step = self._step
+                nbytes = SF.save_sharded_snapshot(self.bank, self.run_dir, rf.SNAPSHOT_INDEX,
+                                                  lambda r, w: rf.snapshot_shard_file(step, r, w), step=step,
+                                                  run_id=str(self.run_id), group=self._cpu_group)
+            else:
+                nbytes = save_snapshot(self.bank, self.run_dir / rf.SNAPSHOT,
+                                       metadata={"run_id": self.run_id, "step": str(self._step)})
+        except Exception as exc:  # noqa: BLE001 (OSError: full disk, a rank that failed, ...)
+            if self.writer is not None:
+                self.writer.error("snapshot", self._step, exc)
             return
         self._last_snapshot = self._step
-        self.writer.event("snapshot", self._step, path=rf.SNAPSHOT, bytes=int(nbytes),
-                          seconds=time.perf_counter() - t)
+        if self.writer is not None:
+            SF.prune_latest(self.run_dir, self.run_dir / rel)  # the other kind, and earlier rank files
+            extra = {"world_size": self.world_size} if self.sharded else {}
+            self.writer.event("snapshot", self._step, path=rel, bytes=int(nbytes),
+                              seconds=time.perf_counter() - t, **extra)
 
-    def _export(self, variant: str, path: Path | None, dtype: str | torch.dtype | None) -> Path | None:
-        """Check ``dtype`` and that the bank can give ``variant``, then write it to ``path`` (if given)."""
+    def _check_export(self, variant: str, dtype: str | torch.dtype | None) -> None:
         if dtype not in (None, "float32", torch.float32):
             raise ValueError(f"dtype must be None or 'float32', got {dtype!r}")
         if variant != rf.RAW and not self._bank_ok:
             raise RuntimeError("the bank is disabled after an update error; only 'raw' can be exported")
-        if path is None:
-            return None
+
+    def _export(self, variant: str, path: Path | None, dtype: str | torch.dtype | None) -> Path | None:
+        """Write the export (rank 0; a sharded bank's other ranks send their pieces, ``path`` None)."""
+        self._check_export(variant, dtype)
         return export_checkpoint(self.bank, variant, path, dtype=dtype, run_id=str(self.run_id))
 
     def _export_for_request(self, variant: str, path: Path, dtype: str | None) -> int:
-        return self._export(variant, path, dtype).stat().st_size
+        if self.sharded:  # the other ranks wait in _serve_requests for this job
+            self._check_export(variant, dtype)
+            broadcast_json({"variant": variant, "dtype": dtype}, 0, self._cpu_group)
+        out = self._export(variant, path, dtype)
+        assert out is not None
+        return out.stat().st_size
+
+    def _serve_requests(self, final: bool = False) -> None:
+        """Fulfil pending export requests (``final``: at close, refuse what still waits). Sharded
+        bank: at a step every rank reaches, rank 0 polls and announces each export (a small JSON
+        broadcast); the others join it; ``None`` ends."""
+        if not self.sharded:
+            if self.requests is not None:
+                self.requests.poll(self._step, final=final)
+            return
+        if self.is_writer:
+            try:
+                self.requests.poll(self._step, final=final)
+            finally:
+                broadcast_json(None, 0, self._cpu_group)
+            return
+        while (job := broadcast_json(None, 0, self._cpu_group)) is not None:
+            with contextlib.suppress(Exception):
+                self._export(job["variant"], None, job["dtype"])
 
     def _requests_notice(self, message: str) -> None:
         self.writer.event("notice", self._step, where=rf.REQUESTS, message=message)
@@ -791,19 +1056,26 @@ class Scope:
 
     # ------------------------------------------------------------------ run.json and resume
 
-    def _resume_bank(self, notice: Callable[[str], None]) -> int | None:
-        """Load ``banks/latest.safetensors`` into the new bank and continue its step count.
+    def _resume_bank(self, notice: Callable[[str], None] | None = None) -> int | None:
+        """Load the run's latest snapshot (``banks/latest.safetensors`` or a sharded set's
+        ``banks/latest.index.json``) into the new bank and continue its step count. Each rank reads
+        the columns it holds: bit-exact at the same world size, re-sharded at another. A one-process
+        bank resuming from ``latest.safetensors`` reads it whole and verifies its checksum; a rank
+        resuming at the same world size verifies its own rank file's checksum.
 
         Returns the snapshot's step, or ``None`` when the run has no snapshot yet (the bank then
         starts from the current weights at step 0). Raises ``ValueError`` if the snapshot belongs
         to another model or other bank settings, or is malformed or corrupt (checksum). ``notice``
         receives a message when the snapshot predates checksums (loaded unverified).
         """
-        path = self.run_dir / rf.SNAPSHOT
-        if not path.is_file():
+        path = SF.latest_snapshot(Path(self.run_cfg.run_dir))
+        if path is None:
             return None
         try:
-            self.bank.load_state_dict(load_snapshot(path, notice=notice).state_dict())
+            if self.bank.sharded or path.name.endswith(".json"):
+                SF.load_bank_state(self.bank, path)
+            else:
+                self.bank.load_state_dict(load_snapshot(path, notice=notice).state_dict())
         except (ValueError, OSError) as exc:
             raise ValueError(f"resume=True: cannot continue the bank snapshot {str(path)!r}: {exc}") from exc
         self._step = int(self.bank.step)
@@ -811,10 +1083,18 @@ class Scope:
         return self._step
 
     def _previous_run(self) -> dict[str, Any]:
-        """The run.json of the run being resumed (``{}`` if missing or unreadable)."""
+        """The run.json of the run being resumed (``{}`` if missing, unreadable, not a regular file
+        or larger than :data:`~emascope.runformat.MAX_RUN_JSON_BYTES`: never an unbounded read)."""
+        path = self.run_dir / rf.RUN_JSON
         try:
-            info = json.loads((self.run_dir / rf.RUN_JSON).read_text(encoding="utf-8"))
-        except Exception:  # noqa: BLE001
+            if not path.is_file():
+                return {}
+            with open(path, "rb") as f:
+                data = f.read(rf.MAX_RUN_JSON_BYTES + 1)
+            if len(data) > rf.MAX_RUN_JSON_BYTES:
+                return {}
+            info = json.loads(data.decode("utf-8"))
+        except Exception:  # noqa: BLE001 - RecursionError, bad JSON, OSError: start a fresh record
             return {}
         return info if isinstance(info, dict) else {}
 
@@ -826,19 +1106,9 @@ class Scope:
             "emascope_version": __version__, "decays": [float(d) for d in self.bank.decays],
             "variants": list(self.bank.variants), "model": model_info(self.model),
             "settings": self.settings, "metric_directions": directions, "sample_kind": self.scorer.sample_kind,
+            "memory_plan": {**self.bank.memory_plan.as_json(), "placement": self.bank.placement,
+                            "bank_bytes_rank0": self.bank.nbytes},
         })
-
-
-def _refuse_sharded_params(model: nn.Module) -> None:
-    """FSDP2 (``fully_shard``) and other DTensor-sharded models are not supported yet."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        raise NotImplementedError(
-            "attach() does not support sharded parameters (DTensor, e.g. FSDP2 fully_shard) yet: the "
-            "EMA bank needs each rank to hold full weights (plain or DistributedDataParallel models)")
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> Scope:
@@ -851,7 +1121,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **k
     are documented: :class:`~emascope.config.RunConfig` (run_dir, name, overwrite, resume,
     score_every, score_at_close, snapshot_every, heartbeat_interval, request_interval),
     :class:`~emascope.config.BankConfig` (decays, device, update_every, bias_correction, bema,
-    average_buffers), :class:`~emascope.config.ScoringConfig` (num_samples, batch_size, seed,
+    average_buffers, shard), :class:`~emascope.config.ScoringConfig` (num_samples, batch_size, seed,
     preview, feature_extractor, ...) and :class:`~emascope.config.Hooks` (sampler, reference,
     evaluate, sample_metrics, metric_directions). Every value is checked before anything is
     written: a bad one is a ``ValueError`` naming it, an unknown argument a ``TypeError``.

@@ -22,15 +22,18 @@ import functools
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
+from emascope import estimates as E
 from emascope import metrics as M
+from emascope import racing
 from emascope import runformat as rf
 from emascope.batched import BatchedSamplingUnsupported, sample_stacked, stack_weights
 from emascope.config import Hooks, ScoringConfig
@@ -67,6 +70,7 @@ class Reference:
     radii: torch.Tensor
     nearest_k: int
     kid_plans: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)  # reference-side structures of the intervals
 
     @classmethod
     def build(cls, features: Features, nearest_k: int = 5) -> Reference:
@@ -89,12 +93,16 @@ class SweepResult:
     step: int
     scores: dict[str, dict[str, float | None]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("sampling", "features", "metrics", "user_metrics", "sample_metrics"), 0.0))
+        ("sampling", "features", "metrics", "user_metrics", "sample_metrics", "uncertainty", "racing"), 0.0))
     errors: int = 0
     num_samples: int = 0             # most samples drawn for one variant in this sweep
     kid_subset_size: int | None = None
     sample_kind: str | None = None
     seconds: float = 0.0             # wall time of the sweep
+    #: ``estimates[variant][metric]``: values with their uncertainty (emascope.estimates)
+    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    samples_drawn: int = 0           # samples drawn over all variants (racing draws fewer)
+    racing: dict[str, Any] | None = None   # the race's summary (emascope.racing.race_summary)
     batched: bool = False            # samples drawn for all variants at once (emascope.batched)
     batched_failed: bool = False     # batched sampling was tried and fell back to one variant at a time
     notes: list[str] = field(default_factory=list)  # conversions of the samples (check_samples)
@@ -182,8 +190,11 @@ class _Collector:
         self.kept = self.drawn = 0
         self.error: StageError | None = None
 
-    def add(self, out: torch.Tensor, timings: dict[str, float]) -> None:
-        """Take one batch (already checked and on the CPU)."""
+    def add(self, out: torch.Tensor, timings: dict[str, float], start: int | None = None) -> None:
+        """Take one batch (already checked and on the CPU). ``start``: the batch's first sample's
+        index in the whole sweep (default: the batches so far, drawn in order); a rank drawing its
+        share of the batches keeps the parts of its batches below the preview size."""
+        pos = self.drawn if start is None else start
         self.drawn += len(out)
         if self.keep_all:
             self.everything.append(out)
@@ -192,8 +203,8 @@ class _Collector:
                 self.keep = self.cfg.preview if sample_kind(out) == "images" else self.cfg.preview_points
             except ValueError:
                 self.keep = 0  # a custom sample type: no preview
-        if self.kept < self.keep:
-            self.head.append(out[: self.keep - self.kept])
+        if pos < self.keep:
+            self.head.append(out[: self.keep - pos])
             self.kept += len(self.head[-1])
         if self.extractor is not None:
             t = time.perf_counter()
@@ -208,6 +219,10 @@ class _Collector:
     def wants_more(self) -> bool:
         """False once nothing more would be kept: no features wanted, no keep_all, head full."""
         return self.extractor is not None or self.keep_all or self.kept < self.keep
+
+    def wants_batch_at(self, start: int) -> bool:
+        """Whether a batch whose first sample has index ``start`` in the sweep would be kept."""
+        return self.extractor is not None or self.keep_all or start < self.keep
 
     def result(self) -> Drawn:
         features = None
@@ -237,7 +252,8 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
                      extractor: Callable[[torch.Tensor], Features] | None,
                      timings: dict[str, float], *, keep_all: bool = False,
                      on_batch: Callable[[], None] | None = None,
-                     notes: list[str] | None = None) -> Drawn:
+                     notes: list[str] | None = None, batches: range | None = None,
+                     share: Sequence[int] | None = None, calls: int | None = None) -> Drawn:
     """Draw ``cfg.num_samples`` samples in batches of ``cfg.batch_size``, batch ``b`` from a generator
     (on the model's device) seeded with :func:`batch_seed` ``(cfg.seed, b)``, and turn each batch into
     features as it arrives.
@@ -251,11 +267,23 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
     drawing stops once the head is full (nothing else would use the samples).
     ``timings["sampling"|"features"]`` are increased; ``on_batch()`` is called after each batch.
     Samples holding NaN/Inf are a sampler error (:func:`emascope.features.check_samples`); what
-    is converted (integer points) is added to ``notes``.
+    is converted (integer points) is added to ``notes``. ``batches``: draw only these batches (a
+    range of batch indices, e.g. a racing round's; each drawn exactly as in a full sweep); the
+    preview head then comes from the first batches drawn.
+
+    ``share``: draw only these batch indices, in this (ascending) order: one rank's share of a
+    sweep on every rank (each batch exactly as in the whole sweep; ``head`` then holds the rank's
+    part of the preview, the samples of its batches below the preview size). ``calls``: make exactly
+    this many sampler calls, the ones beyond ``share`` throwaway draws (a sharded model's sampler
+    runs collectively: every rank must call it as often as the others).
     """
     device = model_device(model)
     col = _Collector(cfg, extractor, keep_all)
-    for b, n in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
+    sizes = batch_sizes(cfg.num_samples, cfg.batch_size)
+    todo = range(len(sizes)) if batches is None else range(max(0, batches.start), min(len(sizes), batches.stop))
+    order = list(todo) if share is None else list(share)
+    for pos, b in enumerate(order):
+        n = sizes[b]
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
         t = time.perf_counter()
         try:
@@ -264,12 +292,50 @@ def draw_and_extract(model: nn.Module, sampler: Sampler, cfg: ScoringConfig,
             return Drawn(None, None, StageError("sampler", exc), col.drawn, None)
         finally:
             timings["sampling"] += time.perf_counter() - t
-        col.add(out, timings)
+        col.add(out, timings, start=None if share is None else b * cfg.batch_size)
         if on_batch is not None:
             on_batch()
-        if not col.wants_more:
+        if calls is not None:
+            continue  # a collective sampler: every call is made
+        if share is None and not col.wants_more:
             break
+        if share is not None and (pos + 1 == len(order) or not col.wants_batch_at(order[pos + 1] * cfg.batch_size)):
+            break  # nothing more to keep: the preview head is full and no features are wanted
+    for j in range(max(0, (calls or 0) - len(order))):  # throwaway draws: keep collective samplers in step
+        gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, len(sizes) + j))
+        t = time.perf_counter()
+        try:
+            sampler(model, sizes[-1], gen)
+        except Exception as exc:  # noqa: BLE001
+            col.error = col.error or StageError("sampler", exc)
+        finally:
+            timings["sampling"] += time.perf_counter() - t
     return col.result()
+
+
+def merge_drawn(parts: list[Drawn], cfg: ScoringConfig) -> Drawn:
+    """Consecutive batch ranges of one variant (racing rounds) as one :class:`Drawn`: heads, features
+    and samples concatenated in batch order (the head cut at the preview size), the first error kept."""
+    if len(parts) == 1:
+        return parts[0]
+    error = next((p.error for p in parts if p.error is not None), None)
+    heads = [p.head for p in parts if p.head is not None]
+    feats = [p.features for p in parts]
+    features = None
+    if feats and all(f is not None for f in feats):
+        logits = [f.logits for f in feats]
+        features = Features(torch.cat([f.features for f in feats]),
+                            torch.cat(logits) if all(x is not None for x in logits) else None)  # type: ignore[arg-type]
+    samples = [p.samples for p in parts]
+    every = torch.cat(samples) if samples and all(x is not None for x in samples) else None
+    head = None
+    if heads:
+        try:
+            keep = cfg.preview if sample_kind(heads[0]) == "images" else cfg.preview_points
+        except ValueError:
+            keep = 0
+        head = torch.cat(heads)[:keep]
+    return Drawn(head, features, error, sum(p.num_drawn for p in parts), every)
 
 
 def draw_variants_batched(model: nn.Module, bank: Any, variants: list[str], sampler: Sampler,
@@ -349,6 +415,7 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
               extractor: Callable[[torch.Tensor], Features] | None = None,
               reference: Reference | None = None, evaluate: Evaluate | None = None,
               sample_metrics: SampleMetrics | None = None, fd_name: str = "fid",
+              directions: Mapping[str, str | None] | None = None,
               scorer: str = rf.SCORER_INLINE, batched: bool = False,
               kid_device: torch.device | str | None = None,
               on_progress: Callable[[], None] | None = None, prior_errors: int = 0) -> SweepResult:
@@ -367,13 +434,31 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
     are drawn one at a time. ``on_progress()`` is called after every sample batch, variant and
     metric group (a liveness signal for watchdogs). ``prior_errors``: failures of this sweep that
     happened before it (building the reference), counted in ``errors``.
+
+    With ``cfg.uncertainty`` every value gets its half-sample standard error and interval
+    (:mod:`emascope.estimates`) and, once all variants are scored, a ``comparison`` event holds each
+    ranked metric's best variant and every variant's paired difference to it (``directions``:
+    metric name -> ``"lower"``/``"higher"``). With ``cfg.racing`` the samples are drawn in rounds and
+    the variants significantly worse on the racing metric stop drawing (:mod:`emascope.racing`;
+    a racing sweep draws one variant at a time, not batched).
     """
     res = SweepResult(step=step, errors=int(prior_errors))  # e.g. the reference failed just before
     tick = on_progress or (lambda: None)
     t_start = time.perf_counter()
+    halves = E.Halves(cfg) if cfg.uncertainty else None
+    directions = {**M.METRIC_DIRECTIONS, **(directions or {})}
     writer.event("score_start", step, variants=list(variants), scorer=scorer)
     drawn: dict[str, Drawn] = {}
-    if batched and sampler is not None and bank is not None and len(variants) > 1:
+    race: racing.RaceResult | None = None
+    if cfg.racing and sampler is not None and reference is not None and extractor is not None and len(variants) > 2:
+        try:
+            race, drawn = _race(model, bank, variants, res, writer, cfg, sampler, extractor, reference,
+                                sample_metrics, fd_name, directions, halves, tick)
+        except Exception as exc:  # noqa: BLE001 - fall back to a full sweep
+            res.errors += 1
+            writer.error("racing", step, exc)
+            race, drawn = None, {}
+    elif batched and sampler is not None and bank is not None and len(variants) > 1:
         try:
             with preserved_training_flags(model), torch.no_grad():
                 model.eval()
@@ -391,16 +476,105 @@ def run_sweep(*, model: nn.Module, bank: Any, variants: list[str], step: int, wr
         res.scores[variant] = {}
         try:
             _score_variant(model, bank, variant, res, writer, cfg, sampler, extractor, reference,
-                           evaluate, sample_metrics, fd_name, drawn.pop(variant, None), kid_device, tick)
+                           evaluate, sample_metrics, fd_name, drawn.pop(variant, None), kid_device, tick, halves)
         except Exception as exc:  # noqa: BLE001 - e.g. swap itself failed
             res.errors += 1
             writer.error("swap", step, exc, variant=variant)
         tick()
         writer.event("score_progress", step, scorer=scorer, variant=variant, done=i + 1, total=len(variants))
+    if halves is not None:
+        t = time.perf_counter()
+        try:
+            compared = E.comparison_metrics(res.estimates, directions, cfg.confidence_level)
+            if race is not None:
+                _keep_race_decisions(compared, race, res.racing["metric"] if res.racing else None)
+            if compared:
+                writer.event(rf.EVENT_COMPARISON, step, level=cfg.confidence_level, method="half_sample",
+                             replicates=cfg.bootstrap_replicates, metrics=compared, scorer=scorer)
+        except Exception as exc:  # noqa: BLE001
+            res.errors += 1
+            writer.error("uncertainty", step, exc)
+        res.timings["uncertainty"] += time.perf_counter() - t
+    full = cfg.num_samples * len(variants) if sampler is not None and res.samples_drawn else 0
+    extra = {"racing": res.racing} if res.racing else {}
     res.seconds = time.perf_counter() - t_start
     writer.event("score_done", step, seconds=res.seconds, timings=dict(res.timings),
-                 num_samples=res.num_samples, errors=res.errors, scorer=scorer)
+                 num_samples=res.num_samples, errors=res.errors, samples_drawn=res.samples_drawn,
+                 samples_full=full, scorer=scorer, **extra)
     return res
+
+
+def _race(model: nn.Module, bank: Any, variants: list[str], res: SweepResult, writer: RunWriter,
+          cfg: ScoringConfig, sampler: Sampler, extractor: Callable[[torch.Tensor], Features],
+          reference: Reference, sample_metrics: SampleMetrics | None, fd_name: str,
+          directions: Mapping[str, str | None], halves: E.Halves | None,
+          tick: Callable[[], None] = lambda: None) -> tuple[racing.RaceResult | None, dict[str, Drawn]]:
+    """Draw the samples in racing rounds (:mod:`emascope.racing`); returns the race and each variant's
+    samples (merged over its rounds) for :func:`_score_variant`. ``(None, {})`` when the racing metric
+    has no direction or cannot be computed from features or ``sample_metrics`` (a ``notice`` says so)."""
+    metric = cfg.racing_metric or fd_name
+    group = racing_group(metric, fd_name)
+    direction = directions.get(metric)
+    if direction not in rf.DIRECTIONS or (group is None and sample_metrics is None):
+        writer.event("notice", res.step, where="racing", message=f"racing metric {metric!r} has no known "
+                     "direction or is not computed from the samples: full sweep")
+        return None, {}
+    halves = halves or E.Halves(cfg)
+    parts: dict[str, list[Drawn]] = {v: [] for v in variants}
+    have: dict[str, int] = dict.fromkeys(variants, 0)
+    keep_all = sample_metrics is not None
+
+    def score_round(alive: list[str], upto: int) -> dict[str, Any]:
+        out = {}
+        for v in alive:
+            with preserved_training_flags(model), bank.swap(model, v), torch.no_grad():
+                model.eval()
+                part = draw_and_extract(model, sampler, cfg, extractor, res.timings, keep_all=keep_all,
+                                        batches=range(have[v], upto), notes=res.notes, on_batch=tick)
+            have[v] = upto
+            parts[v].append(part)
+            if part.error is not None:
+                continue
+            got = merge_drawn(parts[v], cfg)
+            t = time.perf_counter()
+            try:
+                if group is not None:
+                    values = dict(feature_metric_jobs(got.features, reference, cfg, fd_name))[group]()
+                    est = E.group_estimates(group, values, got.features, reference, cfg, halves, {})
+                else:
+                    est = E.user_estimates(sample_metrics(got.samples), n=len(got.samples), halves=halves,
+                                           hook=sample_metrics, samples=got.samples, max_calls=cfg.bootstrap_calls)
+            finally:
+                res.timings["racing"] += time.perf_counter() - t
+            if metric in est and np.isfinite(est[metric].value):
+                out[v] = est[metric]
+        return out
+
+    rounds = racing.schedule(len(batch_sizes(cfg.num_samples, cfg.batch_size)), cfg.racing_first)
+    result = racing.race(variants, rounds, score_round, direction, cfg.confidence_level)
+    res.racing = racing.race_summary(result, metric, cfg.batch_size, cfg.num_samples)
+    return result, {v: merge_drawn(p, cfg) for v, p in parts.items() if p}
+
+
+def racing_group(metric: str, fd_name: str) -> str | None:
+    """The metric group of :func:`feature_metric_jobs` that computes ``metric`` (``None``: not a
+    feature metric, e.g. a ``sample_metrics`` one)."""
+    return {fd_name: fd_name, "fid": fd_name, "fd": fd_name, "kid_mean": "kid", "precision": "prc",
+            "recall": "prc", "density": "density_coverage", "coverage": "density_coverage",
+            "isc_mean": "isc"}.get(metric)
+
+
+def _keep_race_decisions(compared: dict[str, Any], race: racing.RaceResult, metric: str | None) -> None:
+    """In the final comparison of the racing metric, a dropped variant keeps the paired comparison of
+    the round that dropped it (it has fewer samples than the survivors, so no paired one now)."""
+    entry = compared.get(metric or "")
+    if entry is None:
+        return
+    for v, (_, c) in race.dropped().items():
+        entry["variants"][v] = rf.comparison_entry(diff=c.diff, se=c.se, lo=c.lo, hi=c.hi, n=c.n,
+                                                   worse=c.worse, paired=c.paired)
+
+
 
 
 def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, writer: RunWriter,
@@ -408,7 +582,7 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
                    extractor: Callable[[torch.Tensor], Features] | None, reference: Reference | None,
                    evaluate: Evaluate | None, sample_metrics: SampleMetrics | None, fd_name: str,
                    drawn: Drawn | None = None, kid_device: torch.device | str | None = None,
-                   tick: Callable[[], None] = lambda: None) -> None:
+                   tick: Callable[[], None] = lambda: None, halves: E.Halves | None = None) -> None:
     step = res.step
     samples: torch.Tensor | None = None
     every: torch.Tensor | None = None
@@ -419,7 +593,7 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
         # the weights in place (the live weights leave the sweep bit-identical whatever happens)
         swap = bank.swap(model, variant) if bank is not None else restored_state(model)
     else:
-        swap = contextlib.nullcontext(model)  # samples drawn already (batched) and no evaluate
+        swap = contextlib.nullcontext(model)  # samples drawn already (batched, racing) and no evaluate
     with preserved_training_flags(model), swap, torch.no_grad():
         model.eval()
         if sampler is not None:
@@ -429,20 +603,44 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
                                          notes=res.notes)
             samples, feats, err, n_drawn, every = drawn
             res.num_samples = max(res.num_samples, n_drawn)
+            res.samples_drawn += n_drawn
             if err is not None:
                 res.errors += 1
                 writer.error(err.where, step, err.exc, variant=variant)
         if evaluate is not None:
             user.update(_user_hook("evaluate", evaluate, model, res, writer, variant, "user_metrics"))
     drawn = None
+    finish_variant(res, writer, variant, cfg, reference, fd_name, samples, feats, every, user, sample_metrics,
+                   kid_device, tick, halves, evaluate is not None)
+
+
+def finish_variant(res: SweepResult, writer: RunWriter, variant: str, cfg: ScoringConfig,
+                   reference: Reference | None, fd_name: str, samples: torch.Tensor | None,
+                   feats: Features | None, every: torch.Tensor | None, user: dict[str, Any],
+                   sample_metrics: SampleMetrics | None, kid_device: torch.device | str | None = None,
+                   tick: Callable[[], None] = lambda: None, halves: E.Halves | None = None,
+                   evaluated: bool = False) -> None:
+    """After a variant was drawn: ``sample_metrics`` over all its samples, the user metrics, the
+    preview and the feature metrics with their intervals, recorded through ``writer`` (the writing
+    rank's half of a variant's scoring: a sweep on every rank gathers the samples' features here
+    first). ``evaluated``: ``user`` holds an ``evaluate`` hook's values."""
+    step = res.step
+    estimates: dict[str, Any] = res.estimates.setdefault(variant, {})
+    if evaluated or sample_metrics is not None:
+        estimates.update(E.user_estimates({k: v for k, v in user.items()}))
     if every is not None and sample_metrics is not None:
         with torch.no_grad():
-            user.update(_user_hook("sample_metrics", sample_metrics, every, res, writer, variant,
-                                   "sample_metrics"))
+            out = _user_hook("sample_metrics", sample_metrics, every, res, writer, variant, "sample_metrics")
+            t = time.perf_counter()
+            estimates.update(E.user_estimates(
+                out, n=len(every), halves=halves, hook=sample_metrics, samples=every, max_calls=cfg.bootstrap_calls,
+                on_error=lambda exc: _uncertainty_error(res, writer, variant, "sample_metrics", exc)))
+            res.timings["uncertainty"] += time.perf_counter() - t
+        user.update(out)
         del every  # free the variant's samples before the next one is drawn
 
-    for name, value in user.items():
-        _record(res, writer, variant, str(name), value)
+    for name in user:
+        _record(res, writer, variant, str(name), estimates.get(str(name)), cfg.confidence_level)
     if samples is not None:
         _save_preview(writer, step, variant, samples, cfg, res)
     if feats is None or reference is None:
@@ -453,8 +651,9 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
         res.errors += 1
         writer.error("features", step, exc, variant=variant)
         return
-    t = time.perf_counter()
+    cache: dict[str, Any] = {}
     for group, job in feature_metric_jobs(feats, reference, cfg, fd_name, kid_device):
+        t = time.perf_counter()
         try:
             values = job()
         except Exception as exc:  # noqa: BLE001
@@ -462,12 +661,27 @@ def _score_variant(model: nn.Module, bank: Any, variant: str, res: SweepResult, 
             writer.error(f"metric:{group}", step, exc, variant=variant)
             continue
         finally:
+            res.timings["metrics"] += time.perf_counter() - t
             tick()
         if group == "kid":
             res.kid_subset_size = int(values.pop("kid_subset_size"))
-        for name, value in values.items():
-            _record(res, writer, variant, name, value)
-    res.timings["metrics"] += time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            group_est = E.group_estimates(group, values, feats, reference, cfg, halves, cache)
+        except Exception as exc:  # noqa: BLE001 - the values stay, without intervals
+            _uncertainty_error(res, writer, variant, group, exc)
+            group_est = E.group_estimates(group, values, feats, reference, cfg, None, cache)
+        res.timings["uncertainty"] += time.perf_counter() - t
+        estimates.update(group_est)
+        for name in values:
+            _record(res, writer, variant, name, group_est.get(name), cfg.confidence_level, values[name])
+
+
+def _uncertainty_error(res: SweepResult, writer: RunWriter, variant: str, group: str, exc: BaseException) -> None:
+    res.errors += 1
+    writer.error(f"uncertainty:{group}", res.step, exc, variant=variant)
+
+
 
 
 def _user_hook(where: str, hook: Callable[[Any], Any], arg: Any, res: SweepResult, writer: RunWriter,
@@ -488,10 +702,14 @@ def _user_hook(where: str, hook: Callable[[Any], Any], arg: Any, res: SweepResul
         res.timings[timing] += time.perf_counter() - t
 
 
-def _record(res: SweepResult, writer: RunWriter, variant: str, name: str, value: Any) -> None:
-    v = M.finite_or_none(value)
+def _record(res: SweepResult, writer: RunWriter, variant: str, name: str, est: Any, level: float,
+            value: Any = None) -> None:
+    """Record one value (``est.value``, else ``value``) with the interval fields of ``est``."""
+    v = M.finite_or_none(est.value if est is not None else value)
     res.scores[variant][name] = v
-    writer.metric(res.step, variant, name, v)
+    fields = E.interval_fields(est, level, name) if est is not None and v is not None else (
+        {"n": est.n} if est is not None and est.n is not None else {})
+    writer.metric(res.step, variant, name, v, **fields)
 
 
 def _save_preview(writer: RunWriter, step: int, variant: str, samples: torch.Tensor, cfg: ScoringConfig,
@@ -539,6 +757,8 @@ class Scorer:
         self._kid_noted = False
         self._batched_ok = True
         self._lock = threading.Lock()
+        self._floor_done = False
+        self._floor_rows: torch.Tensor | None = None  # reference samples of the floor's split (sample_metrics)
         self._noted: set[str] = set()
 
     @property
@@ -601,11 +821,17 @@ class Scorer:
         rng = torch.random.fork_rng(devices=cuda_devices(model)) if isolate_rng else contextlib.nullcontext()
         with rng:
             reference = self._prepare_reference(model, step, writer) if self.hooks.sampler is not None else None
+            with self._lock:
+                floor_due = reference is not None and self.cfg.noise_floor and not self._floor_done
+                self._floor_done = self._floor_done or floor_due
+            if floor_due:
+                self.noise_floor(reference, step, writer)
             result = run_sweep(model=model, bank=bank, variants=variants, step=step, writer=writer,
                                cfg=self.cfg, sampler=self.hooks.sampler, extractor=self.extractor,
                                reference=reference, evaluate=self.hooks.evaluate,
                                sample_metrics=self.hooks.sample_metrics, fd_name=self.fd_name(),
-                               scorer=scorer, batched=self.cfg.batched_sampling and self._batched_ok,
+                               directions=self.directions(), scorer=scorer,
+                               batched=self.cfg.batched_sampling and self._batched_ok,
                                kid_device=self.feature_device(model), on_progress=on_progress,
                                prior_errors=self.reference_errors)
         self.reference_errors = 0
@@ -613,6 +839,71 @@ class Scorer:
             self._batched_ok = False  # recorded once: later sweeps draw one variant at a time
         self._note(result, reference, step, writer)
         return result
+
+    def reference_for(self, model: nn.Module, step: int) -> Reference | None:
+        """The reference (built, cached on disk, at the first call; ``None`` without a sampler or
+        after it failed); builds :attr:`extractor` too. For sweeps on every rank of a sharded bank
+        (:mod:`emascope.sweep_ranks`), called by rank 0 in the training thread."""
+        return self._prepare_reference(model, step, self.writer) if self.hooks.sampler is not None else None
+
+    def note(self, result: SweepResult, reference: Reference | None, step: int) -> None:
+        """After a sweep run elsewhere (every rank): the KID subset notice, new metrics' directions,
+        the sample kind, the samples' conversion notes."""
+        self._note(result, reference, step, self.writer)
+
+    def directions(self) -> dict[str, str | None]:
+        """Direction of every metric known now: built-in ones, the run's, the user's."""
+        return {**M.METRIC_DIRECTIONS, **self.metric_directions, **self.user_directions}
+
+    def noise_floor(self, reference: Reference, step: int, writer: Any = None) -> dict[str, Any] | None:
+        """Score what a perfect model would get at this sample size and write a ``noise_floor`` event:
+        the ``exact_samples`` hook against the reference, else a disjoint split of the reference
+        (``min(num_samples, m // 2)`` of its ``m`` items, chosen with ``seed``, scored against the
+        rest). Every feature metric and ``sample_metrics`` (on the exact samples, or on the split's
+        reference items when the reference was given as data) are scored with their intervals.
+        Returns the event's ``metrics`` (``None`` on failure: an ``error`` event ``where: "noise_floor"``).
+        ``writer``: where the event goes (default the run's writer)."""
+        cfg, t = self.cfg, time.perf_counter()
+        writer = writer if writer is not None else self.writer
+        try:
+            exact = self.hooks.exact_samples
+            if exact is not None:
+                samples = torch.as_tensor(exact)[: cfg.num_samples].detach().cpu()
+                feats, ref, source = self.extractor(samples), reference, "exact"
+            else:
+                real = reference.features
+                m = len(real.features)
+                n_a = min(cfg.num_samples, m // 2)
+                perm = torch.randperm(m, generator=torch.Generator().manual_seed(cfg.seed))
+                a, b = perm[:n_a], perm[n_a:]
+                logits = real.logits
+                feats = Features(real.features[a], None if logits is None else logits[a])
+                ref = Reference.build(Features(real.features[b], None if logits is None else logits[b]),
+                                      reference.nearest_k)
+                samples, source = self._floor_rows, "reference_split"
+            halves = E.Halves(cfg) if cfg.uncertainty else None
+            estimates: dict[str, Any] = {}
+            cache: dict[str, Any] = {}
+            for group, job in feature_metric_jobs(feats, ref, cfg, self.fd_name()):
+                try:
+                    values = job()
+                except Exception:  # noqa: BLE001 - no floor for it; the variants' own errors say why
+                    continue
+                values.pop("kid_subset_size", None)
+                estimates.update(E.group_estimates(group, values, feats, ref, cfg, halves, cache))
+            hook = self.hooks.sample_metrics
+            if hook is not None and samples is not None and len(samples) == len(feats.features):
+                with torch.no_grad():
+                    estimates.update(E.user_estimates(hook(samples), n=len(samples), halves=halves, hook=hook,
+                                                      samples=samples, max_calls=cfg.bootstrap_calls))
+            fields = E.floor_fields(estimates, cfg.confidence_level)
+        except Exception as exc:  # noqa: BLE001
+            writer.error("noise_floor", step, exc)
+            return None
+        writer.event(rf.EVENT_NOISE_FLOOR, step, source=source, n=len(feats.features),
+                     n_reference=len(ref.features.features), level=cfg.confidence_level,
+                     seconds=time.perf_counter() - t, metrics=fields)
+        return fields
 
     def feature_device(self, model: nn.Module) -> torch.device:
         """Where features (and KID) are computed: ``feature_device``, else the model's device."""
@@ -704,6 +995,11 @@ class Scorer:
             writer._guard("reference cache", lambda: save_cached(cache, feats))
         else:
             check_finite_features(feats, "reference features")
+        if self.hooks.sample_metrics is not None and self.hooks.exact_samples is None and torch.is_tensor(p.data):
+            # the reference items of the noise floor's split, for sample_metrics (same rule as noise_floor)
+            m = len(feats.features)
+            perm = torch.randperm(m, generator=torch.Generator().manual_seed(self.cfg.seed))
+            self._floor_rows = p.data[perm[: min(self.cfg.num_samples, m // 2)]].clone()
         if p.note is not None:
             self._notice_once("reference", p.note, step, writer)
         writer.event("reference", step, key=p.key, cached=hit, num=len(feats.features),
@@ -730,10 +1026,12 @@ class _MarkedWriter:
     def __init__(self, writer: RunWriter, synthesized: dict[str, Any]) -> None:
         self._writer, self._synthesized = writer, synthesized
 
-    def metric(self, step: int, variant: str, metric: str, value: float | None) -> None:
-        self._writer.metric(step, variant, metric, value, synthesized=self._synthesized)
+    def metric(self, step: int, variant: str, metric: str, value: float | None, **interval: Any) -> None:
+        self._writer.metric(step, variant, metric, value, synthesized=self._synthesized, **interval)
 
     def event(self, type: str, step: int, **fields: Any) -> None:
+        if type == rf.EVENT_COMPARISON:
+            return  # a comparison among the synthesised variants alone would replace the grid's at this step
         if type in ("score_start", "score_progress", "score_done"):  # not a sweep of the bank: marked apart
             fields["synthesized"] = True
         self._writer.event(type, step, **fields)

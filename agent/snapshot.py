@@ -142,12 +142,18 @@ def snapshot_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     (sorted by key: key, value); every tensor (sorted by name: name, dtype, shape, raw bytes in
     the machine's byte order, which is what safetensors stores on little-endian machines).
     """
+    return _digest(metadata, sorted(tensors), tensors.__getitem__)
+
+
+def _digest(metadata: dict[str, str], names: list[str], get: Callable[[str], torch.Tensor]) -> str:
+    """:func:`snapshot_checksum` with the tensors fetched one at a time by ``get(name)``, in the
+    sorted order of ``names`` (a file is hashed holding one tensor in memory at a time)."""
     h = hashlib.sha256(_CHECKSUM_TAG)
     for key in sorted(metadata):
         if key != rf.SNAPSHOT_CHECKSUM_KEY:
             h.update(b"\0m" + key.encode() + b"\0" + metadata[key].encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach()
+    for name in sorted(names):
+        t = get(name).detach()
         h.update(f"\0t{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
         if t.numel():
             flat = t.to("cpu").contiguous().reshape(-1)
@@ -283,17 +289,9 @@ def validate_snapshot_header(state: Any, infos: dict[str, tuple[str, tuple[int, 
         raise ValueError(f"unexpected tensors {extra[:5]}")
 
 
-def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | None = None) -> EMABank:
-    """A model-less bank (cpu) from a snapshot written by :func:`save_snapshot`.
-
-    ``materialize``/``swap``/:func:`export_checkpoint` work on it; ``update`` raises. Before any
-    tensor is read the header is checked (:func:`validate_snapshot_header`); after reading, the
-    checksum (:func:`snapshot_checksum`) must match. A file that is not a bank snapshot, torn,
-    malformed or corrupt is a ``ValueError`` naming it. A snapshot without a checksum (written
-    before checksums existed) still loads: ``notice(message)`` is called, or an
-    :class:`UnverifiedSnapshotWarning` is issued when ``notice`` is None.
-    """
-    path = Path(path)
+def _checked_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, JSON state) of a snapshot whose header passed :func:`validate_snapshot_header`;
+    ``ValueError`` naming the file otherwise. Reads no tensor data."""
     header, infos = _read_header(path)
     if rf.SNAPSHOT_META_KEY not in header:
         raise ValueError(f"{str(path)!r} is not an emascope bank snapshot (no {rf.SNAPSHOT_META_KEY!r} metadata)")
@@ -305,21 +303,70 @@ def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | No
         validate_snapshot_header(state, infos)
     except ValueError as exc:
         raise ValueError(f"{str(path)!r}: malformed bank snapshot: {exc}") from None
+    return header, state
+
+
+def _unverified(path: Path, notice: Callable[[str], None] | None, what: str) -> None:
+    message = (f"{str(path)!r} has no checksum (written by an emascope before checksums existed): "
+               f"{what} without verifying its contents")
+    if notice is None:
+        warnings.warn(message, UnverifiedSnapshotWarning, stacklevel=3)
+    else:
+        notice(message)
+
+
+def _corrupt(path: Path) -> str:
+    return (f"{str(path)!r} is corrupt: its contents do not match the checksum stored in it "
+            f"({rf.SNAPSHOT_CHECKSUM_KEY}); the file was damaged after it was written")
+
+
+def verify_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Check a bank snapshot file without building a bank; returns its JSON state (decays,
+    layout, step, ...). For readers that use the file's tensors in place (memory-mapped, one at a
+    time): call it first and the file they read is the one :func:`save_snapshot` wrote.
+
+    The same checks as :func:`load_snapshot`: the header (:func:`validate_snapshot_header`) before
+    any tensor is read, then the checksum, hashing one tensor at a time (memory: the largest
+    tensor, the ``bank`` rows). ``ValueError`` naming the file when malformed or corrupt; a
+    snapshot without a checksum gives ``notice(message)`` (or an :class:`UnverifiedSnapshotWarning`).
+    """
+    path = Path(path)
+    header, state = _checked_header(path)
+    stored = header.get(rf.SNAPSHOT_CHECKSUM_KEY)
+    if stored is None:
+        _unverified(path, notice, "used")
+        return state
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            digest = _digest(header, list(f.keys()), f.get_tensor)
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types for a torn file
+        raise ValueError(f"{str(path)!r}: cannot read the snapshot tensors: {exc}") from None
+    if digest != stored:
+        raise ValueError(_corrupt(path))
+    return state
+
+
+def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | None = None) -> EMABank:
+    """A model-less bank (cpu) from a snapshot written by :func:`save_snapshot`.
+
+    ``materialize``/``swap``/:func:`export_checkpoint` work on it; ``update`` raises. Before any
+    tensor is read the header is checked (:func:`validate_snapshot_header`); after reading, the
+    checksum (:func:`snapshot_checksum`) must match. A file that is not a bank snapshot, torn,
+    malformed or corrupt is a ``ValueError`` naming it. A snapshot without a checksum (written
+    before checksums existed) still loads: ``notice(message)`` is called, or an
+    :class:`UnverifiedSnapshotWarning` is issued when ``notice`` is None.
+    """
+    path = Path(path)
+    header, state = _checked_header(path)
     try:
         tensors = load_file(str(path))
     except Exception as exc:
         raise ValueError(f"{str(path)!r}: cannot read the snapshot tensors: {exc}") from None
     stored = header.get(rf.SNAPSHOT_CHECKSUM_KEY)
     if stored is None:
-        message = (f"{str(path)!r} has no checksum (written by an emascope before checksums existed): "
-                   "loaded without verifying its contents")
-        if notice is None:
-            warnings.warn(message, UnverifiedSnapshotWarning, stacklevel=2)
-        else:
-            notice(message)
+        _unverified(path, notice, "loaded")
     elif snapshot_checksum(tensors, header) != stored:
-        raise ValueError(f"{str(path)!r} is corrupt: its contents do not match the checksum stored in it "
-                         f"({rf.SNAPSHOT_CHECKSUM_KEY}); the file was damaged after it was written")
+        raise ValueError(_corrupt(path))
     try:
         state = dict(state)
         state["applied"] = tensors["applied"].reshape(())
@@ -350,9 +397,9 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     raise ValueError(f"dtype must be None, a floating torch.dtype or its name (e.g. 'float32'), got {dtype!r}")
 
 
-def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLike, *,
+def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLike | None, *,
                       dtype: torch.dtype | str | None = None, run_id: str = "",
-                      metadata: dict[str, str] | None = None, prefix: str = "") -> Path:
+                      metadata: dict[str, str] | None = None, prefix: str = "") -> Path | None:
     """Write one variant's full state_dict to ``path`` (.safetensors, atomic); returns the path.
 
     Metadata: :func:`emascope.runformat.export_metadata` (variant, decay, the bank's step, run_id,
@@ -360,11 +407,24 @@ def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLi
     ``dtype=None`` keeps each tensor's model dtype; a floating dtype casts floating tensors.
     ``prefix``: keep only the entries whose key starts with it, with it removed (a submodule's
     state dict, e.g. ``"unet."``); ``""`` keeps everything.
+
+    A sharded bank: a collective (every rank calls it); the entries stream to rank 0 one at a time
+    (:meth:`EMABank.stream_variant`), rank 0 writes ``path`` and the other ranks return ``None``
+    (their ``path`` is not used).
     """
     v = bank.resolve(variant)
     meta = rf.export_metadata(v, bank.step, run_id=run_id, emascope_version=__version__)
     meta.update(_check_metadata(metadata))
-    sd = bank.materialize(v, dtype=parse_dtype(dtype), device="cpu")
+    sd: dict[str, torch.Tensor] = {}
+    for keys, t in bank.stream_variant(v, dtype=parse_dtype(dtype), dst=0):
+        if t is not None:
+            for key in keys:
+                sd[key] = t
+    plan = bank.shard_plan
+    if plan is not None and plan.rank != 0:
+        return None
+    if path is None:
+        raise ValueError("export_checkpoint: path is required on the writing rank")
     if prefix:
         sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
         if not sd:

@@ -292,6 +292,10 @@ def open_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
             snaps.append(Snapshot(run_dir / rel, role, rel))
         except (ValueError, OSError):
             continue
+    if not snaps and (run_dir / rf.SNAPSHOT_INDEX).exists():
+        raise SynthesisError(f"{str(run_dir)!r} has a sharded bank ({rf.SNAPSHOT_INDEX}, per-rank files): post-hoc "
+                             "synthesis reads one-process stage snapshots only, which a sharded run does not write "
+                             "(a limit, docs/synthesis.md); export the decays the bank holds with --variant")
     if not snaps:
         raise SynthesisError(f"{str(run_dir)!r} has no readable bank snapshot under {rf.BANKS}/: nothing to "
                              "synthesise from (stage snapshots are written at every scoring stage; see "

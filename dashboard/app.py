@@ -7,26 +7,43 @@ Started by ``emascope dashboard PATH`` (dashboard/launch.py). PATH comes from th
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
 
 from emascope import runformat as rf
-from emascope.dashboard import exporting, plots, ranking
+from emascope.dashboard import exporting, intervals, plots, ranking
 from emascope.dashboard.data import (
+    Discovery,
     RunData,
     RunReader,
-    discover_runs,
+    find_runs,
+    finite_or_none,
     load_points,
+    read_preview,
     sample_files,
     sample_stages,
+    short_text,
+    valid_step,
 )
-from emascope.dashboard.watch import RunWatcher, poll_requested
+from emascope.dashboard.watch import RunWatcher, poll_requested, run_fingerprint
 
 ENV_PATH = "EMASCOPE_DASHBOARD_PATH"
+#: Runs the Compare tab reads and draws at most (only the chosen ones are read).
+MAX_COMPARE_RUNS = 8
+#: Agent error events listed at most (the newest ones).
+MAX_ERRORS_SHOWN = 50
+#: Metrics offered in the picker at most (the standard ones first).
+MAX_METRICS_SHOWN = 100
+#: Stages offered by the stage slider at most.
+MAX_STAGE_OPTIONS = 1000
+_LOG = logging.getLogger("emascope.dashboard")
 STATE_LABEL = {"live": "live", "finished": "finished", "stale": "stale", "unknown": "unknown"}
 STATE_HELP = {
     "live": "the agent's heartbeat is fresh",
@@ -46,16 +63,28 @@ def cli_options() -> tuple[Path | None, bool]:
     return (Path(root).expanduser().resolve() if root else None), poll_requested(poll)
 
 
+#: Folders holding more runs than this are not watched whole (inotify watches one folder per
+#: watch, a polling observer stats every file every second): the page then polls the files of
+#: the run it shows (:func:`emascope.dashboard.watch.run_fingerprint`).
+MAX_WATCHED_RUNS = 200
+
+
 @st.cache_resource(show_spinner=False)
 def get_watcher(root: str, poll: bool) -> RunWatcher | None:
-    """One observer per root for the whole server (its thread only bumps a counter)."""
+    """One observer per root for the whole server (its thread only bumps a counter); None when
+    it cannot start (inotify limits, a tree deeper than watchdog's recursive walk)."""
     try:
         return RunWatcher([root], poll=poll)
-    except Exception:  # e.g. inotify limit reached: fall back to polling
-        try:
-            return RunWatcher([root], poll=True)
-        except Exception:
-            return None
+    except Exception as exc:  # noqa: BLE001 - the page falls back to polling the shown run's files
+        _LOG.warning("cannot watch %s (%s): polling the shown run's files instead", root, type(exc).__name__)
+        return None
+
+
+@st.cache_resource(show_spinner=False, ttl=2)
+def discover(root: str) -> Discovery:
+    """The runs below ``root`` (bounded search), shared by all sessions for 2 s: a folder of
+    thousands of runs is not walked again on every rerun of every session."""
+    return find_runs(root)
 
 
 @st.cache_resource(show_spinner=False)
@@ -66,14 +95,44 @@ def get_reader(path: str) -> RunReader:
 
 @st.fragment(run_every=1)
 def live_poller(watcher: RunWatcher | None) -> None:
-    """Reruns the whole app when the change counter moved (and live updates are not paused)."""
-    if watcher is None or st.session_state.get("paused"):
+    """Reruns the whole app when the change counter moved (and live updates are not paused).
+
+    Without a (live) observer it compares the stat fingerprint of the shown run's files instead.
+    """
+    if st.session_state.get("paused"):
         return
-    seen = st.session_state.get("_seen_changes")
-    now = watcher.value
+    if watcher is not None and watcher.alive():
+        seen = st.session_state.get("_seen_changes")
+        now = watcher.value
+        if seen is not None and now != seen:
+            st.session_state["_seen_changes"] = now
+            st.rerun(scope="app")
+        return
+    run = st.session_state.get("run")
+    if not run:
+        return
+    seen, now = st.session_state.get("_seen_fingerprint"), run_fingerprint([run])
+    st.session_state["_seen_fingerprint"] = now
     if seen is not None and now != seen:
-        st.session_state["_seen_changes"] = now
         st.rerun(scope="app")
+
+
+def failed(what: str, exc: BaseException) -> None:
+    """Log the details of a failure (traceback, paths) and show a one-line message in the page."""
+    _LOG.error("%s", what, exc_info=exc)
+    st.error(f"{what} ({type(exc).__name__}). The details are in the dashboard's log.")
+
+
+@contextmanager
+def guarded(what: str) -> Iterator[None]:
+    """Run a part of the page; an exception in it becomes a short error there, the rest still draws.
+
+    Streamlit's own control flow (rerun, stop) derives from BaseException and passes through.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - any run directory must not take the page down
+        failed(what, exc)
 
 
 def _fmt_age(seconds: float) -> str:
@@ -89,7 +148,7 @@ def sidebar(root: Path, runs: list[Path]) -> Path | None:
     st.sidebar.caption("best EMA decay, live")
     if not runs:
         return None
-    labels = {str(p): (str(p.relative_to(root)) if p != root else p.name) for p in runs}
+    labels = _run_labels(root, runs)
     keys = list(labels)
     if st.session_state.get("run") not in keys:
         st.session_state["run"] = keys[-1]
@@ -101,6 +160,9 @@ def pick_metric(run: RunData, box) -> str | None:
     names = ranking.order_metrics(run.metrics["metric"].unique())
     if not names:
         return None
+    if len(names) > MAX_METRICS_SHOWN:
+        box.caption(f"{len(names):,} metrics in this run: the first {MAX_METRICS_SHOWN} are offered.")
+        names = names[:MAX_METRICS_SHOWN]
     if st.session_state.get("metric") not in names:
         st.session_state["metric"] = next((m for m in ("fid", "fd") if m in names), names[0])
     dirs = run.directions
@@ -115,11 +177,17 @@ def pick_metric(run: RunData, box) -> str | None:
 
 
 def pick_stage(steps: list[int], box) -> int | None:
-    """Stage select_slider that follows the newest stage unless the user moved it back."""
+    """Stage select_slider that follows the newest stage unless the user moved it back.
+
+    At most :data:`MAX_STAGE_OPTIONS` stages are offered (evenly spaced, first, last and the
+    chosen one kept).
+    """
     if not steps:
         return None
     latest, prev_latest = steps[-1], st.session_state.get("_latest_stage")
     cur = st.session_state.get("stage")
+    if len(steps) > MAX_STAGE_OPTIONS:
+        steps = sorted(set(ranking.pick_stages(steps, MAX_STAGE_OPTIONS)) | ({cur} & set(steps)))
     if cur not in steps or cur == prev_latest:
         st.session_state["stage"] = latest
     st.session_state["_latest_stage"] = latest
@@ -135,12 +203,13 @@ def status_panel(run: RunData) -> None:
     now = time.time()
     state = run.state(now)
     hb = run.heartbeat or {}
-    age = f" · heartbeat {_fmt_age(now - hb['time'])}" if isinstance(hb.get("time"), (int, float)) else ""
+    beat = finite_or_none(hb.get("time"))
+    age = f" · heartbeat {_fmt_age(now - beat)}" if beat is not None else ""
     last = run.last_step()
     done = [e for e in run.events_of("score_done") if not e.get("synthesized")]
-    secs = [e["seconds"] for e in done if isinstance(e.get("seconds"), (int, float))]
+    secs = [x for e in done if (x := finite_or_none(e.get("seconds"))) is not None]
     errors = run.events_of("error")
-    skips = [e.get("count") for e in run.events_of("nonfinite_skip") if isinstance(e.get("count"), int)]
+    skips = [x for e in run.events_of("nonfinite_skip") if (x := valid_step(e.get("count"))) is not None]
     c = st.columns(5)
     c[0].metric("Status", STATE_LABEL[state], help=STATE_HELP[state] + age)
     c[1].metric("Last step", "—" if last is None else ranking.format_step(last))
@@ -162,17 +231,26 @@ def status_panel(run: RunData) -> None:
     bad = {k: v for k, v in run.bad_lines.items() if v}
     if bad:
         st.caption("Skipped unreadable lines: " + ", ".join(f"{k}: {v}" for k, v in bad.items()))
+    if run.file_errors:
+        st.warning("Some files of this run were not read: "
+                   + "; ".join(short_text(f"{k}: {v}") for k, v in run.file_errors.items()))
     if errors:
         with st.expander(f"{len(errors)} error(s) reported by the agent"):
+            if len(errors) > MAX_ERRORS_SHOWN:
+                st.caption(f"the newest {MAX_ERRORS_SHOWN} are listed")
+
+            def text(x):
+                return None if x is None else short_text(x, 120)
+
             st.dataframe(
                 [
                     {
-                        "step": e.get("step"),
-                        "where": e.get("where"),
-                        "variant": e.get("variant"),
-                        "message": e.get("message"),
+                        "step": valid_step(e.get("step")),
+                        "where": text(e.get("where")),
+                        "variant": text(e.get("variant")),
+                        "message": text(e.get("message")),
                     }
-                    for e in errors[-200:]
+                    for e in errors[-MAX_ERRORS_SHOWN:]
                 ],
                 width="stretch",
             )
@@ -188,12 +266,12 @@ def stage_label(st: dict) -> str:
     if state == "scoring" and st.get("total"):
         text += f" {st.get('done') or 0}/{st['total']}"
     if st.get("scorer"):
-        text += f" · {st['scorer']}"
+        text += f" · {short_text(st['scorer'], 120)}"
     if state == "done" and isinstance(st.get("seconds"), (int, float)):
         text += f" · {st['seconds']:.1f} s"
     if st.get("reason") and state in ("skipped", "failed"):
-        text += f" · {st['reason']}"
-    return text
+        text += f" · {short_text(st['reason'], 200)}"
+    return short_text(text)
 
 
 def stages_panel(run: RunData) -> None:
@@ -212,8 +290,8 @@ def stages_panel(run: RunData) -> None:
         st.dataframe(
             [{"step": s["step"], "state": f"{STAGE_ICONS[s['state']]} {s['state']}",
               "progress": (f"{s.get('done') or 0}/{s['total']}" if s.get("total") else ""),
-              "scorer": s.get("scorer") or "", "seconds": s.get("seconds"), "attempts": s.get("attempts"),
-              "note": s.get("reason") or ""} for s in stages[-500:]],
+              "scorer": short_text(s.get("scorer") or "", 120), "seconds": s.get("seconds"),
+              "attempts": s.get("attempts"), "note": short_text(s.get("reason") or "", 120)} for s in stages[-500:]],
             width="stretch", hide_index=True,
         )
 
@@ -230,15 +308,18 @@ def samples_view(run: RunData, stage: int | None) -> None:
     names = ranking.variant_order(files)
     if run.sample_kind == "points" or all(files[v].suffix == ".npy" for v in names):
         ref_path = run.path / rf.REFERENCE_POINTS
-        ref = load_points(ref_path) if ref_path.exists() else None
-        pts = {v: a for v in names if files[v].suffix == ".npy" and (a := load_points(files[v])) is not None}
+        ref = load_points(ref_path, run_dir=run.path) if ref_path.exists() else None
+        pts = {v: a for v in names
+               if files[v].suffix == ".npy" and (a := load_points(files[v], run_dir=run.path)) is not None}
         st.plotly_chart(plots.points_gallery(ref, pts), width="stretch", key="gallery")
         return
     cols = st.columns(4)
     for i, v in enumerate(names):
         with cols[i % 4]:
             try:
-                data = files[v].read_bytes()
+                data = read_preview(files[v], run.path)
+                if data is None:
+                    raise ValueError("refused or unreadable")
                 from PIL import Image
 
                 Image.open(io.BytesIO(data)).verify()
@@ -255,21 +336,58 @@ def search_caption(run: RunData, metric: str) -> None:
     e = found[-1]
     best = e.get("best_decay")
     where = "a grid decay" if e.get("best_is_grid") else "synthesised post hoc"
-    st.caption(
-        f"Search between grid decays at step {e.get('step')}: best {metric} at decay {best!r} ({where}; "
-        f"{len(e.get('evaluated') or [])} synthesised decays scored, open circles); stopped: {e.get('stopped')}."
-    )
+    evaluated = e.get("evaluated")
+    n = len(evaluated) if isinstance(evaluated, list) else 0
+    st.caption(short_text(
+        f"Search between grid decays at step {valid_step(e.get('step'))}: best {metric} at decay {best!r} "
+        f"({where}; {n} synthesised decays scored, open circles); stopped: {e.get('stopped')}.", 1000
+    ))
+
+
+def _run_labels(root: Path, runs: list[Path]) -> dict[str, str]:
+    return {str(p): (str(p.relative_to(root)) if p != root else p.name) for p in runs}
 
 
 def compare_view(root: Path, runs: list[Path], metric: str, direction: str | None) -> None:
+    """Compare up to :data:`MAX_COMPARE_RUNS` runs the user chose (all of them in a small folder).
+
+    Lazy: only the chosen runs are read; a run that cannot be read is named, the others drawn.
+    """
     if len(runs) < 2:
         st.info("Open a folder holding several runs (`emascope dashboard FOLDER`) to compare them.")
         return
+    labels = _run_labels(root, runs)
+    chosen = [k for k in st.session_state.get("compare_runs", []) if k in labels][:MAX_COMPARE_RUNS]
+    if "compare_runs" not in st.session_state:
+        chosen = list(labels) if len(labels) <= MAX_COMPARE_RUNS else []
+    st.session_state["compare_runs"] = chosen
+    st.multiselect(
+        f"Runs to compare (up to {MAX_COMPARE_RUNS})",
+        list(labels),
+        key="compare_runs",
+        format_func=lambda k: labels.get(k, k),
+        max_selections=MAX_COMPARE_RUNS,
+    )
+    if len(runs) > MAX_COMPARE_RUNS:
+        st.caption(f"{len(runs):,} runs in this folder: only the runs chosen here are read and drawn.")
+    if len(chosen) < 2:
+        st.info("Choose at least two runs to compare.")
+        return
     frames = {}
-    for p in runs:
-        d = get_reader(str(p)).load()
-        if d.error is None and len(d.metrics):
-            frames[d.name if d.name not in frames else str(p.relative_to(root))] = d.metrics
+    skipped = []
+    for key in chosen:
+        try:
+            d = get_reader(key).load()
+        except Exception as exc:  # noqa: BLE001 - one bad run must not hide the others
+            _LOG.error("cannot read run %s", key, exc_info=exc)
+            skipped.append(f"{labels[key]} ({type(exc).__name__})")
+            continue
+        if d.error is not None:
+            skipped.append(f"{labels[key]} ({short_text(d.error, 120)})")
+        elif len(d.metrics):
+            frames[d.name if d.name not in frames else labels[key]] = d.metrics
+    if skipped:
+        st.warning("Not compared: " + "; ".join(skipped))
     comp = ranking.compare_runs(frames, metric, direction)
     st.plotly_chart(plots.compare_runs_figure(comp, metric), width="stretch", key="compare")
     if comp.empty:
@@ -287,7 +405,7 @@ def compare_view(root: Path, runs: list[Path], metric: str, direction: str | Non
         hide_index=True,
         width="stretch",
     )
-    flips = ranking.ranking_flips(comp)
+    flips = significant_flips(comp)
     if flips:
         st.warning(
             "The ranking flips: "
@@ -352,23 +470,37 @@ def export_view(run: RunData) -> None:
         )
     dtype = c3.selectbox("dtype", ["model dtype", "float32"], key="export_dtype")
     dtype = None if dtype == "model dtype" else dtype
+    overwrite = False
+    try:
+        existing = exporting.existing_export(run.path, name)
+    except ValueError:
+        existing = None  # a bad name: refused with its message when Export is pressed
+    if existing is not None:
+        st.warning(f"`{rf.export_file(existing.stem)}` already exists. Exporting again replaces it: "
+                   "tick the box to confirm.")
+        overwrite = st.checkbox(f"Overwrite {existing.name}", value=False, key=f"export_overwrite_{existing.name}")
     how = "ask the live agent" if live else (
         "from the bank snapshots" if decay is not None else "from banks/latest.safetensors"
     )
     if st.button(f"Export ({how})", type="primary", key="export_button"):
         try:
             if live:
-                rid = exporting.request_export(run.path, variant, name, dtype, decay=decay, force=force)
+                rid = exporting.request_export(run.path, variant, name, dtype, decay=decay, force=force,
+                                               overwrite=overwrite)
                 st.session_state["export_request"] = (str(run.path), rid)
             else:
-                out = exporting.export_from_snapshot(run.path, variant, name, dtype, decay=decay, force=force)
+                out = exporting.export_from_snapshot(run.path, variant, name, dtype, decay=decay, force=force,
+                                                     overwrite=overwrite)
                 st.session_state["export_done"] = (str(run.path), str(out))
+        except exporting.ExportExists as exc:
+            st.error(f"Export refused: {exc}; tick **Overwrite** to replace it.")
         except ValueError as exc:
-            st.error(f"Export refused: {exc}")
+            st.error(f"Export refused: {short_text(exc)}")
         except FileNotFoundError as exc:
-            st.error(f"Cannot export: {exc}. Is the run still writing its first snapshot?")
+            st.error(f"Cannot export: {short_text(exc)}. Is the run still writing its first snapshot?")
         except Exception as exc:  # the agent's error, shown instead of crashing the page
-            st.error(f"Export failed: {type(exc).__name__}: {exc}")
+            _LOG.error("export failed", exc_info=exc)
+            st.error(f"Export failed: {type(exc).__name__}: {short_text(exc)}")
     req = st.session_state.get("export_request")
     if req and req[0] == str(run.path):
         status = exporting.export_status(run.path, req[1])
@@ -377,16 +509,17 @@ def export_view(run: RunData) -> None:
         elif status.get("state") == "done":
             p = exporting.resolve_status_path(run.path, status)
             size = p.stat().st_size if p and p.exists() else status.get("bytes")
+            size = size if isinstance(size, int) and not isinstance(size, bool) else 0
             st.success(
-                f"Exported **{status.get('variant')}** at step {status.get('step')}: `{p}` "
-                f"({(size or 0) / 1e6:.2f} MB)"
+                f"Exported **{short_text(status.get('variant'), 40)}** at step {valid_step(status.get('step'))}: "
+                f"`{p}` ({size / 1e6:.2f} MB)"
             )
             synth = status.get("synthesis")
             if isinstance(synth, dict):
                 st.caption(f"Synthesised: profile residual {_fmt_err(synth.get('profile_residual'))}, "
                            f"predicted weight error {_fmt_err(synth.get('predicted_error'))}")
         else:
-            st.error(f"The agent could not export: {status.get('error')}")
+            st.error(f"The agent could not export: {short_text(status.get('error'))}")
     done = st.session_state.get("export_done")
     if done and done[0] == str(run.path) and Path(done[1]).exists():
         st.success(f"Exported `{done[1]}` ({Path(done[1]).stat().st_size / 1e6:.2f} MB)")
@@ -432,7 +565,7 @@ def synthesis_error(run: RunData, decay: float) -> dict | None:
         with st.spinner("Measuring the synthesis error (leave-one-out over the bank snapshots, once per stage)…"):
             report = exporting.synthesis_preview(run.path, decay)
     except Exception as exc:  # no snapshots, unreadable files: say so, never crash the page
-        st.warning(f"Cannot synthesise decay {decay!r}: {exc}")
+        st.warning(f"Cannot synthesise decay {decay!r}: {short_text(exc)}")
         return None
     text = (
         f"**Decay {decay!r} at step {report.get('step')}**: profile residual "
@@ -443,12 +576,69 @@ def synthesis_error(run: RunData, decay: float) -> dict | None:
         f"condition number {_fmt_err(report.get('condition_number'))}."
     )
     if report.get("refused"):
-        st.error(text + " The snapshots cannot represent this decay: " + str(report["refused"]))
+        st.error(text + " The snapshots cannot represent this decay: " + short_text(report["refused"]))
     else:
         st.info(text)
     for w in report.get("warnings") or []:
         st.caption(f"⚠️ {w}")
     return report
+
+
+def significant_flips(comp) -> list[tuple[int, str, str]]:
+    """The ranking flips between runs worth a warning: significant ones when the runs recorded
+    standard errors (a caption counts the others), all of them for runs without."""
+    flips = ranking.significant_ranking_flips(comp)
+    noise = [f for f in flips if f[3] is False]
+    if noise:
+        st.caption(f"{len(noise)} ranking flip(s) between runs are within the noise (95% intervals) and not shown.")
+    return [(s, a, b) for s, a, b, sig in flips if sig is not False]
+
+
+class Uncertainty:
+    """What the run recorded about its uncertainty, parsed once per rerun (empty for runs without it)."""
+
+    def __init__(self, run: RunData, metric: str | None) -> None:
+        self.error: str | None = None
+        try:
+            self.comparisons = intervals.comparisons(run.events)
+            self.floor = intervals.noise_floor(run.events)
+            self.changes = intervals.best_changes(self.comparisons, metric) if metric else []
+        except Exception as exc:  # noqa: BLE001 - a hostile events.jsonl: the run is drawn without intervals
+            _LOG.error("the recorded intervals could not be read", exc_info=exc)
+            self.comparisons, self.floor, self.changes = {}, {}, []
+            self.error = f"The recorded intervals could not be read ({type(exc).__name__}); drawn without them."
+
+    def floor_of(self, metric: str) -> intervals.Floor | None:
+        return self.floor.get(metric)
+
+
+def log_y_toggle(run: RunData, metric: str) -> bool:
+    """The 'log y' checkbox of the metric-vs-decay view, offered for distance metrics only."""
+    if metric not in plots.LOG_METRICS:
+        return False
+    return st.checkbox(
+        "log scale y",
+        key=f"log_y_{metric}",
+        value=plots.log_scale_possible(run.metrics, metric),
+        help="Distances span decades once long decays collapse; a log axis keeps the good variants apart.",
+    )
+
+
+def best_changes_caption(unc: Uncertainty, metric: str) -> None:
+    """Under 'best decay over training': which changes of the best decay the noise cannot explain."""
+    if not unc.comparisons:
+        return
+    sig = [c for c in unc.changes if c.significant]
+    noise = len(unc.changes) - len(sig)
+    parts = [
+        f"step {ranking.format_step(c.step_before)} → {ranking.format_step(c.step)}: {c.before} → {c.after}"
+        for c in sig
+    ]
+    found = "significant changes of the best decay: " + "; ".join(parts)
+    text = f"**{metric}**: " + (found if parts else "no significant change of the best decay")
+    if noise:
+        text += f" ({noise} other change(s) of the best decay are within the noise)"
+    st.caption(short_text(text, 1000))
 
 
 _CSS = """<style>
@@ -463,21 +653,33 @@ def main() -> None:
     st.markdown(_CSS, unsafe_allow_html=True)
     root, poll = cli_options()
     if root is None or not root.is_dir():
-        st.error(f"No run directory to show (got {str(root)!r}). Start with `emascope dashboard PATH`.")
+        st.error(f"No run directory to show (got {short_text(str(root))!r}). Start with `emascope dashboard PATH`.")
         return
-    watcher = get_watcher(str(root), poll)
+    try:
+        found = discover(str(root))
+    except Exception as exc:  # noqa: BLE001 - e.g. the folder vanished
+        failed(f"Cannot search {root} for runs", exc)
+        return
+    runs = found.runs
+    watchable = not found.notes and len(runs) <= MAX_WATCHED_RUNS
+    watcher = get_watcher(str(root), poll) if watchable else None
     if watcher is not None:  # a full run reads everything: only changes after this point rerun it
         st.session_state["_seen_changes"] = watcher.value
-    runs = discover_runs(root)
     path = sidebar(root, runs)
     controls = st.sidebar.container()
+    for note in found.notes:
+        st.sidebar.caption(note)
     st.sidebar.divider()
     st.sidebar.toggle(
         "Pause live updates",
         key="paused",
         help="Keep zoom and selection while exploring; new data shows when you resume.",
     )
-    st.sidebar.caption(f"Watching `{root}`" + (" (polling)" if poll or (watcher and watcher.poll) else ""))
+    if watcher is not None:
+        st.sidebar.caption(f"Watching `{root}`" + (" (polling)" if poll or watcher.poll else ""))
+    else:
+        st.sidebar.caption(f"`{root}`: live updates poll the files of the shown run every second"
+                           + ("" if watchable else " (a folder this large or deep is not watched whole)"))
     live_poller(watcher)
     if path is None:
         st.info(
@@ -485,12 +687,25 @@ def main() -> None:
             "when one appears."
         )
         return
-    run = get_reader(str(path)).load()
+    try:
+        run = get_reader(str(path)).load()
+    except Exception as exc:  # noqa: BLE001 - a per-run error; the other runs stay reachable
+        st.title(path.name)
+        failed("This run cannot be read", exc)
+        return
     st.title(run.name)
     st.caption(f"`{run.path}`")
     if run.error:
-        st.error(f"Cannot show this run: {run.error}")
+        st.error(f"Cannot show this run: {short_text(run.error)}")
+        if run.file_errors:
+            st.warning("Files not read: " + "; ".join(short_text(f"{k}: {v}") for k, v in run.file_errors.items()))
         return
+    with guarded("This run could not be drawn"):
+        draw_run(root, runs, run, controls)
+
+
+def draw_run(root: Path, runs: list[Path], run: RunData, controls) -> None:
+    """Everything shown for one readable run: pickers, banner, status, the views in tabs."""
     metric = pick_metric(run, controls)
     steps = sorted(int(s) for s in run.metrics["step"].unique()) if len(run.metrics) else []
     stage = pick_stage(steps, controls)
@@ -508,12 +723,19 @@ def main() -> None:
         st.info("No scores yet: the first scoring sweep has not finished. This page updates live.")
         return
     direction = run.directions.get(metric)
-    rec = ranking.recommend(run.metrics, run.directions, metric, stage)
-    (st.warning if rec.level == "warning" else st.info)(
-        rec.text, icon="⚠️" if rec.level == "warning" else "🎯"
-    )
-    status_panel(run)
-    stages_panel(run)
+    unc = Uncertainty(run, metric)
+    if unc.error:
+        st.warning(unc.error)
+    with guarded("The recommendation could not be computed"):
+        rec = ranking.recommend(run.metrics, run.directions, metric, stage, comparisons=unc.comparisons,
+                                floor=unc.floor, changes=unc.changes)
+        (st.warning if rec.level == "warning" else st.info)(
+            rec.text, icon="⚠️" if rec.level == "warning" else "🎯"
+        )
+    with guarded("The run status could not be drawn"):
+        status_panel(run)
+    with guarded("The stage states could not be drawn"):
+        stages_panel(run)
     tabs = st.tabs(
         [
             "Metric vs decay",
@@ -525,27 +747,30 @@ def main() -> None:
             "Export",
         ]
     )
-    with tabs[0]:
+    with tabs[0], guarded("This view could not be drawn"):
         max_lines = st.session_state.get("max_lines", plots.MAX_LINES)
+        log_y = log_y_toggle(run, metric)
         st.plotly_chart(
             plots.metric_vs_decay(run.metrics, metric, direction, max_lines=max_lines,
-                                  synthesized=run.synthesized),
+                                  floor=unc.floor_of(metric), log_y=log_y, synthesized=run.synthesized),
             width="stretch",
             key="vs_decay",
         )
         search_caption(run, metric)
-    with tabs[1]:
-        st.plotly_chart(plots.heatmap(run.metrics, metric, direction), width="stretch", key="heatmap")
-    with tabs[2]:
+    with tabs[1], guarded("This view could not be drawn"):
+        st.plotly_chart(plots.heatmap(run.metrics, metric, direction, comparisons=unc.comparisons),
+                        width="stretch", key="heatmap")
+    with tabs[2], guarded("This view could not be drawn"):
         st.plotly_chart(plots.precision_recall(run.metrics, stage, metric), width="stretch", key="pr")
-    with tabs[3]:
+    with tabs[3], guarded("This view could not be drawn"):
         drift = ranking.best_decay_drift(run.metrics, run.directions)
         st.plotly_chart(plots.best_decay_over_training(drift), width="stretch", key="drift")
-    with tabs[4]:
+        best_changes_caption(unc, metric)
+    with tabs[4], guarded("The previews could not be drawn"):
         samples_view(run, stage)
-    with tabs[5]:
+    with tabs[5], guarded("The comparison could not be drawn"):
         compare_view(root, runs, metric, direction)
-    with tabs[6]:
+    with tabs[6], guarded("The export panel could not be drawn"):
         export_view(run)
 
 

@@ -10,7 +10,11 @@ The dashboard process never imports torch. Two paths:
 
 Names typed by a user never leave the run's ``exports/`` folder: :func:`export_path` validates the
 name with the one shared check (:func:`emascope.runformat.validate_export_name`), resolves the path
-and checks containment, raising ValueError otherwise.
+and checks containment, raising ValueError otherwise. An existing checkpoint is never replaced
+unless the caller says ``overwrite=True`` (the page asks for a confirmation first): without it
+:func:`export_from_snapshot` raises :class:`ExportExists` before starting anything, and a live
+request goes out with ``"overwrite": false``, which the agent refuses for an existing file. The
+same rule holds for synthesised exports.
 
 Any decay (docs/synthesis.md): :func:`synthesis_preview` computes the error report of a decay the
 bank does not hold (torch-free, :mod:`emascope.synthesis`) *before* anything is exported; the
@@ -31,9 +35,16 @@ from typing import Any
 
 from emascope import runformat as rf
 from emascope.atomic import atomic_write_json
+from emascope.dashboard.files import RefusedFile, read_capped, resolved_root
 
 #: Seconds a finished-run export may take before the child process is stopped.
 EXPORT_TIMEOUT_S = 900.0
+#: Cap of a status file read back from the agent (a real one is a few hundred bytes).
+MAX_STATUS_BYTES = 64 * 1024
+
+
+class ExportExists(FileExistsError):
+    """The export's target file exists and the caller did not confirm overwriting it."""
 
 
 def default_name(variant: str) -> str:
@@ -60,20 +71,36 @@ def new_request_id() -> str:
     return time.strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(4)
 
 
+def existing_export(run_dir: str | os.PathLike, name: str) -> Path | None:
+    """The checkpoint ``exports/<name>.safetensors`` if something already exists there, else None
+    (ValueError for a bad name, as :func:`export_path`)."""
+    target = export_path(run_dir, name)
+    return target if os.path.lexists(target) else None
+
+
 def request_export(run_dir: str | os.PathLike, variant: str | None, name: str, dtype: str | None = None, *,
-                   decay: float | None = None, force: bool = False) -> str:
+                   decay: float | None = None, force: bool = False, overwrite: bool = False) -> str:
     """Ask a live agent for a checkpoint: write ``requests/<id>.json`` atomically; returns the id.
 
     ``decay``: any decay in (0, 1), synthesised by the agent if the bank does not hold it
-    (``variant`` is then ignored); ``force``: write it even when its error is large."""
+    (``variant`` is then ignored); ``force``: write it even when its error is large.
+    ``overwrite=False`` raises :class:`ExportExists` when the target exists already (the agent
+    would refuse it too: it checks again when it fulfils the request).
+    """
+    target = export_path(run_dir, name)
     if decay is not None:
         d, _ = rf.check_synthesis_target(decay, None)
-        request = rf.ExportRequest(id=new_request_id(), variant=rf.synthesized_name(d, None),
-                                   name=export_path(run_dir, name).stem, dtype=rf.validate_export_dtype(dtype),
-                                   decay=d, force=bool(force))
     else:
-        request = rf.ExportRequest(id=new_request_id(), variant=rf.parse_variant(variant),
-                                   name=export_path(run_dir, name).stem, dtype=rf.validate_export_dtype(dtype))
+        variant = rf.parse_variant(variant)
+    dtype = rf.validate_export_dtype(dtype)
+    if not overwrite and os.path.lexists(target):
+        raise ExportExists(f"{rf.export_file(target.stem)} already exists")
+    if decay is not None:
+        request = rf.ExportRequest(id=new_request_id(), variant=rf.synthesized_name(d, None), name=target.stem,
+                                   dtype=dtype, overwrite=bool(overwrite), decay=d, force=bool(force))
+    else:
+        request = rf.ExportRequest(id=new_request_id(), variant=variant, name=target.stem, dtype=dtype,
+                                   overwrite=bool(overwrite))
     atomic_write_json(Path(run_dir) / rf.request_file(request.id), rf.request_body(request, time.time()))
     return request.id
 
@@ -111,11 +138,13 @@ def can_synthesize(run_dir: str | os.PathLike) -> bool:
 
 
 def export_status(run_dir: str | os.PathLike, request_id: str) -> dict[str, Any] | None:
-    """The agent's ``exports/<id>.status.json`` for a request, or None while there is none (or it is torn)."""
-    path = Path(run_dir) / rf.status_file(request_id)  # ValueError for a bad id
+    """The agent's ``exports/<id>.status.json`` for a request, or None while there is none (or it is
+    torn, or refused: not a regular file, a symlink out of the run, larger than 64 kB)."""
+    root = resolved_root(run_dir)
+    path = Path(root) / rf.status_file(request_id)  # ValueError for a bad id
     try:
-        obj = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        obj = json.loads(read_capped(path, root, MAX_STATUS_BYTES))
+    except (OSError, RefusedFile, ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -156,13 +185,15 @@ def export_command(run_dir: str | os.PathLike, variant: str | None, out: Path, d
 
 
 def export_from_snapshot(run_dir: str | os.PathLike, variant: str | None, name: str, dtype: str | None = None, *,
-                         decay: float | None = None, force: bool = False) -> Path:
-    """Rebuild ``variant`` from ``banks/latest.safetensors`` into ``exports/<name>.safetensors``, or
-    synthesise ``decay`` from the run's snapshots (docs/synthesis.md).
+                         decay: float | None = None, force: bool = False, overwrite: bool = False) -> Path:
+    """Rebuild ``variant`` from the latest bank snapshot (``banks/latest.safetensors`` or a sharded
+    run's ``banks/latest.index.json``) into ``exports/<name>.safetensors``, or synthesise ``decay``
+    from the run's snapshots (docs/synthesis.md; not from a sharded run's).
 
     Runs ``emascope export`` in a child process (torch is imported there, never here). Raises
-    ValueError for a bad name/variant/dtype, FileNotFoundError when there is no snapshot, and
-    RuntimeError with the command's own message when the export fails (or a synthesis is refused).
+    ValueError for a bad name/variant/dtype, :class:`ExportExists` when the target exists and
+    ``overwrite`` is False, FileNotFoundError when there is no snapshot, and RuntimeError with the
+    command's own message when the export fails (or a synthesis is refused).
     """
     if decay is not None:
         decay, _ = rf.check_synthesis_target(decay, None)
@@ -170,8 +201,15 @@ def export_from_snapshot(run_dir: str | os.PathLike, variant: str | None, name: 
         variant = rf.parse_variant(variant)
     out = export_path(run_dir, name)
     rf.validate_export_dtype(dtype)
-    if not (Path(run_dir) / rf.SNAPSHOT).is_file() and not (decay is not None and can_synthesize(run_dir)):
-        raise FileNotFoundError(f"no bank snapshot at {Path(run_dir) / rf.SNAPSHOT}")
+    if not overwrite and os.path.lexists(out):
+        raise ExportExists(f"{rf.export_file(out.stem)} already exists")
+    if decay is not None and not can_synthesize(run_dir):
+        if (Path(run_dir) / rf.SNAPSHOT_INDEX).is_file():
+            raise FileNotFoundError("this run's bank is sharded: post-hoc synthesis reads one-process stage "
+                                    "snapshots only (export a decay the bank holds)")
+        raise FileNotFoundError(f"no bank snapshot at {Path(run_dir) / rf.SNAPSHOT} to synthesise from")
+    if decay is None and not any((Path(run_dir) / rel).is_file() for rel in rf.LATEST_SNAPSHOTS):
+        raise FileNotFoundError(f"no bank snapshot at {Path(run_dir) / rf.SNAPSHOT} (nor a sharded one)")
     try:
         done = subprocess.run(export_command(run_dir, variant, out, dtype, decay=decay, force=force),
                               capture_output=True, text=True,

@@ -3,21 +3,27 @@
 Security defaults: listens on 127.0.0.1 only, usage statistics off, ``server.allowedHosts`` limited
 to the localhost names (one ``--server.allowedHosts`` flag per host: the comma form would be one
 bogus host that rejects every connection), CORS and XSRF protection on, no file watcher on the
-app's source. ``--host`` opts in to other interfaces, with a warning.
+app's source, errors in the page shown as their type only (``client.showErrorDetails=type``: no
+message, traceback or file path; the details go to the server's log). ``--host`` opts in to other
+interfaces, with a warning. The server runs as ``python -m emascope.dashboard.server`` (Streamlit's
+own server behind an exact-origin check: :mod:`emascope.dashboard.server`), which prints the URL
+once it listens.
+
+Ports: a ``--port`` that is taken is an error (exit 2) naming the port, before anything starts;
+without ``--port`` the first free port from 8501 is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +33,12 @@ APP = Path(__file__).with_name("app.py")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 ENV_PATH = "EMASCOPE_DASHBOARD_PATH"
 DEFAULT_PORT = 8501
+#: Ports tried from DEFAULT_PORT when no --port is given.
+PORT_TRIES = 100
+#: Set to "1" for the server to open a browser tab once it listens (emascope.dashboard.server).
+ENV_OPEN_BROWSER = "EMASCOPE_OPEN_BROWSER"
+#: The server module run in the child process (see emascope.dashboard.server).
+SERVER_MODULE = "emascope.dashboard.server"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -34,7 +46,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="emascope dashboard", description="Live dashboard of emascope run directories."
     )
     p.add_argument("path", help="a run directory, or a folder searched recursively for runs (run.json)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"port (default: the first free one from {DEFAULT_PORT}; a taken --port is an error)")
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -54,7 +67,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="poll files instead of OS notifications (network file systems; or EMASCOPE_POLL=1)",
     )
     args = p.parse_args(list(argv))
-    if not 1 <= args.port <= 65535:
+    if args.port is not None and not 1 <= args.port <= 65535:
         p.error(f"--port must be in 1..65535, got {args.port}")
     return args
 
@@ -85,7 +98,7 @@ def build_command(
     cmd = [
         python,
         "-m",
-        "streamlit",
+        SERVER_MODULE,
         "run",
         str(APP),
         "--server.headless",
@@ -106,6 +119,8 @@ def build_command(
         "false",
         "--client.toolbarMode",
         "viewer",
+        "--client.showErrorDetails",
+        "type",
         "--theme.base",
         "light",
     ]
@@ -127,6 +142,55 @@ def probe_url(host: str, port: int) -> str:
     elif host == "::":
         host = "::1"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _addresses(host: str) -> list[str]:
+    """Addresses a browser may reach for ``host`` (both loopbacks for the local names)."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return ["127.0.0.1", "::1"]
+    return [host]
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether another program holds ``port`` on ``host`` (a test bind, as the server will bind:
+    ``SO_REUSEADDR`` on, so a port in TIME_WAIT is free). Addresses this machine lacks (no IPv6)
+    do not count as taken."""
+    for addr in _addresses(host):
+        try:
+            infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError:
+            continue
+        family, _, _, _, sockaddr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            if os.name != "nt":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and addr in ("::", ""):
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                s.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    return True
+    return False
+
+
+class PortError(ValueError):
+    """No usable port: the requested one is taken, or none is free in the searched range."""
+
+
+def choose_port(host: str, requested: int | None, start: int | None = None, tries: int = PORT_TRIES) -> int:
+    """The port to serve on: ``requested`` if free (else :class:`PortError` naming it), or the
+    first free port from ``start`` (default :data:`DEFAULT_PORT`) when none was requested."""
+    if requested is not None:
+        if port_taken(host, requested):
+            raise PortError(f"port {requested} is taken on {host} (another program is listening there); "
+                            "choose another with --port, or leave --port out to use the next free port")
+        return requested
+    first = DEFAULT_PORT if start is None else start
+    for port in range(first, min(first + tries, 65536)):
+        if not port_taken(host, port):
+            return port
+    raise PortError(f"no free port on {host} in {first}..{first + tries - 1}; choose one with --port")
 
 
 def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
@@ -157,11 +221,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "can reach this port can read your runs and write export requests.",
             file=sys.stderr,
         )
-    cmd = build_command(path, host=args.host, port=args.port, poll=args.poll, extra_hosts=args.allowed_host)
+    try:
+        port = choose_port(args.host, args.port)
+    except PortError as exc:
+        print(f"emascope dashboard: {exc}", file=sys.stderr)
+        return 2
+    cmd = build_command(path, host=args.host, port=port, poll=args.poll, extra_hosts=args.allowed_host)
     env = dict(os.environ, **{ENV_PATH: str(path)})
     env.pop(PARENT_ENV, None)  # for this process's watch_parent only, not the server's children
     if args.poll:
         env["EMASCOPE_POLL"] = "1"
+    env[ENV_OPEN_BROWSER] = "0" if args.no_browser else "1"  # the server opens it once it listens
     # the server dies with this launcher, even a SIGKILLed one (Linux: parent-death signal)
     proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent_preexec())
 
@@ -175,15 +245,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
     # started by `emascope demo` (EMASCOPE_PARENT_PID): stop when it is gone, on any platform
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
-    url = url_for(args.host, args.port)
-
-    def announce() -> None:
-        if wait_until_up(probe_url(args.host, args.port), proc):
-            print(f"emascope dashboard: {path} -> {url}", flush=True)
-            if not args.no_browser:
-                webbrowser.open(url)
-
-    threading.Thread(target=announce, daemon=True).start()
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -15,6 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from emascope.dashboard.intervals import (
+    BestChange,
+    Floor,
+    MetricComparison,
+    at_floor,
+    samples_to_separate,
+)
 from emascope.runformat import BEMA, RAW, decay_of
 
 DEFAULT_DECAY_VARIANT = "0.9999"  # the community default the recommendation compares against
@@ -214,9 +221,73 @@ class Recommendation:
     best_variant: str | None = None
     best_value: float | None = None
     collapsed: dict[str, list[str]] = field(default_factory=dict)
+    ties: list[str] = field(default_factory=list)  # variants statistically tied with the best (best included)
+    samples_to_separate: int | None = None  # per variant, to likely separate the best from the runner-up
 
 
-def _disagreement(metrics: pd.DataFrame, directions: Mapping[str, str], step: int, metric: str) -> str | None:
+def tie_phrase(tied: Iterable[str], variants: Iterable[str]) -> str:
+    """The tied variants as runs of consecutive variants (in :func:`variant_order` of ``variants``):
+    ``"0.999–0.9995"``, ``"raw, 0.9–0.99"``."""
+    order = variant_order(variants)
+    tied = set(tied)
+    runs: list[list[str]] = []
+    for v in order:
+        if v in tied:
+            if runs and runs[-1][-1] == order[order.index(v) - 1]:
+                runs[-1].append(v)
+            else:
+                runs.append([v])
+    return ", ".join(r[0] if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs)
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n:,}" if n < 10_000_000 else f"{n:.1e}"
+
+
+def uncertainty_sentences(comp: MetricComparison, value: float, variants: Iterable[str], metric: str,
+                          floor: Floor | None = None) -> tuple[list[str], list[str], int | None]:
+    """What the recorded intervals say about the best of one stage: the tie set, how many samples per
+    variant would likely separate the top two, and the noise floor. Returns (sentences, ties, samples)."""
+    out: list[str] = []
+    ties = [v for v in variant_order(comp.ties()) if v in comp.variants]
+    level = f"{comp.level:.0%}"
+    n = f"{_fmt_count(comp.n)} samples per variant" if comp.n else "this sample size"
+    best = comp.best
+    if len(ties) > 1:
+        out.append(f"**{tie_phrase(ties, variants)} tie** at {n} ({level} paired intervals): the differences "
+                   f"between them are within the noise")
+    elif comp.variants:
+        out.append(f"{_decay_label(best)} is significantly better than every other variant ({level}, {n})")
+    need = None
+    ru = comp.runner_up()
+    if ru is not None:
+        other, c = ru
+        need = samples_to_separate(c.diff, c.se, c.n or comp.n, comp.level)
+        if c.worse is False and need is not None:
+            out.append(f"about {_fmt_count(need)} samples per variant would likely separate {best} from "
+                       f"{other} (80% power, if their difference stays {format_value(abs(c.diff))})")
+        elif c.worse is False:
+            out.append(f"{best} and {other} cannot be told apart at this sample size")
+    if floor is not None and at_floor(value, floor, comp.direction):
+        rng = f" [{format_value(floor.lo)}, {format_value(floor.hi)}]" if floor.lo is not None else ""
+        out.append(f"the best {metric} is within the noise floor ({floor.label}: {format_value(floor.value)}{rng}): "
+                   "as good as a perfect model at this sample size")
+    return out, ties, need
+
+
+def change_sentence(changes: Iterable[BestChange], step: int) -> str | None:
+    """The latest change of the best decay up to ``step``, said only when it is significant."""
+    sig = [c for c in changes if c.significant and c.step <= step]
+    if not sig:
+        return None
+    c = sig[-1]
+    return (f"Significant rank flip: {_decay_label(c.before)} was the best at step {format_step(c.step_before)}, "
+            f"{_decay_label(c.after)} at step {format_step(c.step)}, each significantly better than the other "
+            "at its own stage.")
+
+
+def _disagreement(metrics: pd.DataFrame, directions: Mapping[str, str], step: int, metric: str,
+                  comparisons: Mapping[tuple[int, str], MetricComparison] | None = None) -> str | None:
     quality = (
         metric
         if metric not in ("precision", "recall")
@@ -235,6 +306,12 @@ def _disagreement(metrics: pd.DataFrame, directions: Mapping[str, str], step: in
         bests[m] = v
     if len(set(bests.values())) == 1:
         return None
+    comps = [(comparisons or {}).get((int(step), m)) for m in names]
+    if all(c is not None and c.best == bests[m] for c, m in zip(comps, names, strict=True)):
+        common = set.intersection(*(set(c.ties()) for c in comps))
+        if common:  # one decay is statistically tied with the best on all three: no real trade-off here
+            return (f"Precision, recall and {quality} agree within the noise: "
+                    f"{tie_phrase(common, metrics['variant'].unique())} ties with the best of all three.")
     parts = [f"{m} at {_decay_label(v)}" for m, v in bests.items()]
     return (
         "Precision, recall and "
@@ -246,13 +323,24 @@ def _disagreement(metrics: pd.DataFrame, directions: Mapping[str, str], step: in
 
 
 def recommend(
-    metrics: pd.DataFrame, directions: Mapping[str, str], metric: str, step: int | None = None
+    metrics: pd.DataFrame,
+    directions: Mapping[str, str],
+    metric: str,
+    step: int | None = None,
+    *,
+    comparisons: Mapping[tuple[int, str], MetricComparison] | None = None,
+    floor: Mapping[str, Floor] | None = None,
+    changes: Iterable[BestChange] | None = None,
 ) -> Recommendation:
     """The recommendation for ``metric`` at ``step`` (default: the latest stage with that metric).
 
     Says which variant is best and its value, how much better it is than the community default
     0.9999 and than raw, one sentence when the precision-, recall- and quality-optimal decays
-    differ, and a warning for collapsed variants.
+    differ, and a warning for collapsed variants. With the run's recorded uncertainty
+    (``comparisons``/``floor``/``changes`` from :mod:`emascope.dashboard.intervals`) it also names
+    the variants statistically tied with the best, the samples per variant that would likely
+    separate the top two, whether the best is at the noise floor, whether the comparisons with
+    0.9999 and raw are significant, and the latest *significant* change of the best decay.
     """
     sub = metrics[metrics["metric"] == metric]
     if sub.empty:
@@ -275,8 +363,21 @@ def recommend(
         return Recommendation(
             f"{where}: every variant's **{metric}** is non-finite.", level="warning", step=step
         )
+    comp = (comparisons or {}).get((int(step), metric))
+    if comp is not None and comp.best != best:
+        # the recorded best is chosen among the variants with the most samples (a racing sweep's
+        # dropped variants have fewer): trust it when it names a value of this stage, else ignore it
+        other = row.get(comp.best)
+        if other is not None and math.isfinite(float(other)):
+            best, value = comp.best, float(other)
+        else:
+            comp = None
     word = "lower" if direction == "lower" else "higher"
-    sentences = [f"{where}, the best **{metric}** is **{format_value(value)}** at **{_decay_label(best)}**"]
+    pm = ""
+    se = _se_of(metrics, step, best, metric)
+    if se is not None:
+        pm = f" ± {format_value(se)} (s.e.)"
+    sentences = [f"{where}, the best **{metric}** is **{format_value(value)}**{pm} at **{_decay_label(best)}**"]
     comps = []
     for ref, label in ((DEFAULT_DECAY_VARIANT, "the community default 0.9999"), (RAW, "raw weights")):
         if ref == best or ref not in row.index:
@@ -287,14 +388,27 @@ def recommend(
             continue
         diff, rel = improvement(value, other, direction)
         pct = f" ({abs(rel) * 100:.1f}%)" if math.isfinite(rel) else ""
+        sig = ""
+        if comp is not None and ref in comp.variants:
+            w = comp.variants[ref].worse
+            sig = ", significant" if w is True else ", within the noise" if w is False else ""
         if diff > 0:
-            comps.append(f"{format_value(diff)}{pct} {word} than {label} ({format_value(other)})")
+            comps.append(f"{format_value(diff)}{pct} {word} than {label} ({format_value(other)}{sig})")
         else:
             comps.append(f"equal to {label} ({format_value(other)})")
     if best == DEFAULT_DECAY_VARIANT:
         comps.append("the community default 0.9999 is the best here")
     text = sentences[0] + (": " + "; ".join(comps) if comps else "") + "."
-    extra = _disagreement(metrics, directions, step, metric)
+    ties: list[str] = []
+    need = None
+    if comp is not None:
+        more, ties, need = uncertainty_sentences(comp, value, row.index, metric, (floor or {}).get(metric))
+        if more:
+            text += " " + " ".join(f"{s[0].upper()}{s[1:]}." for s in more)
+    flip = change_sentence(changes or [], int(step))
+    if flip:
+        text += "\n\n" + flip
+    extra = _disagreement(metrics, directions, step, metric, comparisons)
     if extra:
         text += "\n\n" + extra
     coll = collapses(metrics, directions, step)
@@ -306,7 +420,19 @@ def recommend(
             + "; ".join(f"{_decay_label(v)} ({', '.join(r)})" for v, r in coll.items())
             + "."
         )
-    return Recommendation(text, level=level, step=step, best_variant=best, best_value=value, collapsed=coll)
+    return Recommendation(text, level=level, step=step, best_variant=best, best_value=value, collapsed=coll,
+                          ties=ties, samples_to_separate=need)
+
+
+def _se_of(metrics: pd.DataFrame, step: int, variant: str, metric: str) -> float | None:
+    """The recorded standard error of one value (``None``: none recorded)."""
+    if "se" not in metrics.columns:
+        return None
+    sel = metrics[(metrics["step"] == step) & (metrics["variant"] == variant) & (metrics["metric"] == metric)]
+    if sel.empty:
+        return None
+    v = float(sel["se"].iloc[-1])
+    return v if math.isfinite(v) else None
 
 
 def compare_runs(
@@ -315,16 +441,19 @@ def compare_runs(
     """Rank runs at a fixed decay and at each run's own best decay, at every stage they share.
 
     Returns columns step, run, fixed_value, fixed_rank, best_variant, best_value, best_rank
-    (rank 1 = best; ranks are NaN where a run lacks the value). Empty for an unknown direction
-    or when the runs share no stage.
+    (rank 1 = best; ranks are NaN where a run lacks the value), and fixed_se, best_se (the values'
+    recorded standard errors, NaN when none). Empty for an unknown direction or when the runs share
+    no stage.
     """
-    cols = ["step", "run", "fixed_value", "fixed_rank", "best_variant", "best_value", "best_rank"]
+    cols = ["step", "run", "fixed_value", "fixed_rank", "best_variant", "best_value", "best_rank",
+            "fixed_se", "best_se"]
     if direction not in ("lower", "higher") or len(runs) < 1:
         return pd.DataFrame(columns=cols)
     tables = {name: metric_table(df, metric) for name, df in runs.items()}
     tables = {k: t for k, t in tables.items() if not t.empty}
     if not tables:
         return pd.DataFrame(columns=cols)
+    ses = {name: _se_table(runs[name], metric) for name in tables}
     common = sorted(set.intersection(*(set(t.index) for t in tables.values())))
     rows = []
     for step in common:
@@ -332,12 +461,51 @@ def compare_runs(
             r = t.loc[step]
             fv = float(r[fixed]) if fixed in r.index else math.nan
             bv_name, bv = best_of_row(r, direction)
-            rows.append((int(step), name, fv, bv_name, bv))
-    df = pd.DataFrame(rows, columns=["step", "run", "fixed_value", "best_variant", "best_value"])
+            se = ses[name]
+            rows.append((int(step), name, fv, bv_name, bv, _cell(se, step, fixed), _cell(se, step, bv_name)))
+    df = pd.DataFrame(rows, columns=["step", "run", "fixed_value", "best_variant", "best_value", "fixed_se",
+                                     "best_se"])
     asc = direction == "lower"
     df["fixed_rank"] = df.groupby("step")["fixed_value"].rank(ascending=asc, method="min")
     df["best_rank"] = df.groupby("step")["best_value"].rank(ascending=asc, method="min")
     return df[cols]
+
+
+def _se_table(metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
+    if "se" not in metrics.columns:
+        return pd.DataFrame()
+    sub = metrics[metrics["metric"] == metric]
+    if sub.empty:
+        return pd.DataFrame()
+    return sub.pivot_table(index="step", columns="variant", values="se", aggfunc="last", dropna=False)
+
+
+def _cell(table: pd.DataFrame, step: int, variant: str | None) -> float:
+    if table.empty or variant is None or step not in table.index or variant not in table.columns:
+        return math.nan
+    return float(table.at[step, variant])
+
+
+def significant_ranking_flips(comparison: pd.DataFrame, level: float = 0.95) -> list[tuple[int, str, str, bool | None]]:
+    """:func:`ranking_flips` with whether each flip is significant: both orderings (run_a ahead at
+    the fixed decay, run_b ahead at the best decays) exceed ``z sqrt(se_a^2 + se_b^2)`` (the runs
+    are different models: unpaired). ``None`` when a standard error is missing."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    out = []
+    for step, a, b in ranking_flips(comparison):
+        g = comparison[comparison["step"] == step].set_index("run")
+        sig: bool | None = True
+        for value, se in (("fixed_value", "fixed_se"), ("best_value", "best_se")):
+            sa, sb = g.at[a, se] if se in g.columns else math.nan, g.at[b, se] if se in g.columns else math.nan
+            if not (math.isfinite(sa) and math.isfinite(sb)):
+                sig = None
+                break
+            if abs(g.at[a, value] - g.at[b, value]) <= z * math.hypot(sa, sb):
+                sig = False
+        out.append((step, a, b, sig))
+    return out
 
 
 def ranking_flips(comparison: pd.DataFrame) -> list[tuple[int, str, str]]:

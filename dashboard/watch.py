@@ -44,6 +44,25 @@ def is_relevant(event_type: str, path: str | os.PathLike, is_directory: bool = F
     return any(part in WATCHED_DIRS for part in p.parts[-4:-1])
 
 
+def run_fingerprint(run_dirs: Iterable[str | os.PathLike]) -> tuple:
+    """``(mtime_ns, size, inode)`` of each run's watched files and folders (None when missing).
+
+    The fallback when no observer watches the folder (a folder too deep or too large to watch
+    whole, or an observer that could not start): the page compares this every second for the
+    run it shows. A handful of ``stat`` calls per run; a new stage folder or export changes its
+    folder's mtime.
+    """
+    out = []
+    for run in run_dirs:
+        for name in (*rf.WATCHED_FILES, *rf.WATCHED_DIRS, ""):
+            try:
+                st = os.stat(os.path.join(run, name) if name else run)
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except (OSError, ValueError):
+                out.append(None)
+    return tuple(out)
+
+
 class ChangeCounter:
     """A thread-safe counter of relevant changes (the only thing observer threads touch)."""
 

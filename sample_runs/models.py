@@ -42,6 +42,22 @@ class MLPDenoiser(nn.Module):
         return self.net(torch.cat([x, time_features(t.to(x.dtype), self.num_frequencies)], dim=1))
 
 
+class ImageMLPDenoiser(nn.Module):
+    """Velocity MLP for small images: flattens ``[n, C, H, W]`` to ``[n, C*H*W]``, runs an
+    :class:`MLPDenoiser` on it and reshapes back. On 8x8 digits a wide MLP learns the data faster per
+    CPU second than a convolutional net (dense matrix products, no 8x8 convolutions)."""
+
+    def __init__(self, shape: tuple[int, int, int] = (1, 8, 8), hidden: int = 1024, depth: int = 4,
+                 num_frequencies: int = 8) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.mlp = MLPDenoiser(dim=math.prod(self.shape), hidden=hidden, depth=depth,
+                               num_frequencies=num_frequencies)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x.flatten(1), t).view(len(x), *self.shape)
+
+
 class ConvDenoiser(nn.Module):
     """Velocity CNN for small grayscale images [n, 1, 8, 8]: conv blocks with time-conditioned
     per-channel shifts (FiLM-style bias), no down-sampling (8x8 is small enough)."""

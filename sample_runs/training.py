@@ -8,6 +8,7 @@ optimizer's step hook, nothing in the loop calls emascope.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,14 +24,27 @@ from emascope.samples.flow import flow_matching_loss
 Progress = Callable[[int, int], None]
 
 
+def cosine_lr(step: int, steps: int, warmup: int = 0) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to 0 at ``steps``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
 def train_flow(model: nn.Module, opt: torch.optim.Optimizer, scope: Any, *, steps: int,
                draw_batch: Callable[[torch.Generator], torch.Tensor], generator: torch.Generator,
-               progress: Progress | None = None) -> None:
+               progress: Progress | None = None, lr_scale: Callable[[int], float] | None = None) -> None:
     """``steps`` flow-matching steps on batches from ``draw_batch(generator)``, inside ``with scope``
-    (closed at the end; on an exception it is closed without a final sweep)."""
+    (closed at the end; on an exception it is closed without a final sweep). ``lr_scale(step)``:
+    multiplier of each parameter group's initial learning rate at optimizer step ``step`` (0-based)."""
+    base = [g["lr"] for g in opt.param_groups]
     with scope:
         model.train()
         for step in range(steps):
+            if lr_scale is not None:
+                for g, lr in zip(opt.param_groups, base, strict=True):
+                    g["lr"] = lr * lr_scale(step)
             loss = flow_matching_loss(model, draw_batch(generator), generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -19,7 +19,12 @@ through ``attach(sample_metrics=...)``:
 Both are computed on exactly the samples the agent scores: the agent hands ``sample_metrics`` the
 ``num_samples`` points it drew for each variant (the ones its FD, precision, ... and preview come
 from), so nothing is drawn twice and every variant is judged on the same noise (common random
-numbers).
+numbers). Both are means over the samples, so :class:`TreeMetrics` returns them per sample (one
+number per point, emascope's convention for such metrics): the agent records their mean and gets
+their intervals from the same half-samples as every other metric, at no extra cost.
+
+The noise floor of every metric comes from ``attach(exact_samples=...)``: ``num_samples`` exact
+samples of the mixture, scored by the agent exactly like a variant (what a perfect model gets).
 
 Steps are optimizer steps; decays are EMA decays ``d`` in ``ema <- d * ema + (1 - d) * theta``.
 """
@@ -65,7 +70,7 @@ class Tree2DConfig:
     sigma_data: float = 0.8       # EDM preconditioning: data std (the tree's std is ~0.5 x ~1.0)
     score_every: int = 1000       # scoring stages every this many steps (+ one at the end)
     num_samples: int = 4000       # samples per variant per stage
-    sample_batch: int = 1000      # samples per sampler call
+    sample_batch: int = 1000      # samples per sampler call (batch b drawn with seed hash(seed, b))
     reference_size: int = 4000    # exact mixture samples used as the reference set
     sample_steps: int = 16        # Heun steps of the sampler (31 model calls)
     tail_depth: int = 3           # branches of this depth and deeper are the "tail"
@@ -109,10 +114,18 @@ class TreeMetrics:
         exact = tree.sample(true_size, torch.Generator().manual_seed(cfg.seed + 3))
         self.true_tail_share = tail_share(tree, exact, cfg.tail_depth)
 
-    def __call__(self, x: torch.Tensor) -> dict[str, float]:
-        """Metrics of one variant's samples ``x`` (``[num_samples, 2]`` points, CPU)."""
-        return {"log_likelihood": mean_log_likelihood(self.tree, x),
-                "tail_coverage": tail_coverage(self.tree, x, self.cfg.tail_depth, self.true_tail_share)}
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample values of the two metrics for one variant's samples ``x`` (``[n, 2]`` points, CPU):
+        ``log_likelihood`` = ``log p_true(x_i)`` (nats) and ``tail_coverage`` = ``1[x_i on a branch of
+        depth >= tail_depth] / true_tail_share``; each metric is the mean of its ``[n]`` values
+        (:func:`~emascope.samples.tree_mixture.mean_log_likelihood`,
+        :func:`~emascope.samples.tree_mixture.tail_coverage`)."""
+        on_tail = (self.tree.assign(x) >= self.cfg.tail_depth).double()
+        return {"log_likelihood": self.tree.log_prob(x), "tail_coverage": on_tail / self.true_tail_share}
+
+    def means(self, x: torch.Tensor) -> dict[str, float]:
+        """The two metrics themselves (the means of :meth:`__call__`)."""
+        return {k: float(v.mean()) for k, v in self(x).items()}
 
 
 def exact_baseline(cfg: Tree2DConfig | None = None,
@@ -156,10 +169,12 @@ def train(run_dir: str | Path, cfg: Tree2DConfig | None = None, *, overwrite: bo
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     reference = tree.sample(cfg.reference_size, torch.Generator().manual_seed(cfg.seed + 2))
+    exact = tree.sample(cfg.num_samples, torch.Generator().manual_seed(cfg.seed + 4))  # the noise floor
     scope = attach(model, opt, run_dir=run_dir, name=name, overwrite=overwrite,
                    score_at_close=score_at_close,
                    sampler=make_sampler(cfg.sample_steps), reference=reference, feature_extractor="identity",
                    sample_metrics=TreeMetrics(tree, cfg), metric_directions=TREE_METRIC_DIRECTIONS,
+                   exact_samples=exact,
                    score_every=cfg.score_every, score_busy="wait",  # every stage scored, in the background
                    num_samples=cfg.num_samples, batch_size=cfg.sample_batch,
                    kid_subset_size=cfg.kid_subset_size,

@@ -163,6 +163,20 @@ def test_export_finished_run_from_snapshot(tmp_path, monkeypatch):
     for k in want:
         torch.testing.assert_close(got[k].float(), want[k].float())
     assert any("ema-0.9.safetensors" in s.value for s in at.success)
+    # exporting to the same name again is refused until the user confirms; then the child replaces it
+    out.write_bytes(b"an older export")
+    at.run()
+    assert any("exports/ema-0.9.safetensors` already exists" in w.value for w in at.warning)
+    _, button = _export_tab_widgets(at)
+    button.click().run()
+    assert any("Export refused: exports/ema-0.9.safetensors already exists" in e.value for e in at.error)
+    assert out.read_bytes() == b"an older export"
+    at.checkbox(key="export_overwrite_ema-0.9.safetensors").check().run()
+    _, button = _export_tab_widgets(at)
+    button.click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    got = load_file(out)
+    assert all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want)
 
 
 def test_stage_follows_newest_unless_moved_back(tmp_path, monkeypatch):

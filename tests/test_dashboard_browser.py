@@ -9,6 +9,12 @@ scores while the page is open shows up live, and that the export button is fulfi
 own request poller: the checkpoint appears, loads into a fresh model and equals
 ``scope.bank.materialize(variant)`` at the step of the export. Saves a screenshot to the test's tmp
 dir, or to $EMASCOPE_SCREENSHOT when set (to look at the page).
+
+The machine may be loaded (2 shared cores, other test suites beside this one): every wait is bounded
+but generous, and every click goes through :func:`_click`, which scrolls the element into view and
+retries a click Playwright refused (the element was moving, or a re-rendering chart lay over it)
+until its deadline. A retry never repeats a click that reached the page: Playwright raises only
+before it dispatches the click, and the waits after a click check its effect, not a time.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,7 +51,11 @@ ARGS = [
 ]
 EVERY = 200  # optimizer steps between scoring sweeps
 DECAYS = (0.9, 0.99, 0.995, 0.998, 0.999, 0.9999)
-WAIT_S = 60.0  # longest the test waits for the training thread at any one point
+WAIT_S = 300.0  # longest the test waits for the training thread at any one point...
+STALL_S = 90.0  # ...and for the thread to make progress (a step, a record) while it waits
+IDLE_S = 600.0  # longest the training thread waits for the test (the test always releases it at the end)
+CLICK_S = 90.0  # longest one click is retried while the page moves under it
+TEXT_MS = 60_000  # longest the test waits for a text the page is about to show
 
 
 def _require_browser():
@@ -110,38 +121,143 @@ class LiveTraining(threading.Thread):
                 train_step(model, opt, data, g)
             scope.wait()
             self.at_stage3.set()
-            if not self.go_stage.wait(WAIT_S):
+            if not self.go_stage.wait(IDLE_S):
                 return
             while scope.current_step < 4 * EVERY:
                 train_step(model, opt, data, g)
             scope.wait()
             self.at_stage4.set()
-            if not self.go_export.wait(WAIT_S):
+            if not self.go_export.wait(IDLE_S):
                 return
-            deadline = time.monotonic() + WAIT_S
+            deadline = time.monotonic() + IDLE_S
             while not list((self.run_dir / "exports").glob("*.status.json")):
                 if time.monotonic() > deadline:
                     return
                 train_step(model, opt, data, g)
                 time.sleep(0.02)  # a slow job: step boundaries keep coming, the page gets CPU
             self.frozen.set()
-            self.finish.wait(WAIT_S)
+            self.finish.wait(IDLE_S)
+
+    def progress(self) -> tuple[int, int]:
+        """(optimizer step, bytes of metrics.jsonl): changes while the job trains or scores."""
+        scope = self.scope
+        try:
+            size = (self.run_dir / "metrics.jsonl").stat().st_size
+        except OSError:
+            size = -1
+        return (scope.current_step if scope is not None else -1), size
 
     def wait(self, event: threading.Event, what: str) -> None:
-        assert event.wait(WAIT_S), f"training thread did not reach: {what}"
+        """Wait for ``event``: a slow (loaded) machine gets time as long as the job makes progress,
+        a stalled job fails after STALL_S, and no wait is longer than WAIT_S."""
+        start = since = time.monotonic()
+        last = self.progress()
+        while not event.wait(0.5):
+            now, seen = time.monotonic(), self.progress()
+            if seen != last:
+                last, since = seen, now
+            assert now - since < STALL_S and now - start < WAIT_S, (
+                f"training thread did not reach: {what} (step {last[0]}, {last[1]} bytes of metrics; "
+                f"{now - start:.0f} s waited, {now - since:.0f} s without progress)")
         if self.error is not None:
             raise AssertionError(f"training thread failed before: {what}") from self.error
 
 
-def _wait_text(page, text: str, timeout_ms: int) -> float:
+def _wait_text(page, text: str, timeout_ms: int = TEXT_MS) -> float:
     t0 = time.monotonic()
     page.get_by_text(text).first.wait_for(timeout=timeout_ms)
     return time.monotonic() - t0
 
 
-def _choose(page, label: str, option: str) -> None:
-    page.get_by_role("combobox", name=label).click()
-    page.get_by_role("option", name=option).click()
+def _wait_until(check, what: str, timeout_s: float) -> bool:
+    """Poll ``check()`` until it is true or ``timeout_s`` passed; returns the last answer."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _click(locator, what: str, timeout_s: float = CLICK_S) -> None:
+    """Click ``locator`` as a user would, under load. Each try is one Playwright click: it finds the
+    element again whenever a rerun replaced it, waits until it is visible, stable (the same box two
+    animation frames running) and enabled, scrolls it into view and checks that it, not another
+    element such as a re-rendering chart, receives the click at its centre. A try that times out
+    (the page kept moving or re-mounting the element) is followed by another until ``timeout_s``;
+    then the test fails with every reason seen and a screenshot. A click is never forced, and never
+    repeated once dispatched (Playwright raises only before it dispatches)."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    deadline = time.monotonic() + timeout_s
+    tries, last, reasons = 0, "", []
+    while True:
+        left_ms = (deadline - time.monotonic()) * 1000
+        if left_ms <= 0:
+            shot = Path(tempfile.gettempdir()) / f"emascope-browser-click-failed-{os.getpid()}.png"
+            try:
+                locator.page.screenshot(path=str(shot), full_page=True)
+                found = f"{locator.count()} match(es), first visible: {locator.first.is_visible()}"
+            except PlaywrightError as exc:
+                found = f"no screenshot: {exc}"
+            raise AssertionError(f"could not click {what} in {timeout_s:.0f} s ({tries} tries; {found}; "
+                                 f"page saved to {shot}): " + " | ".join(dict.fromkeys(reasons)))
+        tries += 1
+        target = locator.first
+        try:
+            target.click(timeout=max(1.0, min(left_ms, 15_000)))
+            if tries > 1:  # shown with -s: how often the page moved under a click
+                print(f"clicked {what} at try {tries} (before: {last})")
+            return
+        except PlaywrightError as exc:  # TimeoutError included: not clicked, try again
+            lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+            last = " / ".join(lines[:1] + lines[-2:]) if lines else type(exc).__name__
+            reasons.append(last)
+            time.sleep(0.5)
+
+
+def _select_tab(page, name: str, timeout_s: float = CLICK_S) -> None:
+    """Open the tab ``name`` and check it is the selected one (a rerun that lands on the click may
+    swallow it: clicking an open tab again is harmless, so it is clicked until it is selected)."""
+    tab = page.get_by_role("tab", name=name, exact=True)
+    deadline = time.monotonic() + timeout_s
+    while tab.first.get_attribute("aria-selected") != "true":
+        assert time.monotonic() < deadline, f"the tab {name!r} did not open in {timeout_s:.0f} s"
+        _click(tab, f"the tab {name!r}", max(1.0, deadline - time.monotonic()))
+        _wait_until(lambda: tab.first.get_attribute("aria-selected") == "true", name, 5.0)
+
+
+def _set_toggle(page, label: str, on: bool, timeout_s: float = CLICK_S) -> None:
+    """Set the switch ``label`` to ``on`` by clicking its label, checking its state after each click."""
+    switch = page.get_by_role("switch", name=label, exact=True)
+    deadline = time.monotonic() + timeout_s
+    while switch.is_checked() != on:
+        assert time.monotonic() < deadline, f"the switch {label!r} did not turn {'on' if on else 'off'}"
+        _click(page.get_by_text(label, exact=True), f"the switch {label!r}", max(1.0, deadline - time.monotonic()))
+        _wait_until(lambda: switch.is_checked() == on, label, 5.0)
+
+
+def _choose(page, label: str, option: str, timeout_s: float = CLICK_S) -> None:
+    """Pick ``option`` in the select box ``label``; reopens the list if a rerun closed it meanwhile."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    box = page.get_by_role("combobox", name=label)
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        _click(box, f"the select box {label!r}", max(1.0, deadline - time.monotonic()))
+        item = page.get_by_role("option", name=option)
+        try:
+            item.first.wait_for(state="visible", timeout=10_000)
+        except PlaywrightError as exc:  # the list closed (or never opened): open it again
+            last = str(exc).strip().splitlines()[0]
+            continue
+        try:
+            _click(item, f"the option {option!r}", min(15.0, max(1.0, deadline - time.monotonic())))
+            return
+        except AssertionError as exc:
+            last = str(exc)
+    raise AssertionError(f"could not choose {option!r} in {label!r} in {timeout_s:.0f} s: {last}")
 
 
 def _records(run: Path) -> list[dict]:
@@ -178,35 +294,37 @@ def test_dashboard_in_a_real_browser(tmp_path):
     server = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
+    output: list[str] = []  # the server's output, read all along (a full pipe would stall the server)
+    reader = threading.Thread(target=lambda: output.extend(server.stdout), daemon=True, name="server-output")
+    reader.start()
     try:
         url = None
-        deadline = time.monotonic() + 45
-        while time.monotonic() < deadline and url is None:
-            line = server.stdout.readline()
-            if not line and server.poll() is not None:
-                break
-            if line.startswith("emascope dashboard:"):
-                url = line.rsplit(" ", 1)[-1].strip()
-        assert url == f"http://localhost:{port}", f"server did not come up (url={url!r})"
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline and (reader.is_alive() or server.poll() is None):
+            url = next((x.rsplit(" ", 1)[-1].strip() for x in list(output) if x.startswith("emascope dashboard:")),
+                       None)
+            time.sleep(0.1)
+        assert url == f"http://localhost:{port}", f"server did not come up (url={url!r}): {''.join(output[-20:])}"
         trainer.wait(trainer.at_stage3, f"the third stage (step {3 * EVERY})")
         assert _stages(run) == {EVERY, 2 * EVERY, 3 * EVERY}
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1440, "height": 1250})
-            page.goto(url)
-            page.wait_for_selector(".js-plotly-plot", timeout=45_000)
-            _wait_text(page, "fd vs EMA decay", 15_000)  # identity features on 2-D points: fd, not fid
+            page.set_default_timeout(TEXT_MS)  # a bound for any wait not given its own
+            page.goto(url, timeout=90_000)
+            page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+            _wait_text(page, "fd vs EMA decay")  # identity features on 2-D points: fd, not fid
             assert page.get_by_text(f"At step {3 * EVERY}, the best").count() >= 1
             assert page.get_by_text("live · heartbeat").count() >= 1  # the agent's heartbeat is fresh
 
             # change the metric in the sidebar
             _choose(page, "Metric", "precision (↑)")
-            _wait_text(page, "precision vs EMA decay", 15_000)
+            _wait_text(page, "precision vs EMA decay")
             assert page.get_by_text("the best precision").count() >= 1
 
             # the agent scores a new stage while the page is open; it appears live
             trainer.go_stage.set()
-            _wait_text(page, f"At step {4 * EVERY}, the best precision", 30_000)
+            _wait_text(page, f"At step {4 * EVERY}, the best precision", 120_000)
             seen = time.time()
             trainer.wait(trainer.at_stage4, f"the fourth stage (step {4 * EVERY})")
             new = [r for r in _records(run) if r["step"] == 4 * EVERY and r["metric"] == "precision"]
@@ -214,12 +332,18 @@ def test_dashboard_in_a_real_browser(tmp_path):
             first = min(r["time"] for r in new)
             print(f"new stage visible {seen - first:.2f} s after the agent wrote its first precision record")
 
-            # export the recommended variant: the request is fulfilled by the agent's own poller
-            trainer.go_export.set()
-            page.get_by_role("tab", name="Export").click()
-            page.get_by_role("button", name="Export (ask the live agent)").click()
+            # export the recommended variant: the request is fulfilled by the agent's own poller.
+            # A live page reruns on every heartbeat (2 s) and its layout moves (charts re-render,
+            # widgets re-mount): pause live updates to reach the button, resume them to see the
+            # agent's answer arrive live
+            _set_toggle(page, "Pause live updates", True)
+            _select_tab(page, "Export")
+            trainer.go_export.set()  # the job trains on; the request is handled at a step boundary
+            _click(page.get_by_role("button", name="Export (ask the live agent)"), "the Export button")
+            _wait_text(page, "Waiting for the agent")
+            _set_toggle(page, "Pause live updates", False)
             trainer.wait(trainer.frozen, "an export request fulfilled by the agent")
-            _wait_text(page, "Exported", 20_000)
+            _wait_text(page, "Exported")
             statuses = list((run / "exports").glob("*.status.json"))
             assert len(statuses) == 1
             status = json.loads(statuses[0].read_text())
@@ -229,7 +353,7 @@ def test_dashboard_in_a_real_browser(tmp_path):
             exported = list((run / "exports").glob("*.safetensors"))
             assert [f"exports/{p.name}" for p in exported] == [status["path"]]
             assert exported[0].stat().st_size == status["bytes"]
-            assert page.get_by_text(exported[0].name).count() >= 1
+            _wait_text(page, exported[0].name)  # listed in the page (drawn just after the message)
             assert not list((run / "requests").glob("*.json"))  # the request was consumed
             # the checkpoint loads into a fresh model and is exactly the bank's variant at that step
             variant = status["variant"]
@@ -246,14 +370,15 @@ def test_dashboard_in_a_real_browser(tmp_path):
 
             # screenshot of the main view with the default metric
             _choose(page, "Metric", "fd (↓)")
-            page.get_by_role("tab", name="Metric vs decay").click()
-            _wait_text(page, "fd vs EMA decay", 15_000)
+            _select_tab(page, "Metric vs decay")
+            _wait_text(page, "fd vs EMA decay")
             page.wait_for_timeout(1500)
             shot = Path(os.environ.get("EMASCOPE_SCREENSHOT") or tmp_path / "dashboard.png")
             page.screenshot(path=str(shot))
             assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
             browser.close()
     finally:
+        print("the server's output (last 40 lines):\n" + "".join(output[-40:]))  # shown when the test fails
         torch.set_num_threads(threads)
         trainer.finish.set()
         trainer.go_stage.set()

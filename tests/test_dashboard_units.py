@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 from dashboard_fixtures import DIRECTIONS, make_run, metric_lines, write_jsonl
 
@@ -158,7 +159,7 @@ def test_export_from_snapshot_without_snapshot_is_a_clear_error(tmp_path):
 def test_launch_command_security_defaults(tmp_path):
     cmd = launch.build_command(tmp_path, port=8765)
     joined = " ".join(cmd)
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("app.py")
+    assert cmd[1:4] == ["-m", "emascope.dashboard.server", "run"] and cmd[4].endswith("app.py")
 
     def opt(name):
         return [cmd[i + 1] for i, c in enumerate(cmd) if c == name]
@@ -169,6 +170,7 @@ def test_launch_command_security_defaults(tmp_path):
     assert hosts == ["localhost", "127.0.0.1", "::1"]  # one flag per host, never the comma form
     assert all("," not in h for h in hosts)
     assert opt("--server.enableXsrfProtection") == ["true"] and opt("--server.enableCORS") == ["true"]
+    assert opt("--client.showErrorDetails") == ["type"]  # no message, traceback or path in the browser
     assert cmd[-2:] == ["--", str(tmp_path)] and "--poll" not in joined
     assert launch.build_command(tmp_path, poll=True)[-1] == "--poll"
     wide = launch.build_command(tmp_path, host="0.0.0.0", extra_hosts=["box.lan"])
@@ -200,9 +202,14 @@ def test_metric_vs_decay_axis_lines_and_best_markers():
     fig = plots.metric_vs_decay(frame, "fid", "lower", max_lines=4)
     lines = [t for t in fig.data if t.mode == "lines+markers"]
     assert len(lines) == 4  # downsampled: 4 stages of 10
-    assert all("raw" not in t.customdata for t in lines)  # raw is drawn apart, not on the line
-    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.autorange == "reversed"
-    assert "0.9999" in fig.layout.xaxis.ticktext and "raw" in fig.layout.xaxis.ticktext
+    assert all("raw" not in [c[0] for c in t.customdata] for t in lines)  # raw is drawn apart, not on the line
+    # decays evenly spaced in increasing order (longest averages on the right), raw apart on the left
+    axis = fig.layout.xaxis
+    assert axis.type == "linear" and "0.9999" in axis.ticktext and "raw" in axis.ticktext
+    ticks = dict(zip(axis.ticktext, axis.tickvals, strict=True))
+    fixed = [v for v in axis.ticktext if v != "raw"]
+    assert [float(v) for v in fixed] == sorted(float(v) for v in fixed)
+    assert np.allclose(np.diff([ticks[v] for v in fixed]), 1.0) and ticks["raw"] < ticks[fixed[0]] - 1
     stars = [t for t in fig.data if t.name == "best of stage"][0]
     best = ranking.best_per_stage(frame, "fid", "lower").set_index("step")
     assert sorted(stars.y) == sorted(best.loc[ranking.pick_stages(best.index, 4), "value"])

@@ -111,6 +111,8 @@ import os, sys
 sys.modules['torch'] = None
 import emascope.dashboard.data, emascope.dashboard.exporting, emascope.dashboard.launch
 import emascope.dashboard.plots, emascope.dashboard.ranking, emascope.dashboard.watch
+import emascope.dashboard.files, emascope.dashboard.server
+emascope.dashboard.server.install()  # the server's hooks, too, without torch
 from streamlit.testing.v1 import AppTest
 os.environ['EMASCOPE_DASHBOARD_PATH'] = {str(SHIPPED_RUNS)!r}
 at = AppTest.from_file({str(app)!r}, default_timeout=120).run()

@@ -144,6 +144,61 @@ def test_only_request_files_that_validate_are_read_and_deleted(tmp_path):
     assert not (run_dir / "exports" / "lnk.status.json").exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_requests_swapped_for_a_symlink_during_a_check_deletes_nothing_outside(tmp_path):
+    """The race after the check: ``requests/`` is replaced by a symlink to a folder of the user's
+    while the agent handles a request. Nothing in that folder is read or removed."""
+    run_dir = _run_dir(tmp_path)
+    req = run_dir / "requests"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for rid in ("a", "b"):
+        _request(req, rid)
+        _request(outside, rid)  # the user's own files, named like requests
+    written: list = []
+    poller, results, _ = _poller(run_dir, written)
+    export_fn = poller.export_fn
+
+    def swap_then_export(variant, path, dtype):
+        if not (run_dir / "requests.real").exists():
+            req.rename(run_dir / "requests.real")
+            req.symlink_to(outside, target_is_directory=True)
+        return export_fn(variant, path, dtype)
+
+    poller.export_fn = swap_then_export
+    poller.poll(1)
+    assert sorted(p.name for p in outside.iterdir()) == ["a.json", "b.json"]  # untouched
+    assert all(json.loads((outside / n).read_text())["id"] in ("a", "b") for n in ("a.json", "b.json"))
+    poller.poll(2)  # the next check sees the symlink and refuses the folder
+    assert sorted(p.name for p in outside.iterdir()) == ["a.json", "b.json"]
+
+
+def test_exports_swapped_for_a_symlink_during_a_check_gets_nothing_more(tmp_path):
+    """``exports/`` replaced by a symlink right after a checkpoint was written: no status file, no
+    further checkpoint goes through the link; the next request waits, one notice says why."""
+    run_dir = _run_dir(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for rid in ("a", "b"):
+        _request(run_dir / "requests", rid, name=f"m{rid}")
+    written: list = []
+    poller, results, notices = _poller(run_dir, written)
+    export_fn = poller.export_fn
+
+    def export_then_swap(variant, path, dtype):
+        n = export_fn(variant, path, dtype)
+        (run_dir / "exports").rename(run_dir / "exports.real")
+        (run_dir / "exports").symlink_to(outside, target_is_directory=True)
+        return n
+
+    poller.export_fn = export_then_swap
+    poller.poll(1)
+    assert list(outside.iterdir()) == [] and len(written) == 1
+    assert (run_dir / "exports.real" / "ma.safetensors").is_file()
+    assert (run_dir / "requests" / "b.json").exists()  # not handled, not deleted
+    assert len(notices) == 1 and "symlink" in notices[0]
+
+
 # ------------------------------------------------------------------ export names: one validation
 
 
@@ -269,3 +324,163 @@ def test_export_out_under_exports_or_outside_still_works(finished_run, tmp_path,
     parent_file.write_text("x")
     assert cli_main(["export", str(finished_run), "--variant", "0.9", "--out", str(parent_file / "m")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ --format transformers (a folder export)
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    """A real run of a tiny transformers GPT-2 (config built here, no hub), closed: it has a
+    ``model_config.json`` and a checksummed snapshot."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run_dir = tmp_path_factory.mktemp("gpt2") / "run"
+    ids = torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(1))
+    with attach(model, opt, run_dir=run_dir, score_every=None, decays=(0.9,)):
+        for _ in range(2):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    assert (run_dir / rf.MODEL_CONFIG).is_file()
+    return run_dir
+
+
+def _tree(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("rel", ["run.json", "banks", "exports/../metrics.jsonl", "samples/x"])
+def test_folder_export_never_writes_into_a_file_or_folder_of_the_run(gpt2_run, rel, capsys):
+    before = _tree(gpt2_run)
+    assert cli_main(["export", str(gpt2_run), "--variant", "0.9", "--format", "transformers",
+                     "--out", str(gpt2_run / rel)]) == 2
+    err = capsys.readouterr().err
+    assert ("a file of the run itself" in err or "is not a folder" in err) and "Traceback" not in err
+    assert _tree(gpt2_run) == before
+
+
+def test_folder_export_errors_are_clear_and_write_nothing(gpt2_run, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    plain.write_text("keep me")
+    assert cli_main(["export", str(gpt2_run), "--variant", "0.9", "--format", "transformers",
+                     "--out", str(plain)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and plain.read_text() == "keep me"
+    if Path("/proc/self").is_dir():
+        assert cli_main(["export", str(gpt2_run), "--variant", "0.9", "--format", "transformers",
+                         "--out", "/proc/x"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write '/proc/x'" in err and "Traceback" not in err
+    # under exports/ and outside the run: fine, and the folder loads with from_pretrained
+    for out in (gpt2_run / "exports" / "mine", tmp_path / "new" / "ema"):
+        assert cli_main(["export", str(gpt2_run), "--variant", "0.9", "--format", "transformers",
+                         "--out", str(out)]) == 0
+        assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors"}
+
+
+def test_folder_export_checks_the_snapshot_checksum_and_notes_an_unverified_one(gpt2_run, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(gpt2_run, run_dir)
+    path = run_dir / rf.SNAPSHOT
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    tensors["bank"][0, 0] += 1.0  # one weight changed behind the checksum's back
+    save_file(tensors, str(path), metadata=meta)
+    out = tmp_path / "bad"
+    assert cli_main(["export", str(run_dir), "--variant", "0.9", "--format", "transformers", "--out", str(out)]) == 2
+    assert "corrupt" in capsys.readouterr().err and not out.exists()
+    meta.pop(rf.SNAPSHOT_CHECKSUM_KEY)  # as an older emascope wrote it: loads, with a note
+    save_file(tensors, str(path), metadata=meta)
+    assert cli_main(["export", str(run_dir), "--variant", "0.9", "--format", "transformers", "--out", str(out)]) == 0
+    assert "note:" in capsys.readouterr().err and (out / "model.safetensors").is_file()
+
+
+def test_live_folder_export_refuses_a_file_of_the_run(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attach(model, opt, run_dir=tmp_path / "run", score_every=None, decays=(0.9,)) as scope:
+        before = (tmp_path / "run" / "run.json").read_bytes()
+        with pytest.raises(ValueError, match="exists and is not a folder"):
+            scope.export(0.9, tmp_path / "run" / "run.json", format="transformers")
+        with pytest.raises(ValueError, match="a file of the run itself"):
+            scope.export(0.9, tmp_path / "run" / "banks" / "ema", format="transformers")
+        assert (tmp_path / "run" / "run.json").read_bytes() == before
+        assert not (tmp_path / "run" / "banks" / "ema").exists()
+        assert scope.export(0.9, format="transformers").parent.name == "exports"
+
+
+def test_hostile_model_config_is_a_clear_error(gpt2_run, tmp_path, capsys):
+    """A run's model_config.json nested 100,000 deep or larger than the cap: exit 2 with a message."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(gpt2_run, run_dir)
+    config = run_dir / rf.MODEL_CONFIG
+    for body, needle in ((b"[" * 100_000 + b"]" * 100_000, "nested too deeply"), (None, "larger than")):
+        if body is None:
+            with open(config, "wb") as f:
+                f.truncate(rf.MAX_MODEL_CONFIG_BYTES + 1)  # sparse: 16 MiB of zeros
+        else:
+            config.write_bytes(body)
+        out = tmp_path / "ema"
+        assert cli_main(["export", str(run_dir), "--variant", "0.9", "--format", "transformers",
+                         "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_resume_over_a_hostile_run_json_neither_blocks_nor_reads_without_bound(tmp_path):
+    """run.json replaced by a FIFO (a read blocks forever) or a symlink to /dev/zero (an endless
+    read): resume ignores it and writes a fresh run.json."""
+    import threading
+    import time
+
+    for case in ("fifo", "zero", "deep"):
+        scope, run_dir = _train(tmp_path, case, 2)
+        scope.close()
+        run_json = run_dir / rf.RUN_JSON
+        run_json.unlink()
+        if case == "fifo":
+            os.mkfifo(run_json)
+            release = threading.Timer(20.0, lambda p=run_json: open(p, "wb").close())  # bounds a regression
+            release.start()
+        elif case == "zero":
+            if not Path("/dev/zero").exists():
+                continue
+            run_json.symlink_to("/dev/zero")
+        else:
+            run_json.write_text("[" * 100_000 + "]" * 100_000)
+        t = time.monotonic()
+        model = Denoiser(width=8)
+        with attach(model, torch.optim.Adam(model.parameters()), run_dir=run_dir, resume=True, score_every=None,
+                    decays=(0.9, 0.99)) as again:
+            assert again.current_step == 2
+        assert time.monotonic() - t < 15.0, case
+        if case == "fifo":
+            release.cancel()
+        assert not run_json.is_symlink() and json.loads(run_json.read_text())["decays"] == [0.9, 0.99]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("name", [rf.EVENTS, rf.METRICS])
+def test_resume_onto_an_appended_file_that_is_not_a_regular_file_is_a_clear_error(tmp_path, name):
+    """events.jsonl as a FIFO: resume failed with "File or stream is not seekable"; a symlink to
+    /dev/zero would swallow every record. Refused at attach, naming the file, nothing written."""
+    scope, run_dir = _train(tmp_path, "run", 2)
+    scope.close()
+    (run_dir / name).unlink(missing_ok=True)  # (no metrics.jsonl yet: nothing was scored)
+    os.mkfifo(run_dir / name)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    model = Denoiser(width=8)
+    with pytest.raises(ValueError, match=f"{name} of the run .* is not a regular file"):
+        attach(model, torch.optim.Adam(model.parameters()), run_dir=run_dir, resume=True, score_every=None,
+               decays=(0.9, 0.99))
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

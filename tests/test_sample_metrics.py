@@ -50,6 +50,10 @@ def _train(run_dir, hook, steps=20, score_every=10, **kw):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     data, g = mixture(1000, seed=1), torch.Generator().manual_seed(0)
     kw.setdefault("reference", mixture(200, seed=3))
+    # the hook is called once per variant and sweep: no extra calls on half-samples for its intervals,
+    # no noise-floor call on the reference (both are tested in test_uncertainty.py)
+    kw.setdefault("bootstrap_calls", 0)
+    kw.setdefault("noise_floor", False)
     scope = attach(model, opt, run_dir=run_dir, sampler=sampler, sample_metrics=hook,
                    metric_directions={"mean_radius": "higher"}, score_every=score_every,
                    num_samples=NUM_SAMPLES, batch_size=BATCH, decays=DECAYS, seed=7, **kw)

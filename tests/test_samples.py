@@ -216,9 +216,14 @@ def test_report_tables(tmp_path, capsys):
     assert report.main([str(run_dir), "--step", "20"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(ALL_VARIANTS) + 1 + 2  # stage table (+header), best table (+header)
-    fd = load_run(run_dir).metrics.query("step == 20 and metric == 'fd'").set_index("variant")["value"]
-    assert f"| {fd.idxmin()} | **" in out  # the best FD is bold in its row
+    # stage table (+header, + the noise floor row), best table (+header)
+    assert len(rows) == 1 + len(ALL_VARIANTS) + 1 + 1 + 2
+    run = load_run(run_dir)
+    comp = [e for e in run.events if e["type"] == "comparison" and e["step"] == 20][-1]["metrics"]["fd"]
+    assert f"| {comp['best']} | **" in out  # the best FD is bold in its row
+    tied = [v for v, c in comp["variants"].items() if c["worse"] is False and v != comp["best"]]
+    assert all(f"| {v} | ≈ " in out for v in tied)  # the variants tied with it are marked
+    assert "± " in out and "*noise floor (exact samples, n = 300)*" in out
     assert report.main([str(run_dir), "--step", "7"]) == 2
 
 
@@ -285,8 +290,8 @@ def test_shipped_classifier_is_accurate():
 def test_digits_end_to_end(tmp_path, tiny_classifier):
     import torch_fidelity
 
-    cfg = digits.DigitsConfig(steps=20, score_every=10, batch_size=32, channels=8, blocks=1, num_samples=120,
-                              sample_batch=60, sample_steps=2, reference_size=300)
+    cfg = digits.DigitsConfig(steps=20, score_every=10, batch_size=32, model="mlp", hidden=32, depth=2, num_samples=120,
+                              sample_batch=60, sample_steps=2, reference_size=300, kid_subset_size=100)
     run_dir = digits.train(tmp_path / "run", cfg, classifier=tiny_classifier)
     run = load_run(run_dir)
     assert run.error is None and run.state() == "finished" and run.info["sample_kind"] == "images"
@@ -338,6 +343,11 @@ def test_digits_end_to_end(tmp_path, tiny_classifier):
 
 @pytest.mark.parametrize("name, min_samples", [("tree2d", 4000), ("digits", 500)])
 def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
+    """The shipped runs are format-1 runs written before intervals existed (no ``se``/``lo``/``hi``,
+    no ``comparison`` or ``noise_floor`` events): the reader keeps reading them, the dashboard's
+    interval helpers find nothing to draw, and the sample scripts' defaults are the runs' settings."""
+    from emascope.dashboard import intervals
+
     run_dir = RUNS / name
     assert (run_dir / "run.json").is_file(), f"shipped run {run_dir} is missing"
     run = load_run(run_dir)
@@ -350,19 +360,25 @@ def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
     assert run.info["settings"]["num_samples"] >= min_samples
     assert not run.events_of("error")
     assert len(sample_stages(run_dir)) >= 8
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["format_version"] == 1
+    # an older run: no intervals, comparisons or floor, and nothing of them is invented
+    assert "se" not in run.metrics.columns or run.metrics["se"].isna().all()
+    assert not run.events_of("comparison") and not run.events_of("noise_floor")
+    assert intervals.comparisons(run.events) == {}
+    # the sample script's defaults are the shipped run's settings
+    cfg = tree2d.Tree2DConfig() if name == "tree2d" else digits.DigitsConfig()
+    settings = info["settings"]
+    assert (settings["num_samples"], settings["score_every"]) == (cfg.num_samples, cfg.score_every)
+    assert settings["batch_size"] == cfg.sample_batch and settings["seed"] == cfg.seed + 1
     # The bank snapshot is there and exports a variant that loads into the sample's model.
     out = tmp_path / "x.safetensors"
     assert emascope(["export", str(run_dir), "--variant", "0.999", "--out", str(out)]) == 0
-    model = tree2d.build_model(tree2d.Tree2DConfig()) if name == "tree2d" else \
-        digits.build_model(digits.DigitsConfig())
+    model = tree2d.build_model(cfg) if name == "tree2d" else digits.build_model(cfg)
     model.load_state_dict(safetensors.torch.load_file(out))
-    info = json.loads((run_dir / "run.json").read_text())
-    assert info["format_version"] == 1
     if name == "tree2d":  # the snapshot is the bank that drew the last stage's samples
         last = max(steps)
-        cfg = tree2d.Tree2DConfig()
         model.eval()
-        settings = info["settings"]
         x = redraw(model, tree2d.make_sampler(cfg.sample_steps), settings["num_samples"],
                    settings["batch_size"], settings["seed"], settings.get("sample_seeding"))
         preview = np.load(run_dir / "samples" / f"step_{last:09d}" / "0.999.npy", allow_pickle=False)
@@ -370,7 +386,7 @@ def test_shipped_run_is_readable_and_complete(name, min_samples, tmp_path):
         # the shipped log-likelihood / tail coverage are those of exactly these samples, i.e. what
         # attach(sample_metrics=TreeMetrics) computes from the agent's own samples
         row = run.metrics.query("step == @last and variant == '0.999'").set_index("metric")["value"]
-        mine = tree2d.TreeMetrics(make_tree(), cfg)(x)
+        mine = tree2d.TreeMetrics(make_tree(), cfg).means(x)
         assert row["log_likelihood"] == pytest.approx(mine["log_likelihood"], rel=1e-5)
         assert row["tail_coverage"] == pytest.approx(mine["tail_coverage"], rel=1e-5)
 
@@ -380,3 +396,52 @@ def test_shipped_runs_are_small():
     assert 0 < total <= 20 * 2 ** 20, f"sample_runs/runs holds {total / 2 ** 20:.1f} MiB (limit 20)"
     for p in RUNS.rglob("*"):  # nothing a reader would have to unpickle
         assert p.suffix in {".json", ".jsonl", ".npy", ".png", ".safetensors", ".npz", ""}, p
+
+
+def test_racing_on_the_shipped_tree2d_samples_finds_the_full_sweeps_best(tmp_path):
+    """The shipped tree2d bank at its last stage, scored twice on log-likelihood (the metric that
+    separates tree2d's variants; FD sits at its noise floor): a full sweep (every variant, all
+    samples, with its paired comparison) and a race. The race draws fewer samples and ends with the
+    full sweep's best, or a variant tied with it; the survivors' values are the full sweep's (the same
+    samples: equal final confidence). 1,000 samples per variant keep the test short."""
+    from emascope import estimates as E
+    from emascope import runformat
+    from emascope.config import ScoringConfig
+    from emascope.features import make_extractor
+    from emascope.rundir import RunWriter, prepare_run_dir
+    from emascope.scoring import Reference, SweepResult, _race, run_sweep
+    from emascope.snapshot import load_snapshot
+
+    run_dir = RUNS / "tree2d"
+    run = load_run(run_dir)
+    last = int(run.metrics["step"].max())
+    cfg0 = tree2d.Tree2DConfig()
+    tree = make_tree()
+    bank = load_snapshot(run_dir / "banks" / "latest.safetensors")
+    model = tree2d.build_model(cfg0).eval()
+    cfg = ScoringConfig(num_samples=1000, batch_size=125, seed=1, feature_extractor="identity", racing=True,
+                        racing_metric="log_likelihood", racing_first=0.125)
+    sampler, metrics = tree2d.make_sampler(cfg0.sample_steps), tree2d.TreeMetrics(tree, cfg0)
+    full_dir = prepare_run_dir(tmp_path / "full")
+    run_sweep(model=model, bank=bank, variants=list(bank.variants), step=last, writer=RunWriter(full_dir),
+              cfg=ScoringConfig(num_samples=1000, batch_size=125, seed=1, feature_extractor="identity"),
+              sampler=sampler, extractor=None, reference=None, evaluate=None, sample_metrics=metrics,
+              fd_name="fd", directions={**run.directions})
+    full = load_run(full_dir)
+    comp = full.events_of("comparison")[-1]["metrics"]["log_likelihood"]
+    ties = {v for v, c in comp["variants"].items() if c["worse"] is False}
+    extractor = make_extractor("identity", "points")
+    ref = tree.sample(cfg0.reference_size, torch.Generator().manual_seed(cfg0.seed + 2))
+    reference = Reference.build(extractor(ref), cfg.nearest_k)
+    race, drawn = _race(model, bank, list(bank.variants), SweepResult(step=last), RunWriter(prepare_run_dir(
+        tmp_path / "race")), cfg, sampler, extractor, reference, metrics, "fd", {**run.directions}, E.Halves(cfg))
+    final = race.rounds[-1]
+    assert final.best == comp["best"] or final.best in ties, (final.best, comp["best"], ties)
+    drew = sum(race.batches.values()) * cfg.batch_size
+    assert drew < cfg.num_samples * len(bank.variants)
+    lines = (full_dir / runformat.METRICS).read_text().splitlines()
+    recorded = {r["variant"]: r["value"] for r in map(json.loads, lines) if r["metric"] == "log_likelihood"}
+    for v in race.survivors:
+        assert drawn[v].num_drawn == cfg.num_samples
+        mine = float(tree.log_prob(drawn[v].samples).mean())
+        assert mine == pytest.approx(float(recorded[v]), rel=1e-6)

@@ -103,8 +103,17 @@ def test_metrics_jsonl_has_every_variant_metric_stage(trained):
     expected = {(s, v, m) for s in (10, 20, 30) for v in VARIANTS
                 for m in (*FEATURE_METRICS, "val_loss", "undeclared")}
     assert keys == expected and len(recs) == len(expected)  # one line each, close() did not re-score
+    base = {"step", "variant", "decay", "metric", "value", "time"}
     for r in recs:
-        assert set(r) == {"step", "variant", "decay", "metric", "value", "time"}
+        # the optional interval fields (docs/run-format.md): every metric of the generated samples has
+        # its sample count, and its interval unless it is itself a spread (kid_std) or a user number
+        if r["metric"] in ("val_loss", "undeclared"):
+            assert set(r) == base
+        elif r["metric"] == "kid_std":
+            assert set(r) == base | {"n"} and r["n"] == NUM_SAMPLES
+        else:
+            assert set(r) == base | {"se", "lo", "hi", "n"} and r["n"] == NUM_SAMPLES, r
+            assert r["lo"] <= r["value"] <= r["hi"] and r["se"] > 0
         assert r["decay"] == (None if r["variant"] == "raw" else float(r["variant"]))
         assert isinstance(r["value"], float) and math.isfinite(r["value"])
 
@@ -118,7 +127,9 @@ def test_events_heartbeat_samples_bank(trained):
     assert [e["step"] for e in ev if e["type"] == "snapshot"] == [10, 20, 30]  # none repeated at close
     assert "error" not in types
     done = _events(run_dir, "score_done")[0]
-    assert set(done["timings"]) == {"sampling", "features", "metrics", "user_metrics", "sample_metrics"}
+    assert set(done["timings"]) == {"sampling", "features", "metrics", "user_metrics", "sample_metrics",
+                                    "uncertainty", "racing"}
+    assert done["samples_drawn"] == done["samples_full"] == NUM_SAMPLES * len(VARIANTS)
     assert done["num_samples"] == NUM_SAMPLES and done["seconds"] >= sum(done["timings"].values()) * 0.99
     notices = _events(run_dir, "notice")
     assert any("undeclared" in e["message"] for e in notices)  # user metric without a direction

@@ -213,6 +213,28 @@ def test_checksum_is_stored_and_checked_on_export_and_resume(tmp_path, capsys):
         attach(model, opt, run_dir=run_dir, resume=True, score_every=None, decays=(0.9,))
 
 
+def test_verify_snapshot_checks_a_file_read_in_place(good, tmp_path):
+    """For readers that use a snapshot's tensors in place (synthesis, sharded readers): the same
+    header and checksum checks as load_snapshot, without building a bank."""
+    state = snap.verify_snapshot(good)
+    assert state["decays"] == [0.5, 0.9, 0.99] and state["step"] == 7
+    tensors, meta, _ = _parts(good)
+    tensors["bank"].view(-1)[-1] += 1e-3  # the last weight of the last row, behind the checksum's back
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(damaged), metadata=meta)
+    with pytest.raises(ValueError, match="damaged.safetensors' is corrupt"):
+        snap.verify_snapshot(damaged)
+    crafted = _craft(good, tmp_path, CRAFTS["numel"][0])
+    with pytest.raises(ValueError, match="malformed bank snapshot"):
+        snap.verify_snapshot(crafted)
+    old = _rewrite(tmp_path / "old.safetensors", *_parts(good)[:2])  # no checksum: an older emascope
+    notes: list[str] = []
+    assert snap.verify_snapshot(old, notice=notes.append)["step"] == 7
+    assert len(notes) == 1 and "used without verifying" in notes[0]
+    with pytest.warns(snap.UnverifiedSnapshotWarning):
+        snap.verify_snapshot(old)
+
+
 # ------------------------------------------------------------------ older snapshots
 
 

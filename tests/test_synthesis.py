@@ -309,3 +309,76 @@ def test_reduced_precision_stage_snapshots_load_and_report_their_rounding(tmp_pa
         _, report = synthesize(traj.run_dir, decay=0.996, step=300)  # stage snapshots only (latest is at 400)
         floors[dt] = report.rounding_floor
     assert floors["float32"] < floors["float16"] < floors["bfloat16"]
+
+
+# ------------------------------------------------------------------------------------------------
+# merged rules: a synthesised export honours "overwrite"; a sharded run is refused with its reason
+
+
+def test_synthesised_request_honours_overwrite(tmp_path):
+    from emascope.requests import RequestPoller
+
+    body = {"id": "s1", "decay": 0.9996, "name": "syn", "dtype": None}
+    assert rf.parse_request(body, stem="s1").overwrite is False
+    assert rf.parse_request({**body, "overwrite": True}, stem="s1").overwrite is True
+    with pytest.raises(ValueError, match="overwrite"):
+        rf.parse_request({**body, "overwrite": "yes"}, stem="s1")
+    req = rf.parse_request({**body, "overwrite": True}, stem="s1")
+    sent = rf.request_body(req, 1.0)
+    assert sent["overwrite"] is True and rf.parse_request(sent, stem="s1") == req
+
+    (tmp_path / rf.REQUESTS).mkdir()
+    (tmp_path / rf.EXPORTS).mkdir()
+    old = tmp_path / rf.export_file("syn")
+    old.write_bytes(b"kept")
+    calls, results = [], []
+
+    def synthesize(request, path):
+        calls.append(request.id)
+        path.write_bytes(b"new")
+        return 3, {"step": 7}
+
+    def resolve(v):
+        raise ValueError("not in the bank")
+
+    poller = RequestPoller(tmp_path, lambda *a: 0, resolve_variant=resolve, on_result=results.append,
+                           synthesize=synthesize)
+    (tmp_path / rf.request_file("s1")).write_text(json.dumps(body))
+    assert poller.poll(5) == 1
+    poller.join()
+    assert calls == [] and old.read_bytes() == b"kept"
+    assert results[-1]["state"] == "error" and "FileExistsError" in results[-1]["error"]
+    (tmp_path / rf.request_file("s2")).write_text(json.dumps({**body, "id": "s2", "overwrite": True}))
+    assert poller.poll(6) == 1
+    poller.join()
+    assert calls == ["s2"] and old.read_bytes() == b"new" and results[-1]["state"] == "done"
+
+
+def test_sharded_run_is_refused_by_synthesis_with_its_reason(tmp_path):
+    from emascope.dashboard import exporting
+
+    (tmp_path / rf.BANKS).mkdir()
+    (tmp_path / rf.SNAPSHOT_INDEX).write_text("{}")
+    with pytest.raises(SynthesisError, match="sharded"):
+        open_snapshots(tmp_path)
+    with pytest.raises(FileNotFoundError, match="sharded"):
+        exporting.export_from_snapshot(tmp_path, None, "x", decay=0.9995)
+    (tmp_path / rf.EXPORTS).mkdir()
+    (tmp_path / rf.export_file("x")).write_bytes(b"kept")
+    with pytest.raises(exporting.ExportExists):
+        exporting.export_from_snapshot(tmp_path, None, "x", decay=0.9995)
+    with pytest.raises(exporting.ExportExists):
+        exporting.request_export(tmp_path, None, "x", decay=0.9995)
+    rid = exporting.request_export(tmp_path, None, "x", decay=0.9995, overwrite=True)
+    sent = json.loads((tmp_path / rf.request_file(rid)).read_text())
+    assert sent["overwrite"] is True and sent["decay"] == 0.9995
+
+
+def test_synthesised_points_sit_between_their_grid_decays():
+    from emascope.dashboard.plots import decay_positions, synthesized_positions
+
+    pos = decay_positions(["raw", "0.99", "0.999", "0.9999"])
+    x = synthesized_positions([0.99, 0.9968377, 0.999, 0.99999, 0.5], pos)
+    assert x[0] == pytest.approx(pos["0.99"]) and x[2] == pytest.approx(pos["0.999"])
+    assert pos["0.99"] < x[1] < pos["0.999"] and x[1] == pytest.approx((pos["0.99"] + pos["0.999"]) / 2, abs=1e-3)
+    assert pos["0.9999"] < x[3] <= pos["0.9999"] + 0.5 and pos["0.99"] - 0.5 <= x[4] < pos["0.99"]

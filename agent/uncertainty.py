@@ -1,0 +1,684 @@
+"""Uncertainty of the sample-quality metrics: half-sample resampling over the generated samples.
+
+Pure functions over features (torch-fidelity style): no models, no files, no global state. The
+generated samples of a variant are never redrawn; only their features (already in memory at sweep
+time) are resampled.
+
+**Method (one for every metric).** A *replicate* keeps a random half of the ``n`` generated samples
+(``r = n // 2`` rows, drawn without replacement) and recomputes the statistic on that half exactly as
+on the whole set (moments of the kept rows, k-NN radii among the kept rows, ...). With ``d = n - r``
+rows deleted, the delete-d jackknife (Shao & Wu 1989; Shao & Tu 1995, sec. 2.3) estimates the
+variance of the full-sample statistic from ``B`` such replicates ``theta_b``:
+
+    v = r / (d B) * sum_b (theta_b - mean_b theta_b)^2                          (Eq. U-1)
+
+(``r / d = 1`` for even ``n``). Unlike the with-replacement bootstrap it stays consistent for the
+non-smooth k-NN statistics (precision, recall, density, coverage): a duplicated point would shrink
+its own k-NN ball to nothing. The standard error is ``se = sqrt(v)`` and the interval at confidence
+``level`` is the normal one
+
+    value +- z se,   z = Phi^-1((1 + level) / 2)   (1.96 at level 0.95)          (Eq. U-2)
+
+clipped to the metric's range (:data:`BOUNDS`). FD/FID, a squared distance whose estimate is
+right-skewed, gets its interval on the square-root scale and squared back (Eq. U-3,
+:data:`SQRT_METRICS`): ``(sqrt(value) +- z se_sqrt)^2`` with ``se_sqrt`` from Eq. U-1 over
+``sqrt(theta_b)``; its ``se`` stays the one of the value itself.
+
+**Conditioning.** The reference set is held fixed: an interval is the sampling noise of the
+generated samples (what ``num_samples`` controls, and what redrawing them with other seeds would
+move). The reference set's own noise is shown by the *noise floor* (the reference scored against a
+disjoint part of itself, or exact samples), not by these intervals.
+
+**Pairing (common random numbers).** The halves depend only on ``(seed, n)`` (:func:`half_sample_masks`),
+so every variant scored on ``n`` samples at a stage is resampled on the same halves. Variants are
+drawn with the same sampling seeds, so sample ``i`` of two variants comes from the same noise; the
+difference of two variants is then resampled pairwise (Eq. U-1 over ``theta_b(A) - theta_b(B)``),
+which is much tighter than either value's interval (:func:`paired_difference`).
+
+Conventions: ``gen`` are features of generated samples ``[n, d]``, ``ref`` of reference data
+``[m, d]`` (as in :mod:`emascope.metrics`); everything is float64 on CPU; a replicate array is
+``float64 [B]``; ``masks`` are ``bool [B, n]`` with exactly ``n // 2`` True per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Confidence level of every interval emascope records unless configured otherwise.
+DEFAULT_LEVEL = 0.95
+#: Half-sample replicates per variant and stage.
+DEFAULT_REPLICATES = 100
+#: Memory budget (bytes) of one block of pairwise distances / kernel values built at a time.
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+#: Range of the built-in metrics: intervals are clipped to it.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "fid": (0.0, math.inf), "fd": (0.0, math.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
+    "coverage": (0.0, 1.0), "density": (0.0, math.inf), "isc_mean": (1.0, math.inf),
+}
+#: Metrics that are themselves spreads over subsets/splits: they get no interval.
+SPREAD_METRICS = ("kid_std", "isc_std")
+#: Squared distances: interval on the square-root scale (Eq. U-3).
+SQRT_METRICS = ("fd", "fid")
+
+
+# ----------------------------------------------------------------------------------------------
+# the resampling scheme
+
+
+def z_value(level: float) -> float:
+    """``Phi^-1((1 + level) / 2)``: the normal quantile of a two-sided interval at ``level``."""
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level!r}")
+    return NormalDist().inv_cdf(0.5 + float(level) / 2.0)
+
+
+def mask_seed(seed: int, n: int) -> int:
+    """Seed of the halves of ``n`` samples at sampling seed ``seed`` (first 8 bytes of
+    ``sha256(f"halves:{seed}:{n}")``, little-endian, top bit cleared)."""
+    digest = hashlib.sha256(f"halves:{int(seed)}:{int(n)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def half_sample_masks(n: int, replicates: int = DEFAULT_REPLICATES, seed: int = 0) -> torch.Tensor:
+    """``bool [replicates, n]``: row ``b`` keeps a random half (``n // 2`` rows, without replacement).
+
+    Deterministic in ``(n, replicates, seed)``: two sets of ``n`` samples resampled with the same
+    ``(replicates, seed)`` get the same halves (the pairing of :func:`paired_difference`).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 4:
+        raise ValueError(f"half-sample resampling needs at least 4 samples, got n={n!r}")
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
+        raise ValueError(f"replicates must be an integer >= 2, got {replicates!r}")
+    gen = torch.Generator().manual_seed(mask_seed(seed, n))
+    keep = torch.rand(replicates, n, generator=gen).argsort(dim=1)[:, : n // 2]
+    masks = torch.zeros(replicates, n, dtype=torch.bool)
+    masks.scatter_(1, keep, True)
+    return masks
+
+
+def jackknife_variance(replicates: np.ndarray | torch.Tensor, n: int) -> float:
+    """Eq. U-1: ``r / (d B) sum_b (theta_b - mean theta)^2`` with ``r = n // 2`` kept and ``d = n - r``
+    deleted rows. Non-finite replicates are left out; NaN if fewer than half of them are finite."""
+    x = np.asarray(replicates, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    if x.size < 2 or 2 * x.size < np.asarray(replicates).size or n < 2:
+        return math.nan
+    r = n // 2
+    return float(r / (n - r) * np.mean((x - x.mean()) ** 2))
+
+
+@dataclass
+class Estimate:
+    """A metric value with its uncertainty.
+
+    ``value``: the metric on all ``n`` samples. ``replicates``: its values on the half-samples of
+    :func:`half_sample_masks` (``None`` when the uncertainty came from elsewhere). ``extra_var``:
+    variance not captured by the replicates (KID's subset noise, a user's own standard error),
+    added to Eq. U-1's. ``n``: samples the value was computed on.
+    """
+
+    value: float
+    replicates: np.ndarray | None = None
+    n: int | None = None
+    extra_var: float | None = None
+
+    @property
+    def se(self) -> float | None:
+        """Standard error: ``sqrt(Eq. U-1 + extra_var)``; ``None`` when unknown."""
+        extra = 0.0 if self.extra_var is None else float(self.extra_var)
+        if self.replicates is None:
+            var = extra if self.extra_var is not None else math.nan
+        else:
+            var = jackknife_variance(self.replicates, self.n or 0) + extra
+        return math.sqrt(var) if math.isfinite(var) and var >= 0 else None
+
+    def interval(self, level: float = DEFAULT_LEVEL, metric: str | None = None) -> tuple[float, float] | None:
+        """Eq. U-2 (Eq. U-3 for :data:`SQRT_METRICS`), clipped to :data:`BOUNDS` of ``metric``;
+        ``None`` without a standard error."""
+        if metric in SQRT_METRICS and self.replicates is not None and math.isfinite(self.value) and self.value >= 0:
+            root = np.sqrt(np.clip(np.asarray(self.replicates, dtype=np.float64), 0.0, None))
+            var = jackknife_variance(root, self.n or 0)
+            if math.isfinite(var):
+                z, c = z_value(level), math.sqrt(self.value)
+                return max(0.0, c - z * math.sqrt(var)) ** 2, (c + z * math.sqrt(var)) ** 2
+        return normal_interval(self.value, self.se, level, metric)
+
+
+def normal_interval(value: float, se: float | None, level: float = DEFAULT_LEVEL,
+                    metric: str | None = None) -> tuple[float, float] | None:
+    """Eq. U-2: ``value +- z se`` clipped to ``BOUNDS[metric]``; ``None`` if ``se`` is unknown."""
+    if se is None or not math.isfinite(se) or not math.isfinite(value):
+        return None
+    z = z_value(level)
+    lo, hi = value - z * se, value + z * se
+    bounds = BOUNDS.get(metric or "")
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return lo, hi
+
+
+def _masks_f64(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
+    if masks.dtype != torch.bool or masks.dim() != 2:
+        raise ValueError(f"masks must be bool [B, n], got {masks.dtype} {tuple(masks.shape)}")
+    kept = masks.sum(1)
+    if not bool((kept == kept[0]).all()) or int(kept[0]) < 2:
+        raise ValueError("every mask row must keep the same number (>= 2) of samples")
+    return masks.to(torch.float64), int(kept[0])
+
+
+def _check(name: str, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    if not torch.is_tensor(x) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor [n, d], got {type(x).__name__} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    if n is not None and len(x) != n:
+        raise ValueError(f"{name} has {len(x)} rows but the masks cover {n} samples")
+    return x.detach().to("cpu", torch.float64)
+
+
+def _rows(n_cols: int, block_bytes: int, itemsize: int = 8) -> int:
+    return max(1, int(block_bytes) // max(1, int(n_cols) * itemsize))
+
+
+# ----------------------------------------------------------------------------------------------
+# Frechet distance (Heusel et al. 2017) of each half-sample, from resampled moment sums
+
+
+def sqrtm_psd(a: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric PSD matrix (eigenvalues clipped at 0), float64."""
+    a = torch.as_tensor(np.asarray(a), dtype=torch.float64)
+    a = 0.5 * (a + a.T)
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_from_moments(mu: torch.Tensor, cov: torch.Tensor, mu_ref: torch.Tensor, cov_ref: torch.Tensor,
+                         sqrt_cov_ref: torch.Tensor | None = None) -> torch.Tensor:
+    """FD = ``|mu - mu_ref|^2 + tr(S + S_ref) - 2 tr((S_ref^1/2 S S_ref^1/2)^1/2)`` for a batch
+    ``mu [B, d]``, ``cov [B, d, d]`` (Heusel et al. 2017; the trace of ``(S S_ref)^1/2`` taken as the
+    sum of square roots of the eigenvalues of the symmetric ``S_ref^1/2 S S_ref^1/2``)."""
+    root = sqrtm_psd(cov_ref) if sqrt_cov_ref is None else sqrt_cov_ref
+    inner = root @ cov @ root
+    inner = 0.5 * (inner + inner.transpose(-1, -2))
+    tr_sqrt = torch.linalg.eigvalsh(inner).clamp_min(0).sqrt().sum(-1)
+    diff = mu - mu_ref
+    return (diff * diff).sum(-1) + cov.diagonal(dim1=-2, dim2=-1).sum(-1) + torch.trace(cov_ref) - 2 * tr_sqrt
+
+
+def fd_replicates(gen: torch.Tensor, ref_stats: Mapping[str, Any], masks: torch.Tensor, *,
+                  sqrt_cov_ref: torch.Tensor | None = None,
+                  block_bytes: int = DEFAULT_BLOCK_BYTES) -> np.ndarray:
+    """FD of every half-sample of ``gen`` against the fixed reference statistics ``{"mu", "sigma"}``.
+
+    Moment sums are resampled, not the rows: ``S1_b = sum_i m_bi x_i`` (one ``[B, n] @ [n, d]``
+    product) and ``S2_b = sum_i m_bi x_i x_i^T`` (``[B, n] @ [n, d^2]`` in row blocks, or one
+    ``X_b^T X_b`` per replicate when ``d^2`` is large); covariances use ``r - 1`` as torch-fidelity.
+    Cost ``B n d^2`` multiply-adds plus ``B`` eigen-decompositions of ``d x d``.
+    """
+    m, r = _masks_f64(masks)
+    x = _check("gen", gen, masks.shape[1])
+    d = x.shape[1]
+    centre = x.mean(0)
+    xc = x - centre
+    s1 = m @ xc                                                           # [B, d]
+    if d * d <= 4096:
+        s2 = torch.zeros(len(m), d * d, dtype=torch.float64)
+        step = _rows(d * d, block_bytes)
+        for i in range(0, len(xc), step):
+            c = xc[i:i + step]
+            s2 += m[:, i:i + step] @ (c[:, :, None] * c[:, None, :]).reshape(len(c), d * d)
+        s2 = s2.view(len(m), d, d)
+    else:
+        s2 = torch.stack([xc[row].T @ xc[row] for row in masks])
+    mean = s1 / r
+    cov = (s2 - r * mean[:, :, None] * mean[:, None, :]) / (r - 1)
+    mu_ref = torch.as_tensor(np.asarray(ref_stats["mu"]), dtype=torch.float64)
+    cov_ref = torch.as_tensor(np.asarray(ref_stats["sigma"]), dtype=torch.float64)
+    return frechet_from_moments(mean + centre, cov, mu_ref, cov_ref, sqrt_cov_ref).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# KID (Binkowski et al. 2018): unbiased MMD^2, cubic polynomial kernel, from kernel subset sums
+
+
+def poly_kernel(a: torch.Tensor, b: torch.Tensor, gamma: float) -> torch.Tensor:
+    """torch-fidelity's KID kernel ``k(x, y) = (gamma x^T y + 1)^3`` (``gamma = 1 / d``)."""
+    return (a @ b.T * gamma + 1.0) ** 3
+
+
+def poly_feature_map(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The explicit feature map of :func:`poly_kernel`: ``phi(x) = z (x) z (x) z`` with
+    ``z = [sqrt(gamma) x, 1]``, so ``k(x, y) = <phi(x), phi(y)>``; ``[n, (d + 1)^3]``."""
+    z = torch.cat([x * math.sqrt(gamma), torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    return (z[:, :, None, None] * z[:, None, :, None] * z[:, None, None, :]).reshape(len(x), -1)
+
+
+def _use_feature_map(d: int, n: int) -> bool:
+    return (d + 1) ** 3 <= max(n, 64)
+
+
+def kid_reference_term(ref: torch.Tensor, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> float:
+    """``sum_{j != j'} k(y_j, y_j') / (m (m - 1))``: the reference's own term of the unbiased MMD^2."""
+    y = _check("ref", ref)
+    m, gamma = len(y), 1.0 / y.shape[1]
+    if _use_feature_map(y.shape[1], m):
+        phi = poly_feature_map(y, gamma)
+        total = float((phi.sum(0) ** 2).sum() - (phi * phi).sum())
+        return total / (m * (m - 1))
+    total, step = 0.0, _rows(m, block_bytes)
+    for i in range(0, m, step):
+        blk = poly_kernel(y[i:i + step], y, gamma)
+        total += float(blk.sum()) - float(blk.diagonal(offset=i).sum())
+    return total / (m * (m - 1))
+
+
+def kid_replicates(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tensor, *,
+                   ref_term: float | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES) -> np.ndarray:
+    """Unbiased MMD^2 (KID's kernel) between every half-sample of ``gen`` and all of ``ref``:
+
+    ``MMD^2_b = sum_{i != i' kept} k(x_i, x_i') / (r (r - 1)) + T_ref - 2 sum_{i kept, j} k(x_i, y_j) / (r m)``
+
+    The generated-generated sum is a quadratic form ``m_b^T K m_b - sum_i m_bi k(x_i, x_i)``. When the
+    kernel's explicit feature map is small (``(d + 1)^3 <= n``, :func:`poly_feature_map`) it is
+    ``|sum_i m_bi phi(x_i)|^2`` and the cross sums are ``phi(x_i) . sum_j phi(y_j)`` (cost
+    ``(B + 1) n (d + 1)^3``); otherwise ``K`` is built in row blocks and ``M K`` accumulated (cost
+    ``n^2 (d + B) + n m d``). These are replicates of the full two-sample U-statistic, whose variance
+    is that of KID's subset average up to the subset noise (added by the caller from ``kid_std``).
+    """
+    m, r = _masks_f64(masks)
+    x = _check("gen", gen, masks.shape[1])
+    y = _check("ref", ref)
+    d = x.shape[1]
+    if y.shape[1] != d:
+        raise ValueError(f"feature dimensions differ: gen has {d}, ref has {y.shape[1]}")
+    gamma = 1.0 / d
+    if ref_term is None:
+        ref_term = kid_reference_term(y, block_bytes=block_bytes)
+    diag = ((x * x).sum(1) * gamma + 1.0) ** 3
+    if _use_feature_map(d, len(x)):
+        phi = poly_feature_map(x, gamma)
+        cross = phi @ poly_feature_map(y, gamma).sum(0)
+        quad = ((m @ phi) ** 2).sum(1)
+    else:
+        cross = torch.zeros(len(x), dtype=torch.float64)
+        step = _rows(len(y), block_bytes)
+        for i in range(0, len(x), step):
+            cross[i:i + step] = poly_kernel(x[i:i + step], y, gamma).sum(1)
+        mk = torch.zeros(len(m), len(x), dtype=torch.float64)
+        step = _rows(len(x), block_bytes)
+        for i in range(0, len(x), step):
+            mk += m[:, i:i + step] @ poly_kernel(x[i:i + step], x, gamma)
+        quad = (mk * m).sum(1)
+    gg = (quad - m @ diag) / (r * (r - 1))
+    return (gg + ref_term - 2.0 * (m @ cross) / (r * len(y))).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception Score (Salimans et al. 2016) of each half-sample, torch-fidelity's splits kept
+
+
+def isc_replicates(logits: torch.Tensor, masks: torch.Tensor, *, splits: int = 10, seed: int = 2020) -> np.ndarray:
+    """IS ``= mean_s exp(mean_{i in s} KL(p(y|x_i) || p_s(y)))`` of every half-sample.
+
+    Each sample stays in the split torch-fidelity puts it in (``isc_features_to_metric``: a
+    ``RandomState(seed)`` permutation cut into ``splits`` chunks); a replicate keeps the kept
+    members of every split. With all rows kept this is torch-fidelity's ``isc_mean``.
+    """
+    m, _ = _masks_f64(masks)
+    lg = _check("logits", logits, masks.shape[1])
+    n = len(lg)
+    splits = max(1, min(int(splits), n))
+    perm = torch.as_tensor(np.random.RandomState(int(seed)).permutation(n))
+    p, logp = lg.softmax(1), lg.log_softmax(1)
+    plogp = (p * logp).sum(1)
+    scores = []
+    for s in range(splits):
+        idx = perm[s * n // splits:(s + 1) * n // splits]
+        ms = m[:, idx]
+        cnt = ms.sum(1).clamp_min(1.0)
+        pbar = (ms @ p[idx]) / cnt[:, None]
+        kl = (ms @ plogp[idx]) / cnt - (pbar * pbar.clamp_min(1e-300).log()).sum(1)
+        scores.append(kl.exp())
+    return torch.stack(scores, 1).mean(1).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# k-NN metrics: precision/recall (Kynkaanniemi et al. 2019), density/coverage (Naeem et al. 2020)
+
+
+@dataclass
+class NeighbourStructure:
+    """What the k-NN metrics of every half-sample need, computed once per variant.
+
+    ``nn_idx``/``nn_dist`` ``[n, L]``: each generated point's ``L`` nearest generated points (itself
+    first). ``precision_hit`` ``[n]``: inside some reference k-NN ball (torch-fidelity: ``<=``).
+    ``density_count`` ``[n]``: reference balls (``dc_k``, Naeem: ``<``) containing the point.
+    ``cov_i``/``cov_j``: pairs (generated i inside reference ball j). ``rec_i``/``rec_j``/``rec_d``:
+    pairs (reference j, generated i) closer than the largest radius point ``i`` gets in any replicate.
+    """
+
+    n: int
+    m: int
+    prc_k: int
+    dc_k: int
+    nn_idx: torch.Tensor
+    nn_dist: torch.Tensor
+    precision_hit: torch.Tensor
+    density_count: torch.Tensor
+    cov_i: torch.Tensor
+    cov_j: torch.Tensor
+    rec_i: torch.Tensor
+    rec_j: torch.Tensor
+    rec_d: torch.Tensor
+    radii: torch.Tensor          # [B, n] radius of each generated ball in each replicate
+    full_radii: torch.Tensor     # [n] with every row kept (torch-fidelity's)
+    short_lists: int = 0         # (replicate, point) pairs whose list held fewer than prc_k + 1 kept rows
+
+
+def _cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def replicate_radii(nn_idx: torch.Tensor, nn_dist: torch.Tensor, masks: torch.Tensor,
+                    k: int) -> tuple[torch.Tensor, int]:
+    """Radius of every generated point's k-NN ball among the kept rows of each replicate:
+    the distance to its ``k + 1``-th nearest kept point counting itself (torch-fidelity's
+    ``kthvalue(k + 1)``). Returns ``([B, n], short)``; ``short`` counts lists with too few kept
+    rows (their radius is the list's last distance, a slight under-estimate).
+
+    Two passes: the first ``4 (k + 1)`` list entries hold ``k + 1`` kept rows for all but ~1% of
+    (replicate, point) pairs; only those look further down the list."""
+    n, L = nn_idx.shape
+    first = min(L, 4 * (k + 1))
+    out = torch.empty(len(masks), n, dtype=torch.float64)
+    short = 0
+    step = max(1, (32 * 2**20) // max(1, n * first))
+    for b in range(0, len(masks), step):
+        mb = masks[b:b + step]
+        reached = mb[:, nn_idx[:, :first]].to(torch.uint8).cumsum(-1, dtype=torch.uint8) > k   # [b, n, first]
+        pos = reached.to(torch.uint8).argmax(-1)
+        rad = nn_dist[:, :first].expand(len(pos), -1, -1).gather(2, pos[..., None]).squeeze(-1)
+        bi, ii = (~reached[..., -1]).nonzero(as_tuple=True)
+        if len(bi):  # the rare pairs with fewer than k + 1 kept rows among the first entries
+            more = mb[bi[:, None], nn_idx[ii]].to(torch.int32).cumsum(-1) > k                   # [p, L]
+            p2 = more.to(torch.uint8).argmax(-1)
+            missing = ~more[:, -1]
+            short += int(missing.sum())
+            p2 = torch.where(missing, torch.full_like(p2, L - 1), p2)
+            rad[bi, ii] = nn_dist[ii, p2]
+        out[b:b + step] = rad
+    return out, short
+
+
+#: Up to this feature dimension the k-NN structure uses KD-trees (scipy), above it blockwise distances.
+KDTREE_MAX_DIM = 8
+
+
+def neighbour_structure(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tensor, *, prc_k: int = 3,
+                        ref_radii_prc: torch.Tensor, dc_k: int = 5, ref_radii_dc: torch.Tensor,
+                        block_bytes: int = DEFAULT_BLOCK_BYTES) -> NeighbourStructure:
+    """Precompute the neighbour structure of :func:`prdc_replicates`: each generated point's
+    ``L = 8 (prc_k + 1)`` nearest generated points, then the ball memberships between generated and
+    reference points. Low dimensions (``d <= KDTREE_MAX_DIM``) use KD-trees (``scipy.spatial.cKDTree``),
+    others two blockwise distance passes. ``ref_radii_prc``: reference radii ``kthvalue(prc_k + 1)``
+    (torch-fidelity's); ``ref_radii_dc``: :func:`emascope.metrics.knn_radii` with ``dc_k``."""
+    x = _check("gen", gen, masks.shape[1])
+    y = _check("ref", ref)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: gen has {x.shape[1]}, ref has {y.shape[1]}")
+    n, m = len(x), len(y)
+    if not 1 <= prc_k < n // 2 or not 1 <= dc_k < m:
+        raise ValueError(f"need 1 <= prc_k < n/2 and 1 <= dc_k < m (prc_k={prc_k}, dc_k={dc_k}, n={n}, m={m})")
+    rr_p = ref_radii_prc.to(torch.float64)
+    rr_d = ref_radii_dc.to(torch.float64)
+    if len(rr_p) != m or len(rr_d) != m:
+        raise ValueError(f"reference radii must have {m} entries")
+    L = min(n, 8 * (prc_k + 1))
+    tree = x.shape[1] <= KDTREE_MAX_DIM
+    if tree:
+        from scipy.spatial import cKDTree
+
+        tx, ty = cKDTree(x.numpy()), cKDTree(y.numpy())
+        dist, idx = tx.query(x.numpy(), k=L)
+        nn_idx, nn_dist = torch.from_numpy(idx.reshape(n, L)).long(), torch.from_numpy(dist.reshape(n, L))
+    else:
+        nn_idx = torch.empty(n, L, dtype=torch.int64)
+        nn_dist = torch.empty(n, L, dtype=torch.float64)
+        step = _rows(n, block_bytes)
+        for i in range(0, n, step):
+            dist = _cdist(x[i:i + step], x)
+            rows = torch.arange(i, min(i + step, n))
+            dist[torch.arange(len(rows)), rows] = -1.0  # itself first, whatever the rounding
+            v, j = dist.topk(L, dim=1, largest=False)
+            nn_idx[i:i + step], nn_dist[i:i + step] = j, v.clamp_min(0.0)
+    radii, short = replicate_radii(nn_idx, nn_dist, masks, prc_k)
+    full = nn_dist[:, prc_k]
+    reach = torch.maximum(radii.masked_fill(~masks, 0.0).max(0).values, full)
+    if tree:
+        hit, count, (ci, cj), (ri, rj, rd) = _tree_memberships(x, y, tx, ty, rr_p, rr_d, reach)
+    else:
+        hit, count, (ci, cj), (ri, rj, rd) = _block_memberships(x, y, rr_p, rr_d, reach, block_bytes)
+    return NeighbourStructure(n, m, prc_k, dc_k, nn_idx, nn_dist, hit, count, ci, cj, ri, rj, rd, radii, full, short)
+
+
+def _pairs(lists: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Object array of index lists (one per query) -> (query index, found index) int64 arrays."""
+    sizes = np.fromiter((len(a) for a in lists), dtype=np.int64, count=len(lists))
+    found = np.concatenate([np.asarray(a, dtype=np.int64) for a in lists]) if sizes.sum() else \
+        np.zeros(0, dtype=np.int64)
+    return np.repeat(np.arange(len(lists), dtype=np.int64), sizes), found
+
+
+def _tree_memberships(x: torch.Tensor, y: torch.Tensor, tx: Any, ty: Any, rr_p: torch.Tensor, rr_d: torch.Tensor,
+                      reach: torch.Tensor) -> tuple:
+    """Ball memberships from KD-tree range queries; the distances of every candidate pair are then
+    recomputed exactly and compared with the same ``<=`` / ``<`` as the blockwise path."""
+    n = len(x)
+
+    def dists(i: np.ndarray, j: np.ndarray) -> torch.Tensor:
+        ti, tj = torch.from_numpy(i), torch.from_numpy(j)
+        return (x[ti] - y[tj]).square().sum(1).sqrt()
+
+    # precision: generated points inside a reference ball of radius rr_p (<=)
+    j, i = _pairs(tx.query_ball_point(y.numpy(), r=rr_p.numpy() * (1 + 1e-9) + 1e-300))
+    ok = dists(i, j) <= rr_p[torch.from_numpy(j)]
+    hit = torch.zeros(n, dtype=torch.bool)
+    hit[torch.from_numpy(i)[ok]] = True
+    # density / coverage: generated points inside a reference ball of radius rr_d (<)
+    j, i = _pairs(tx.query_ball_point(y.numpy(), r=rr_d.numpy() * (1 + 1e-9) + 1e-300))
+    ok = dists(i, j) < rr_d[torch.from_numpy(j)]
+    ci, cj = torch.from_numpy(i)[ok], torch.from_numpy(j)[ok]
+    count = torch.zeros(n, dtype=torch.float64).index_add_(0, ci, torch.ones(len(ci), dtype=torch.float64))
+    # recall candidates: reference points within the largest radius each generated ball can take
+    i, j = _pairs(ty.query_ball_point(x.numpy(), r=reach.numpy() * (1 + 1e-9) + 1e-300))
+    d = dists(i, j)
+    ok = d <= reach[torch.from_numpy(i)]
+    return hit, count, (ci, cj), (torch.from_numpy(i)[ok], torch.from_numpy(j)[ok], d[ok])
+
+
+def _block_memberships(x: torch.Tensor, y: torch.Tensor, rr_p: torch.Tensor, rr_d: torch.Tensor,
+                       reach: torch.Tensor, block_bytes: int) -> tuple:
+    n, m = len(x), len(y)
+    hit = torch.zeros(n, dtype=torch.bool)
+    count = torch.zeros(n, dtype=torch.float64)
+    ci, cj, ri, rj, rd = [], [], [], [], []
+    step = _rows(m, block_bytes)
+    for i in range(0, n, step):
+        dist = _cdist(x[i:i + step], y)                                       # [c, m]
+        hit[i:i + step] = (dist <= rr_p[None]).any(1)
+        inside = dist < rr_d[None]
+        count[i:i + step] = inside.sum(1, dtype=torch.float64)
+        a, b = inside.nonzero(as_tuple=True)
+        ci.append(a + i)
+        cj.append(b)
+        a, b = (dist <= reach[i:i + step, None]).nonzero(as_tuple=True)
+        ri.append(a + i)
+        rj.append(b)
+        rd.append(dist[a, b])
+    cat = torch.cat
+    return hit, count, (cat(ci), cat(cj)), (cat(ri), cat(rj), cat(rd))
+
+
+def _any_per_ref(flags: torch.Tensor, j: torch.Tensor, m: int) -> torch.Tensor:
+    """``[B, P]`` pair flags -> ``[B]`` share of the ``m`` reference points with a flagged pair."""
+    acc = torch.zeros(flags.shape[0], m, dtype=torch.float32)
+    acc.index_add_(1, j, flags.to(torch.float32))
+    return (acc > 0).sum(1, dtype=torch.float64) / m
+
+
+def prdc_replicates(s: NeighbourStructure, masks: torch.Tensor) -> dict[str, np.ndarray]:
+    """Precision, recall, density and coverage of every half-sample, from the structure:
+
+    - precision_b = kept points inside some reference ball / r (reference balls fixed);
+    - density_b = sum over kept points of the reference balls holding them / (dc_k r);
+    - coverage_b = reference balls holding at least one kept point / m;
+    - recall_b = reference points inside the ball of a kept point, radius = the point's k-NN
+      distance among the kept points (:func:`replicate_radii`) / m.
+    """
+    mf, r = _masks_f64(masks)
+    out = {"precision": (mf @ s.precision_hit.to(torch.float64)) / r,
+           "density": (mf @ s.density_count) / (s.dc_k * r)}
+    cov, rec = [], []
+    step = max(1, (16 * 2**20) // max(1, len(s.cov_i) + len(s.rec_i) + s.m))
+    for b in range(0, len(masks), step):
+        mb = masks[b:b + step]
+        cov.append(_any_per_ref(mb[:, s.cov_i], s.cov_j, s.m))
+        ok = mb[:, s.rec_i] & (s.rec_d[None] <= s.radii[b:b + step][:, s.rec_i])
+        rec.append(_any_per_ref(ok, s.rec_j, s.m))
+    out["coverage"], out["recall"] = torch.cat(cov), torch.cat(rec)
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def prdc_values(s: NeighbourStructure) -> dict[str, float]:
+    """The four k-NN metrics with every row kept (equal to torch-fidelity's precision/recall and
+    :func:`emascope.metrics.density_coverage` up to distance rounding on exact ties)."""
+    ok = s.rec_d <= s.full_radii[s.rec_i]
+    return {"precision": float(s.precision_hit.double().mean()),
+            "recall": float(_any_per_ref(ok[None], s.rec_j, s.m)[0]),
+            "density": float(s.density_count.mean() / s.dc_k),
+            "coverage": float(_any_per_ref(torch.ones(1, len(s.cov_i), dtype=torch.bool), s.cov_j, s.m)[0])}
+
+
+# ----------------------------------------------------------------------------------------------
+# user metrics over the samples
+
+
+def mean_replicates(values: torch.Tensor | np.ndarray, masks: torch.Tensor) -> np.ndarray:
+    """Mean of per-sample values ``[n]`` over every half-sample (``[B, n] @ [n]``)."""
+    m, r = _masks_f64(masks)
+    v = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
+    if len(v) != masks.shape[1]:
+        raise ValueError(f"per-sample values have {len(v)} entries, expected {masks.shape[1]}")
+    return ((m @ v) / r).numpy()
+
+
+def black_box_replicates(fn: Callable[[torch.Tensor], Mapping[str, Any]], samples: torch.Tensor,
+                         masks: torch.Tensor, *, max_calls: int,
+                         time_budget: float | None = None) -> dict[str, np.ndarray]:
+    """Call ``fn`` on the kept samples of the first half-samples (at most ``max_calls`` calls, and
+    no new call once ``time_budget`` seconds are spent); returns ``{name: replicates}`` for every
+    name that came back as a finite number in every call (at least 2). Exceptions propagate."""
+    out: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    calls = 0
+    for row in masks[: max(0, int(max_calls))]:
+        if time_budget is not None and calls >= 2 and time.perf_counter() - t0 > time_budget:
+            break
+        res = fn(samples[row])
+        calls += 1
+        for k, v in dict(res).items():
+            try:
+                out.setdefault(str(k), []).append(float(v))
+            except (TypeError, ValueError):
+                out.setdefault(str(k), []).append(math.nan)
+    return {k: np.asarray(v) for k, v in out.items()
+            if len(v) == calls and calls >= 2 and all(math.isfinite(x) for x in v)}
+
+
+# ----------------------------------------------------------------------------------------------
+# comparisons
+
+
+@dataclass
+class Comparison:
+    """``diff`` = value(variant) - value(best) in the metric's units, its standard error, the
+    interval at the comparison's level, the samples it rests on, and whether the variant is
+    significantly worse than the best (``None``: unknown, no standard error)."""
+
+    diff: float
+    se: float | None
+    lo: float | None
+    hi: float | None
+    n: int | None
+    worse: bool | None
+    paired: bool
+
+
+def paired_difference(a: Estimate, b: Estimate) -> tuple[float, float | None, bool]:
+    """``(value_a - value_b, se, paired)``. Paired (Eq. U-1 over ``theta_b(a) - theta_b(b)``) when both
+    carry replicates of the same halves (same ``n`` and replicate count); otherwise the unpaired
+    ``sqrt(se_a^2 + se_b^2)``. ``extra_var`` of both is added either way (conservative for KID)."""
+    diff = a.value - b.value
+    if (a.replicates is not None and b.replicates is not None and a.n == b.n and a.n
+            and len(a.replicates) == len(b.replicates)):
+        var = jackknife_variance(np.asarray(a.replicates) - np.asarray(b.replicates), a.n)
+        var += (a.extra_var or 0.0) + (b.extra_var or 0.0)
+        return diff, (math.sqrt(var) if math.isfinite(var) else None), True
+    sa, sb = a.se, b.se
+    if sa is None or sb is None:
+        return diff, None, False
+    return diff, math.sqrt(sa * sa + sb * sb), False
+
+
+def best_of(estimates: Mapping[str, Estimate], direction: str) -> str | None:
+    """The variant with the best finite value among those with the most samples (a racing sweep's
+    dropped variants, scored on fewer samples, are compared with the best, never chosen as it);
+    the first one on ties."""
+    if direction not in ("lower", "higher"):
+        raise ValueError(f"direction must be 'lower' or 'higher', got {direction!r}")
+    finite = [(v, e.value, e.n or 0) for v, e in estimates.items() if e.value is not None and math.isfinite(e.value)]
+    most = max((n for *_, n in finite), default=0)
+    finite = [(v, x) for v, x, n in finite if n == most]
+    if not finite:
+        return None
+    pick = min if direction == "lower" else max
+    return pick(finite, key=lambda kv: kv[1])[0]
+
+
+def is_worse(diff: float, se: float | None, direction: str, z: float) -> bool | None:
+    """Whether ``diff = value - best`` is significantly on the bad side at normal quantile ``z``."""
+    if se is None or not math.isfinite(se) or not math.isfinite(diff):
+        return None
+    return diff - z * se > 0 if direction == "lower" else diff + z * se < 0
+
+
+def compare_to_best(estimates: Mapping[str, Estimate], direction: str, level: float = DEFAULT_LEVEL, *,
+                    z: float | None = None) -> tuple[str | None, dict[str, Comparison]]:
+    """The best variant (by value) and every variant's :class:`Comparison` with it.
+
+    A variant is a *tie* with the best when it is not significantly worse (``worse`` False): the
+    interval of its difference at ``level`` (or at quantile ``z``) contains 0.
+    """
+    best = best_of(estimates, direction)
+    if best is None:
+        return None, {}
+    zz = z_value(level) if z is None else float(z)
+    out = {}
+    for v, e in estimates.items():
+        if e.value is None or not math.isfinite(e.value):
+            continue
+        if v == best:
+            out[v] = Comparison(0.0, 0.0, 0.0, 0.0, e.n, False, True)
+            continue
+        diff, se, paired = paired_difference(e, estimates[best])
+        lo, hi = (None, None) if se is None else (diff - zz * se, diff + zz * se)
+        out[v] = Comparison(diff, se, lo, hi, e.n, is_worse(diff, se, direction, zz), paired)
+    return best, out
