@@ -252,6 +252,11 @@ class BackgroundScorer:
 
     # ---------------------------------------------------------------- training-thread side
 
+    def steps_in_use(self) -> set[int]:
+        """Steps of the stages running or waiting (a ``"disk"`` copy reads its stage snapshot)."""
+        with self._cv:
+            return {j.frozen.step for j in (self._running, self._pending) if j is not None}
+
     @property
     def busy(self) -> bool:
         """A sweep is running or waiting."""

@@ -81,6 +81,7 @@ def test_sharded_ddp_and_fsdp2_score_on_every_rank_like_one_process(tmp_path):
         assert torch.equal(v, r1["weights"][k]), k
     assert r0["is_writer"] and not r1["is_writer"] and r0["sharded"] and r1["sharded"]
     assert r0["external_refused"] and r1["external_refused"]  # scoring='external' with a sharded bank
+    assert r0["search_refused"] and r1["search_refused"]  # search_evals (post-hoc synthesis) likewise
     assert r0["score_now"] and not r1["score_now"] and r0["export"] and not r1["export"]
     # a refused export target (a file of the run) and a live pretrained format: ValueError on both ranks
     assert "run.json" in r0["refused"][0] and r1["refused"][0].startswith("export refused on rank 0:")
@@ -118,6 +119,14 @@ def test_sharded_ddp_and_fsdp2_score_on_every_rank_like_one_process(tmp_path):
     status = json.loads((run_dir / rf.status_file("req1")).read_text())
     assert status["state"] == "done" and status["step"] == 4 and status["variant"] == "0.9"
     assert (run_dir / rf.export_file("from-dashboard")).is_file() and not (run_dir / rf.request_file("req1")).exists()
+    # a synthesised decay: refused with its reason (a sharded bank writes no stage snapshots; a notice says so)
+    status = json.loads((run_dir / rf.status_file("req2")).read_text())
+    assert status["state"] == "error" and "sharded" in status["error"], status
+    assert not (run_dir / rf.export_file("synth")).exists() and not (run_dir / rf.request_file("req2")).exists()
+    assert not [p for p in (run_dir / rf.BANKS).iterdir() if rf.parse_stage_snapshot_name(p.name) is not None
+                or rf.parse_lead_in_snapshot_name(p.name) is not None]
+    assert any(e["type"] == "notice" and e.get("where") == "snapshot" and "post-hoc synthesis" in e["message"]
+               for e in events)
     # every stage's metrics are the one-process metrics (the last stage recomputed here)
     _check_same_as_one_process(run_dir, tmp_path, STEPS, num_samples=100, batch_size=30)
     _resume_in_one_process(run_dir, r0)
