@@ -120,7 +120,8 @@ class ScoringConfig:
     best grid decay of ``search_metric`` (``None``: fid, else fd, else the first ranked metric); 0: off
     (docs/synthesis.md). Needs stage snapshots (``stage_snapshots`` != 0) and ``scoring="inline"``.
     ``search_tolerance``: the metric's uncertainty, in the metric's own units (absolute): the search
-    stops once the values in its bracket differ by less than this (``None``: no such stop; it
+    stops once the values in its bracket differ by less than this (``None``: the standard error of the
+    best grid decay's value at that stage, from the sweep's intervals, or no such stop without one; it
     still stops at the budget or when the bracket is within the synthesis error).
 
     Uncertainty (:mod:`emascope.uncertainty`): ``uncertainty`` turns the intervals on;

@@ -46,6 +46,27 @@ def round_decay(decay: float, digits: int = 3) -> float:
     return float(f"{decay:.{places}f}")
 
 
+def search_noise(grid: Mapping[float, float | None], ses: Mapping[float, float | None], *, direction: str,
+                 tolerance: float | None) -> tuple[float | None, str | None]:
+    """The ``noise`` of :func:`search_between` and where it came from.
+
+    ``tolerance`` (the user's ``search_tolerance``, in the metric's units) wins: ``(tolerance,
+    "search_tolerance")``. Else the standard error of the best grid decay's value at this stage
+    (``ses[decay]``, from the sweep's intervals): ``(se, "standard_error")``, so the search stops
+    once its bracket's values are within the measurement's own noise. Else ``(None, None)``.
+    """
+    if tolerance is not None:
+        return float(tolerance), "search_tolerance"
+    sign = 1.0 if direction == "lower" else -1.0
+    scored = [(sign * v, d) for d, v in grid.items() if v is not None and math.isfinite(v)]
+    if not scored:
+        return None, None
+    se = ses.get(min(scored)[1])
+    if se is None or not math.isfinite(se) or se < 0:
+        return None, None
+    return float(se), "standard_error"
+
+
 @dataclass
 class SearchResult:
     """Outcome of :func:`search_between`: every evaluated decay with its value (in order), the best

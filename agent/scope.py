@@ -901,6 +901,7 @@ class Scope:
             self.writer.error("search", self._step, exc)
 
     def _run_search(self, result: SweepResult) -> None:
+        from emascope.decay_search import search_noise
         from emascope.posthoc import StateSwap, search_record, search_stage
 
         step = self._step
@@ -916,11 +917,13 @@ class Scope:
             res = self.scorer.sweep(self.model, StateSwap({name: sd}), [name], step, synthesized=mark)
             return res.scores.get(name, {}).get(metric)
 
+        ses = {rf.decay_of(v): getattr(e.get(metric), "se", None) for v, e in result.estimates.items()
+               if rf.decay_of(v) is not None}
+        noise, source = search_noise(grid, ses, direction=direction, tolerance=self.scorer.cfg.search_tolerance)
         out, reports = search_stage(self.run_dir, step=step, grid=grid, direction=direction,
-                                    max_evals=self.scorer.cfg.search_evals, score=score,
-                                    noise=self.scorer.cfg.search_tolerance)
-        self.writer.event("search", step, metric=metric, direction=direction,
-                          tolerance=self.scorer.cfg.search_tolerance, **search_record(out, reports))
+                                    max_evals=self.scorer.cfg.search_evals, score=score, noise=noise)
+        self.writer.event("search", step, metric=metric, direction=direction, tolerance=noise,
+                          tolerance_source=source, **search_record(out, reports))
 
     def _search_metric(self, result: SweepResult) -> str | None:
         """The metric the search optimises: ``search_metric``, else fid, fd, else the first with a direction."""

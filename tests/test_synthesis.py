@@ -382,3 +382,32 @@ def test_synthesised_points_sit_between_their_grid_decays():
     assert x[0] == pytest.approx(pos["0.99"]) and x[2] == pytest.approx(pos["0.999"])
     assert pos["0.99"] < x[1] < pos["0.999"] and x[1] == pytest.approx((pos["0.99"] + pos["0.999"]) / 2, abs=1e-3)
     assert pos["0.9999"] < x[3] <= pos["0.9999"] + 0.5 and pos["0.99"] - 0.5 <= x[4] < pos["0.99"]
+
+
+def test_search_stops_within_the_best_grid_decays_standard_error():
+    """Without ``search_tolerance`` the search's noise is the standard error of the best grid
+    decay's value (direction-aware); a user's tolerance wins; no standard error, no noise stop. On a
+    parabola in log(1 - decay) whose bracket values differ by 0.69 at most, an se of 0.8 stops the search
+    before any evaluation and an se of 1e-9 lets it spend its budget."""
+    from emascope.decay_search import search_between, search_noise, to_x
+
+    grid = {0.99: 1.0, 0.999: 0.7, 0.9999: 1.2}
+    ses = {0.99: 0.05, 0.999: 0.5, 0.9999: 0.01}
+    assert search_noise(grid, ses, direction="lower", tolerance=None) == (0.5, "standard_error")
+    assert search_noise(grid, ses, direction="higher", tolerance=None) == (0.01, "standard_error")
+    assert search_noise(grid, ses, direction="lower", tolerance=0.2) == (0.2, "search_tolerance")
+    assert search_noise(grid, {0.999: None}, direction="lower", tolerance=None) == (None, None)
+    assert search_noise({0.99: None}, ses, direction="lower", tolerance=None) == (None, None)
+
+    def f(d: float) -> float:
+        return 0.7 + 0.1 * (to_x(d) - to_x(0.9993)) ** 2
+
+    calls: list[float] = []
+    exact = {d: f(d) for d in grid}  # bracket values 1.41, 0.71, 1.08: they differ by 0.69 at most
+    noisy = search_between(exact, lambda d: calls.append(d) or f(d), direction="lower", max_evals=5,
+                           noise=search_noise(exact, {0.999: 0.8}, direction="lower", tolerance=None)[0])
+    assert calls == [] and "uncertainty" in noisy.stopped
+    sharp = search_between(exact, lambda d: calls.append(d) or f(d), direction="lower", max_evals=5,
+                           noise=search_noise(exact, {0.999: 1e-9}, direction="lower", tolerance=None)[0])
+    assert len(calls) == 5 and sharp.stopped.startswith("evaluation budget") and not sharp.best_is_grid
+    assert abs(to_x(sharp.best_decay) - to_x(0.9993)) < abs(to_x(0.999) - to_x(0.9993))

@@ -130,7 +130,8 @@ def test_search_scores_synthesised_decays_and_marks_them(searched):
     assert sum(1 for e in done if e.get("synthesized")) == sum(len(e["evaluated"]) for e in events)
     last = events[-1]
     assert last["metric"] == "dist" and last["direction"] == "lower" and last["evaluated"]
-    assert last["tolerance"] == 1e-12 and "uncertainty" not in last["stopped"]  # far below the differences
+    assert last["tolerance"] == 1e-12 and last["tolerance_source"] == "search_tolerance"
+    assert "uncertainty" not in last["stopped"]  # far below the differences
     assert all(0.99 < x["decay"] < 0.999 and x["profile_residual"] is not None for x in last["evaluated"])
     # the search beats the grid: the metric's optimum (0.996) lies between grid points
     assert not last["best_is_grid"] and abs(to_x(last["best_decay"]) - to_x(0.996)) < 0.25
