@@ -959,7 +959,8 @@ class Scope:
                 sample_metrics=hooks.sample_metrics, fd_name=self.scorer.fd_name() if self.scorer else "fd",
                 group=self._cpu_group, collective_sampler=any(is_dtensor(p) for p in self.model.parameters()),
                 extractor_error=extractor_error,
-                prior_errors=self.scorer.reference_errors if self.scorer is not None else 0)
+                prior_errors=self.scorer.reference_errors if self.scorer is not None else 0,
+                directions=self.scorer.directions() if self.scorer is not None else None)
         if self.is_writer and result is not None:
             self.scorer.reference_errors = 0
             self.scorer.note(result, reference, step)

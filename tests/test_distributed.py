@@ -68,6 +68,10 @@ def _check_same_as_one_process(run_dir, tmp_path, step, **cfg):
     got = _metrics(run_dir, step)
     want = {(v, m): val for v, scores in res.scores.items() for m, val in scores.items()}
     assert len(want) == len(DECAYS + ("raw",)) * 8 and got == want  # bit for bit (JSON floats round-trip)
+    # the paired comparisons with the best (intervals) too
+    (comp,) = [e for e in _events(run_dir) if e["type"] == "comparison" and e["step"] == step]
+    (comp_one,) = [e for e in _events(one) if e["type"] == "comparison"]
+    assert comp["metrics"] and comp["metrics"] == comp_one["metrics"] and comp["level"] == comp_one["level"]
     for v in ["raw", *[rf.variant_name(d) for d in DECAYS]]:  # the previews are the same points
         a = np.load(run_dir / rf.preview_file(step, v, ".npy"))
         b = np.load(one / rf.preview_file(step, v, ".npy"))
