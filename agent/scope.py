@@ -55,7 +55,15 @@ from emascope import features as F
 from emascope import runformat as rf
 from emascope import shardfiles as SF
 from emascope import stage_snapshots as stages
-from emascope.background import BackgroundScorer, choose_copy_placement, freeze_stage, frozen_nbytes
+from emascope.background import (
+    BackgroundScorer,
+    choose_copy_placement,
+    device_free_bytes,
+    free_after_plan,
+    freeze_stage,
+    frozen_nbytes,
+    host_available_bytes,
+)
 from emascope.bank import EMABank, unwrap_model
 from emascope.claims import clear_stage, done_steps, mark_done
 from emascope.collectives import all_gather_ints, broadcast_json, cpu_group, explained_barrier
@@ -774,8 +782,15 @@ class Scope:
             self.scorer.prepare(self.model, step)  # extractor + reference data: may draw random numbers
         twin = bg.model_copy(self.model)
         bank = self.bank if self._bank_ok else None
-        placement = choose_copy_placement(frozen_nbytes(bank), bank.device, requested=self.run_cfg.score_copy) \
-            if bank is not None else "device"
+        placement = "device"
+        if bank is not None:
+            auto = self.run_cfg.score_copy == "auto"
+            free_d, free_h = free_after_plan(
+                getattr(bank, "memory_plan", None), bank.placement,
+                device_now=device_free_bytes(bank.device) if auto else None,
+                host_now=host_available_bytes() if auto and bank.device.type != "cpu" else None)
+            placement = choose_copy_placement(frozen_nbytes(bank), bank.device, requested=self.run_cfg.score_copy,
+                                              free_device=free_d, free_host=free_h)
         frozen = freeze_stage(bank, self.model, step, placement=placement, run_dir=self.run_dir,
                               run_id=str(self.run_id))
         blocked = time.perf_counter() - t
