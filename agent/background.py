@@ -100,8 +100,8 @@ def free_after_plan(plan: Any, placement: str, *, device_now: int | None,
     """Free device and host bytes for a frozen copy, from the bank's memory plan
     (:class:`emascope.plan.MemoryPlan`) and from what is free now.
 
-    The plan's free memory (measured, or the budget the user gave ``attach``) less what the plan
-    put there for the bank's ``placement``; the smaller of that and ``device_now`` / ``host_now``
+    The plan's free memory (measured at attach) less what the plan put there for the bank's
+    ``placement``; the smaller of that and ``device_now`` / ``host_now``
     (training's own allocations since attach count too). ``None`` where neither is known.
     """
     def smaller(a: int | None, b: int | None) -> int | None:
