@@ -28,6 +28,8 @@ _LAZY = {
     "save_snapshot": "emascope.snapshot",
     "load_snapshot": "emascope.snapshot",
     "export_checkpoint": "emascope.snapshot",
+    "synthesize": "emascope.posthoc",
+    "export_synthesized": "emascope.posthoc",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -35,6 +37,7 @@ __all__ = ["__version__", *_LAZY]
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from emascope.bank import EMABank  # noqa: F401
     from emascope.ema_math import DEFAULT_DECAYS, BEMAConfig  # noqa: F401
+    from emascope.posthoc import export_synthesized, synthesize  # noqa: F401
     from emascope.runformat import parse_variant, variant_name  # noqa: F401
     from emascope.scope import Scope, attach  # noqa: F401
     from emascope.snapshot import export_checkpoint, load_snapshot, save_snapshot  # noqa: F401

@@ -95,6 +95,30 @@ def device_free_bytes(device: torch.device) -> int | None:
     return None
 
 
+def free_after_plan(plan: Any, placement: str, *, device_now: int | None,
+                    host_now: int | None) -> tuple[int | None, int | None]:
+    """Free device and host bytes for a frozen copy, from the bank's memory plan
+    (:class:`emascope.plan.MemoryPlan`) and from what is free now.
+
+    The plan's free memory (measured at attach) less what the plan put there for the bank's
+    ``placement``; the smaller of that and ``device_now`` / ``host_now``
+    (training's own allocations since attach count too). ``None`` where neither is known.
+    """
+    def smaller(a: int | None, b: int | None) -> int | None:
+        known = [x for x in (a, b) if x is not None]
+        return min(known) if known else None
+
+    plan_dev = plan_host = None
+    if plan is not None:
+        cost = next((c for c in plan.costs if c.placement == placement), None)
+        if cost is not None:
+            if plan.device_free is not None:
+                plan_dev = max(0, int(plan.device_free) - int(cost.device_bytes))
+            if plan.host_free is not None:
+                plan_host = max(0, int(plan.host_free) - int(cost.host_bytes))
+    return smaller(plan_dev, device_now), smaller(plan_host, host_now)
+
+
 def choose_copy_placement(nbytes: int, device: torch.device | str, *, requested: str = "auto",
                           free_device: int | None = None, free_host: int | None = None) -> str:
     """Where a frozen copy of ``nbytes`` bytes of a bank on ``device`` goes: ``"device"``,
@@ -251,6 +275,11 @@ class BackgroundScorer:
         self._stopping = False
 
     # ---------------------------------------------------------------- training-thread side
+
+    def steps_in_use(self) -> set[int]:
+        """Steps of the stages running or waiting (a ``"disk"`` copy reads its stage snapshot)."""
+        with self._cv:
+            return {j.frozen.step for j in (self._running, self._pending) if j is not None}
 
     @property
     def busy(self) -> bool:

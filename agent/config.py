@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from emascope.ema_math import (
     validate_decays,
     validate_update_every,
 )
-from emascope.runformat import BUSY_POLICIES, COPY_PLACEMENTS, DIRECTIONS, SCORING_MODES
+from emascope.runformat import BUSY_POLICIES, COPY_PLACEMENTS, DIRECTIONS, SCORING_MODES, SNAPSHOT_DTYPES
 
 IMAGE_RANGES = ("auto", "-1,1", "0,1")
 
@@ -114,6 +115,14 @@ class ScoringConfig:
     ``kid_subset_size`` (``None``: min(1000, num_samples, num_reference)) and ``kid_subsets``: KID.
     ``nearest_k``: k of density/coverage; ``prc_neighborhood``: k of precision/recall.
     ``preview``: images in each PNG grid; ``preview_points``: points in each ``.npy`` preview.
+    ``search_evals``: after each sweep, score up to this many decays *between* the grid's, synthesised
+    post hoc from the stage snapshots, by golden-section search on ``log(1 - decay)`` around the
+    best grid decay of ``search_metric`` (``None``: fid, else fd, else the first ranked metric); 0: off
+    (docs/synthesis.md). Needs stage snapshots (``stage_snapshots`` != 0) and ``scoring="inline"``.
+    ``search_tolerance``: the metric's uncertainty, in the metric's own units (absolute): the search
+    stops once the values in its bracket differ by less than this (``None``: the standard error of the
+    best grid decay's value at that stage, from the sweep's intervals, or no such stop without one; it
+    still stops at the budget or when the bracket is within the synthesis error).
 
     Uncertainty (:mod:`emascope.uncertainty`): ``uncertainty`` turns the intervals on;
     ``confidence_level`` is their level (0.95: 95% intervals); ``bootstrap_replicates`` half-samples
@@ -145,6 +154,9 @@ class ScoringConfig:
     prc_neighborhood: int = 3
     kid_subset_size: int | None = None
     kid_subsets: int = 100
+    search_evals: int = 0
+    search_metric: str | None = None
+    search_tolerance: float | None = None
     uncertainty: bool = True
     confidence_level: float = 0.95
     bootstrap_replicates: int = 100
@@ -159,6 +171,14 @@ class ScoringConfig:
         for name in ("num_samples", "batch_size", "feature_batch_size", "kid_subsets", "nearest_k",
                      "prc_neighborhood"):
             check_int(name, getattr(self, name), 1)
+        check_int("search_evals", self.search_evals, 0)
+        if self.search_metric is not None and (not isinstance(self.search_metric, str) or not self.search_metric):
+            raise ValueError(f"search_metric must be a metric name or None, got {self.search_metric!r}")
+        tol = self.search_tolerance
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
+                                or not math.isfinite(tol) or tol < 0):
+            raise ValueError(f"search_tolerance must be a finite number >= 0 (the metric's uncertainty) or None, "
+                             f"got {tol!r}")
         check_int("num_samples", self.num_samples, 2)
         check_int("seed", self.seed, 0)
         check_int("preview", self.preview, 0)
@@ -235,6 +255,9 @@ class RunConfig:
     snapshot_every: int | None = None
     heartbeat_interval: float = 2.0
     request_interval: float = 1.0
+    stage_snapshots: int | None = 8
+    stage_lead_in: tuple[int, ...] = (4, 16, 64)
+    stage_snapshot_dtype: str = "float32"
     scoring: str = "background"
     score_busy: str = "queue"
     score_copy: str = "auto"
@@ -256,6 +279,15 @@ class RunConfig:
         check_int("snapshot_every", self.snapshot_every, 1, allow_none=True)
         check_seconds("heartbeat_interval", self.heartbeat_interval, positive=True)
         check_seconds("request_interval", self.request_interval)
+        check_int("stage_snapshots", self.stage_snapshots, 0, allow_none=True)
+        lead = self.stage_lead_in
+        if isinstance(lead, (str, bytes)) or not isinstance(lead, Sequence) or any(
+                isinstance(a, bool) or not isinstance(a, int) or a < 1 for a in lead):
+            raise ValueError(f"stage_lead_in must be a sequence of integers >= 1 (steps), got {lead!r}")
+        object.__setattr__(self, "stage_lead_in", tuple(sorted(set(lead))))
+        if self.stage_snapshot_dtype not in SNAPSHOT_DTYPES:
+            raise ValueError(f"stage_snapshot_dtype must be one of {SNAPSHOT_DTYPES}, "
+                             f"got {self.stage_snapshot_dtype!r}")
         for name, allowed in (("scoring", SCORING_MODES), ("score_busy", BUSY_POLICIES),
                               ("score_copy", COPY_PLACEMENTS)):
             if getattr(self, name) not in allowed:
@@ -341,8 +373,22 @@ def split_kwargs(kwargs: Mapping[str, Any], *, caller: str = "attach") -> dict[t
 def build_configs(kwargs: Mapping[str, Any]) -> tuple[RunConfig, BankConfig, ScoringConfig, Hooks]:
     """The four configs of ``attach(**kwargs)`` (validated: ``ValueError`` naming a bad value)."""
     parts = split_kwargs(kwargs)
-    return (RunConfig(**parts[RunConfig]), BankConfig(**parts[BankConfig]),
-            ScoringConfig(**parts[ScoringConfig]), Hooks(**parts[Hooks]))
+    run, scoring = RunConfig(**parts[RunConfig]), ScoringConfig(**parts[ScoringConfig])
+    check_together(run, scoring)
+    return run, BankConfig(**parts[BankConfig]), scoring, Hooks(**parts[Hooks])
+
+
+def check_together(run: RunConfig, scoring: ScoringConfig) -> None:
+    """Settings that only make sense together: the search between grid decays synthesises from
+    stage snapshots, so ``search_evals > 0`` needs ``stage_snapshots != 0``; it runs after an
+    inline sweep only (not yet in the background worker or an external scorer), so it needs
+    ``scoring="inline"``."""
+    if scoring.search_evals > 0 and run.stage_snapshots == 0:
+        raise ValueError("search_evals > 0 synthesises decays from the stage snapshots, but stage_snapshots=0 "
+                         "writes none: keep stage_snapshots >= 1 (or None) or set search_evals=0")
+    if scoring.search_evals > 0 and run.scoring != "inline":
+        raise ValueError(f"search_evals > 0 runs the search between grid decays after inline sweeps only, but "
+                         f"scoring={run.scoring!r}: set scoring='inline' or search_evals=0")
 
 
 def settings_of(run: RunConfig, bank: BankConfig, scoring: ScoringConfig) -> dict[str, Any]:

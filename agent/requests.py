@@ -27,6 +27,7 @@ import collections
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,14 +58,20 @@ class RequestPoller:
     ``resolve_variant`` checks the bank holds a (normalised) variant and raises ``ValueError``
     otherwise; ``on_result(record)`` receives each status record (for the events log);
     ``on_notice(message)`` receives what is reported once (a refused folder, a backlog).
-    ``clock`` is a monotonic clock in seconds (the per-minute limit). ``poll`` never raises.
+    ``clock`` is a monotonic clock in seconds (the per-minute limit).
+    ``synthesize(request, path) -> (bytes_written, report)`` writes a synthesised export (a request
+    naming ``decay`` or ``sigma_rel``, docs/synthesis.md) from the run's snapshot files; it runs in
+    a worker thread (it reads files only), so a long synthesis does not hold training; a decay the
+    bank holds is exported directly. Synthesised exports count against the same rate limits.
+    ``poll`` never raises; :meth:`join` waits for the workers.
     """
 
     def __init__(self, run_dir: str | os.PathLike, export_fn: Callable[[str, Path, str | None], int], *,
                  resolve_variant: Callable[[str], str],
                  on_result: Callable[[dict[str, Any]], None],
                  on_notice: Callable[[str], None] = lambda message: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 synthesize: Callable[[rf.ExportRequest, Path], tuple[int, dict[str, Any]]] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.export_fn = export_fn
         self.resolve_variant = resolve_variant
@@ -74,6 +81,14 @@ class RequestPoller:
         self._recent: collections.deque[float] = collections.deque()  # times of exports in the last minute
         self._reported: set[Any] = set()
         self._backlog = False
+        self.synthesize = synthesize
+        self._workers: list[threading.Thread] = []
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for synthesised exports still being written (at close)."""
+        for t in list(self._workers):
+            t.join(timeout)
+        self._workers = [t for t in self._workers if t.is_alive()]
 
     # ------------------------------------------------------------------ reporting
 
@@ -206,28 +221,84 @@ class RequestPoller:
             if st.st_size > rf.MAX_REQUEST_BYTES:
                 raise ValueError(f"request file is {st.st_size} bytes (at most {rf.MAX_REQUEST_BYTES})")
             req = rf.parse_request(json.loads(rdir.read_regular(name)), stem=rid)
+            if req.synthesized and not self._bank_holds(req):
+                if self.synthesize is None:
+                    raise ValueError("this agent cannot synthesise decays (a sharded bank writes no "
+                                     "stage snapshots to synthesise from)")
+                self._check_overwrite(req)
+                self._recent.append(self.clock())
+                self._take(rdir, name)  # taken: a later poll must not start it again
+                self._start_worker(req, rid, step)
+                return True
             variant = self.resolve_variant(req.variant)
             rel = rf.export_file(req.name)
-            if not req.overwrite and os.path.lexists(self.run_dir / rel):
-                raise FileExistsError(f"{rel} already exists and the request did not ask to overwrite it "
-                                      '(set "overwrite": true to replace it); the file was left as it was')
+            self._check_overwrite(req)
             self._recent.append(self.clock())
             nbytes = int(self.export_fn(variant, self.run_dir / rel, req.dtype))
         except Exception as exc:  # noqa: BLE001 - reported in the status file
             rel, error = None, f"{type(exc).__name__}: {exc}"
+        record = self._status(rid, variant, step, rel, nbytes, error, None)
+        self._take(rdir, name)
+        self.on_result(record)
+        return True
+
+    def _check_overwrite(self, req: rf.ExportRequest) -> None:
+        """``FileExistsError`` when ``exports/<name>.safetensors`` exists and the request did not ask
+        to overwrite it (plain and synthesised exports alike)."""
+        rel = rf.export_file(req.name)
+        if not req.overwrite and os.path.lexists(self.run_dir / rel):
+            raise FileExistsError(f"{rel} already exists and the request did not ask to overwrite it "
+                                  '(set "overwrite": true to replace it); the file was left as it was')
+
+    @staticmethod
+    def _take(rdir: _Folder, name: str) -> None:
+        """Remove a handled request file (relative to the checked folder, see :class:`_Folder`)."""
+        try:
+            rdir.unlink(name)
+        except OSError:
+            pass
+
+    def _bank_holds(self, req: rf.ExportRequest) -> bool:
+        if req.decay is None:
+            return False
+        try:
+            self.resolve_variant(req.variant)
+            return True
+        except ValueError:
+            return False
+
+    def _start_worker(self, req: rf.ExportRequest, rid: str, step: int) -> None:
+        rel = rf.export_file(req.name)
+
+        def work() -> None:
+            nbytes = report = error = None
+            out_rel: str | None = rel
+            try:
+                nbytes, report = self.synthesize(req, self.run_dir / rel)
+            except Exception as exc:  # noqa: BLE001 - reported in the status file
+                out_rel, error = None, f"{type(exc).__name__}: {exc}"
+            try:
+                at = int(report["step"]) if report else step
+                self.on_result(self._status(rid, req.variant, at, out_rel, nbytes, error, report))
+            except Exception:  # noqa: BLE001 - a worker never raises
+                pass
+
+        t = threading.Thread(target=work, name=f"emascope-synthesis-{rid}", daemon=True)
+        self._workers.append(t)
+        t.start()
+
+    def _status(self, rid: str, variant: str | None, step: int, rel: str | None, nbytes: int | None,
+                error: str | None, synthesis: dict[str, Any] | None) -> dict[str, Any]:
+        """Write ``exports/<id>.status.json``; returns the record."""
         record = rf.status_record(request_id=rid, state="error" if error else "done", variant=variant,
-                                  step=step, path=rel, nbytes=nbytes, time=time.time(), error=error)
+                                  step=step, path=rel, nbytes=nbytes, time=time.time(), error=error,
+                                  synthesis=synthesis)
         try:
             if self._exports_ok():
                 atomic_write_json(self.run_dir / rf.status_file(rid), record)
         except OSError as exc:
             record["error"] = record["error"] or f"status file: {exc}"
-        try:
-            rdir.unlink(name)
-        except OSError:
-            pass
-        self.on_result(record)
-        return True
+        return record
 
 
 class _Folder:

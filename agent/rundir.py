@@ -236,10 +236,14 @@ class RunWriter:
             return
         self._guard(rf.RUN_JSON, lambda: atomic_write_json(self.run_dir / rf.RUN_JSON, body))
 
-    def metric(self, step: int, variant: str, metric: str, value: float | None, **interval: Any) -> None:
+    def metric(self, step: int, variant: str, metric: str, value: float | None, *,
+               synthesized: dict[str, Any] | None = None, **interval: Any) -> None:
         """Append one metrics.jsonl line (``value`` must already be finite or None; ``interval``:
-        the optional ``se``, ``lo``, ``hi``, ``n`` of :func:`emascope.runformat.metric_record`)."""
-        self._append(rf.METRICS, rf.metric_record(step, variant, metric, value, time.time(), **interval))
+        the optional ``se``, ``lo``, ``hi``, ``n`` of :func:`emascope.runformat.metric_record`;
+        ``synthesized``: the error of a post-hoc synthesised variant
+        (:func:`emascope.runformat.synthesis_record`))."""
+        self._append(rf.METRICS, rf.metric_record(step, variant, metric, value, time.time(),
+                                                  synthesized=synthesized, **interval))
 
     def metrics(self, records: list[dict[str, Any]]) -> None:
         """Append metrics.jsonl records (:func:`emascope.runformat.metric_record`) in one write."""

@@ -164,6 +164,36 @@ def parse_stage_snapshot_name(name: str) -> int | None:
     return parse_stage_dir_name(stem) if dot and ext == "safetensors" else None
 
 
+_LEAD_RE = re.compile(r"lead_(\d{9,})")
+
+
+def lead_in_snapshot_file(step: int) -> str:
+    """``banks/lead_<step:09d>.safetensors``: a *lead-in* snapshot, taken a few steps before a
+    scheduled scoring stage (same format as :data:`SNAPSHOT`, but only the short decays' rows; see
+    docs/synthesis.md). Post-hoc synthesis uses it to build averages shorter than the stage spacing."""
+    return f"{BANKS}/lead_{int(step):09d}.safetensors"
+
+
+def parse_lead_in_snapshot_name(name: str) -> int | None:
+    """The step of a ``lead_<digits>.safetensors`` file name under ``banks/``, else ``None``."""
+    stem, dot, ext = name.partition(".")
+    m = _LEAD_RE.fullmatch(stem)
+    return int(m.group(1)) if m and dot and ext == "safetensors" else None
+
+
+#: Leave-one-out calibration of post-hoc synthesis, per target step (JSON, atomic replace; a cache:
+#: deleting it only costs recomputation). See docs/synthesis.md.
+SYNTHESIS_CACHE = f"{BANKS}/synthesis.json"
+#: Metadata key of a stage/lead-in snapshot naming its role: ``"stage"`` or ``"lead_in"``, and the
+#: key naming the stage a lead-in belongs to (both strings, beside ``run_id`` and ``step``).
+SNAPSHOT_ROLE_KEY = "role"
+SNAPSHOT_STAGE_KEY = "stage"
+ROLE_STAGE = "stage"
+ROLE_LEAD_IN = "lead_in"
+#: Storage dtypes of stage and lead-in snapshot bank rows (``banks/latest.safetensors`` is always float32).
+SNAPSHOT_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def parse_stage_snapshot_file_step(rel: str) -> int | None:
     """The step of a ``banks/step_<digits>.safetensors`` path relative to RUN_DIR, else ``None``."""
     folder, _, name = rel.rpartition("/")
@@ -260,6 +290,8 @@ def stage_states(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
             continue
         step, kind = e.get("step"), e.get("type")
         if isinstance(step, bool) or not isinstance(step, int) or kind not in _STAGE_EVENTS:
+            continue
+        if e.get("synthesized"):  # a sweep of decays synthesised post hoc (search), not of the stage
             continue
         st = out.setdefault(step, {"step": step, "state": "pending", "scorer": None, "mode": None,
                                    "seconds": None, "done": 0, "total": None, "attempts": 0, "reason": None,
@@ -395,9 +427,13 @@ FLOOR_SOURCES = ("exact", "reference_split")
 
 def metric_record(step: int, variant: str, metric: str, value: float | None, time: float, *,
                   se: float | None = None, lo: float | None = None, hi: float | None = None,
-                  n: int | None = None) -> dict[str, Any]:
+                  n: int | None = None, synthesized: dict[str, Any] | None = None) -> dict[str, Any]:
     """One metrics.jsonl record; ``decay`` is derived from the variant (``None`` for raw/bema).
-    The optional :data:`METRIC_INTERVAL_KEYS` are written only when given."""
+    The optional :data:`METRIC_INTERVAL_KEYS` are written only when given.
+
+    ``synthesized``: for a decay the bank does not hold, scored from weights synthesised post hoc
+    (docs/synthesis.md), the record gets ``"synthesized": {...}`` (:func:`synthesis_record`); plain
+    records have no such key (readers written before it treat these as ordinary decays)."""
     rec = {"step": int(step), "variant": variant, "decay": decay_of(variant), "metric": metric,
            "value": value, "time": time}
     for key, v in (("se", se), ("lo", lo), ("hi", hi)):
@@ -405,7 +441,23 @@ def metric_record(step: int, variant: str, metric: str, value: float | None, tim
             rec[key] = float(v)
     if n is not None:
         rec["n"] = int(n)
+    if synthesized is not None:
+        rec[SYNTHESIZED] = synthesized
     return rec
+
+
+#: Key of a metrics.jsonl record scored on synthesised weights (absent on every other record).
+SYNTHESIZED = "synthesized"
+
+
+def synthesis_record(*, profile_residual: float, predicted_error: float | None,
+                     error_bound: float | None) -> dict[str, Any]:
+    """The ``synthesized`` object of a metrics record: the synthesis's measured error (relative,
+    see docs/synthesis.md): ``profile_residual`` (relative L2 between the target and synthesised
+    averaging profiles) and the leave-one-out calibrated weight-space ``predicted_error`` and
+    ``error_bound`` (relative to the weights' norm; ``None`` when not calibrated)."""
+    return {"profile_residual": profile_residual, "predicted_error": predicted_error,
+            "error_bound": error_bound}
 
 
 def comparison_entry(*, diff: float, se: float | None, lo: float | None, hi: float | None, n: int | None,
@@ -596,8 +648,12 @@ def inside_run(run_dir: str | os.PathLike, rel: str) -> Path:
 class ExportRequest:
     """A validated request: export ``variant`` to ``exports/<name>.safetensors`` as ``dtype``.
 
+    A *synthesised* export (docs/synthesis.md) names ``decay`` (any decay in (0, 1), also one the
+    bank does not hold) or ``sigma_rel`` (EDM2's power-function EMA); its ``variant`` is then
+    :func:`synthesized_name`. ``force``: write it even when its measured error is large.
     ``overwrite``: replace an existing ``exports/<name>.safetensors`` (default False: the agent
-    refuses the request when the file exists, and the file is left as it was).
+    refuses the request when the file exists, and the file is left as it was); the same rule holds
+    for synthesised exports.
     """
 
     id: str
@@ -605,12 +661,52 @@ class ExportRequest:
     name: str
     dtype: str | None
     overwrite: bool = False
+    decay: float | None = None
+    sigma_rel: float | None = None
+    force: bool = False
+
+    @property
+    def synthesized(self) -> bool:
+        return self.decay is not None or self.sigma_rel is not None
 
 
 def request_body(request: ExportRequest, time: float) -> dict[str, Any]:
-    """The JSON body of ``requests/<id>.json``."""
-    return {"id": request.id, "variant": request.variant, "name": request.name, "dtype": request.dtype,
-            "overwrite": request.overwrite, "time": time}
+    """The JSON body of ``requests/<id>.json`` (``decay``/``sigma_rel``/``force`` only when synthesised)."""
+    body: dict[str, Any] = {"id": request.id, "variant": request.variant, "name": request.name,
+                            "dtype": request.dtype, "overwrite": request.overwrite, "time": time}
+    if request.synthesized:
+        body.update(decay=request.decay, sigma_rel=request.sigma_rel, force=request.force)
+    return body
+
+
+def check_synthesis_target(decay: Any = None, sigma_rel: Any = None) -> tuple[float | None, float | None]:
+    """Exactly one of ``decay`` (a number in (0, 1)) and ``sigma_rel`` (a number in (0, 0.2887)):
+    the target of a synthesised export; ``ValueError`` naming the problem."""
+    if (decay is None) == (sigma_rel is None):
+        raise ValueError("give exactly one of decay and sigma_rel")
+    for name, v, hi in (("decay", decay, 1.0), ("sigma_rel", sigma_rel, math.sqrt(1.0 / 12.0))):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) \
+                or not 0.0 < float(v) < hi:
+            raise ValueError(f"{name} must be a number in (0, {hi:.4g}), got {v!r}")
+    return (None if decay is None else float(decay)), (None if sigma_rel is None else float(sigma_rel))
+
+
+def synthesized_name(decay: float | None = None, sigma_rel: float | None = None) -> str:
+    """The variant string of a synthesised average: the decay's variant (``"0.9996"``) or
+    ``"sigma_rel=<x>"`` for EDM2's power-function profile."""
+    decay, sigma_rel = check_synthesis_target(decay, sigma_rel)
+    return variant_name(decay) if decay is not None else f"sigma_rel={sigma_rel!r}"
+
+
+def default_synthesized_export_name(decay: float | None = None, sigma_rel: float | None = None,
+                                    step: int | None = None) -> str:
+    """Default export stem of a synthesised average: ``ema-<decay>-synth`` or ``phema-<sigma_rel>``,
+    with ``-step<step>`` when given."""
+    decay, sigma_rel = check_synthesis_target(decay, sigma_rel)
+    base = f"ema-{variant_name(decay)}-synth" if decay is not None else f"phema-{sigma_rel!r}"
+    return base if step is None else f"{base}-step{int(step)}"
 
 
 def parse_request(body: Any, *, stem: str) -> ExportRequest:
@@ -623,23 +719,37 @@ def parse_request(body: Any, *, stem: str) -> ExportRequest:
     rid = body.get("id", stem)
     if not isinstance(rid, str) or not ID_RE.fullmatch(rid) or rid != stem:
         raise ValueError(f"bad request id {rid!r} (must match [A-Za-z0-9_-]{{1,64}} and the file name {stem!r})")
+    overwrite = body.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"bad overwrite {overwrite!r} (true or false; absent means false)")
+    if body.get("decay") is not None or body.get("sigma_rel") is not None:
+        decay, sigma_rel = check_synthesis_target(body.get("decay"), body.get("sigma_rel"))
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise ValueError(f"bad force {force!r} (true or false)")
+        name = body.get("name") or default_synthesized_export_name(decay, sigma_rel)
+        return ExportRequest(rid, synthesized_name(decay, sigma_rel), validate_export_name(name),
+                             validate_export_dtype(body.get("dtype")), overwrite=overwrite,
+                             decay=decay, sigma_rel=sigma_rel, force=force)
     variant = body.get("variant")
     if not isinstance(variant, (str, int, float)) or isinstance(variant, bool):
         raise ValueError(f"bad variant {variant!r}")
     variant = parse_variant(str(variant))
     name = body.get("name") or default_export_name(variant)
-    overwrite = body.get("overwrite", False)
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"bad overwrite {overwrite!r} (true or false; absent means false)")
     return ExportRequest(rid, variant, validate_export_name(name), validate_export_dtype(body.get("dtype")),
-                         overwrite)
+                         overwrite=overwrite)
 
 
 def status_record(*, request_id: str | None, state: str, variant: str | None, step: int, path: str | None,
-                  nbytes: int | None, time: float, error: str | None) -> dict[str, Any]:
-    """The body of ``exports/<id>.status.json`` (``state``: ``"done"`` or ``"error"``)."""
-    return {"id": request_id, "state": state, "variant": variant, "step": int(step), "path": path,
-            "bytes": nbytes, "time": time, "error": error}
+                  nbytes: int | None, time: float, error: str | None,
+                  synthesis: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The body of ``exports/<id>.status.json`` (``state``: ``"done"`` or ``"error"``); a
+    synthesised export adds ``synthesis``, its error report (docs/synthesis.md)."""
+    rec = {"id": request_id, "state": state, "variant": variant, "step": int(step), "path": path,
+           "bytes": nbytes, "time": time, "error": error}
+    if synthesis is not None:
+        rec["synthesis"] = synthesis
+    return rec
 
 
 def export_dir(name: str) -> str:
@@ -695,3 +805,20 @@ def export_metadata(variant: str, step: int, *, run_id: str = "", emascope_versi
     d = decay_of(variant)
     return {"variant": variant, "decay": "" if d is None else variant, "step": str(int(step)),
             "run_id": str(run_id), "emascope_version": str(emascope_version)}
+
+
+def synthesized_export_metadata(*, decay: float | None, sigma_rel: float | None, step: int, run_id: str,
+                                emascope_version: str, profile_residual: float,
+                                predicted_error: float | None, error_bound: float | None) -> dict[str, str]:
+    """Metadata (all strings) of a synthesised checkpoint: :func:`export_metadata`'s keys (``variant``
+    is :func:`synthesized_name`, ``decay`` ``""`` for a sigma_rel target) plus ``synthesized``
+    (``"true"``), ``sigma_rel`` (or ``""``), ``profile_residual``, ``predicted_error`` and
+    ``error_bound`` (``repr`` of the floats, ``""`` when not calibrated)."""
+    out = export_metadata(synthesized_name(decay, sigma_rel), step, run_id=run_id,
+                          emascope_version=emascope_version)
+    out.update(decay="" if decay is None else variant_name(decay), synthesized="true",
+               sigma_rel="" if sigma_rel is None else repr(float(sigma_rel)),
+               profile_residual=repr(float(profile_residual)),
+               predicted_error="" if predicted_error is None else repr(float(predicted_error)),
+               error_bound="" if error_bound is None else repr(float(error_bound)))
+    return out

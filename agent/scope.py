@@ -42,6 +42,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,11 +54,28 @@ from torch import nn
 from emascope import features as F
 from emascope import runformat as rf
 from emascope import shardfiles as SF
-from emascope.background import BackgroundScorer, choose_copy_placement, freeze_stage, frozen_nbytes
+from emascope import stage_snapshots as stages
+from emascope.background import (
+    BackgroundScorer,
+    choose_copy_placement,
+    device_free_bytes,
+    free_after_plan,
+    freeze_stage,
+    frozen_nbytes,
+    host_available_bytes,
+)
 from emascope.bank import EMABank, unwrap_model
-from emascope.claims import clear_stage, mark_done
+from emascope.claims import clear_stage, done_steps, mark_done
 from emascope.collectives import all_gather_ints, broadcast_json, cpu_group, explained_barrier
-from emascope.config import BankConfig, Hooks, RunConfig, ScoringConfig, build_configs, settings_of
+from emascope.config import (
+    BankConfig,
+    Hooks,
+    RunConfig,
+    ScoringConfig,
+    build_configs,
+    check_together,
+    settings_of,
+)
 from emascope.plan import format_bytes, format_plan
 from emascope.pretrained import export_pretrained_from_bank, model_config_record, write_model_config
 from emascope.requests import RequestPoller
@@ -227,6 +245,7 @@ class Scope:
                  hooks: Hooks | None = None) -> None:
         bank, scoring, hooks = bank or BankConfig(), scoring or ScoringConfig(), hooks or Hooks()
         inner = check_attachable(model, optimizer, scoring, hooks)
+        check_together(run, scoring)
         self.run_cfg, self.bank_cfg = run, bank
         self._wrapped = model
         self.model, self.optimizer = unwrap_model(model), inner
@@ -245,6 +264,10 @@ class Scope:
             raise ValueError("scoring='external' is not available with a sharded bank (its stage snapshots "
                              "would be per-rank sets emascope score does not read yet): use scoring='inline' "
                              "or 'background' (both score on every rank at the step), or shard=False")
+        if self.sharded and scoring.search_evals > 0:  # same verdict on every rank, nothing written
+            raise ValueError("search_evals is not available with a sharded bank (post-hoc synthesis reads "
+                             "one-process stage snapshots; a sharded bank writes per-rank files): set "
+                             "search_evals=0, or shard=False")
         self._cpu_group = None
         self._hooks, self._scoring = hooks, scoring
         self._extractor: Any = None
@@ -381,17 +404,23 @@ class Scope:
                                   message=f"removed {len(stale)} stale temp file(s) of "
                                           f"{sum(n for _, n in stale)} bytes left by a writer that was killed")
             self.requests = RequestPoller(self.run_dir, self._export_for_request, resolve_variant=self.bank.resolve,
-                                          on_result=self._export_event, on_notice=self._requests_notice)
+                                          on_result=self._export_event, on_notice=self._requests_notice,
+                                          synthesize=None if self.sharded else self._synthesize_for_request)
             if self.sharded and run.scoring == "background":
                 self.writer.event("notice", self._step, where="background", message=(
                     "a sharded bank is scored on every rank at its scoring steps (training waits for each "
                     "sweep): background scoring applies to one-process banks"))
+            if self.sharded and run.stage_snapshots != 0:
+                self.writer.event("notice", self._step, where="snapshot", message=(
+                    "stage snapshots for post-hoc synthesis are not written for a sharded bank (synthesis "
+                    "reads one-process snapshots): synthesised exports of this run are refused"))
             if run.scoring == "background" and not self.sharded:
                 self._background = BackgroundScorer(self.scorer, self.writer, self.run_dir, policy=run.score_busy,
                                                     stall_timeout=run.score_timeout, on_result=self._on_result)
             if self.optimizer is not None:
                 self._hook = self.optimizer.register_step_post_hook(self._optimizer_hook)
             self.writer.start_heartbeat()
+            self._note_stage_snapshot_cost()
         except BaseException:
             if self._hook is not None:
                 self._hook.remove()
@@ -540,6 +569,9 @@ class Scope:
         self._last_scored = self._last_snapshot = None
         if self.writer is not None:
             self.writer.event("resume", step, snapshot_step=None, source="state_dict")
+            gone = stages.drop_after(self.run_dir, step)
+            if gone:  # taken on a trajectory the restart abandons: synthesis must not mix them in
+                self.writer.event("snapshot_pruned", step, paths=gone)
 
     def close(self, *, score: bool | None = None, wait: bool = True) -> None:
         """Final score (if due), final snapshot, wait for background sweeps, ``close`` event,
@@ -572,6 +604,8 @@ class Scope:
                 if self._last_snapshot != self._step:
                     self._snapshot()
                 self._serve_requests(final=True)  # what still waits is refused
+                if self.requests is not None:
+                    self.requests.join()  # synthesised exports still being written
         except Exception as exc:  # noqa: BLE001
             if self.writer is not None:
                 self.writer.error("close", self._step, exc)
@@ -628,6 +662,10 @@ class Scope:
         try:
             self._update_bank()
             step, run = self._step, self.run_cfg
+            if run.stage_snapshots != 0 and self._bank_ok and not self.sharded:
+                stage = stages.next_stage_for_lead_in(step, run.score_every, run.stage_lead_in, self.bank.update_every)
+                if stage is not None:
+                    self._lead_in_snapshot(stage)
             if run.snapshot_interval and step % run.snapshot_interval == 0:
                 self._snapshot()
                 if self.sharded:
@@ -705,6 +743,8 @@ class Scope:
             return self._score_sharded()
         self._last_scored = self._step
         mode = self.run_cfg.scoring
+        if mode != "external":  # (an external scorer's stage snapshot is written by _write_stage)
+            self.write_stage_snapshot()  # for post-hoc synthesis (stage_snapshots=, docs/synthesis.md)
         if mode == "external":
             self._write_stage()
             return None
@@ -725,6 +765,8 @@ class Scope:
         self.writer._guard("done marker", lambda: mark_done(self.run_dir, step, rf.done_record(
             step=step, scorer=rf.SCORER_INLINE, seconds=res.seconds, records=sum(map(len, res.scores.values())),
             time=time.time())))
+        if self.scorer.cfg.search_evals > 0 and self._bank_ok:
+            self._search_between(res)
         return res
 
     def _score_background(self, *, force: bool, wait: bool) -> SweepResult | None:
@@ -740,8 +782,15 @@ class Scope:
             self.scorer.prepare(self.model, step)  # extractor + reference data: may draw random numbers
         twin = bg.model_copy(self.model)
         bank = self.bank if self._bank_ok else None
-        placement = choose_copy_placement(frozen_nbytes(bank), bank.device, requested=self.run_cfg.score_copy) \
-            if bank is not None else "device"
+        placement = "device"
+        if bank is not None:
+            auto = self.run_cfg.score_copy == "auto"
+            free_d, free_h = free_after_plan(
+                getattr(bank, "memory_plan", None), bank.placement,
+                device_now=device_free_bytes(bank.device) if auto else None,
+                host_now=host_available_bytes() if auto and bank.device.type != "cpu" else None)
+            placement = choose_copy_placement(frozen_nbytes(bank), bank.device, requested=self.run_cfg.score_copy,
+                                              free_device=free_d, free_host=free_h)
         frozen = freeze_stage(bank, self.model, step, placement=placement, run_dir=self.run_dir,
                               run_id=str(self.run_id))
         blocked = time.perf_counter() - t
@@ -776,6 +825,132 @@ class Scope:
             return
         self.writer.event("stage_pending", step, mode=rf.SCORER_EXTERNAL, copy="disk", path=rel,
                           bytes=int(nbytes), blocked_seconds=time.perf_counter() - t)
+        if self.run_cfg.stage_snapshots != 0:
+            upcoming = (step // self.run_cfg.score_every + 1) * self.run_cfg.score_every \
+                if self.run_cfg.score_every else None
+            try:
+                self._retain_stages((), upcoming)
+            except Exception as exc:  # noqa: BLE001 - never into training
+                self.writer.error("snapshot", step, exc)
+
+    # ------------------------------------------------------------------ post-hoc synthesis
+
+    def write_stage_snapshot(self, protected: tuple[int, ...] = ()) -> str | None:
+        """Write the stage snapshot of the current step (``banks/step_<step>.safetensors``) and apply
+        the retention policy (``stage_snapshots``; ``protected`` steps are never deleted). Called at
+        every scoring stage; returns the relative path, ``None`` when off or on failure (an ``error``
+        event, ``where: "snapshot"``). See :mod:`emascope.stage_snapshots`."""
+        run = self.run_cfg
+        if run.stage_snapshots == 0 or not self._bank_ok or not self.is_writer or self.sharded:
+            return None
+        t = time.perf_counter()
+        try:
+            rel, nbytes = stages.write_stage_snapshot(self.bank, self.run_dir, self._step, run_id=str(self.run_id),
+                                                      dtype=run.stage_snapshot_dtype)
+        except Exception as exc:  # noqa: BLE001 (full disk, ...)
+            self.writer.error("snapshot", self._step, exc)
+            return None
+        self.writer.event("stage_snapshot", self._step, path=rel, bytes=int(nbytes), seconds=time.perf_counter() - t,
+                          role=rf.ROLE_STAGE)
+        upcoming = None
+        if run.score_every:
+            upcoming = (self._step // run.score_every + 1) * run.score_every
+        self._retain_stages(protected, upcoming)
+        return rel
+
+    def _retain_stages(self, protected: tuple[int, ...] = (), upcoming: int | None = None) -> None:
+        """Apply the stage snapshot retention policy, never deleting a stage snapshot still in use:
+        one an external scorer has not scored yet (no done marker), or one the background worker
+        reads (a ``"disk"`` copy, running or queued)."""
+        run = self.run_cfg
+        keep = set(protected)
+        if run.scoring == "external":
+            done = done_steps(self.run_dir)
+            keep |= {s for s in stages.stage_steps(self.run_dir) if s not in done}
+        if self._background is not None:
+            keep |= self._background.steps_in_use()
+        gone = stages.retain(self.run_dir, run.stage_snapshots, protected=tuple(sorted(keep)), upcoming=upcoming)
+        if gone:
+            self.writer.event("snapshot_pruned", self._step, paths=gone)
+
+    def _lead_in_snapshot(self, stage: int) -> None:
+        run = self.run_cfg
+        t = time.perf_counter()
+        try:
+            out = stages.write_lead_in_snapshot(self.bank, self.run_dir, self._step, stage, lead_in=run.stage_lead_in,
+                                                run_id=str(self.run_id), dtype=run.stage_snapshot_dtype)
+        except Exception as exc:  # noqa: BLE001
+            self.writer.error("snapshot", self._step, exc)
+            return
+        if out is not None:
+            self.writer.event("stage_snapshot", self._step, path=out[0], bytes=int(out[1]),
+                              seconds=time.perf_counter() - t, role=rf.ROLE_LEAD_IN, stage=stage)
+
+    def _note_stage_snapshot_cost(self) -> None:
+        """Print and record (a ``stage_snapshot_plan`` event) their disk cost, when a
+        schedule of stages is set (``score_every``; without one only close / ``score_now`` make stages)."""
+        run = self.run_cfg
+        if run.stage_snapshots == 0 or not run.score_every or self.sharded:
+            return
+        cost = stages.disk_cost(self.bank, keep=run.stage_snapshots, lead_in=run.stage_lead_in,
+                                dtype=run.stage_snapshot_dtype)
+        text = stages.describe_cost(cost)
+        print(f"emascope: {text} (stage_snapshots=, stage_lead_in=, stage_snapshot_dtype= set this)",
+              file=sys.stderr)
+        self.writer.event("stage_snapshot_plan", self._step, message=text, keep=run.stage_snapshots,
+                          lead_in=list(run.stage_lead_in), **cost)
+
+    def _synthesize_for_request(self, request: rf.ExportRequest, path: Path) -> tuple[int, dict[str, Any]]:
+        """Write a synthesised export for a request (runs in a worker thread: reads files only)."""
+        from emascope.posthoc import export_synthesized
+
+        out, report = export_synthesized(self.run_dir, path, decay=request.decay, sigma_rel=request.sigma_rel,
+                                         dtype=request.dtype, force=request.force)
+        return out.stat().st_size, report.as_json()
+
+    def _search_between(self, result: SweepResult) -> None:
+        """Score synthesised decays between the grid's around the best one (``search_evals``)."""
+        try:
+            self._run_search(result)
+        except Exception as exc:  # noqa: BLE001 - never into training
+            self.writer.error("search", self._step, exc)
+
+    def _run_search(self, result: SweepResult) -> None:
+        from emascope.decay_search import search_noise
+        from emascope.posthoc import StateSwap, search_record, search_stage
+
+        step = self._step
+        metric = self._search_metric(result)
+        if metric is None:
+            return
+        direction = self.scorer.metric_directions.get(metric)
+        grid = {rf.decay_of(v): s.get(metric) for v, s in result.scores.items() if rf.decay_of(v) is not None}
+
+        def score(name: str, sd: dict[str, torch.Tensor], report: Any) -> float | None:
+            mark = rf.synthesis_record(profile_residual=report.profile_residual,
+                                       predicted_error=report.predicted_error, error_bound=report.error_bound)
+            res = self.scorer.sweep(self.model, StateSwap({name: sd}), [name], step, synthesized=mark)
+            return res.scores.get(name, {}).get(metric)
+
+        ses = {rf.decay_of(v): getattr(e.get(metric), "se", None) for v, e in result.estimates.items()
+               if rf.decay_of(v) is not None}
+        noise, source = search_noise(grid, ses, direction=direction, tolerance=self.scorer.cfg.search_tolerance)
+        out, reports = search_stage(self.run_dir, step=step, grid=grid, direction=direction,
+                                    max_evals=self.scorer.cfg.search_evals, score=score, noise=noise)
+        self.writer.event("search", step, metric=metric, direction=direction, tolerance=noise,
+                          tolerance_source=source, **search_record(out, reports))
+
+    def _search_metric(self, result: SweepResult) -> str | None:
+        """The metric the search optimises: ``search_metric``, else fid, fd, else the first with a direction."""
+        names = {m for s in result.scores.values() for m in s}
+        wanted = self.scorer.cfg.search_metric
+        dirs = self.scorer.metric_directions
+        if wanted is not None:
+            return wanted if wanted in names and dirs.get(wanted) in rf.DIRECTIONS else None
+        for m in ("fid", "fd", *sorted(names)):
+            if m in names and dirs.get(m) in rf.DIRECTIONS:
+                return m
+        return None
 
     def _score_sharded(self) -> SweepResult | None:
         """A sweep on every rank (:mod:`emascope.sweep_ranks`): each draws its share of the batches,
@@ -799,7 +974,8 @@ class Scope:
                 sample_metrics=hooks.sample_metrics, fd_name=self.scorer.fd_name() if self.scorer else "fd",
                 group=self._cpu_group, collective_sampler=any(is_dtensor(p) for p in self.model.parameters()),
                 extractor_error=extractor_error,
-                prior_errors=self.scorer.reference_errors if self.scorer is not None else 0)
+                prior_errors=self.scorer.reference_errors if self.scorer is not None else 0,
+                directions=self.scorer.directions() if self.scorer is not None else None)
         if self.is_writer and result is not None:
             self.scorer.reference_errors = 0
             self.scorer.note(result, reference, step)

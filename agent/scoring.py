@@ -802,7 +802,8 @@ class Scorer:
 
     def sweep(self, model: nn.Module, bank: Any, variants: list[str], step: int, *,
               writer: Any = None, scorer: str = rf.SCORER_INLINE, isolate_rng: bool = True,
-              on_progress: Callable[[], None] | None = None) -> SweepResult:
+              on_progress: Callable[[], None] | None = None,
+              synthesized: dict[str, Any] | None = None) -> SweepResult:
         """Score ``variants`` at ``step`` (see :func:`run_sweep`).
 
         ``isolate_rng=True`` (inline): the global random streams are forked and restored, so the
@@ -811,8 +812,12 @@ class Scorer:
         after :meth:`prepare` ran in the training thread. ``writer``: where this sweep writes
         (default the run's writer; background and external sweeps pass a
         :class:`emascope.rundir.StageWriter`). ``scorer``: named in the sweep's events.
+        ``synthesized``: the variants are decays synthesised post hoc (``bank`` swaps their state
+        dicts in); every metrics record gets this ``synthesized`` object (docs/synthesis.md).
         """
         writer = writer if writer is not None else self.writer
+        if synthesized is not None:
+            writer = _MarkedWriter(writer, synthesized)
         rng = torch.random.fork_rng(devices=cuda_devices(model)) if isolate_rng else contextlib.nullcontext()
         with rng:
             reference = self._prepare_reference(model, step, writer) if self.hooks.sampler is not None else None
@@ -869,6 +874,13 @@ class Scorer:
                 real = reference.features
                 m = len(real.features)
                 n_a = min(cfg.num_samples, m // 2)
+                if m - n_a <= reference.nearest_k:
+                    writer.event("notice", step, where="noise_floor", message=(
+                        f"no noise floor: a reference of {m} items is too small to split into {n_a} samples "
+                        f"and a k-NN reference of more than nearest_k={reference.nearest_k} items; give "
+                        "exact_samples or a larger reference"))
+                    self._floor_done = True
+                    return None
                 perm = torch.randperm(m, generator=torch.Generator().manual_seed(cfg.seed))
                 a, b = perm[:n_a], perm[n_a:]
                 logits = real.logits
@@ -1013,6 +1025,26 @@ class _PendingReference:
     key: str | None = None
     kind: str | None = None
     note: str | None = None  # what check_samples converted in the reference data
+
+
+class _MarkedWriter:
+    """A :class:`RunWriter` whose metric records carry a ``synthesized`` object; all else delegated."""
+
+    def __init__(self, writer: RunWriter, synthesized: dict[str, Any]) -> None:
+        self._writer, self._synthesized = writer, synthesized
+
+    def metric(self, step: int, variant: str, metric: str, value: float | None, **interval: Any) -> None:
+        self._writer.metric(step, variant, metric, value, synthesized=self._synthesized, **interval)
+
+    def event(self, type: str, step: int, **fields: Any) -> None:
+        if type == rf.EVENT_COMPARISON:
+            return  # a comparison among the synthesised variants alone would replace the grid's at this step
+        if type in ("score_start", "score_progress", "score_done"):  # not a sweep of the bank: marked apart
+            fields["synthesized"] = True
+        self._writer.event(type, step, **fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
 
 
 def attach_extractor(cfg: ScoringConfig, hooks: Hooks, model: nn.Module) -> Any:

@@ -100,9 +100,31 @@ class UnverifiedSnapshotWarning(UserWarning):
     """A snapshot written before checksums existed was loaded without verification."""
 
 
-def snapshot_tensors(bank: EMABank) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the JSON state of a snapshot of ``bank``."""
+def snapshot_tensors(bank: EMABank, *, dtype: torch.dtype | None = None,
+                     decays: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the JSON state of a snapshot of ``bank``.
+
+    ``dtype``: store the bank rows (``bank``, and BEMA's ``theta0``) in this floating dtype instead
+    of float32 (``load_snapshot`` reads them back as float32). ``decays``: keep only these decays'
+    rows (a subset of the bank's; BEMA is dropped): the snapshot is then the state of a smaller
+    bank holding just those decays, readable like any other.
+    """
     sd = bank.state_dict()
+    if decays is not None:
+        keep = [float(d) for d in decays]
+        missing = [d for d in keep if d not in bank.decays]
+        if missing or not keep:
+            raise ValueError(f"decays {missing or keep} are not a non-empty subset of the bank's {list(bank.decays)}")
+        rows = [bank.decays.index(d) for d in keep]
+        sd.update(decays=keep, bank=sd["bank"][rows].contiguous(), bc_pow=sd["bc_pow"][rows].contiguous(),
+                  bema=None)
+        sd.pop("theta0", None)
+    if dtype is not None and dtype != torch.float32:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"snapshot dtype must be a floating torch.dtype, got {dtype!r}")
+        sd["bank"] = sd["bank"].to(dtype)
+        if "theta0" in sd:
+            sd["theta0"] = sd["theta0"].to(dtype)
     tensors: dict[str, torch.Tensor] = {"bank": sd["bank"], "applied": sd["applied"].reshape(1),
                                         "bc_pow": sd["bc_pow"]}
     if "theta0" in sd:
@@ -139,15 +161,18 @@ def _digest(metadata: dict[str, str], names: list[str], get: Callable[[str], tor
     return "sha256:" + h.hexdigest()
 
 
-def save_snapshot(bank: EMABank, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> int:
+def save_snapshot(bank: EMABank, path: str | os.PathLike, metadata: dict[str, str] | None = None, *,
+                  dtype: torch.dtype | None = None, decays: Any = None) -> int:
     """Write ``bank``'s whole state (bank rows + live weights) to ``path`` (.safetensors, atomic).
 
-    ``metadata``: extra string keys (e.g. ``run_id``, ``step``). The metadata key
+    ``metadata``: extra string keys (e.g. ``run_id``, ``step``). ``dtype`` / ``decays``: store the
+    rows in a smaller floating dtype / only some decays' rows (see :func:`snapshot_tensors`; stage
+    and lead-in snapshots use them). The metadata key
     :data:`~emascope.runformat.SNAPSHOT_CHECKSUM_KEY` holds :func:`snapshot_checksum` of what is
     written, verified by :func:`load_snapshot`. Returns the file size in bytes.
     """
     meta = _check_metadata(metadata)
-    tensors, state = snapshot_tensors(bank)
+    tensors, state = snapshot_tensors(bank, dtype=dtype, decays=decays)
     meta[rf.SNAPSHOT_META_KEY] = json.dumps(state, allow_nan=False, separators=(",", ":"))
     owned = _own_all(tensors)
     meta[rf.SNAPSHOT_CHECKSUM_KEY] = snapshot_checksum(owned, meta)
@@ -182,12 +207,20 @@ def _int(state: dict[str, Any], key: str, minimum: int = 0) -> int:
     return v
 
 
-def _expect(infos: dict[str, tuple[str, tuple[int, ...]]], name: str, dtype: str, shape: tuple[int, ...]) -> None:
+#: safetensors dtypes of the bank rows (``bank``, ``theta0``): float32, or a stage snapshot's
+#: reduced-precision storage (``stage_snapshot_dtype``).
+_ROW_DTYPES = ("F32", "F16", "BF16")
+
+
+def _expect(infos: dict[str, tuple[str, tuple[int, ...]]], name: str, dtype: str | tuple[str, ...],
+            shape: tuple[int, ...]) -> None:
     got = infos.get(name)
     if got is None:
         raise ValueError(f"tensor {name!r} is missing")
-    if got != (dtype, shape):
-        raise ValueError(f"tensor {name!r} is {got[0]} {list(got[1])}, the snapshot state says {dtype} {list(shape)}")
+    dtypes = (dtype,) if isinstance(dtype, str) else dtype
+    if got[0] not in dtypes or got[1] != shape:
+        want = dtypes[0] if len(dtypes) == 1 else "/".join(dtypes)
+        raise ValueError(f"tensor {name!r} is {got[0]} {list(got[1])}, the snapshot state says {want} {list(shape)}")
 
 
 def validate_snapshot_header(state: Any, infos: dict[str, tuple[str, tuple[int, ...]]]) -> None:
@@ -197,10 +230,11 @@ def validate_snapshot_header(state: Any, infos: dict[str, tuple[str, tuple[int, 
     ``infos`` maps each tensor name to its (safetensors dtype, shape) as the file's header states
     them (safetensors has checked those against the file's length). Checked: at most
     :data:`~emascope.runformat.MAX_DECAYS` decays; ``bank`` is F32 ``[R, numel]`` with R the
-    decays (+1 for BEMA); ``applied``, ``bc_pow`` and ``theta0`` have their shapes; every layout
-    entry has a ``live/<name>`` tensor of its shape and dtype; averaged entries tile
-    ``[0, numel)`` in order; no other tensor is present. So a crafted header cannot make a load
-    allocate more than a few times the file's own size.
+    decays (+1 for BEMA; F16/BF16 in a reduced-precision stage snapshot, as is ``theta0``);
+    ``applied``, ``bc_pow`` and ``theta0`` have their shapes; every layout entry has a
+    ``live/<name>`` tensor of its shape and dtype; averaged entries tile ``[0, numel)`` in order;
+    no other tensor is present. So a crafted header cannot make a load allocate more than a few
+    times the file's own size.
     """
     if not isinstance(state, dict):
         raise ValueError(f"the snapshot state is {type(state).__name__}, not a JSON object")
@@ -216,12 +250,12 @@ def validate_snapshot_header(state: Any, infos: dict[str, tuple[str, tuple[int, 
         _int(state, key, 1 if key == "update_every" else 0)
     k = len(decays)
     rows = k + (1 if bema is not None else 0)
-    _expect(infos, "bank", "F32", (rows, numel))
+    _expect(infos, "bank", _ROW_DTYPES, (rows, numel))
     _expect(infos, "applied", "I64", (1,))
     _expect(infos, "bc_pow", "F64", (k,))
     expected = {"bank", "applied", "bc_pow"}
     if bema is not None:
-        _expect(infos, "theta0", "F32", (numel,))
+        _expect(infos, "theta0", _ROW_DTYPES, (numel,))
         expected.add("theta0")
     layout = state.get("layout")
     if not isinstance(layout, list) or not layout:
@@ -336,10 +370,10 @@ def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | No
     try:
         state = dict(state)
         state["applied"] = tensors["applied"].reshape(())
-        state["bank"] = tensors["bank"]
+        state["bank"] = tensors["bank"].float()  # stage snapshots may store bf16/fp16 rows
         state["bc_pow"] = tensors["bc_pow"]
         if "theta0" in tensors:
-            state["theta0"] = tensors["theta0"]
+            state["theta0"] = tensors["theta0"].float()
         live = {k[len(_LIVE):]: t for k, t in tensors.items() if k.startswith(_LIVE)}
         return EMABank.from_state(state, live)
     except (KeyError, TypeError, AttributeError, OverflowError) as exc:

@@ -16,13 +16,14 @@ values are recorded. Rank 0 computes the metrics and writes; the other ranks wri
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from emascope import estimates as E
+from emascope import metrics as M
 from emascope import runformat as rf
 from emascope.collectives import all_gather_json, gather_rows, rank_world
 from emascope.config import ScoringConfig
@@ -152,13 +153,15 @@ def run_sweep_ranks(*, model: nn.Module, bank: Any, variants: list[str], step: i
                     cfg: ScoringConfig, sampler: Sampler | None, extractor: Any, reference: Reference | None,
                     evaluate: Evaluate | None, sample_metrics: SampleMetrics | None, fd_name: str,
                     group: Any = None, collective_sampler: bool = False,
-                    extractor_error: BaseException | None = None, prior_errors: int = 0) -> SweepResult | None:
+                    extractor_error: BaseException | None = None, prior_errors: int = 0,
+                    directions: Mapping[str, str | None] | None = None) -> SweepResult | None:
     """Score ``variants`` with every rank of ``group`` drawing its share (see the module docstring).
     Called on every rank, in the same order; ``writer``, ``reference`` (and the metrics) are rank
     0's. Returns the :class:`SweepResult` on rank 0, ``None`` elsewhere. Never raises on rank 0 for
     a sampler/extractor/metric failure (recorded as events, naming the rank). ``extractor_error``:
     this rank could not build the extractor rank 0 uses (its features then count as failed).
-    ``prior_errors``: rank 0's failures of this sweep before it (building the reference)."""
+    ``prior_errors``: rank 0's failures of this sweep before it (building the reference).
+    ``directions``: the metrics' directions for the ``comparison`` event (as in the one-process sweep)."""
     me, world = rank_world(group)
     res = SweepResult(step=step, errors=int(prior_errors))
     res.timings["gather"] = 0.0
@@ -217,6 +220,18 @@ def run_sweep_ranks(*, model: nn.Module, bank: Any, variants: list[str], step: i
                      done=variants.index(variant) + 1, total=len(variants))
     if writer is None:
         return None
+    if halves is not None:  # the paired comparisons, as the one-process sweep writes them
+        t = time.perf_counter()
+        try:
+            compared = E.comparison_metrics(res.estimates, {**M.METRIC_DIRECTIONS, **(directions or {})},
+                                            cfg.confidence_level)
+            if compared:
+                writer.event(rf.EVENT_COMPARISON, step, level=cfg.confidence_level, method="half_sample",
+                             replicates=cfg.bootstrap_replicates, metrics=compared, scorer=rf.SCORER_INLINE)
+        except Exception as exc:  # noqa: BLE001
+            res.errors += 1
+            writer.error("uncertainty", step, exc)
+        res.timings["uncertainty"] = res.timings.get("uncertainty", 0.0) + time.perf_counter() - t
     res.seconds = time.perf_counter() - t_start
     writer.event("score_done", step, seconds=res.seconds, timings=dict(res.timings),
                  num_samples=res.num_samples, errors=res.errors, world_size=world, scorer=rf.SCORER_INLINE)

@@ -206,7 +206,7 @@ def status_panel(run: RunData) -> None:
     beat = finite_or_none(hb.get("time"))
     age = f" · heartbeat {_fmt_age(now - beat)}" if beat is not None else ""
     last = run.last_step()
-    done = run.events_of("score_done")
+    done = [e for e in run.events_of("score_done") if not e.get("synthesized")]
     secs = [x for e in done if (x := finite_or_none(e.get("seconds"))) is not None]
     errors = run.events_of("error")
     skips = [x for e in run.events_of("nonfinite_skip") if (x := valid_step(e.get("count"))) is not None]
@@ -328,6 +328,22 @@ def samples_view(run: RunData, stage: int | None) -> None:
                 st.caption(f"{v}: preview not readable yet")
 
 
+def search_caption(run: RunData, metric: str) -> None:
+    """One line on the last search between grid decays for ``metric`` (``search_evals``)."""
+    found = [e for e in run.events_of("search") if e.get("metric") == metric]
+    if not found:
+        return
+    e = found[-1]
+    best = e.get("best_decay")
+    where = "a grid decay" if e.get("best_is_grid") else "synthesised post hoc"
+    evaluated = e.get("evaluated")
+    n = len(evaluated) if isinstance(evaluated, list) else 0
+    st.caption(short_text(
+        f"Search between grid decays at step {valid_step(e.get('step'))}: best {metric} at decay {best!r} "
+        f"({where}; {n} synthesised decays scored, open circles); stopped: {e.get('stopped')}.", 1000
+    ))
+
+
 def _run_labels(root: Path, runs: list[Path]) -> dict[str, str]:
     return {str(p): (str(p.relative_to(root)) if p != root else p.name) for p in runs}
 
@@ -412,18 +428,46 @@ def export_view(run: RunData) -> None:
         st.info("No variants known yet.")
         return
     live = run.state() == "live"
-    c1, c2, c3 = st.columns([1, 2, 1])
-    default = ranking.recommend(
-        run.metrics, run.directions, st.session_state.get("metric") or ""
-    ).best_variant
-    if st.session_state.get("export_variant") not in variants:
-        st.session_state["export_variant"] = default if default in variants else variants[-1]
-    variant = c1.selectbox("Variant", variants, key="export_variant")
-    name = c2.text_input(
-        "File name (inside the run's exports/)",
-        value=exporting.default_name(variant),
-        key=f"export_name_{variant}",
+    mode = st.radio(
+        "Export",
+        ["a variant of the bank", "any decay (synthesised post hoc)"],
+        horizontal=True,
+        key="export_mode",
+        help="Any decay is built from the run's bank snapshots by least squares on the averaging profiles; "
+        "its measured error is shown before exporting (docs/synthesis.md).",
     )
+    decay = None
+    force = False
+    if mode == "a variant of the bank":
+        c1, c2, c3 = st.columns([1, 2, 1])
+        default = ranking.recommend(
+            run.metrics, run.directions, st.session_state.get("metric") or ""
+        ).best_variant
+        if st.session_state.get("export_variant") not in variants:
+            st.session_state["export_variant"] = default if default in variants else variants[-1]
+        variant = c1.selectbox("Variant", variants, key="export_variant")
+        name = c2.text_input(
+            "File name (inside the run's exports/)",
+            value=exporting.default_name(variant),
+            key=f"export_name_{variant}",
+        )
+    else:
+        c1, c2, c3 = st.columns([1, 2, 1])
+        decay = synthesis_input(run, c1)
+        if decay is None:
+            return
+        variant = rf.synthesized_name(decay, None)
+        name = c2.text_input(
+            "File name (inside the run's exports/)",
+            value=rf.default_synthesized_export_name(decay, None),
+            key=f"export_name_synth_{variant}",
+        )
+        report = synthesis_error(run, decay)
+        if report is None:
+            return
+        force = bool(report.get("refused")) and st.checkbox(
+            "Export anyway (the error above is large)", key="export_force"
+        )
     dtype = c3.selectbox("dtype", ["model dtype", "float32"], key="export_dtype")
     dtype = None if dtype == "model dtype" else dtype
     overwrite = False
@@ -435,14 +479,18 @@ def export_view(run: RunData) -> None:
         st.warning(f"`{rf.export_file(existing.stem)}` already exists. Exporting again replaces it: "
                    "tick the box to confirm.")
         overwrite = st.checkbox(f"Overwrite {existing.name}", value=False, key=f"export_overwrite_{existing.name}")
-    how = "ask the live agent" if live else "from banks/latest.safetensors"
+    how = "ask the live agent" if live else (
+        "from the bank snapshots" if decay is not None else "from banks/latest.safetensors"
+    )
     if st.button(f"Export ({how})", type="primary", key="export_button"):
         try:
             if live:
-                rid = exporting.request_export(run.path, variant, name, dtype, overwrite=overwrite)
+                rid = exporting.request_export(run.path, variant, name, dtype, decay=decay, force=force,
+                                               overwrite=overwrite)
                 st.session_state["export_request"] = (str(run.path), rid)
             else:
-                out = exporting.export_from_snapshot(run.path, variant, name, dtype, overwrite=overwrite)
+                out = exporting.export_from_snapshot(run.path, variant, name, dtype, decay=decay, force=force,
+                                                     overwrite=overwrite)
                 st.session_state["export_done"] = (str(run.path), str(out))
         except exporting.ExportExists as exc:
             st.error(f"Export refused: {exc}; tick **Overwrite** to replace it.")
@@ -466,6 +514,10 @@ def export_view(run: RunData) -> None:
                 f"Exported **{short_text(status.get('variant'), 40)}** at step {valid_step(status.get('step'))}: "
                 f"`{p}` ({size / 1e6:.2f} MB)"
             )
+            synth = status.get("synthesis")
+            if isinstance(synth, dict):
+                st.caption(f"Synthesised: profile residual {_fmt_err(synth.get('profile_residual'))}, "
+                           f"predicted weight error {_fmt_err(synth.get('predicted_error'))}")
         else:
             st.error(f"The agent could not export: {short_text(status.get('error'))}")
     done = st.session_state.get("export_done")
@@ -477,6 +529,59 @@ def export_view(run: RunData) -> None:
             "Checkpoints in exports/: "
             + ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.2f} MB)" for p in exports if p.exists())
         )
+
+
+def _fmt_err(x: object) -> str:
+    return f"{x:.2e}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
+
+
+def synthesis_input(run: RunData, box) -> float | None:
+    """A decay typed by the user (any value in (0, 1)); ``None`` when the run has nothing to
+    synthesise from."""
+    if not exporting.can_synthesize(run.path):
+        st.info("This run has no bank snapshot yet: nothing to synthesise from.")
+        return None
+    decays = [d for d in ((run.info or {}).get("decays") or []) if isinstance(d, (int, float))]
+    default = max(decays) if decays else 0.999
+    rec = ranking.recommend(run.metrics, run.directions, st.session_state.get("metric") or "").best_variant
+    if rf.decay_of(rec) is not None:
+        default = rf.decay_of(rec)
+    if not isinstance(st.session_state.get("export_decay"), float):
+        st.session_state["export_decay"] = float(default)
+    return float(box.number_input(
+        "Decay (any value in (0, 1))",
+        min_value=1e-6,
+        max_value=1.0 - 1e-9,
+        step=1e-4,
+        format="%.7f",
+        key="export_decay",
+        help="The decay d of ema <- d ema + (1 - d) theta, also one between the bank's decays.",
+    ))
+
+
+def synthesis_error(run: RunData, decay: float) -> dict | None:
+    """Compute and show the predicted error of synthesising ``decay`` (before exporting)."""
+    try:
+        with st.spinner("Measuring the synthesis error (leave-one-out over the bank snapshots, once per stage)…"):
+            report = exporting.synthesis_preview(run.path, decay)
+    except Exception as exc:  # no snapshots, unreadable files: say so, never crash the page
+        st.warning(f"Cannot synthesise decay {decay!r}: {short_text(exc)}")
+        return None
+    text = (
+        f"**Decay {decay!r} at step {report.get('step')}**: profile residual "
+        f"{_fmt_err(report.get('profile_residual'))} (snapping to the nearest bank decay "
+        f"{report.get('nearest', {}).get('variant')}: {_fmt_err(report.get('nearest', {}).get('profile_residual'))}); "
+        f"predicted weight-space error {_fmt_err(report.get('predicted_error'))} "
+        f"(bound {_fmt_err(report.get('error_bound'))}), from {len(report.get('snapshots') or [])} snapshots, "
+        f"condition number {_fmt_err(report.get('condition_number'))}."
+    )
+    if report.get("refused"):
+        st.error(text + " The snapshots cannot represent this decay: " + short_text(report["refused"]))
+    else:
+        st.info(text)
+    for w in report.get("warnings") or []:
+        st.caption(f"⚠️ {w}")
+    return report
 
 
 def significant_flips(comp) -> list[tuple[int, str, str]]:
@@ -647,10 +752,11 @@ def draw_run(root: Path, runs: list[Path], run: RunData, controls) -> None:
         log_y = log_y_toggle(run, metric)
         st.plotly_chart(
             plots.metric_vs_decay(run.metrics, metric, direction, max_lines=max_lines,
-                                  floor=unc.floor_of(metric), log_y=log_y),
+                                  floor=unc.floor_of(metric), log_y=log_y, synthesized=run.synthesized),
             width="stretch",
             key="vs_decay",
         )
+        search_caption(run, metric)
     with tabs[1], guarded("This view could not be drawn"):
         st.plotly_chart(plots.heatmap(run.metrics, metric, direction, comparisons=unc.comparisons),
                         width="stretch", key="heatmap")

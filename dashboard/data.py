@@ -50,6 +50,8 @@ from emascope.runformat import FormatVersionError, check_format_version  # noqa:
 #: Columns of the metrics frame: the record keys, then the optional interval fields (NaN when a
 #: record has none: runs written before them, metrics without an interval).
 METRIC_COLUMNS = list(rf.METRIC_KEYS) + list(rf.METRIC_INTERVAL_KEYS)
+#: Columns of :attr:`RunData.synthesized`: the record keys plus the synthesis's measured error.
+SYNTH_COLUMNS = [*rf.METRIC_KEYS, "profile_residual", "predicted_error", "error_bound"]
 _PREFIX_CHECK = 64  # bytes before the read offset compared to detect a rewritten file
 _CHUNK = 4 * 1024 * 1024  # JSONL files are read in chunks of this many bytes
 _SKIP_DIRS = {*rf.SUBDIRS, "__pycache__", "node_modules"}
@@ -376,11 +378,15 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
     range), ``decay`` is the variant's decay (NaN for raw/bema). A repeated (step, variant,
     metric) keeps the last one. The optional ``se``, ``lo``, ``hi``, ``n`` are float columns, NaN
     when absent or not finite.
+    Records scored on synthesised decays (a ``synthesized`` field) are left out (see
+    :func:`synthesized_records_to_frame`).
     """
     rows = []
     invalid = 0
     variants: dict[str, tuple[str | None, float | None]] = {}
     for r in records:
+        if rf.SYNTHESIZED in r:
+            continue  # scored on synthesised weights: synthesized_records_to_frame
         step, metric = r.get("step"), r.get("metric")
         variant, decay = _variant_or_none(r.get("variant"), variants)
         if (
@@ -409,6 +415,34 @@ def metric_records_to_frame(records: Iterable[dict[str, Any]]) -> tuple[pd.DataF
     if len(frame):
         frame = frame.drop_duplicates(["step", "variant", "metric"], keep="last").reset_index(drop=True)
     return frame, invalid
+
+
+def synthesized_records_to_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """The metric records scored on weights synthesised post hoc (docs/synthesis.md), with their
+    error (:data:`SYNTH_COLUMNS`); invalid ones are skipped (the same checks as
+    :func:`metric_records_to_frame`; a decay is required). These are kept out of the main frame:
+    the grid's ranking stays the grid's, the dashboard draws them apart."""
+    rows = []
+    variants: dict[str, tuple[str | None, float | None]] = {}
+    for r in records:
+        mark = r.get(rf.SYNTHESIZED)
+        if not isinstance(mark, dict):
+            continue
+        step, metric = r.get("step"), r.get("metric")
+        variant, decay = _variant_or_none(r.get("variant"), variants)
+        if (type(step) is not int or not 0 <= step <= MAX_STEP or variant is None  # noqa: E721
+                or decay is None or not isinstance(metric, str) or not 0 < len(metric) <= MAX_METRIC_NAME):
+            continue
+        rows.append((step, variant, decay, metric, _finite_or_none(r.get("value")), _finite_or_none(r.get("time")),
+                     _finite_or_none(mark.get("profile_residual")), _finite_or_none(mark.get("predicted_error")),
+                     _finite_or_none(mark.get("error_bound"))))
+    frame = pd.DataFrame(rows, columns=SYNTH_COLUMNS)
+    frame = frame.astype({"step": "int64", "variant": "object", "decay": "float64", "metric": "object",
+                          "value": "float64", "time": "float64", "profile_residual": "float64",
+                          "predicted_error": "float64", "error_bound": "float64"})
+    if len(frame):
+        frame = frame.drop_duplicates(["step", "variant", "metric"], keep="last").reset_index(drop=True)
+    return frame
 
 
 #: Distinct variants and metric names of one run the dashboard keeps (a bank holds a few dozen).
@@ -480,6 +514,8 @@ class RunData:
     bad_lines: dict[str, int] = field(default_factory=dict)  # per file: skipped lines/records
     torn_tail: dict[str, bool] = field(default_factory=dict)
     file_errors: dict[str, str] = field(default_factory=dict)  # per file: refused or cut short, and why
+    #: metric records scored on synthesised decays (:func:`synthesized_records_to_frame`)
+    synthesized: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SYNTH_COLUMNS))
 
     @property
     def name(self) -> str:
@@ -556,6 +592,7 @@ class RunReader:
         self._metrics = JsonlReader(base / rf.METRICS, self.root)
         self._events = JsonlReader(base / rf.EVENTS, self.root)
         self._frame = pd.DataFrame(columns=METRIC_COLUMNS)
+        self._synth = pd.DataFrame(columns=SYNTH_COLUMNS)
         self._invalid = 0
         self._capped: str | None = None
         self._lock = threading.Lock()
@@ -593,6 +630,7 @@ class RunReader:
             if error is None and self._metrics.read():
                 frame, self._invalid = metric_records_to_frame(self._metrics.records)
                 self._frame, self._capped = cap_frame(frame, info.get("variants"))
+                self._synth = synthesized_records_to_frame(self._metrics.records)
                 self.frame_builds += 1
             return RunData(
                 path=self.path,
@@ -607,6 +645,7 @@ class RunReader:
                 },
                 torn_tail={rf.METRICS: self._metrics.torn_tail, rf.EVENTS: self._events.torn_tail},
                 file_errors=self._file_errors(),
+                synthesized=self._synth if error is None else pd.DataFrame(columns=SYNTH_COLUMNS),
             )
 
 

@@ -13,7 +13,13 @@ name with the one shared check (:func:`emascope.runformat.validate_export_name`)
 and checks containment, raising ValueError otherwise. An existing checkpoint is never replaced
 unless the caller says ``overwrite=True`` (the page asks for a confirmation first): without it
 :func:`export_from_snapshot` raises :class:`ExportExists` before starting anything, and a live
-request goes out with ``"overwrite": false``, which the agent refuses for an existing file.
+request goes out with ``"overwrite": false``, which the agent refuses for an existing file. The
+same rule holds for synthesised exports.
+
+Any decay (docs/synthesis.md): :func:`synthesis_preview` computes the error report of a decay the
+bank does not hold (torch-free, :mod:`emascope.synthesis`) *before* anything is exported; the
+export itself is a request naming ``decay`` (live run) or ``emascope export --decay`` in a child
+process (finished run).
 """
 
 from __future__ import annotations
@@ -72,20 +78,63 @@ def existing_export(run_dir: str | os.PathLike, name: str) -> Path | None:
     return target if os.path.lexists(target) else None
 
 
-def request_export(run_dir: str | os.PathLike, variant: str, name: str, dtype: str | None = None, *,
-                   overwrite: bool = False) -> str:
+def request_export(run_dir: str | os.PathLike, variant: str | None, name: str, dtype: str | None = None, *,
+                   decay: float | None = None, force: bool = False, overwrite: bool = False) -> str:
     """Ask a live agent for a checkpoint: write ``requests/<id>.json`` atomically; returns the id.
 
+    ``decay``: any decay in (0, 1), synthesised by the agent if the bank does not hold it
+    (``variant`` is then ignored); ``force``: write it even when its error is large.
     ``overwrite=False`` raises :class:`ExportExists` when the target exists already (the agent
     would refuse it too: it checks again when it fulfils the request).
     """
     target = export_path(run_dir, name)
+    if decay is not None:
+        d, _ = rf.check_synthesis_target(decay, None)
+    else:
+        variant = rf.parse_variant(variant)
+    dtype = rf.validate_export_dtype(dtype)
     if not overwrite and os.path.lexists(target):
         raise ExportExists(f"{rf.export_file(target.stem)} already exists")
-    request = rf.ExportRequest(id=new_request_id(), variant=rf.parse_variant(variant), name=target.stem,
-                               dtype=rf.validate_export_dtype(dtype), overwrite=bool(overwrite))
+    if decay is not None:
+        request = rf.ExportRequest(id=new_request_id(), variant=rf.synthesized_name(d, None), name=target.stem,
+                                   dtype=dtype, overwrite=bool(overwrite), decay=d, force=bool(force))
+    else:
+        request = rf.ExportRequest(id=new_request_id(), variant=variant, name=target.stem, dtype=dtype,
+                                   overwrite=bool(overwrite))
     atomic_write_json(Path(run_dir) / rf.request_file(request.id), rf.request_body(request, time.time()))
     return request.id
+
+
+def synthesis_preview(run_dir: str | os.PathLike, decay: float) -> dict[str, Any]:
+    """The error report of synthesising ``decay`` from the run's snapshots, without exporting:
+    :meth:`emascope.synthesis.SynthesisReport.as_json`, plus ``refused`` (the message) when the
+    snapshots cannot represent it. Computes the leave-one-out calibration once (cached in
+    ``banks/synthesis.json``). Raises :class:`emascope.synthesis.SynthesisError` when there is
+    nothing to synthesise from."""
+    from emascope.synthesis import SynthesisError, Target, close_all, open_snapshots, plan_synthesis
+
+    snaps = open_snapshots(run_dir)
+    try:
+        try:
+            plan = plan_synthesis(run_dir, Target(decay=float(decay)), snaps=snaps)
+            return plan.report.as_json()
+        except SynthesisError as exc:
+            if "refused" not in str(exc):
+                raise
+            plan = plan_synthesis(run_dir, Target(decay=float(decay)), snaps=snaps, force=True)
+            return {**plan.report.as_json(), "refused": str(exc)}
+    finally:
+        close_all(snaps)
+
+
+def can_synthesize(run_dir: str | os.PathLike) -> bool:
+    """Whether the run has a bank snapshot to synthesise from (a cheap file check)."""
+    banks = Path(run_dir) / rf.BANKS
+    try:
+        return any(rf.parse_stage_snapshot_name(p.name) is not None for p in banks.iterdir()) or \
+            (Path(run_dir) / rf.SNAPSHOT).is_file()
+    except OSError:
+        return False
 
 
 def export_status(run_dir: str | os.PathLike, request_id: str) -> dict[str, Any] | None:
@@ -125,31 +174,45 @@ def list_exports(run_dir: str | os.PathLike) -> list[Path]:
         return []
 
 
-def export_command(run_dir: str | os.PathLike, variant: str, out: Path, dtype: str | None) -> list[str]:
-    """The ``emascope export`` command line run in a child process (pure; tested)."""
-    cmd = [sys.executable, "-m", "emascope.cli", "export", str(run_dir), "--variant", variant, "--out", str(out)]
+def export_command(run_dir: str | os.PathLike, variant: str | None, out: Path, dtype: str | None, *,
+                   decay: float | None = None, force: bool = False) -> list[str]:
+    """The ``emascope export`` command line run in a child process (pure; tested): ``--variant V``,
+    or ``--decay D`` (synthesised, ``--force`` to accept a large error)."""
+    what = ["--decay", repr(float(decay))] + (["--force"] if force else []) if decay is not None \
+        else ["--variant", str(variant)]
+    cmd = [sys.executable, "-m", "emascope.cli", "export", str(run_dir), *what, "--out", str(out)]
     return cmd + (["--dtype", dtype] if dtype else [])
 
 
-def export_from_snapshot(run_dir: str | os.PathLike, variant: str, name: str, dtype: str | None = None, *,
-                         overwrite: bool = False) -> Path:
+def export_from_snapshot(run_dir: str | os.PathLike, variant: str | None, name: str, dtype: str | None = None, *,
+                         decay: float | None = None, force: bool = False, overwrite: bool = False) -> Path:
     """Rebuild ``variant`` from the latest bank snapshot (``banks/latest.safetensors`` or a sharded
-    run's ``banks/latest.index.json``) into ``exports/<name>.safetensors``.
+    run's ``banks/latest.index.json``) into ``exports/<name>.safetensors``, or synthesise ``decay``
+    from the run's snapshots (docs/synthesis.md; not from a sharded run's).
 
     Runs ``emascope export`` in a child process (torch is imported there, never here). Raises
     ValueError for a bad name/variant/dtype, :class:`ExportExists` when the target exists and
     ``overwrite`` is False, FileNotFoundError when there is no snapshot, and RuntimeError with the
-    command's own message when the export fails.
+    command's own message when the export fails (or a synthesis is refused).
     """
-    variant = rf.parse_variant(variant)
+    if decay is not None:
+        decay, _ = rf.check_synthesis_target(decay, None)
+    else:
+        variant = rf.parse_variant(variant)
     out = export_path(run_dir, name)
     rf.validate_export_dtype(dtype)
     if not overwrite and os.path.lexists(out):
         raise ExportExists(f"{rf.export_file(out.stem)} already exists")
-    if not any((Path(run_dir) / rel).is_file() for rel in rf.LATEST_SNAPSHOTS):
+    if decay is not None and not can_synthesize(run_dir):
+        if (Path(run_dir) / rf.SNAPSHOT_INDEX).is_file():
+            raise FileNotFoundError("this run's bank is sharded: post-hoc synthesis reads one-process stage "
+                                    "snapshots only (export a decay the bank holds)")
+        raise FileNotFoundError(f"no bank snapshot at {Path(run_dir) / rf.SNAPSHOT} to synthesise from")
+    if decay is None and not any((Path(run_dir) / rel).is_file() for rel in rf.LATEST_SNAPSHOTS):
         raise FileNotFoundError(f"no bank snapshot at {Path(run_dir) / rf.SNAPSHOT} (nor a sharded one)")
     try:
-        done = subprocess.run(export_command(run_dir, variant, out, dtype), capture_output=True, text=True,
+        done = subprocess.run(export_command(run_dir, variant, out, dtype, decay=decay, force=force),
+                              capture_output=True, text=True,
                               timeout=EXPORT_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"emascope export took more than {EXPORT_TIMEOUT_S:.0f} s and was stopped") from None

@@ -181,6 +181,7 @@ def metric_vs_decay(
     *,
     floor: Floor | None = None,
     log_y: bool = False,
+    synthesized: pd.DataFrame | None = None,
 ) -> go.Figure:
     """View 1: metric vs decay, one line per stage (ordered colours), best point of each stage starred.
 
@@ -189,6 +190,9 @@ def metric_vs_decay(
     With recorded intervals every point has its error bar (stages offset a little apart so bars do
     not hide each other); ``floor`` draws the metric's noise floor; ``log_y`` a log y axis (only when
     :func:`log_scale_possible`; otherwise the axis stays linear and the title says why).
+    ``synthesized``: decays scored on weights synthesised post hoc (dashboard/data.py's
+    ``RunData.synthesized``), drawn as open circles in their stage's colour, apart from the lines,
+    with their synthesis error in the hover (docs/synthesis.md).
     """
     table = metric_table(metrics, metric)
     if table.empty:
@@ -231,6 +235,7 @@ def metric_vs_decay(
             best_x.append(pos[b] + dx)
             best_y.append(val)
             best_text.append(f"best at {name}: {b} ({format_value(val)})")
+    _add_synthesized(fig, synthesized, metric, list(table.index), colors, pos)
     if best_x:
         fig.add_trace(
             go.Scatter(
@@ -270,6 +275,51 @@ def metric_vs_decay(
         legend=dict(title="stage"),
     )
     return fig
+
+
+def synthesized_positions(decays: Sequence[float], pos: Mapping[str, float]) -> np.ndarray:
+    """x positions of decays the bank does not hold on the decay axis of :func:`decay_positions`:
+    interpolated in ``log(1 - decay)`` between the neighbouring grid decays' positions, extended
+    beyond the grid by the end segments' spacing (at most half a step past the end)."""
+    grid = sorted((d, x) for v, x in pos.items() if (d := decay_of(v)) is not None)
+    g = -np.log1p(-np.asarray(decays, dtype=float))
+    if not grid:
+        return np.ones_like(g)
+    gx = -np.log1p(-np.array([d for d, _ in grid]))
+    px = np.array([x for _, x in grid])
+    out = np.interp(g, gx, px)
+    if len(grid) > 1:
+        lo_slope = (px[1] - px[0]) / max(gx[1] - gx[0], 1e-12)
+        hi_slope = (px[-1] - px[-2]) / max(gx[-1] - gx[-2], 1e-12)
+        out = np.where(g < gx[0], np.maximum(px[0] - 0.5, px[0] + (g - gx[0]) * lo_slope), out)
+        out = np.where(g > gx[-1], np.minimum(px[-1] + 0.5, px[-1] + (g - gx[-1]) * hi_slope), out)
+    return out
+
+
+def _add_synthesized(fig: go.Figure, synthesized: pd.DataFrame | None, metric: str, steps: list[int],
+                     colors: Mapping[int, str], pos: Mapping[str, float]) -> None:
+    """Open circles for the synthesised decays of the drawn stages (one legend entry for all), placed
+    between the grid decays they lie between (:func:`synthesized_positions`)."""
+    if synthesized is None or synthesized.empty:
+        return
+    rows = synthesized[(synthesized["metric"] == metric) & synthesized["step"].isin(steps)]
+    rows = rows[np.isfinite(rows["value"].to_numpy(dtype=float)) & (rows["decay"] < 1.0)]
+    if rows.empty:
+        return
+    rows = rows.sort_values(["step", "decay"])
+
+    def err(x: float) -> str:
+        return "n/a" if not np.isfinite(x) else f"{x:.1e}"
+
+    text = [f"step {format_step(int(r.step))}<br>decay {r.variant} (synthesised post hoc)<br>{metric} "
+            f"{format_value(r.value)}<br>profile residual {err(r.profile_residual)}, predicted weight error "
+            f"{err(r.predicted_error)}" for r in rows.itertuples()]
+    fig.add_trace(go.Scatter(
+        x=synthesized_positions(rows["decay"].to_numpy(dtype=float), pos), y=rows["value"].to_numpy(),
+        mode="markers",
+        name="synthesised decays", text=text, hovertemplate="%{text}<extra></extra>",
+        marker=dict(symbol="circle-open", size=13, line=dict(width=2.5),
+                    color=[colors.get(int(s), "#444") for s in rows["step"]])))
 
 
 def heatmap(

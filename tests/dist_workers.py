@@ -79,6 +79,10 @@ def agent_worker(rank: int, world: int, tmp: str, mode: str) -> None:
                 attach(model, opt, run_dir=f"{tmp}/external", scoring="external", **agent_hooks(), **AGENT_KW)
             except ValueError as exc:
                 out["external_refused"] = "scoring='external'" in str(exc) and not os.path.exists(f"{tmp}/external")
+            try:  # post-hoc synthesis reads one-process stage snapshots: its search is refused alike
+                attach(model, opt, run_dir=f"{tmp}/search", search_evals=2, **agent_hooks(), **AGENT_KW)
+            except ValueError as exc:
+                out["search_refused"] = "search_evals" in str(exc) and not os.path.exists(f"{tmp}/search")
         if sharded or rank == 0:
             scope = attach(model, opt, run_dir=f"{tmp}/run", shard=None if sharded else False, **agent_hooks(),
                            **AGENT_KW)
@@ -86,6 +90,9 @@ def agent_worker(rank: int, world: int, tmp: str, mode: str) -> None:
             if rank == 0:  # a dashboard export request: served at the next snapshot step
                 req = rf.ExportRequest("req1", "0.9", "from-dashboard", None)
                 atomic_write_json(scope.run_dir / rf.request_file("req1"), rf.request_body(req, 0.0))
+                if sharded:  # a synthesised decay: refused with its reason (no stage snapshots), no collective
+                    syn = rf.parse_request({"id": "req2", "decay": 0.9996, "name": "synth"}, stem="req2")
+                    atomic_write_json(scope.run_dir / rf.request_file("req2"), rf.request_body(syn, 0.0))
         own = EMABank(model, DECAYS, shard=False)  # an independent whole bank of this rank's replica
         for _ in range(STEPS):
             train_step(model, opt, data, g)

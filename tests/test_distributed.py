@@ -68,6 +68,10 @@ def _check_same_as_one_process(run_dir, tmp_path, step, **cfg):
     got = _metrics(run_dir, step)
     want = {(v, m): val for v, scores in res.scores.items() for m, val in scores.items()}
     assert len(want) == len(DECAYS + ("raw",)) * 8 and got == want  # bit for bit (JSON floats round-trip)
+    # the paired comparisons with the best (intervals) too
+    (comp,) = [e for e in _events(run_dir) if e["type"] == "comparison" and e["step"] == step]
+    (comp_one,) = [e for e in _events(one) if e["type"] == "comparison"]
+    assert comp["metrics"] and comp["metrics"] == comp_one["metrics"] and comp["level"] == comp_one["level"]
     for v in ["raw", *[rf.variant_name(d) for d in DECAYS]]:  # the previews are the same points
         a = np.load(run_dir / rf.preview_file(step, v, ".npy"))
         b = np.load(one / rf.preview_file(step, v, ".npy"))
@@ -81,6 +85,7 @@ def test_sharded_ddp_and_fsdp2_score_on_every_rank_like_one_process(tmp_path):
         assert torch.equal(v, r1["weights"][k]), k
     assert r0["is_writer"] and not r1["is_writer"] and r0["sharded"] and r1["sharded"]
     assert r0["external_refused"] and r1["external_refused"]  # scoring='external' with a sharded bank
+    assert r0["search_refused"] and r1["search_refused"]  # search_evals (post-hoc synthesis) likewise
     assert r0["score_now"] and not r1["score_now"] and r0["export"] and not r1["export"]
     # a refused export target (a file of the run) and a live pretrained format: ValueError on both ranks
     assert "run.json" in r0["refused"][0] and r1["refused"][0].startswith("export refused on rank 0:")
@@ -118,6 +123,14 @@ def test_sharded_ddp_and_fsdp2_score_on_every_rank_like_one_process(tmp_path):
     status = json.loads((run_dir / rf.status_file("req1")).read_text())
     assert status["state"] == "done" and status["step"] == 4 and status["variant"] == "0.9"
     assert (run_dir / rf.export_file("from-dashboard")).is_file() and not (run_dir / rf.request_file("req1")).exists()
+    # a synthesised decay: refused with its reason (a sharded bank writes no stage snapshots; a notice says so)
+    status = json.loads((run_dir / rf.status_file("req2")).read_text())
+    assert status["state"] == "error" and "sharded" in status["error"], status
+    assert not (run_dir / rf.export_file("synth")).exists() and not (run_dir / rf.request_file("req2")).exists()
+    assert not [p for p in (run_dir / rf.BANKS).iterdir() if rf.parse_stage_snapshot_name(p.name) is not None
+                or rf.parse_lead_in_snapshot_name(p.name) is not None]
+    assert any(e["type"] == "notice" and e.get("where") == "snapshot" and "post-hoc synthesis" in e["message"]
+               for e in events)
     # every stage's metrics are the one-process metrics (the last stage recomputed here)
     _check_same_as_one_process(run_dir, tmp_path, STEPS, num_samples=100, batch_size=30)
     _resume_in_one_process(run_dir, r0)

@@ -147,6 +147,28 @@ def test_copy_placement_rule():
     assert choose_copy_placement(gib, "cpu", requested="pinned") == "device"
 
 
+def test_copy_placement_uses_the_memory_plan():
+    """The frozen copy's budget is the plan's free memory less what the plan put there for the
+    bank, or what is free now when that is smaller: a 1.5B-parameter bank of 10 decays planned on
+    a device with 80 GiB free leaves too little room for its copy on the device (it goes to pinned
+    host memory) although the device reports 200 GiB free; without a plan, what is free now decides."""
+    from emascope.background import free_after_plan
+    from emascope.plan import plan_memory
+
+    gib = 2**30
+    plan = plan_memory(1_500_000_000, 10, device_free=80 * gib, host_free=512 * gib)
+    cost = plan.cost("device")
+    dev, host = free_after_plan(plan, "device", device_now=200 * gib, host_now=None)
+    assert dev == 80 * gib - cost.device_bytes and host == 512 * gib - cost.host_bytes
+    nbytes = 10 * 1_500_000_000 * 4
+    cuda = torch.device("cuda", 0)
+    assert choose_copy_placement(nbytes, cuda, free_device=200 * gib, free_host=host) == "device"  # no plan
+    assert choose_copy_placement(nbytes, cuda, free_device=dev, free_host=host) == "pinned"
+    assert free_after_plan(plan, "device", device_now=gib, host_now=2 * gib) == (gib, 2 * gib)  # smaller: now
+    assert free_after_plan(None, "device", device_now=None, host_now=None) == (None, None)
+    assert free_after_plan(plan, "no-such-placement", device_now=5, host_now=None) == (5, None)
+
+
 # ------------------------------------------------------------------------------- training never waits
 
 

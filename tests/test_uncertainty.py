@@ -406,3 +406,23 @@ def test_racing_sweep_keeps_the_full_sweeps_survivors_and_draws_less(tmp_path):
     cr = _events(tmp_path / "race", "comparison")[-1]["metrics"]["fd"]
     assert cr["best"] == cf["best"] and cr["variants"]["0.999999"]["worse"] is True
     assert cr["variants"]["0.999999"]["n"] == 100  # the decision of the round that dropped it
+
+
+def test_a_reference_too_small_to_split_gives_a_notice_not_an_error(tmp_path):
+    """A reference of 8 items with nearest_k = 5 cannot be split into a sample and a k-NN reference:
+    the noise floor is skipped with a notice naming the sizes, the variants are still scored, and no
+    error is recorded."""
+    from scope_helpers import Denoiser, mixture, sampler
+
+    from emascope import attach
+
+    model = Denoiser()
+    with attach(model, None, run_dir=tmp_path / "r", sampler=sampler, reference=mixture(8, seed=3), decays=(0.9,),
+                num_samples=16, batch_size=16, score_every=None, snapshot_every=None) as scope:
+        scope.score_now()
+    events = [json.loads(line) for line in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["type"] == "error"], events
+    (notice,) = [e for e in events if e["type"] == "notice" and e.get("where") == "noise_floor"]
+    assert "8 items" in notice["message"] and "nearest_k=5" in notice["message"]
+    assert not [e for e in events if e["type"] == "noise_floor"]
+    assert {r["variant"] for r in _metrics(tmp_path / "r") if r["metric"] == "fd"} == {"raw", "0.9"}
