@@ -256,17 +256,21 @@ class BackgroundScorer:
     """One worker thread scoring frozen stages one at a time (see the module docstring).
 
     ``on_result(result)`` is called from the worker with each finished sweep's
-    :class:`~emascope.scoring.SweepResult`. Methods other than the worker's own are called from
-    the training thread.
+    :class:`~emascope.scoring.SweepResult`; then ``after(result, model, tick)`` (if given: the
+    search between grid decays) with the worker's eval copy of the model and the job's progress
+    tick, while the stage still counts as running (its stage snapshot is kept). Methods other than
+    the worker's own are called from the training thread.
     """
 
     def __init__(self, scorer: Scorer, writer: RunWriter, run_dir: Path, *, policy: str = "queue",
                  stall_timeout: float | None = 1800.0,
-                 on_result: Callable[[SweepResult], None] = lambda r: None) -> None:
+                 on_result: Callable[[SweepResult], None] = lambda r: None,
+                 after: Callable[[SweepResult, nn.Module, Callable[[], None]], None] | None = None) -> None:
         if policy not in rf.BUSY_POLICIES:
             raise ValueError(f"policy must be one of {rf.BUSY_POLICIES}, got {policy!r}")
         self.scorer, self.writer, self.run_dir = scorer, writer, Path(run_dir)
         self.policy, self.stall_timeout, self.on_result = policy, stall_timeout, on_result
+        self.after = after
         self._cv = threading.Condition()
         self._running: _Job | None = None
         self._pending: _Job | None = None
@@ -442,6 +446,8 @@ class BackgroundScorer:
             if n is not None:
                 job.result = result
                 self.on_result(result)
+                if self.after is not None and not job.abandoned:
+                    self.after(result, job.model, job.tick)
         except Exception as exc:  # noqa: BLE001 - never let the worker die silently
             writer.error("background", step, exc)
             writer.event("score_failed", step, scorer=rf.SCORER_BACKGROUND,

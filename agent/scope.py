@@ -415,8 +415,10 @@ class Scope:
                     "stage snapshots for post-hoc synthesis are not written for a sharded bank (synthesis "
                     "reads one-process snapshots): synthesised exports of this run are refused"))
             if run.scoring == "background" and not self.sharded:
+                search = self.scorer is not None and self.scorer.cfg.search_evals > 0
                 self._background = BackgroundScorer(self.scorer, self.writer, self.run_dir, policy=run.score_busy,
-                                                    stall_timeout=run.score_timeout, on_result=self._on_result)
+                                                    stall_timeout=run.score_timeout, on_result=self._on_result,
+                                                    after=self._search_between if search else None)
             if self.optimizer is not None:
                 self._hook = self.optimizer.register_step_post_hook(self._optimizer_hook)
             self.writer.start_heartbeat()
@@ -765,7 +767,7 @@ class Scope:
         self.writer._guard("done marker", lambda: mark_done(self.run_dir, step, rf.done_record(
             step=step, scorer=rf.SCORER_INLINE, seconds=res.seconds, records=sum(map(len, res.scores.values())),
             time=time.time())))
-        if self.scorer.cfg.search_evals > 0 and self._bank_ok:
+        if self.scorer.cfg.search_evals > 0:
             self._search_between(res)
         return res
 
@@ -908,28 +910,40 @@ class Scope:
                                          dtype=request.dtype, force=request.force)
         return out.stat().st_size, report.as_json()
 
-    def _search_between(self, result: SweepResult) -> None:
-        """Score synthesised decays between the grid's around the best one (``search_evals``)."""
+    def _search_between(self, result: SweepResult, model: nn.Module | None = None,
+                        tick: Callable[[], None] | None = None) -> None:
+        """Score synthesised decays between the grid's around the best one (``search_evals``), at
+        the sweep's stage. Inline: on the training model, in the training thread. Background: from
+        the worker, on its eval copy ``model``, ticking the job's progress (``tick``)."""
+        if not self._bank_ok:
+            return
         try:
-            self._run_search(result)
+            self._run_search(result, model, tick)
         except Exception as exc:  # noqa: BLE001 - never into training
-            self.writer.error("search", self._step, exc)
+            self.writer.error("search", result.step, exc)
 
-    def _run_search(self, result: SweepResult) -> None:
+    def _run_search(self, result: SweepResult, model: nn.Module | None, tick: Callable[[], None] | None) -> None:
         from emascope.decay_search import search_noise
         from emascope.posthoc import StateSwap, search_record, search_stage
 
-        step = self._step
+        step = result.step
         metric = self._search_metric(result)
         if metric is None:
             return
+        inline = model is None
+        model = self.model if inline else model
         direction = self.scorer.metric_directions.get(metric)
         grid = {rf.decay_of(v): s.get(metric) for v, s in result.scores.items() if rf.decay_of(v) is not None}
 
         def score(name: str, sd: dict[str, torch.Tensor], report: Any) -> float | None:
             mark = rf.synthesis_record(profile_residual=report.profile_residual,
                                        predicted_error=report.predicted_error, error_bound=report.error_bound)
-            res = self.scorer.sweep(self.model, StateSwap({name: sd}), [name], step, synthesized=mark)
+            # a background search runs on the worker's thread: never fork the global random streams
+            res = self.scorer.sweep(model, StateSwap({name: sd}), [name], step, synthesized=mark,
+                                    scorer=rf.SCORER_INLINE if inline else rf.SCORER_BACKGROUND,
+                                    isolate_rng=inline, on_progress=tick)
+            if tick is not None:
+                tick()
             return res.scores.get(name, {}).get(metric)
 
         ses = {rf.decay_of(v): getattr(e.get(metric), "se", None) for v, e in result.estimates.items()

@@ -149,6 +149,50 @@ def test_search_scores_synthesised_decays_and_marks_them(searched):
     assert trace.marker.symbol == "circle-open" and len(trace.x) == len(synth)
 
 
+def test_background_search_finds_what_the_inline_search_found(searched, tmp_path):
+    """The default scoring="background": the worker runs the search right after the stage's sweep,
+    on its own model copy. The same training (seeds, 300 steps) and the same metric at step 300 give
+    the same probes and values, bit for bit, as the inline search of the ``searched`` run; the
+    synthesised sweeps are named as the background scorer's."""
+    run_dir = tmp_path / "bg"
+    torch.manual_seed(0)
+    model = Denoiser(32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    data, g = mixture(2000, 0), torch.Generator().manual_seed(0)
+
+    def flat(m: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().double().reshape(-1) for p in m.parameters()])
+
+    ref = {"ema": flat(model)}
+    opt.register_step_post_hook(lambda *_: ref.update(ema=0.996 * ref["ema"] + 0.004 * flat(model)))
+    target = {}
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return {"dist": float((flat(m) - target["ema"]).norm() / target["ema"].norm())}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        scope = attach(model, opt, run_dir=run_dir, score_every=300, decays=(0.9, 0.99, 0.999, 0.9999),
+                       evaluate=evaluate, metric_directions={"dist": "lower"}, search_evals=4,
+                       search_tolerance=1e-12, score_busy="wait", score_at_close=False)
+        for i in range(300):
+            if i == 299:
+                opt.register_step_post_hook(lambda *_: target.setdefault("ema", ref["ema"].clone()))
+            train_step(model, opt, data, g)
+        scope.close()  # waits for the stage's sweep and its search
+    finally:
+        torch.set_num_threads(threads)
+    events = _events(run_dir)
+    (search,) = [e for e in events if e["type"] == "search"]
+    (inline,) = [e for e in _events(searched["run_dir"]) if e["type"] == "search" and e["step"] == 300]
+    assert search["step"] == 300 and search["evaluated"] == inline["evaluated"]
+    assert search["best_decay"] == inline["best_decay"] and not search["best_is_grid"]
+    synth_done = [e for e in events if e["type"] == "score_done" and e.get("synthesized")]
+    assert len(synth_done) == len(search["evaluated"]) and all(e["scorer"] == "background" for e in synth_done)
+    assert not [e for e in events if e["type"] == "error"]
+
+
 def test_search_stage_runs_out_of_process_at_an_older_stage(searched):
     """``search_stage`` on a closed run with a scorer of its own (as ``emascope score`` would call
     it): at the first stage, from the snapshots at or before it only, it finds the same values as
@@ -320,8 +364,8 @@ def test_search_without_stage_snapshots_is_refused_before_writing(tmp_path):
         attach(Denoiser(8), run_dir=tmp_path / "r", stage_snapshot_dtype="int8")
     with pytest.raises(ValueError, match="stage_lead_in"):
         attach(Denoiser(8), run_dir=tmp_path / "r", stage_lead_in=(0, 4))
-    with pytest.raises(ValueError, match="search_evals > 0 runs the search .* after inline sweeps only"):
-        attach(Denoiser(8), run_dir=tmp_path / "r", search_evals=3)  # the default scoring="background"
+    with pytest.raises(ValueError, match="search_evals > 0 runs the search .* scoring='external'"):
+        attach(Denoiser(8), run_dir=tmp_path / "r", search_evals=3, scoring="external")
     for bad in (-0.1, float("nan"), "0.1", True):
         with pytest.raises(ValueError, match="search_tolerance must be a finite number"):
             attach(Denoiser(8), run_dir=tmp_path / "r", search_evals=3, search_tolerance=bad, scoring="inline")
