@@ -3,6 +3,7 @@ finished run with 8 stages, leaves no process behind (also when interrupted), re
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -42,6 +43,14 @@ def _assert_nothing_left(run_dir: Path, port: int) -> None:
     assert _processes_mentioning(str(run_dir)) == []
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"
+
+
+def _training_started(run_dir: Path) -> bool:
+    """The heartbeat (rewritten every 2 s once attach finished) reports a step past 0."""
+    try:
+        return json.loads((run_dir / "heartbeat").read_text())["step"] >= 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _demo_cmd(run_dir: Path, port: int, *extra: str) -> list[str]:
@@ -84,8 +93,9 @@ def test_demo_interrupted_leaves_nothing_running(tmp_path):
             if not line:
                 break
             lines.append(line)
-            # interrupt once the dashboard answers and training has attached (run.json written)
-            if any("dashboard -> http" in x for x in lines) and (run_dir / "run.json").exists():
+            # interrupt once the dashboard answers and training has taken steps (an interrupt while
+            # attach is still starting undoes the start, by design: nothing would be left to read)
+            if any("dashboard -> http" in x for x in lines) and _training_started(run_dir):
                 break
         assert any("dashboard -> http" in x for x in lines), "".join(lines)
         proc.send_signal(signal.SIGINT)  # Ctrl-C on the demo process only
