@@ -118,7 +118,8 @@ class ScoringConfig:
     ``search_evals``: after each sweep, score up to this many decays *between* the grid's, synthesised
     post hoc from the stage snapshots, by golden-section search on ``log(1 - decay)`` around the
     best grid decay of ``search_metric`` (``None``: fid, else fd, else the first ranked metric); 0: off
-    (docs/synthesis.md). Needs stage snapshots (``stage_snapshots`` != 0); not with ``scoring="external"``.
+    (docs/synthesis.md). Needs stage snapshots (``stage_snapshots`` != 0); with ``scoring="external"``
+    ``emascope score`` runs it.
     ``search_tolerance``: the metric's uncertainty, in the metric's own units (absolute): the search
     stops once the values in its bracket differ by less than this (``None``: the standard error of the
     best grid decay's value at that stage, from the sweep's intervals, or no such stop without one; it
@@ -380,15 +381,11 @@ def build_configs(kwargs: Mapping[str, Any]) -> tuple[RunConfig, BankConfig, Sco
 
 def check_together(run: RunConfig, scoring: ScoringConfig) -> None:
     """Settings that only make sense together: the search between grid decays synthesises from
-    stage snapshots, so ``search_evals > 0`` needs ``stage_snapshots != 0``; it runs after inline
-    and background sweeps (not yet in an external scorer), so it refuses ``scoring="external"``."""
+    stage snapshots, so ``search_evals > 0`` needs ``stage_snapshots != 0`` (it runs after inline and
+    background sweeps, and in ``emascope score`` after each stage it scores)."""
     if scoring.search_evals > 0 and run.stage_snapshots == 0:
         raise ValueError("search_evals > 0 synthesises decays from the stage snapshots, but stage_snapshots=0 "
                          "writes none: keep stage_snapshots >= 1 (or None) or set search_evals=0")
-    if scoring.search_evals > 0 and run.scoring == "external":
-        raise ValueError("search_evals > 0 runs the search between grid decays after inline and background sweeps, "
-                         "but scoring='external' scores in another process: set scoring='background' or "
-                         "'inline', or search_evals=0")
 
 
 def settings_of(run: RunConfig, bank: BankConfig, scoring: ScoringConfig) -> dict[str, Any]:

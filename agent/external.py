@@ -243,11 +243,24 @@ class ExternalScorer:
                 return None
             merge_run_info(self.run_dir, self.scorer.metric_directions, self.scorer.sample_kind)
             self.scored.append(step)
+            if self.cfg.search_evals > 0:
+                self._search(result)
             self.log(f"emascope score: step {step} scored by {self.name} ({result.seconds:.1f} s, "
                      f"{n} records, {result.errors} errors)")
             return result
         finally:
             claim.release()
+
+    def _search(self, result: SweepResult) -> None:
+        """The search between grid decays at the stage just scored (``search_evals`` of the run's
+        settings or of ``build()``); a failure is recorded, the scorer goes on."""
+        from emascope.posthoc import search_after_sweep
+
+        try:
+            search_after_sweep(self.run_dir, self.scorer, self.model, result, scorer_name=self.name,
+                               isolate_rng=True, writer=self.writer)
+        except Exception as exc:  # noqa: BLE001
+            self.writer.error("search", result.step, exc)
 
     def run_closed(self) -> bool:
         """Whether the training process closed the run (heartbeat ``closed``)."""

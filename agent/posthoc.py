@@ -249,3 +249,53 @@ def search_record(result: SearchResult, reports: Mapping[float, SynthesisReport]
                           for d, v in result.evaluated],
             "best_decay": result.best_decay, "best_value": result.best_value, "best_is_grid": result.best_is_grid,
             "stopped": result.stopped}
+
+
+def search_metric(scorer: Any, names: set[str]) -> str | None:
+    """The metric the search optimises: ``search_metric``, else fid, fd, else the first ranked one
+    (sorted by name) among ``names`` (the metrics of the sweep). ``None``: none with a direction."""
+    wanted = scorer.cfg.search_metric
+    dirs = scorer.metric_directions
+    if wanted is not None:
+        return wanted if wanted in names and dirs.get(wanted) in rf.DIRECTIONS else None
+    for m in ("fid", "fd", *sorted(names)):
+        if m in names and dirs.get(m) in rf.DIRECTIONS:
+            return m
+    return None
+
+
+def search_after_sweep(run_dir: str | os.PathLike, scorer: Any, model: torch.nn.Module, result: Any, *,
+                       scorer_name: str, isolate_rng: bool, writer: Any,
+                       on_progress: Callable[[], None] | None = None) -> None:
+    """After a sweep (``result``: its :class:`emascope.scoring.SweepResult`): score up to
+    ``scorer.cfg.search_evals`` synthesised decays between the grid's around the best one
+    (:func:`search_stage`), each a one-variant sweep of ``scorer`` on ``model`` marked
+    ``synthesized``, and write the ``search`` event with ``writer``. The noise that ends the search
+    is :func:`emascope.decay_search.search_noise` (``search_tolerance``, else the best grid decay's
+    standard error). Used by the agent (inline and background) and by ``emascope score``.
+    ``isolate_rng``: fork the global random streams (the training thread's inline sweep only)."""
+    from emascope.decay_search import search_noise
+
+    step = result.step
+    metric = search_metric(scorer, {m for s in result.scores.values() for m in s})
+    if metric is None:
+        return
+    direction = scorer.metric_directions.get(metric)
+    grid = {rf.decay_of(v): s.get(metric) for v, s in result.scores.items() if rf.decay_of(v) is not None}
+
+    def score(name: str, sd: dict[str, torch.Tensor], report: SynthesisReport) -> float | None:
+        mark = rf.synthesis_record(profile_residual=report.profile_residual,
+                                   predicted_error=report.predicted_error, error_bound=report.error_bound)
+        res = scorer.sweep(model, StateSwap({name: sd}), [name], step, synthesized=mark, scorer=scorer_name,
+                           isolate_rng=isolate_rng, on_progress=on_progress)
+        if on_progress is not None:
+            on_progress()
+        return res.scores.get(name, {}).get(metric)
+
+    ses = {rf.decay_of(v): getattr(e.get(metric), "se", None) for v, e in result.estimates.items()
+           if rf.decay_of(v) is not None}
+    noise, source = search_noise(grid, ses, direction=direction, tolerance=scorer.cfg.search_tolerance)
+    out, reports = search_stage(run_dir, step=step, grid=grid, direction=direction,
+                                max_evals=scorer.cfg.search_evals, score=score, noise=noise)
+    writer.event("search", step, metric=metric, direction=direction, tolerance=noise, tolerance_source=source,
+                 scorer=scorer_name, **search_record(out, reports))

@@ -923,48 +923,12 @@ class Scope:
             self.writer.error("search", result.step, exc)
 
     def _run_search(self, result: SweepResult, model: nn.Module | None, tick: Callable[[], None] | None) -> None:
-        from emascope.decay_search import search_noise
-        from emascope.posthoc import StateSwap, search_record, search_stage
+        from emascope.posthoc import search_after_sweep
 
-        step = result.step
-        metric = self._search_metric(result)
-        if metric is None:
-            return
         inline = model is None
-        model = self.model if inline else model
-        direction = self.scorer.metric_directions.get(metric)
-        grid = {rf.decay_of(v): s.get(metric) for v, s in result.scores.items() if rf.decay_of(v) is not None}
-
-        def score(name: str, sd: dict[str, torch.Tensor], report: Any) -> float | None:
-            mark = rf.synthesis_record(profile_residual=report.profile_residual,
-                                       predicted_error=report.predicted_error, error_bound=report.error_bound)
-            # a background search runs on the worker's thread: never fork the global random streams
-            res = self.scorer.sweep(model, StateSwap({name: sd}), [name], step, synthesized=mark,
-                                    scorer=rf.SCORER_INLINE if inline else rf.SCORER_BACKGROUND,
-                                    isolate_rng=inline, on_progress=tick)
-            if tick is not None:
-                tick()
-            return res.scores.get(name, {}).get(metric)
-
-        ses = {rf.decay_of(v): getattr(e.get(metric), "se", None) for v, e in result.estimates.items()
-               if rf.decay_of(v) is not None}
-        noise, source = search_noise(grid, ses, direction=direction, tolerance=self.scorer.cfg.search_tolerance)
-        out, reports = search_stage(self.run_dir, step=step, grid=grid, direction=direction,
-                                    max_evals=self.scorer.cfg.search_evals, score=score, noise=noise)
-        self.writer.event("search", step, metric=metric, direction=direction, tolerance=noise,
-                          tolerance_source=source, **search_record(out, reports))
-
-    def _search_metric(self, result: SweepResult) -> str | None:
-        """The metric the search optimises: ``search_metric``, else fid, fd, else the first with a direction."""
-        names = {m for s in result.scores.values() for m in s}
-        wanted = self.scorer.cfg.search_metric
-        dirs = self.scorer.metric_directions
-        if wanted is not None:
-            return wanted if wanted in names and dirs.get(wanted) in rf.DIRECTIONS else None
-        for m in ("fid", "fd", *sorted(names)):
-            if m in names and dirs.get(m) in rf.DIRECTIONS:
-                return m
-        return None
+        search_after_sweep(self.run_dir, self.scorer, self.model if inline else model, result,
+                           scorer_name=rf.SCORER_INLINE if inline else rf.SCORER_BACKGROUND, isolate_rng=inline,
+                           writer=self.writer, on_progress=tick)
 
     def _score_sharded(self) -> SweepResult | None:
         """A sweep on every rank (:mod:`emascope.sweep_ranks`): each draws its share of the batches,

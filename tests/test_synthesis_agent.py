@@ -193,6 +193,52 @@ def test_background_search_finds_what_the_inline_search_found(searched, tmp_path
     assert not [e for e in events if e["type"] == "error"]
 
 
+def test_external_scorer_runs_the_search_like_the_inline_agent(searched, tmp_path):
+    """scoring="external" with search_evals: the training process only writes the stage snapshot;
+    the external scorer (``emascope score``'s class, fed the same model and metric) scores the
+    stage and then searches between the grid decays, with the same probes and values, bit for bit,
+    as the inline search of the ``searched`` run, named as its own."""
+    from emascope.external import ExternalScorer
+
+    run_dir = tmp_path / "ext"
+    torch.manual_seed(0)
+    model = Denoiser(32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    data, g = mixture(2000, 0), torch.Generator().manual_seed(0)
+
+    def flat(m: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().double().reshape(-1) for p in m.parameters()])
+
+    ref = {"ema": flat(model)}
+    opt.register_step_post_hook(lambda *_: ref.update(ema=0.996 * ref["ema"] + 0.004 * flat(model)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with attach(model, opt, run_dir=run_dir, score_every=300, decays=(0.9, 0.99, 0.999, 0.9999),
+                    metric_directions={"dist": "lower"}, search_evals=4, search_tolerance=1e-12,
+                    scoring="external", score_at_close=False):
+            for _ in range(300):
+                train_step(model, opt, data, g)
+        target = ref["ema"].clone()
+
+        def evaluate(m: torch.nn.Module) -> dict[str, float]:
+            return {"dist": float((flat(m) - target).norm() / target.norm())}
+
+        scorer = ExternalScorer(run_dir, {"model": Denoiser(32), "evaluate": evaluate,
+                                          "metric_directions": {"dist": "lower"}}, name="t", log=lambda s: None)
+        assert scorer.run() == 1
+    finally:
+        torch.set_num_threads(threads)
+    events = _events(run_dir)
+    (search,) = [e for e in events if e["type"] == "search"]
+    (inline,) = [e for e in _events(searched["run_dir"]) if e["type"] == "search" and e["step"] == 300]
+    assert search["step"] == 300 and search["evaluated"] == inline["evaluated"]
+    assert search["scorer"] == scorer.name and search["best_decay"] == inline["best_decay"]
+    synth = [e for e in events if e["type"] == "score_done" and e.get("synthesized")]
+    assert len(synth) == len(search["evaluated"]) and all(e["scorer"] == scorer.name for e in synth)
+    assert not [e for e in events if e["type"] == "error"]
+
+
 def test_search_stage_runs_out_of_process_at_an_older_stage(searched):
     """``search_stage`` on a closed run with a scorer of its own (as ``emascope score`` would call
     it): at the first stage, from the snapshots at or before it only, it finds the same values as
@@ -364,8 +410,6 @@ def test_search_without_stage_snapshots_is_refused_before_writing(tmp_path):
         attach(Denoiser(8), run_dir=tmp_path / "r", stage_snapshot_dtype="int8")
     with pytest.raises(ValueError, match="stage_lead_in"):
         attach(Denoiser(8), run_dir=tmp_path / "r", stage_lead_in=(0, 4))
-    with pytest.raises(ValueError, match="search_evals > 0 runs the search .* scoring='external'"):
-        attach(Denoiser(8), run_dir=tmp_path / "r", search_evals=3, scoring="external")
     for bad in (-0.1, float("nan"), "0.1", True):
         with pytest.raises(ValueError, match="search_tolerance must be a finite number"):
             attach(Denoiser(8), run_dir=tmp_path / "r", search_evals=3, search_tolerance=bad, scoring="inline")
