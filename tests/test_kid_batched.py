@@ -97,8 +97,11 @@ def test_batched_samples_equal_per_variant_samples(kind):
     assert batched.shape == single.shape == (5, n, *single.shape[2:])
     assert not torch.equal(single[0], single[1])  # the variants differ
     # the same computation; vmap runs it through batched kernels (bmm, grouped conv) whose float32
-    # rounding may differ in the last bits (on the development CPU the MLP's is bit-identical at this size)
-    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)
+    # rounding may differ in the last bits, and the sampler's integration steps carry it on (on the
+    # development CPU the MLP's is bit-identical at this size; the conv net's differs by up to 5e-6
+    # on a scale of 1, depending on the kernels the CPU picks): float32 rounding of a few steps
+    scale = float(single.abs().max())
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=2e-5 * scale)
 
 
 def test_batched_draw_keeps_each_batchs_generator_and_the_features(tmp_path):
