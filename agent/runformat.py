@@ -296,7 +296,7 @@ def stage_states(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
         st = out.setdefault(step, {"step": step, "state": "pending", "scorer": None, "mode": None,
                                    "seconds": None, "done": 0, "total": None, "attempts": 0, "reason": None,
                                    "time": None})
-        st["time"] = _finite(e.get("time"))
+        st["time"] = finite_number(e.get("time"))
         scorer = e.get("scorer") if isinstance(e.get("scorer"), str) else None
         if kind == "stage_pending":
             st.update(state="pending", mode=e.get("mode") if isinstance(e.get("mode"), str) else None)
@@ -311,7 +311,7 @@ def stage_states(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
             if isinstance(total, int) and not isinstance(total, bool):
                 st["total"] = total
         elif kind == "score_done":
-            st.update(state="done", scorer=scorer or st["scorer"], seconds=_finite(e.get("seconds")), reason=None)
+            st.update(state="done", scorer=scorer or st["scorer"], seconds=finite_number(e.get("seconds")), reason=None)
             if st["total"] is not None:
                 st["done"] = st["total"]
         elif kind == "score_skipped" and st["state"] != "done":
@@ -509,14 +509,15 @@ def run_state(heartbeat: dict[str, Any] | None, now: float) -> str:
     state = heartbeat.get("state")
     if state == STATE_CLOSED:
         return "finished"
-    t = _finite(heartbeat.get("time"))
-    interval = _finite(heartbeat.get("interval")) or DEFAULT_HEARTBEAT_INTERVAL
+    t = finite_number(heartbeat.get("time"))
+    interval = finite_number(heartbeat.get("interval")) or DEFAULT_HEARTBEAT_INTERVAL
     if state == STATE_RUNNING and t is not None and now - t < LIVE_INTERVALS * interval:
         return "live"
     return "stale"
 
 
-def _finite(x: Any) -> float | None:
+def finite_number(x: Any) -> float | None:
+    """``x`` as a float when it is a finite JSON number (not a bool, not too large for a float), else None."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
     try:

@@ -569,14 +569,7 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
         rf.validate_export_dtype(dtype)
     except ValueError as exc:
         raise ExportError(f"--dtype: {exc}") from None
-    if out is not None:
-        out = single.check_export_target(run_dir, out)
-    else:
-        try:
-            (run_dir / rf.EXPORTS).mkdir(exist_ok=True)
-            rf.run_subdir(run_dir, rf.EXPORTS)
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot export into the run: {exc}") from None
+    out = single.export_target(run_dir, out)
     try:
         snap = open_snapshot(latest)
         name = snap.resolve(variant)

@@ -436,6 +436,19 @@ class ExportError(ValueError):
     """A user-facing export error (``emascope export`` prints it and exits with code 2)."""
 
 
+def export_target(run_dir: Path, out: str | os.PathLike | None) -> Path | None:
+    """``out`` checked (:func:`check_export_target`), or, when ``None``, the run's ``exports/``
+    folder made sure of (created, never through a symlink); ``ExportError`` naming the problem."""
+    if out is not None:
+        return check_export_target(run_dir, out)
+    try:
+        (run_dir / rf.EXPORTS).mkdir(exist_ok=True)
+        rf.run_subdir(run_dir, rf.EXPORTS)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot export into the run: {exc}") from None
+    return None
+
+
 def check_export_target(run_dir: str | os.PathLike, out: str | os.PathLike, *, folder: bool = False) -> Path:
     """``out`` as a checked output path for an export of the run in ``run_dir``; :class:`ExportError`
     naming the problem.
@@ -492,14 +505,7 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
         rf.validate_export_dtype(dtype)
     except ValueError as exc:
         raise ExportError(f"--dtype: {exc}") from None
-    if out is not None:
-        out = check_export_target(run_dir, out)
-    else:
-        try:
-            (run_dir / rf.EXPORTS).mkdir(exist_ok=True)
-            rf.run_subdir(run_dir, rf.EXPORTS)
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot export into the run: {exc}") from None
+    out = export_target(run_dir, out)
     try:
         bank = load_snapshot(snapshot, notice=notice)
     except Exception as exc:  # noqa: BLE001

@@ -25,14 +25,7 @@ from emascope import runformat as rf
 SEPARATION_POWER = 0.8
 
 
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    try:
-        v = float(x)
-    except OverflowError:
-        return None
-    return v if math.isfinite(v) else None
+_num = rf.finite_number
 
 
 def _count(x: Any) -> int | None:

@@ -149,26 +149,33 @@ def test_search_scores_synthesised_decays_and_marks_them(searched):
     assert trace.marker.symbol == "circle-open" and len(trace.x) == len(synth)
 
 
+def _flat(m: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().double().reshape(-1) for p in m.parameters()])
+
+
+def _tracked_training() -> tuple:
+    """The ``searched`` run's model, optimizer and data, with ``ref["ema"]``: a float64 EMA of
+    decay 0.996 updated before the agent's hook at every step."""
+    torch.manual_seed(0)
+    model = Denoiser(32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    data, g = mixture(2000, 0), torch.Generator().manual_seed(0)
+    ref = {"ema": _flat(model)}
+    opt.register_step_post_hook(lambda *_: ref.update(ema=0.996 * ref["ema"] + 0.004 * _flat(model)))
+    return model, opt, data, g, ref
+
+
 def test_background_search_finds_what_the_inline_search_found(searched, tmp_path):
     """The default scoring="background": the worker runs the search right after the stage's sweep,
     on its own model copy. The same training (seeds, 300 steps) and the same metric at step 300 give
     the same probes and values, bit for bit, as the inline search of the ``searched`` run; the
     synthesised sweeps are named as the background scorer's."""
     run_dir = tmp_path / "bg"
-    torch.manual_seed(0)
-    model = Denoiser(32)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    data, g = mixture(2000, 0), torch.Generator().manual_seed(0)
-
-    def flat(m: torch.nn.Module) -> torch.Tensor:
-        return torch.cat([p.detach().double().reshape(-1) for p in m.parameters()])
-
-    ref = {"ema": flat(model)}
-    opt.register_step_post_hook(lambda *_: ref.update(ema=0.996 * ref["ema"] + 0.004 * flat(model)))
+    model, opt, data, g, ref = _tracked_training()
     target = {}
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        return {"dist": float((flat(m) - target["ema"]).norm() / target["ema"].norm())}
+        return {"dist": float((_flat(m) - target["ema"]).norm() / target["ema"].norm())}
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -201,16 +208,7 @@ def test_external_scorer_runs_the_search_like_the_inline_agent(searched, tmp_pat
     from emascope.external import ExternalScorer
 
     run_dir = tmp_path / "ext"
-    torch.manual_seed(0)
-    model = Denoiser(32)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    data, g = mixture(2000, 0), torch.Generator().manual_seed(0)
-
-    def flat(m: torch.nn.Module) -> torch.Tensor:
-        return torch.cat([p.detach().double().reshape(-1) for p in m.parameters()])
-
-    ref = {"ema": flat(model)}
-    opt.register_step_post_hook(lambda *_: ref.update(ema=0.996 * ref["ema"] + 0.004 * flat(model)))
+    model, opt, data, g, ref = _tracked_training()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -222,7 +220,7 @@ def test_external_scorer_runs_the_search_like_the_inline_agent(searched, tmp_pat
         target = ref["ema"].clone()
 
         def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            return {"dist": float((flat(m) - target).norm() / target.norm())}
+            return {"dist": float((_flat(m) - target).norm() / target.norm())}
 
         scorer = ExternalScorer(run_dir, {"model": Denoiser(32), "evaluate": evaluate,
                                           "metric_directions": {"dist": "lower"}}, name="t", log=lambda s: None)
