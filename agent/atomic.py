@@ -52,11 +52,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
+
+
+def _unlink_quietly(tmp: str | os.PathLike) -> None:
+    """Remove a temp file of a failed atomic write (already gone: nothing to do)."""
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -83,10 +88,7 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> 
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
     return path
 
