@@ -25,6 +25,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from emascope import distances
 from emascope.kid import KIDPlan
 
 #: Memory budget (bytes) of one block of pairwise distances built at a time.
@@ -205,20 +206,19 @@ def density_coverage(gen: torch.Tensor, ref: torch.Tensor, *, k: int = 5,
     coverage = 1/N     * sum_i 1[ min_j |Y_j - X_i| < NND_k(X_i) ]   (N = n_ref, in [0, 1])
 
     ``ref_radii`` (from :func:`knn_radii` with the same ``k``) can be passed to skip recomputing
-    them for every variant. Distances are built in blocks of at most ``block_bytes``.
+    them for every variant. The pairs inside a ball are screened by a matrix product in blocks of at
+    most ``block_bytes`` and decided on exact distances (:func:`emascope.distances.iter_pairs_within`).
     """
     gen, ref = _check_pair(gen, ref)
     radii = knn_radii(ref, k, block_bytes=block_bytes) if ref_radii is None else ref_radii.to(torch.float64)
     if radii.shape != (len(ref),):
         raise ValueError(f"ref_radii must have shape ({len(ref)},), got {tuple(radii.shape)}")
-    inside = 0.0
-    for chunk in gen.split(rows_per_block(len(ref), block_bytes)):
-        inside += (_cdist(chunk, ref) < radii[None, :]).sum().item()
-    covered = 0.0
-    rows = rows_per_block(len(gen), block_bytes)
-    for chunk, r in zip(ref.split(rows), radii.split(rows), strict=True):
-        covered += (_cdist(chunk, gen).min(dim=1).values < r).sum().item()
-    return {"density": inside / (k * len(gen)), "coverage": covered / len(ref)}
+    inside, hit = 0, torch.zeros(len(ref), dtype=torch.bool)
+    for _, j, d in distances.iter_pairs_within(gen, ref, col_radius=radii, block_bytes=block_bytes):
+        j = j[d < radii[j]]
+        inside += len(j)
+        hit[j] = True
+    return {"density": inside / (k * len(gen)), "coverage": float(hit.sum()) / len(ref)}
 
 
 def finite_or_none(value: Any) -> float | None:

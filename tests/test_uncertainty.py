@@ -40,7 +40,8 @@ def _c4(n: int) -> float:
 # ---------------------------------------------------------------------------------------------- coverage
 
 
-def test_fd_interval_covers_the_analytic_expectation_in_1d():
+@pytest.mark.parametrize("method", ["exact", "linear"])
+def test_fd_interval_covers_the_analytic_expectation_in_1d(method):
     """1-D Gaussians: E[FD_hat] = (mu - mu_r)^2 + s^2/n + s^2 + sr^2 - 2 sr s c4(n) exactly (the sample
     variance is unbiased, the sample standard deviation has mean c4(n) s)."""
     n, mu, s, mu_r, sr = 400, 0.3, 1.2, 0.0, 1.0
@@ -53,12 +54,13 @@ def test_fd_interval_covers_the_analytic_expectation_in_1d():
         x = mu + s * torch.randn(n, 1, generator=g, dtype=torch.float64)
         var = float(x.var())  # 1-D FD written out (torch-fidelity's statistics need d >= 2)
         value = (float(x.mean()) - mu_r) ** 2 + var + sr * sr - 2 * sr * math.sqrt(var)
-        hits += _covers(value, U.fd_replicates(x, ref, masks), n, truth, "fd")
+        hits += _covers(value, U.fd_replicates(x, ref, masks, method=method), n, truth, "fd")
     print("coverage of 200:", hits)
     assert LOW <= hits <= HIGH, hits
 
 
-def test_fd_interval_covers_the_population_distance_in_4d():
+@pytest.mark.parametrize("method", ["exact", "linear"])
+def test_fd_interval_covers_the_population_distance_in_4d(method):
     """4-D Gaussians against a reference given by its exact moments: the interval covers the closed-form
     FD of the two populations (n large enough that the estimator's bias is small next to its noise)."""
     n, d = 1500, 4
@@ -74,7 +76,7 @@ def test_fd_interval_covers_the_population_distance_in_4d():
     for _ in range(REPS):
         x = mu + torch.randn(n, d, generator=g, dtype=torch.float64) @ a.T
         value = M.frechet_distance_from_statistics(M.frechet_statistics(x), ref)
-        hits += _covers(value, U.fd_replicates(x, ref, masks), n, truth, "fd")
+        hits += _covers(value, U.fd_replicates(x, ref, masks, method=method), n, truth, "fd")
     print("coverage of 200:", hits)
     assert LOW <= hits <= HIGH, hits
 
@@ -169,7 +171,7 @@ def test_replicates_equal_the_metric_recomputed_on_each_half():
     ref = torch.randn(90, 3, generator=g, dtype=torch.float64)
     masks = U.half_sample_masks(120, 12, seed=1)
     stats = M.frechet_statistics(ref)
-    fd = U.fd_replicates(gen, stats, masks)
+    fd = U.fd_replicates(gen, stats, masks, method="exact")
     kid = U.kid_replicates(gen, ref, masks)
     for dim_big in (False, True):  # KD-tree and blockwise neighbour structures
         old = U.KDTREE_MAX_DIM
@@ -204,7 +206,9 @@ def test_replicates_equal_the_metric_recomputed_on_each_half():
         assert kid[b] == pytest.approx(xx + yy - 2 * xy, rel=1e-9, abs=1e-12)
     # with every row kept: torch-fidelity's own values (IS keeps its splits)
     full = torch.ones(2, 120, dtype=torch.bool)
-    assert U.fd_replicates(gen, stats, full)[0] == pytest.approx(M.frechet_distance(gen, ref), rel=1e-9)
+    for method in ("exact", "linear"):
+        assert U.fd_replicates(gen, stats, full, method=method)[0] == pytest.approx(M.frechet_distance(gen, ref),
+                                                                                   rel=1e-9)
     logits = torch.randn(120, 7, generator=g, dtype=torch.float64) * 2
     assert U.isc_replicates(logits, full, seed=9)[0] == pytest.approx(
         M.inception_score(logits, seed=9)["isc_mean"], rel=1e-12)
@@ -218,6 +222,32 @@ def test_replicates_equal_the_metric_recomputed_on_each_half():
     cross = phi @ U.poly_feature_map(ref6, 1 / 6).sum(0)
     direct = quad / (20 * 19) + U.kid_reference_term(ref6) - 2 * (m40.double() @ cross) / (20 * 30)
     np.testing.assert_allclose(via_matrix, direct.numpy(), rtol=1e-9)
+
+
+def test_linearized_fd_replicates_track_the_exact_ones_at_a_fraction_of_the_cost():
+    """Eq. U-4 against the FD recomputed on every half (float64, torch-fidelity's covariance
+    convention): same standard error within 10% and replicates correlated (their mean differs by the
+    half-sample bias of the square-root term, which the spread does not see); with every row kept it
+    is torch-fidelity's FD (test above); ``auto`` takes it only when a half has more rows than features."""
+    g = torch.Generator().manual_seed(11)
+    for n, d in ((600, 8), (800, 96)):
+        ref = torch.randn(n, d, generator=g, dtype=torch.float64)
+        gen = torch.randn(n, d, generator=g, dtype=torch.float64) * 1.15 + 0.2
+        stats = M.frechet_statistics(ref)
+        masks = U.half_sample_masks(n, 60, seed=3)
+        exact = U.fd_replicates(gen, stats, masks, method="exact")
+        linear = U.fd_replicates(gen, stats, masks, method="linear")
+        np.testing.assert_array_equal(U.fd_replicates(gen, stats, masks), linear)  # auto: r > d
+        se_e, se_l = math.sqrt(U.jackknife_variance(exact, n)), math.sqrt(U.jackknife_variance(linear, n))
+        assert se_l == pytest.approx(se_e, rel=0.10), (n, d, se_e, se_l)
+        assert np.corrcoef(exact, linear)[0, 1] > 0.9
+    # more features than rows in a half: the tangent does not exist, auto stays exact
+    x = torch.randn(20, 12, generator=g, dtype=torch.float64)
+    st = M.frechet_statistics(torch.randn(30, 12, generator=g, dtype=torch.float64))
+    m20 = U.half_sample_masks(20, 8, seed=1)
+    np.testing.assert_array_equal(U.fd_replicates(x, st, m20), U.fd_replicates(x, st, m20, method="exact"))
+    with pytest.raises(ValueError, match="method"):
+        U.fd_replicates(x, st, m20, method="taylor")
 
 
 def test_paired_difference_is_tighter_and_ties_are_ties():

@@ -1,0 +1,69 @@
+"""The matmul screen + exact decision of emascope.distances against direct differences (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emascope import distances as D
+from emascope import metrics as M
+
+
+def _direct(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a.double(), b.double(), compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _brute(a, b, col=None, row=None):
+    dist = _direct(a, b)
+    lim = torch.zeros_like(dist)
+    if col is not None:
+        lim = torch.maximum(lim, col[None, :].double())
+    if row is not None:
+        lim = torch.maximum(lim, row[:, None].double())
+    i, j = (dist <= lim).nonzero(as_tuple=True)
+    return i, j, dist[i, j]
+
+
+@pytest.mark.parametrize("block_bytes", [64 * 2**20, 3000])  # one block, and blocks of a few rows
+def test_pairs_within_equal_the_direct_computation(block_bytes):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 10, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 10, generator=g, dtype=torch.float64) * 1.1 + 0.1
+    col = M.knn_radii(b, 5)
+    row = torch.rand(300, generator=g, dtype=torch.float64) * 3.0
+    for kw in ({"col_radius": col}, {"row_radius": row}, {"col_radius": col, "row_radius": row}):
+        i, j, d = D.pairs_within(a, b, block_bytes=block_bytes, **kw)
+        bi, bj, bd = _brute(a, b, kw.get("col_radius"), kw.get("row_radius"))
+        assert torch.equal(i, bi) and torch.equal(j, bj)
+        torch.testing.assert_close(d, bd, rtol=1e-13, atol=0.0)
+    with pytest.raises(ValueError, match="radius"):
+        D.pairs_within(a, b)
+
+
+def test_exact_ties_far_from_the_origin_are_decided_exactly():
+    """Integer points offset by 1e4 (the expansion then loses ~1e-8 absolute on squared distances) with
+    radii equal to distances between them: every tie counts as inside (``<=``), as by direct differences,
+    and density/coverage (``<``) leave them out."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-3, 4, (150, 3), generator=g).double() + 1e4
+    b = torch.randint(-3, 4, (120, 3), generator=g).double() + 1e4
+    col = _direct(a, b).diagonal().clone()  # radius of b_j = |a_j - b_j|: at least one tie per ball
+    i, j, d = D.pairs_within(a, b, col_radius=col)
+    bi, bj, bd = _brute(a, b, col)
+    assert torch.equal(i, bi) and torch.equal(j, bj) and torch.equal(d, bd)
+    ties = int((bd == col[bj]).sum())
+    assert ties > 100, ties  # the case is really made of ties
+    # density / coverage against a direct-difference count with the same strict inequality
+    dc = M.density_coverage(a, b, k=5, ref_radii=col)
+    inside = _direct(a, b) < col[None, :]
+    assert dc["density"] == pytest.approx(float(inside.sum()) / (5 * len(a)), abs=0)
+    assert dc["coverage"] == pytest.approx(float(inside.any(0).sum()) / len(b), abs=0)
+
+
+def test_squared_distances_match_direct_ones_to_rounding():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(50, 64, generator=g, dtype=torch.float64) * 3 + 7
+    b = torch.randn(40, 64, generator=g, dtype=torch.float64) * 3 + 7
+    torch.testing.assert_close(D.squared(a, b).clamp_min(0).sqrt(), _direct(a, b), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(D.exact_pairs(a, b, torch.tensor([0, 3]), torch.tensor([5, 1])),
+                               _direct(a, b)[[0, 3], [5, 1]], rtol=1e-15, atol=0.0)
