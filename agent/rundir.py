@@ -102,9 +102,12 @@ class RunDirState:
 
 
 def run_dir_state(run_dir: str | os.PathLike, *, overwrite: bool = False) -> RunDirState:
-    """Record :class:`RunDirState` (reads only; top-level run files are small). With ``overwrite``
-    the old run's files are about to be deleted: undoing then removes the new ones, it cannot bring
-    the old ones back."""
+    """Record :class:`RunDirState` (reads only). With ``overwrite`` the old run's files are about to be
+    deleted: undoing then removes the new ones, it cannot bring the old ones back.
+
+    Top-level run files are small; one larger than :data:`emascope.runformat.MAX_RUN_FILE_BYTES` is
+    refused unread (``ValueError`` naming it, before anything is written), and only regular files
+    are read (a FIFO or device is recorded as absent)."""
     path = Path(run_dir).absolute()
     if not path.exists():
         created = path
@@ -121,11 +124,28 @@ def run_dir_state(run_dir: str | os.PathLike, *, overwrite: bool = False) -> Run
         if name in rf.APPENDED:
             sizes[name] = f.stat().st_size if f.is_file() else None
         else:
-            try:
-                contents[name] = f.read_bytes() if f.is_file() else None
-            except OSError:
-                contents[name] = None
+            contents[name] = _read_run_file(f)
     return RunDirState(None, sizes, contents, frozenset(n for n in rf.SUBDIRS if (path / n).is_dir()))
+
+
+def _read_run_file(f: Path) -> bytes | None:
+    """A top-level run file's bytes (``None``: absent, unreadable or not a regular file); ``ValueError``
+    when it is larger than :data:`emascope.runformat.MAX_RUN_FILE_BYTES` (read at most that plus one)."""
+    limit = rf.MAX_RUN_FILE_BYTES
+    too_big = ValueError(f"{str(f)!r} is larger than {limit // 2**20} MiB, which no run file of emascope's is: "
+                         "it is not a run of this package (move it away, or pass overwrite=True)")
+    try:
+        if not f.is_file():
+            return None
+        if f.stat().st_size > limit:
+            raise too_big
+        with open(f, "rb") as fh:
+            body = fh.read(limit + 1)
+    except OSError:
+        return None
+    if len(body) > limit:
+        raise too_big
+    return body
 
 
 def undo_start(run_dir: str | os.PathLike, state: RunDirState) -> None:

@@ -783,6 +783,9 @@ def model_config_body(*, library: str, cls: str, library_version: str, prefix: s
 MAX_RUN_JSON_BYTES = 16 * 1024 * 1024
 #: Largest ``model_config.json`` read (a real config is a few kB; a hostile one is refused unread).
 MAX_MODEL_CONFIG_BYTES = 16 * 1024 * 1024
+#: Largest replaced top-level run file (run.json, heartbeat.json, model_config.json) ``attach`` keeps a
+#: copy of to undo a failed start; a larger one is no run file of emascope's and is refused unread.
+MAX_RUN_FILE_BYTES = max(MAX_RUN_JSON_BYTES, MAX_MODEL_CONFIG_BYTES)
 
 
 def parse_model_config(body: Any) -> dict[str, Any]:

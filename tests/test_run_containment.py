@@ -484,3 +484,22 @@ def test_resume_onto_an_appended_file_that_is_not_a_regular_file_is_a_clear_erro
         attach(model, torch.optim.Adam(model.parameters()), run_dir=run_dir, resume=True, score_every=None,
                decays=(0.9, 0.99))
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name", [rf.RUN_JSON, rf.HEARTBEAT])
+def test_resume_refuses_a_huge_top_level_run_file_unread(tmp_path, name):
+    """A top-level file attach may replace, grown past any run file's size (a sparse 17 GiB file
+    here): it used to be read whole to undo a failed start. Now refused before anything is written,
+    naming it, after reading nothing of it."""
+    scope, run_dir = _train(tmp_path, "run", 2)
+    scope.close()
+    huge = run_dir / name
+    huge.unlink(missing_ok=True)
+    with open(huge, "wb") as f:
+        f.truncate(17 * 2**30)  # sparse: no disk used, a whole read would need 17 GiB of memory
+    before = {p: p.stat().st_size for p in run_dir.rglob("*") if p.is_file()}
+    model = Denoiser(width=8)
+    with pytest.raises(ValueError, match=f"{name}.* larger than 16 MiB"):
+        attach(model, torch.optim.Adam(model.parameters()), run_dir=run_dir, resume=True, score_every=None,
+               decays=(0.9, 0.99))
+    assert {p: p.stat().st_size for p in run_dir.rglob("*") if p.is_file()} == before
