@@ -9,12 +9,13 @@ writer killed mid-write leaves something :func:`remove_stale_temp_files` recogni
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +193,25 @@ def remove_stale_temp_files(folder: str | os.PathLike, *, min_age_s: float = 0.0
         except OSError:
             continue
     return removed
+
+
+_PIN_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+@contextlib.contextmanager
+def pinned_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Open ``folder`` without following a symlink at its last component (``OSError``, e.g. ELOOP,
+    if it is one) and yield a path that names that open folder while the block runs, whatever is
+    renamed or swapped meanwhile: ``/proc/self/fd/N`` on Linux. Writes under the yielded path (atomic
+    ones included: temp file and rename stay in that folder) never go through a symlink put in the
+    folder's place after the open. Where the OS has no such path, ``folder`` itself is yielded."""
+    fd = os.open(folder, _PIN_FLAGS)
+    try:
+        via = Path(f"/proc/self/fd/{fd}")
+        try:
+            same = os.path.samestat(os.stat(via), os.fstat(fd))
+        except OSError:
+            same = False
+        yield via if same else Path(folder)
+    finally:
+        os.close(fd)

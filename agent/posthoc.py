@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from emascope import runformat as rf
 from emascope.atomic import atomic_write_with
 from emascope.decay_search import SearchResult, search_between
-from emascope.snapshot import ExportError, check_export_target
+from emascope.snapshot import ExportError, check_export_target, write_in_exports
 from emascope.synthesis import (
     Plan,
     SynthesisError,
@@ -159,8 +159,7 @@ def export_synthesized(run_dir: str | os.PathLike, out: str | os.PathLike | None
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot export into the run: {exc}") from None
     sd, report = synthesize(run_dir, decay=decay, sigma_rel=sigma_rel, step=step, dtype=dtype, force=force)
-    path = Path(out) if out is not None else Path(run_dir) / rf.export_file(
-        rf.default_synthesized_export_name(decay, sigma_rel, report.step))
+    filename = Path(rf.export_file(rf.default_synthesized_export_name(decay, sigma_rel, report.step))).name
     run_id = ""
     try:
         snaps = open_snapshots(run_dir)
@@ -172,7 +171,9 @@ def export_synthesized(run_dir: str | os.PathLike, out: str | os.PathLike | None
         decay=decay, sigma_rel=sigma_rel, step=report.step, run_id=run_id, emascope_version=__version__,
         profile_residual=report.profile_residual, predicted_error=report.predicted_error,
         error_bound=report.error_bound)
-    return save_checkpoint(sd, path, meta), report
+    if out is not None:
+        return save_checkpoint(sd, Path(out), meta), report
+    return write_in_exports(run_dir, filename, lambda p: save_checkpoint(sd, p, meta)), report
 
 
 class StateSwap:

@@ -24,17 +24,18 @@ Containment and limits (the run directory may be hostile):
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from emascope import runformat as rf
-from emascope.atomic import atomic_write_json
+from emascope.atomic import atomic_write_json, pinned_folder
 
 #: Directory entries looked at per check (a folder of a million files costs one bounded scan).
 MAX_SCAN = 1024
@@ -187,14 +188,24 @@ class RequestPoller:
         return handled
 
     def _exports_ok(self) -> bool:
-        """``exports/`` is still a real folder of the run (checked again right before each write:
-        a folder swapped for a symlink after the check is written through only in that instant)."""
-        try:
-            rf.run_subdir(self.run_dir, rf.EXPORTS)
-            return True
-        except (ValueError, OSError) as exc:
-            self._notice_once(("dir", rf.EXPORTS), f"export requests are not fulfilled: {exc}")
-            return False
+        """``exports/`` is still a real folder of the run (a notice says why not)."""
+        with self._exports_folder() as folder:
+            return folder is not None
+
+    @contextlib.contextmanager
+    def _exports_folder(self) -> Iterator[Path | None]:
+        """``exports/`` for one write: checked, opened without following a symlink at it and yielded
+        as a path through that open folder (:func:`emascope.atomic.pinned_folder`), so a folder swapped
+        for a symlink after the check is never written through (where the OS has no such path, the
+        checked path: then only the instant between check and write is open). ``None`` (and a
+        notice) when ``exports/`` is not a real folder of the run."""
+        with contextlib.ExitStack() as stack:
+            try:  # OSError (ELOOP): swapped for a symlink since the check
+                folder = stack.enter_context(pinned_folder(rf.run_subdir(self.run_dir, rf.EXPORTS)))
+            except (ValueError, OSError) as exc:
+                self._notice_once(("dir", rf.EXPORTS), f"export requests are not fulfilled: {exc}")
+                folder = None
+            yield folder
 
     def _call_notice(self, message: str) -> None:
         try:
@@ -234,7 +245,10 @@ class RequestPoller:
             rel = rf.export_file(req.name)
             self._check_overwrite(req)
             self._recent.append(self.clock())
-            nbytes = int(self.export_fn(variant, self.run_dir / rel, req.dtype))
+            with self._exports_folder() as folder:
+                if folder is None:
+                    raise ValueError(f"{rf.EXPORTS}/ is not a real folder of the run")
+                nbytes = int(self.export_fn(variant, folder / Path(rel).name, req.dtype))
         except Exception as exc:  # noqa: BLE001 - reported in the status file
             rel, error = None, f"{type(exc).__name__}: {exc}"
         record = self._status(rid, variant, step, rel, nbytes, error, None)
@@ -274,7 +288,10 @@ class RequestPoller:
             nbytes = report = error = None
             out_rel: str | None = rel
             try:
-                nbytes, report = self.synthesize(req, self.run_dir / rel)
+                with self._exports_folder() as folder:
+                    if folder is None:
+                        raise ValueError(f"{rf.EXPORTS}/ is not a real folder of the run")
+                    nbytes, report = self.synthesize(req, folder / Path(rel).name)
             except Exception as exc:  # noqa: BLE001 - reported in the status file
                 out_rel, error = None, f"{type(exc).__name__}: {exc}"
             try:
@@ -294,8 +311,9 @@ class RequestPoller:
                                   step=step, path=rel, nbytes=nbytes, time=time.time(), error=error,
                                   synthesis=synthesis)
         try:
-            if self._exports_ok():
-                atomic_write_json(self.run_dir / rf.status_file(rid), record)
+            with self._exports_folder() as folder:
+                if folder is not None:
+                    atomic_write_json(folder / Path(rf.status_file(rid)).name, record)
         except OSError as exc:
             record["error"] = record["error"] or f"status file: {exc}"
         return record

@@ -91,7 +91,7 @@ from emascope.rundir import (
 )
 from emascope.scoring import Scorer, SweepResult, attach_extractor, cuda_devices
 from emascope.shards import is_dtensor
-from emascope.snapshot import check_export_target, export_checkpoint, load_snapshot, save_snapshot
+from emascope.snapshot import check_export_target, export_checkpoint, load_snapshot, save_snapshot, write_in_exports
 from emascope.sweep_ranks import run_sweep_ranks
 from emascope.version import __version__
 
@@ -514,7 +514,11 @@ class Scope:
             return None
         name = rf.default_export_name(variant, self._step)
         if format == "safetensors":
-            out = self._export(variant, Path(path or self.run_dir / rf.export_file(name)), dtype)
+            if path is not None:
+                out = self._export(variant, Path(path), dtype)
+            else:  # through exports/ as opened at its check: a symlink swapped in is not written through
+                out = write_in_exports(self.run_dir, Path(rf.export_file(name)).name,
+                                       lambda p: self._export(variant, p, dtype))
         else:
             record = model_config_record(self.model)
             if record is None:

@@ -579,5 +579,7 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
         msg = str(exc)
         raise ExportError(msg if msg.startswith("unknown variant") else
                           f"cannot read sharded bank snapshot {str(latest)!r}: {msg}") from None
-    path = Path(out) if out is not None else run_dir / rf.export_file(rf.default_export_name(name, snap.step))
-    return export_variant(snap, name, path, dtype=dtype)
+    if out is not None:
+        return export_variant(snap, name, Path(out), dtype=dtype)
+    filename = Path(rf.export_file(rf.default_export_name(name, snap.step))).name
+    return single.write_in_exports(run_dir, filename, lambda p: export_variant(snap, name, p, dtype=dtype))

@@ -20,6 +20,7 @@ requests and ``emascope export``): a plain state_dict loadable with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -34,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from emascope import runformat as rf
-from emascope.atomic import atomic_write_with
+from emascope.atomic import atomic_write_with, pinned_folder
 from emascope.bank import EMABank
 from emascope.version import __version__
 
@@ -449,6 +450,20 @@ def export_target(run_dir: Path, out: str | os.PathLike | None) -> Path | None:
     return None
 
 
+def write_in_exports(run_dir: str | os.PathLike, filename: str, write: Callable[[Path], Any]) -> Path:
+    """``write(path)`` a file of the run's ``exports/`` folder, through the folder opened at its check
+    (:func:`emascope.atomic.pinned_folder`: ``exports/`` swapped for a symlink meanwhile is never
+    written through); returns ``RUN_DIR/exports/filename``. ``ExportError`` when ``exports/`` is not
+    a real folder of the run."""
+    with contextlib.ExitStack() as stack:
+        try:  # OSError (ELOOP): exports/ became a symlink since it was checked
+            folder = stack.enter_context(pinned_folder(rf.run_subdir(run_dir, rf.EXPORTS)))
+        except (ValueError, OSError) as exc:
+            raise ExportError(f"cannot export into the run: {exc}") from None
+        write(folder / filename)
+    return Path(run_dir) / rf.EXPORTS / filename
+
+
 def check_export_target(run_dir: str | os.PathLike, out: str | os.PathLike, *, folder: bool = False) -> Path:
     """``out`` as a checked output path for an export of the run in ``run_dir``; :class:`ExportError`
     naming the problem.
@@ -514,9 +529,13 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
         name = bank.resolve(variant)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    path = Path(out) if out is not None else run_dir / rf.export_file(rf.default_export_name(name, bank.step))
     run_id = snapshot_metadata(snapshot).get("run_id", "")
+    filename = Path(rf.export_file(rf.default_export_name(name, bank.step))).name
+    path = Path(out) if out is not None else run_dir / rf.EXPORTS / filename
     try:
-        return export_checkpoint(bank, name, path, dtype=dtype, run_id=run_id)
+        if out is not None:
+            return export_checkpoint(bank, name, path, dtype=dtype, run_id=run_id)
+        return write_in_exports(run_dir, filename, lambda p: export_checkpoint(bank, name, p, dtype=dtype,
+                                                                               run_id=run_id))
     except OSError as exc:
         raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None

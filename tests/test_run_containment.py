@@ -199,6 +199,57 @@ def test_exports_swapped_for_a_symlink_during_a_check_gets_nothing_more(tmp_path
     assert len(notices) == 1 and "symlink" in notices[0]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
+def test_exports_swapped_for_a_symlink_between_the_check_and_the_write_writes_nothing_outside(tmp_path):
+    """The instant the check used to leave open: ``exports/`` replaced by a symlink to the user's folder
+    after the check, before the checkpoint is written. The checkpoint is written through the folder
+    opened at the check (it lands in the real one, now ``exports.real``), nothing goes through the link,
+    and the status file, checked afresh, is not written through it either."""
+    run_dir = _run_dir(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _request(run_dir / "requests", "a", name="ma")
+    written: list = []
+    poller, results, notices = _poller(run_dir, written)
+    export_fn = poller.export_fn
+
+    def swap_then_export(variant, path, dtype):
+        (run_dir / "exports").rename(run_dir / "exports.real")
+        (run_dir / "exports").symlink_to(outside, target_is_directory=True)
+        return export_fn(variant, path, dtype)  # writes `path` atomically (temp file + rename)
+
+    poller.export_fn = swap_then_export
+    poller.poll(1)
+    assert list(outside.iterdir()) == []
+    assert (run_dir / "exports.real" / "ma.safetensors").read_bytes() == b"checkpoint"
+    assert [p.name for p in (run_dir / "exports.real").iterdir()] == ["ma.safetensors"]  # no temp file left
+    assert results[0]["state"] == "done" and any("symlink" in n for n in notices)  # status: not written
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
+def test_user_exports_into_the_run_are_written_through_the_folder_checked(tmp_path):
+    """The same for exports the user starts (``emascope export``, ``scope.export()``, synthesised
+    exports: ``snapshot.write_in_exports``): a swap between the check and the write lands the file in
+    the real folder, nothing in the user's; a symlink already there is refused, naming the problem."""
+    from emascope.snapshot import ExportError, write_in_exports
+
+    run_dir = _run_dir(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+
+    def swap_then_write(path):
+        (run_dir / "exports").rename(run_dir / "exports.real")
+        (run_dir / "exports").symlink_to(outside, target_is_directory=True)
+        atomic_write_bytes(path, b"weights")
+
+    out = write_in_exports(run_dir, "m.safetensors", swap_then_write)
+    assert out == run_dir / "exports" / "m.safetensors"
+    assert list(outside.iterdir()) == [] and (run_dir / "exports.real" / "m.safetensors").read_bytes() == b"weights"
+    with pytest.raises(ExportError, match="symlink"):
+        write_in_exports(run_dir, "n.safetensors", lambda p: atomic_write_bytes(p, b"x"))
+    assert list(outside.iterdir()) == []
+
+
 # ------------------------------------------------------------------ export names: one validation
 
 
@@ -223,8 +274,8 @@ def test_agent_and_dashboard_accept_the_same_export_names(tmp_path, name):
     assert agent_ok == dashboard_ok, results[0]
     if name in ("...", ".hidden", "..", "."):
         assert not agent_ok and "invalid export name" in results[0]["error"]
-    for _, path in written:  # whatever was accepted lies in exports/ and is not hidden
-        assert path.parent == run_dir / "exports" and not path.name.startswith(".")
+    for _, path in written:  # whatever was accepted lies in exports/ (written through the open folder) and is
+        assert (run_dir / "exports" / path.name).is_file() and not path.name.startswith(".")  # not hidden
     assert sorted(p.name for p in (run_dir / "exports").iterdir() if p.name.startswith(".")) == []
 
 
