@@ -29,7 +29,7 @@ from emascope import runformat as rf
 from emascope.atomic import atomic_write_json
 from emascope.bank import EMABank
 from emascope.shardfiles import latest_snapshot, load_bank, open_snapshot
-from emascope.snapshot import ExportError, check_export_target, export_checkpoint, snapshot_metadata
+from emascope.snapshot import ExportError, check_export_target, export_checkpoint, snapshot_metadata, write_in_exports
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,9 @@ def export_pretrained(run_dir: str | os.PathLike, variant: str, fmt: str, out: s
     run_id = (open_snapshot(snapshot).run_id if snapshot.name.endswith(".json")
               else snapshot_metadata(snapshot).get("run_id", ""))
     try:
-        return export_pretrained_from_bank(bank, name, record, path, fmt=fmt, dtype=dtype, run_id=run_id)
+        if out is not None:
+            return export_pretrained_from_bank(bank, name, record, path, fmt=fmt, dtype=dtype, run_id=run_id)
+        return write_in_exports(run_dir, path.name, lambda p: export_pretrained_from_bank(
+            bank, name, record, p, fmt=fmt, dtype=dtype, run_id=run_id))
     except OSError as exc:
         raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
