@@ -5,6 +5,7 @@ OMP_NUM_THREADS=1 python bench/uncertainty.py                    # cost + racing
 OMP_NUM_THREADS=1 python bench/uncertainty.py --calibration      # coverage of the 95% intervals
 OMP_NUM_THREADS=1 python bench/uncertainty.py --fresh-racing 4000 --racing-metrics log_likelihood,fd,tail_coverage
 OMP_NUM_THREADS=1 python bench/uncertainty.py --fresh --runs tree2d,digits --no-racing   # cost, side by side
+OMP_NUM_THREADS=1 python bench/uncertainty.py --scale 5000                      # FD/KID half values at d = 2048
 ```
 
 The shipped runs under ``sample_runs/runs`` were written with intervals: every sweep recorded its
@@ -320,6 +321,34 @@ def calibration(reps: int, dims: list[int], n: int) -> None:
     print(f"\n(99.9% binomial band for {reps} repetitions at 95%: about {lo:.1%} .. {hi:.1%})\n")
 
 
+def scale(n: int, d: int, exact_reps: int) -> None:
+    """FD and KID half values at feature scale (Gaussian features, one CPU thread): Eq. U-4 against the
+    FD recomputed on each half (timed on ``exact_reps`` halves, scaled to 100), side by side."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 1.1
+    stats = M.frechet_statistics(ref)
+    root = U.sqrtm_psd(stats["sigma"])
+    masks = U.half_sample_masks(n, U.DEFAULT_REPLICATES, 0)
+
+    def timed(fn: Any) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    one = timed(lambda: M.frechet_distance_from_statistics(M.frechet_statistics(x), stats))
+    linear = timed(lambda: U.fd_replicates(x, stats, masks, sqrt_cov_ref=root, method="linear"))
+    exact = timed(lambda: U.fd_replicates(x, stats, masks[:exact_reps], sqrt_cov_ref=root, method="exact"))
+    exact *= len(masks) / exact_reps
+    term = U.kid_reference_term(ref)
+    kid = timed(lambda: U.kid_replicates(x, ref, masks, ref_term=term))
+    print(f"## Half values at scale: n = m = {n:,}, d = {d}, {len(masks)} halves, one CPU thread\n")
+    print("| one FD | FD halves, Eq. U-4 | FD halves recomputed (from "
+          f"{exact_reps}, scaled) | ratio | KID halves |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {one:.1f} s | {linear:.1f} s | {exact:.0f} s | **{exact / linear:.0f}x** | {kid:.1f} s |\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="tree2d,digits", help="shipped runs for the cost table")
@@ -339,8 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh-racing", type=int, default=0, metavar="N",
                    help="race tree2d's last stage against a full sweep scored here, N samples per variant")
     p.add_argument("--fresh-batch", type=int, default=250, help="batch size of --fresh-racing")
+    p.add_argument("--scale", type=int, default=0, metavar="N",
+                   help="only the FD/KID half values at N samples and --scale-dim features (Inception: 2048)")
+    p.add_argument("--scale-dim", type=int, default=2048)
+    p.add_argument("--scale-exact", type=int, default=4, help="halves recomputed exactly under --scale")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.scale:
+        scale(args.scale, args.scale_dim, args.scale_exact)
+        return 0
     if args.calibration:
         calibration(args.calibration_reps, [int(d) for d in args.calibration_dims.split(",") if d],
                     args.calibration_n)

@@ -456,3 +456,17 @@ def test_a_reference_too_small_to_split_gives_a_notice_not_an_error(tmp_path):
     assert "8 items" in notice["message"] and "nearest_k=5" in notice["message"]
     assert not [e for e in events if e["type"] == "noise_floor"]
     assert {r["variant"] for r in _metrics(tmp_path / "r") if r["metric"] == "fd"} == {"raw", "0.9"}
+
+
+def test_the_scale_bench_runs_and_prints_its_side_by_side_row():
+    """Smoke test of ``bench/uncertainty.py --scale`` (no time is asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "uncertainty.py"
+    out = subprocess.run([sys.executable, str(bench), "--scale", "120", "--scale-dim", "16", "--scale-exact", "2"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "Half values at scale: n = m = 120, d = 16" in out
+    row = out.strip().splitlines()[-1]
+    assert row.startswith("|") and row.count("|") == 6 and "x**" in row
