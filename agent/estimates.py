@@ -101,7 +101,8 @@ def group_estimates(group: str, values: Mapping[str, Any], feats: Features, ref:
         if name == "kid_mean" and M.finite_or_none(values.get("kid_std")) is not None:
             extra = float(values["kid_std"]) ** 2 / max(1, cfg.kid_subsets)
         r = reps.get(name) if name not in U.SPREAD_METRICS else None
-        out[name] = U.Estimate(math.nan if v is None else v, r, n, extra if r is not None else None)
+        kept = n - 1 if name in U.DELETE_ONE_METRICS else None
+        out[name] = U.Estimate(math.nan if v is None else v, r, n, extra if r is not None else None, kept)
     return out
 
 

@@ -287,6 +287,8 @@ def _calibrate(d: int, reps: int, n: int) -> dict[str, tuple[float, float]]:
     def stat(x: torch.Tensor, mk: torch.Tensor) -> dict[str, np.ndarray]:
         s = U.neighbour_structure(x, ref, mk, ref_radii_prc=rp, ref_radii_dc=rd)
         out = U.prdc_replicates(s, mk)
+        if mk is full:  # coverage's replicates delete one sample each: its full value comes apart
+            out["coverage"] = np.array([U.prdc_values(s)["coverage"]])
         out["fd"] = U.fd_replicates(x, stats, mk, sqrt_cov_ref=root)
         out["kid_mean"] = U.kid_replicates(x, ref, mk, ref_term=term)
         return out
@@ -301,7 +303,7 @@ def _calibrate(d: int, reps: int, n: int) -> dict[str, tuple[float, float]]:
         v = {k: a[0] for k, a in stat(x, full).items()}
         r = stat(x, masks)
         for k in truth:
-            est = U.Estimate(v[k], r[k], n)
+            est = U.Estimate(v[k], r[k], n, kept=n - 1 if k in U.DELETE_ONE_METRICS else None)
             lo, hi = est.interval(0.95, k)
             hits[k] += lo <= truth[k] <= hi
             ratio[k].append(est.se / sd[k])
