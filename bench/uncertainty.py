@@ -241,13 +241,15 @@ def racing_bench(metrics: list[str], tmp: Path, racing_first: float | None) -> N
     print()
 
 
-def fresh_racing(metrics: list[str], num_samples: int, batch_size: int, tmp: Path) -> None:
+def fresh_racing(metrics: list[str], num_samples: int, batch_size: int, tmp: Path,
+                 racing_first: float | None = None) -> None:
     """Race the last stage of the shipped tree2d run from its bank, on each metric, against a full
     sweep of the same stage scored in the same process with the same settings (the agent's own
     ``Scorer.sweep``, with and without ``racing``): samples drawn, wall times, the final best and the
     full sweep's tie with its best. For shipped runs that recorded no comparison (written before
     intervals), and to choose the sample size."""
     over = {"num_samples": num_samples, "batch_size": batch_size, "noise_floor": False}
+    race_over = {} if racing_first is None else {"racing_first": racing_first}
     print(f"## Racing on tree2d against a full sweep (default 11-variant sweep, bank of the shipped run's "
           f"last stage, {num_samples:,} samples per variant in batches of {batch_size})\n")
     print("| racing metric | samples drawn | full sweep | fewer samples | wall: race / full sweep "
@@ -258,15 +260,17 @@ def fresh_racing(metrics: list[str], num_samples: int, batch_size: int, tmp: Pat
     print(f"<!-- full sweep: {full['wall']:.1f} s, intervals inside it {t['uncertainty']:.1f} s "
           f"({t['uncertainty'] / full['done']['seconds']:.1%}); timings {json.dumps(t)} -->", flush=True)
     for metric in metrics:
-        out = sweep("tree2d", tmp, racing=True, racing_metric=metric, **over)
+        out = sweep("tree2d", tmp, racing=True, racing_metric=metric, **over, **race_over)
         done = out["done"]
         drawn, total = done["samples_drawn"], full["done"]["samples_full"]
         fb, ft = _ties(full["comparison"], metric)
         rb, _ = _ties(out["comparison"], metric)
         same = "yes" if rb == fb else ("tie" if rb in ft else "NO")
+        rounds = ", ".join(f"{r['n']:,}: {len(r['variants'])}" for r in (done.get("racing") or {}).get("rounds", []))
         print(f"| {metric} | {drawn:,} | {total:,} | **{total / max(1, drawn):.2f}x** "
               f"| {out['wall']:.0f} s / {full['wall']:.0f} s | {fb}, {{{', '.join(ft)}}} | {rb} | {same} |",
               flush=True)
+        print(f"<!-- {metric}: rounds (samples per variant: variants) {rounds} -->", flush=True)
     print()
 
 
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="emascope-bench-unc-") as tmp:
         if args.fresh_racing:
             fresh_racing([m for m in args.racing_metrics.split(",") if m], args.fresh_racing, args.fresh_batch,
-                         Path(tmp))
+                         Path(tmp), args.racing_first)
             return 0
         names = [r for r in args.runs.split(",") if r]
         if not args.no_cost:
