@@ -90,3 +90,28 @@ def pairs_within(a: torch.Tensor, b: torch.Tensor, **kwargs: Any) -> tuple[torch
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, empty.clone(), torch.zeros(0, dtype=torch.float64)
     return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
+
+def kth_nearest(a: torch.Tensor, k: int, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+    """Distance from every row of ``a`` to its ``k``-th nearest row counting itself (``k = 1``: itself,
+    0), exact: ``float64 [n]``, as ``torch.cdist(a, a).kthvalue(k)`` by direct differences.
+
+    Per block of rows: the expanded squared distances give each row's ``k``-th smallest; every entry
+    within the screen's margin of it (so every true ``k`` nearest) is recomputed exactly, and the
+    ``k``-th smallest of those is the answer."""
+    a64 = a.to(torch.float64)
+    n = len(a64)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    centre = a64.mean(0)
+    slack = 64 * torch.finfo(torch.float64).eps * float(((a64 - centre) ** 2).sum(1).max()) * 2
+    out = torch.empty(n, dtype=torch.float64)
+    step = max(1, int(block_bytes) // max(1, n * 8))
+    for s in range(0, n, step):
+        sq = squared(a64[s:s + step], a64, centre)
+        kth = sq.topk(k, dim=1, largest=False).values[:, -1:]
+        i, j = (sq <= kth.clamp_min(0.0) * (1.0 + SCREEN_RTOL) + slack).nonzero(as_tuple=True)
+        exact = torch.full_like(sq, torch.inf)
+        exact[i, j] = exact_pairs(a64, a64, i + s, j)
+        out[s:s + step] = exact.topk(k, dim=1, largest=False).values[:, -1]
+    return out

@@ -73,12 +73,6 @@ def rows_per_block(n_cols: int, block_bytes: int = DEFAULT_BLOCK_BYTES, itemsize
     return max(1, int(block_bytes) // max(1, int(n_cols) * itemsize))
 
 
-def _cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # Direct differences, not the matmul expansion: exact enough that a ball-membership test on
-    # near-ties agrees with a float64 reference.
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
-
-
 # ----------------------------------------------------------------------------------------------
 # Frechet distance (Heusel et al. 2017, eq. "FID = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^1/2)")
 
@@ -188,13 +182,13 @@ def inception_score(logits: torch.Tensor, *, splits: int = 10, seed: int = 2020)
 def knn_radii(ref: torch.Tensor, k: int = 5, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
     """Distance of every ref point to its k-th nearest *other* ref point, float64 ``[n_ref]``.
 
-    ``NND_k(X_i)`` of Naeem et al.: the k+1-th smallest distance counting the point itself.
+    ``NND_k(X_i)`` of Naeem et al.: the k+1-th smallest distance counting the point itself; exact
+    (:func:`emascope.distances.kth_nearest`: a matmul screen, exact distances for the candidates).
     """
     ref = _check_features("ref", ref)
     if k < 1 or k >= len(ref):
         raise ValueError(f"k must be in [1, n_ref - 1], got {k} (n_ref={len(ref)})")
-    rows = rows_per_block(len(ref), block_bytes)
-    return torch.cat([_cdist(chunk, ref).kthvalue(k + 1, dim=1).values for chunk in ref.split(rows)])
+    return distances.kth_nearest(ref, k + 1, block_bytes=block_bytes)
 
 
 def density_coverage(gen: torch.Tensor, ref: torch.Tensor, *, k: int = 5,

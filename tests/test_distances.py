@@ -67,3 +67,19 @@ def test_squared_distances_match_direct_ones_to_rounding():
     torch.testing.assert_close(D.squared(a, b).clamp_min(0).sqrt(), _direct(a, b), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(D.exact_pairs(a, b, torch.tensor([0, 3]), torch.tensor([5, 1])),
                                _direct(a, b)[[0, 3], [5, 1]], rtol=1e-15, atol=0.0)
+
+
+@pytest.mark.parametrize("block_bytes", [64 * 2**20, 5000])
+def test_kth_nearest_equals_the_direct_kthvalue(block_bytes):
+    """Random 64-d points far from the origin, and integer points with many exact ties: the k-th
+    nearest distance (counting itself) equals ``cdist(...).kthvalue(k)`` by direct differences."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(400, 64, generator=g, dtype=torch.float64) * 2 + 50
+    for k in (1, 4, 6):
+        torch.testing.assert_close(D.kth_nearest(a, k, block_bytes=block_bytes),
+                                   _direct(a, a).kthvalue(k, dim=1).values, rtol=1e-14, atol=0.0)
+    grid = torch.randint(-2, 3, (300, 3), generator=g).double() + 1e4
+    assert torch.equal(D.kth_nearest(grid, 6, block_bytes=block_bytes), _direct(grid, grid).kthvalue(6, dim=1).values)
+    assert torch.equal(M.knn_radii(grid, 5), _direct(grid, grid).kthvalue(6, dim=1).values)
+    with pytest.raises(ValueError, match="k must be"):
+        D.kth_nearest(grid, 0)
