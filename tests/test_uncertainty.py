@@ -274,6 +274,13 @@ def test_linearized_fd_replicates_track_the_exact_ones_at_a_fraction_of_the_cost
         se_e, se_l = math.sqrt(U.jackknife_variance(exact, n)), math.sqrt(U.jackknife_variance(linear, n))
         assert se_l == pytest.approx(se_e, rel=0.10), (n, d, se_e, se_l)
         assert np.corrcoef(exact, linear)[0, 1] > 0.9
+    # collapsed samples (no spread at all): the tangent is not finite, auto falls back to the exact halves
+    flat = torch.full((200, 8), 0.5, dtype=torch.float64)
+    st8 = M.frechet_statistics(torch.randn(200, 8, generator=g, dtype=torch.float64))
+    m200 = U.half_sample_masks(200, 10, seed=4)
+    auto = U.fd_replicates(flat, st8, m200)
+    assert np.isfinite(auto).all()
+    np.testing.assert_array_equal(auto, U.fd_replicates(flat, st8, m200, method="exact"))
     # more features than rows in a half: the tangent does not exist, auto stays exact
     x = torch.randn(20, 12, generator=g, dtype=torch.float64)
     st = M.frechet_statistics(torch.randn(30, 12, generator=g, dtype=torch.float64))
