@@ -37,6 +37,12 @@ def squared(a: torch.Tensor, b: torch.Tensor, centre: torch.Tensor | None = None
     return sq.addmm_(a, b.T, alpha=-2.0)
 
 
+def _slack(centre: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Absolute margin of the screen: the expansion's rounding on the largest centred squared norms."""
+    scale = sum(float(((x - centre) ** 2).sum(1).max()) for x in (a, b) if len(x))
+    return 64 * torch.finfo(torch.float64).eps * scale
+
+
 def exact_pairs(a: torch.Tensor, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """``|a_i - b_j|`` for the listed index pairs, from the direct differences (float64 ``[len(i)]``)."""
     diff = a[i].to(torch.float64) - b[j].to(torch.float64)
@@ -55,9 +61,7 @@ def iter_pairs_within(a: torch.Tensor, b: torch.Tensor, *, col_radius: torch.Ten
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
     n, m = len(a64), len(b64)
     centre = b64.mean(0)
-    # absolute slack: the expansion's rounding on the largest centred squared norms
-    scale = sum(float(((x - centre) ** 2).sum(1).max()) for x in (a64, b64) if len(x))
-    slack = 64 * torch.finfo(torch.float64).eps * scale
+    slack = _slack(centre, a64, b64)
     col = None if col_radius is None else col_radius.to(torch.float64)[None, :]
     row = None if row_radius is None else row_radius.to(torch.float64)[:, None]
     # the screen's squared thresholds, per column and per row (radii >= 0: max commutes with squaring)
@@ -104,7 +108,7 @@ def kth_nearest(a: torch.Tensor, k: int, *, block_bytes: int = DEFAULT_BLOCK_BYT
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     centre = a64.mean(0)
-    slack = 64 * torch.finfo(torch.float64).eps * float(((a64 - centre) ** 2).sum(1).max()) * 2
+    slack = _slack(centre, a64, a64)
     out = torch.empty(n, dtype=torch.float64)
     step = max(1, int(block_bytes) // max(1, n * 8))
     for s in range(0, n, step):
