@@ -31,6 +31,7 @@ from emascope import runformat as rf
 from emascope import uncertainty as U
 from emascope.config import ScoringConfig
 from emascope.features import Features
+from emascope.kid import KERNELS_KEY
 
 #: Below this many samples no interval is computed (halves of fewer than 10 samples say little).
 MIN_SAMPLES = 20
@@ -57,24 +58,37 @@ def _ref_cached(ref: Any, key: Any, build: Callable[[], Any]) -> Any:
     return cache[key]
 
 
+#: Key of a variant's :class:`~emascope.uncertainty.NeighbourStructure` in the per-variant cache.
+STRUCTURE = "prdc_structure"
+
+
+def neighbour_structure(feats: Features, ref: Any, cfg: ScoringConfig, masks: torch.Tensor) -> U.NeighbourStructure:
+    """The k-NN structure of one variant (:func:`emascope.uncertainty.neighbour_structure`) with the
+    reference's shared radii. Its :func:`~emascope.uncertainty.prdc_values` equal the four k-NN metrics
+    bit for bit, so a sweep with intervals builds it first and takes the metric values from it."""
+    k = cfg.prc_neighborhood
+    return U.neighbour_structure(feats.features, ref.features.features, masks, prc_k=k,
+                                 ref_radii_prc=ref.prc_radii(k), dc_k=ref.nearest_k, ref_radii_dc=ref.radii)
+
+
 def group_replicates(group: str, feats: Features, ref: Any, cfg: ScoringConfig, masks: torch.Tensor,
                      cache: dict[str, Any]) -> dict[str, np.ndarray]:
     """Half-sample replicates of the metrics of one metric group (``fid``/``fd``, ``kid``, ``prc``,
     ``density_coverage``, ``isc``) for one variant; ``cache`` is per variant (precision/recall and
-    density/coverage share one neighbour structure). Unknown groups give ``{}``."""
+    density/coverage share one neighbour structure, built here unless ``cache[STRUCTURE]`` holds
+    it). Unknown groups give ``{}``."""
     gen, real = feats.features, ref.features.features
     if group in ("fid", "fd"):
         root = _ref_cached(ref, "sqrt_sigma", lambda: U.sqrtm_psd(ref.stats["sigma"]))
         return {group: U.fd_replicates(gen, ref.stats, masks, sqrt_cov_ref=root)}
     if group == "kid":
         term = _ref_cached(ref, "kid_term", lambda: U.kid_reference_term(real))
-        return {"kid_mean": U.kid_replicates(gen, real, masks, ref_term=term)}
+        return {"kid_mean": U.kid_replicates(gen, real, masks, ref_term=term, kernels=cache.get(KERNELS_KEY))}
     if group in ("prc", "density_coverage"):
         if "prdc" not in cache:
-            k = cfg.prc_neighborhood
-            prc_radii = _ref_cached(ref, ("prc_radii", k), lambda: M.knn_radii(real, k))
-            s = U.neighbour_structure(gen, real, masks, prc_k=k, ref_radii_prc=prc_radii, dc_k=ref.nearest_k,
-                                      ref_radii_dc=ref.radii)
+            s = cache.get(STRUCTURE)
+            if s is None:
+                s = neighbour_structure(feats, ref, cfg, masks)
             cache["prdc"] = U.prdc_replicates(s, masks)
         names = ("precision", "recall") if group == "prc" else ("density", "coverage")
         return {k: cache["prdc"][k] for k in names}

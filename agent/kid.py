@@ -27,6 +27,7 @@ Memory: blocks of at most ``block_bytes`` of the kernel matrix plus ``[S, n]`` f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,8 @@ import torch
 
 #: Memory budget (bytes) of one block of kernel values built at a time.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
+#: Key under which :meth:`KIDPlan.values` leaves a variant's :class:`KIDKernels` in its ``keep`` dict.
+KERNELS_KEY = "kid_kernels"
 
 
 def subset_indices(n_gen: int, n_ref: int, subset_size: int, subsets: int,
@@ -67,12 +70,16 @@ def _indicator(idx: np.ndarray, n: int, device: torch.device) -> torch.Tensor:
 
 
 def subset_kernel_sums(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
-                       exclude_diagonal: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+                       exclude_diagonal: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                       a_of: torch.Tensor | None = None,
+                       on_block: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """``[S]``: for every subset s, ``sum_{i in A_s, j in B_s} k(x_i, y_j)`` with ``A``/``B`` given as
-    0/1 indicator rows ``a [S, len(x)]``, ``b [S, len(y)]`` (``a_s^T K b_s``). With
+    0/1 indicator rows ``a [U, len(x)]``, ``b [S, len(y)]`` (``a_s^T K b_s``). ``a_of [S]``: the row of
+    ``a`` subset ``s`` uses (default: row ``s``; several subsets can share one distinct row). With
     ``exclude_diagonal`` (x is y and a is b) the terms ``i == j`` are left out.
 
-    K is built ``block_bytes`` at a time (rows of x); only ``[S, len(y)]`` accumulates.
+    K is built ``block_bytes`` at a time (rows of x); only ``[U, len(y)]`` accumulates.
+    ``on_block(start, k)`` sees every block (rows ``start ..`` of K) as it is built.
     """
     rows = max(1, int(block_bytes) // max(1, len(y) * 8))
     acc = torch.zeros(a.shape[0], len(y), dtype=torch.float64, device=x.device)
@@ -83,20 +90,37 @@ def subset_kernel_sums(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: tor
         if exclude_diagonal:
             d = k.diagonal(offset=start)  # K[i, i] for the rows i of this block
             diag += a[:, start:start + len(d)] @ d
+        if on_block is not None:
+            on_block(start, k)
+    if a_of is not None:
+        acc, diag = acc[a_of], diag[a_of]
     return (acc * b).sum(dim=1) - diag
+
+
+@dataclass
+class KIDKernels:
+    """One variant's kernel values, kept by :meth:`KIDPlan.values` for its intervals
+    (:func:`emascope.uncertainty.kid_replicates`): ``gen [n, n]`` (generated-generated) and ``cross_sums
+    [n]`` (each generated point's kernel sum over every reference point), float64."""
+
+    gen: torch.Tensor
+    cross_sums: torch.Tensor
 
 
 @dataclass
 class KIDPlan:
     """The reference side of KID, shared by every variant with the same number of samples.
 
-    Holds the reference features (float64, on ``device``), the subsets (as indicator rows) and
-    each reference subset's kernel sum ``sum_{i != j in R_s} k(r_i, r_j)``. Build it once with
-    :meth:`build`, then call it on each variant's features.
+    Holds the reference features (float64, on ``device``), the subsets (as indicator rows; the
+    generated side as its distinct rows plus which one each subset uses: when the subset size is the
+    number of samples every subset is all of them) and each reference subset's kernel sum
+    ``sum_{i != j in R_s} k(r_i, r_j)``. Build it once with :meth:`build`, then call it on each
+    variant's features.
     """
 
     ref: torch.Tensor
-    gen_rows: torch.Tensor          # [S, n_gen] 0/1
+    gen_rows: torch.Tensor          # [U, n_gen] 0/1, the distinct generated subsets
+    gen_of: torch.Tensor            # [S] int64: the row of gen_rows subset s uses
     ref_rows: torch.Tensor          # [S, n_ref] 0/1
     ref_sums: torch.Tensor          # [S]
     n_gen: int
@@ -121,23 +145,41 @@ class KIDPlan:
         gi, ri = subset_indices(n_gen, n_ref, subset_size, subsets, seed)
         ref_rows = _indicator(ri, n_ref, dev)
         sums = subset_kernel_sums(r, r, ref_rows, ref_rows, exclude_diagonal=True, block_bytes=block_bytes)
-        return cls(r, _indicator(gi, n_gen, dev), ref_rows, sums, n_gen, subset_size, block_bytes)
+        gen_rows, gen_of = torch.unique(_indicator(gi, n_gen, dev), dim=0, return_inverse=True)
+        return cls(r, gen_rows, gen_of, ref_rows, sums, n_gen, subset_size, block_bytes)
 
-    def values(self, gen: torch.Tensor) -> torch.Tensor:
-        """The S unbiased MMD^2 values (float64 ``[S]``, on the plan's device) for ``gen``."""
+    def values(self, gen: torch.Tensor, keep: dict[str, KIDKernels] | None = None) -> torch.Tensor:
+        """The S unbiased MMD^2 values (float64 ``[S]``, on the plan's device) for ``gen``.
+
+        ``keep``: when the generated-generated kernel fits in one block (``n^2 * 8 <= block_bytes``),
+        ``keep[KERNELS_KEY]`` receives this variant's kernel values (:class:`KIDKernels`) for its
+        intervals, so that they are not computed twice."""
         if len(gen) != self.n_gen or gen.dim() != 2 or gen.shape[1] != self.ref.shape[1]:
             raise ValueError(f"this KID plan takes [{self.n_gen}, {self.ref.shape[1]}] features, got "
                              f"{list(gen.shape)}")
         g = gen.detach().to(self.ref.device, torch.float64)
         m = self.subset_size
+        held = keep is not None and len(g) ** 2 * 8 <= self.block_bytes
+        kern = KIDKernels(torch.empty(0), torch.empty(len(g), dtype=torch.float64, device=g.device))
+
+        def hold_gen(start: int, k: torch.Tensor) -> None:
+            kern.gen = k  # the whole matrix: one block
+
+        def hold_cross(start: int, k: torch.Tensor) -> None:
+            kern.cross_sums[start:start + len(k)] = k.sum(1)
+
         gg = subset_kernel_sums(g, g, self.gen_rows, self.gen_rows, exclude_diagonal=True,
-                                block_bytes=self.block_bytes)
-        gr = subset_kernel_sums(g, self.ref, self.gen_rows, self.ref_rows, block_bytes=self.block_bytes)
+                                block_bytes=self.block_bytes, on_block=hold_gen if held else None)[self.gen_of]
+        gr = subset_kernel_sums(g, self.ref, self.gen_rows, self.ref_rows, block_bytes=self.block_bytes,
+                                a_of=self.gen_of, on_block=hold_cross if held else None)
+        if held and keep is not None:
+            keep[KERNELS_KEY] = kern
         return (gg + self.ref_sums) / (m * (m - 1)) - 2.0 * gr / (m * m)
 
-    def __call__(self, gen: torch.Tensor) -> dict[str, float]:
-        """``{"kid_mean", "kid_std", "kid_subset_size"}`` for generated features ``gen [n_gen, d]``."""
-        v = self.values(gen)
+    def __call__(self, gen: torch.Tensor, keep: dict[str, KIDKernels] | None = None) -> dict[str, float]:
+        """``{"kid_mean", "kid_std", "kid_subset_size"}`` for generated features ``gen [n_gen, d]``
+        (``keep``: see :meth:`values`)."""
+        v = self.values(gen, keep)
         return {"kid_mean": float(v.mean()), "kid_std": float(v.std(correction=0)),
                 "kid_subset_size": self.subset_size}
 

@@ -6,13 +6,16 @@ float64 here (integer features too). Features holding NaN/Inf are refused with a
 no metric returns a number computed from them. Nothing in this module touches models, files or
 global state.
 
-FID/FD, precision/recall and the Inception Score go through torch-fidelity's own metric functions
-(``metric_fid``, ``metric_prc``, ``metric_isc``); this module only picks safe arguments (subset
-sizes, batch sizes) for them. KID is torch-fidelity's estimator with torch-fidelity's subsets,
+FID/FD and the Inception Score go through torch-fidelity's own metric functions (``metric_fid``,
+``metric_isc``); this module only picks safe arguments for them. Precision/recall is torch-fidelity's
+``metric_prc`` estimator with exact distances and reference radii shared between calls (its own
+recomputes them for every variant and decides ball edges on ``torch.cdist``'s matrix-product rounding;
+tested equal on data without edge ties). KID is torch-fidelity's estimator with torch-fidelity's subsets,
 computed with torch on the feature device by :mod:`emascope.kid` (tested equal to
 ``kid_features_to_metric`` to 1e-6; 10x-100x faster, see that module). Density and coverage (Naeem et al. 2020,
 "Reliable Fidelity and Diversity Metrics for Generative Models"), which torch-fidelity lacks, are
-implemented here with chunked ``torch.cdist`` so that no ``N x N`` matrix is ever built.
+implemented here; every k-NN ball test is screened by a matrix product in blocks and decided on
+exact distances (:mod:`emascope.distances`), so that no ``N x N`` matrix is ever built.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import numpy as np
 import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
 
 from emascope import distances
 from emascope.kid import KIDPlan
@@ -114,18 +116,19 @@ def kid_subset_size_for(n_gen: int, n_ref: int, requested: int | None = None) ->
 
 def kid(gen: torch.Tensor, ref: torch.Tensor, *, subset_size: int | None = None, subsets: int = 100,
         seed: int = 2020, device: str | torch.device | None = None,
-        plan: KIDPlan | None = None) -> dict[str, float]:
+        plan: KIDPlan | None = None, keep: dict[str, Any] | None = None) -> dict[str, float]:
     """KID mean and std over ``subsets`` random subsets: torch-fidelity's ``kid_features_to_metric``
     (same estimator, same subsets), computed with torch on ``device`` (:mod:`emascope.kid`).
 
     ``subset_size`` is capped by :func:`kid_subset_size_for`. Returns ``kid_mean``, ``kid_std``
     and ``kid_subset_size`` (the size actually used). ``plan``: a :func:`kid_plan` built for this
-    ``ref`` and these settings (shares the reference side between calls).
+    ``ref`` and these settings (shares the reference side between calls). ``keep``: receives the
+    variant's kernel values for its intervals (:meth:`emascope.kid.KIDPlan.values`).
     """
     gen, ref = _check_pair(gen, ref)
     if plan is None:
         plan = kid_plan(ref, len(gen), subset_size=subset_size, subsets=subsets, seed=seed, device=device)
-    return plan(gen)
+    return plan(gen, keep)
 
 
 def kid_plan(ref: torch.Tensor, n_gen: int, *, subset_size: int | None = None, subsets: int = 100,
@@ -140,24 +143,41 @@ def kid_plan(ref: torch.Tensor, n_gen: int, *, subset_size: int | None = None, s
 
 
 # ----------------------------------------------------------------------------------------------
-# Improved precision / recall (Kynkaanniemi et al. 2019), k-NN balls, torch-fidelity's batched path
+# Improved precision / recall (Kynkaanniemi et al. 2019): k-NN balls, torch-fidelity's estimator, exact distances
 
 
 def precision_recall(gen: torch.Tensor, ref: torch.Tensor, *, neighborhood: int = 3,
+                     ref_radii: torch.Tensor | None = None,
                      block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, float]:
-    """Precision (gen inside ref balls) and recall (ref inside gen balls).
+    """Precision (share of gen inside some ref ball) and recall (share of ref inside some gen ball),
+    torch-fidelity's ``prc_features_to_metric`` with exact distances.
 
-    Uses torch-fidelity's ``save_cpu_ram`` path, which builds ``[batch, N]`` distance blocks
-    instead of the full ``N x N`` matrix; ``prc_batch_size`` is chosen from ``block_bytes``.
+    A ball is centred on a point with the radius of its ``neighborhood``-th nearest *other* point of
+    its own set (``kthvalue(neighborhood + 1)`` counting itself) and holds the points at distance
+    ``<=`` that radius, as in torch-fidelity. torch-fidelity builds every distance with ``torch.cdist``
+    (a matrix product: rounding can flip a point lying on a ball's edge) and computes the reference
+    radii again for every call; here the radii are exact (:func:`knn_radii`), the pairs inside a ball
+    are screened by one matrix product per block of ``block_bytes`` and decided on exact distances
+    (:mod:`emascope.distances`), and ``ref_radii`` (:func:`knn_radii` with ``k = neighborhood``) can be
+    passed to share the reference side between calls. Equal to torch-fidelity's values on data
+    without such edge ties (tested); several times faster.
     """
     gen, ref = _check_pair(gen, ref)
-    if neighborhood < 1 or neighborhood >= min(len(gen), len(ref)):
+    k = int(neighborhood)
+    if k < 1 or k >= min(len(gen), len(ref)):
         raise ValueError(f"neighborhood must be in [1, min(n_gen, n_ref) - 1], got {neighborhood} "
                          f"(n_gen={len(gen)}, n_ref={len(ref)})")
-    batch = rows_per_block(max(len(gen), len(ref)), block_bytes, itemsize=8)
-    out = prc_features_to_metric(gen, ref, prc_neighborhood=int(neighborhood), prc_batch_size=batch,
-                                 save_cpu_ram=True, verbose=False)
-    return {"precision": float(out["precision"]), "recall": float(out["recall"])}
+    r_ref = knn_radii(ref, k, block_bytes=block_bytes) if ref_radii is None else ref_radii.to(torch.float64)
+    if r_ref.shape != (len(ref),):
+        raise ValueError(f"ref_radii must have shape ({len(ref)},), got {tuple(r_ref.shape)}")
+    r_gen = knn_radii(gen, k, block_bytes=block_bytes)
+    gen_hit = torch.zeros(len(gen), dtype=torch.bool)
+    ref_hit = torch.zeros(len(ref), dtype=torch.bool)
+    for i, j, d in distances.iter_pairs_within(gen, ref, col_radius=r_ref, row_radius=r_gen,
+                                               block_bytes=block_bytes):
+        gen_hit[i[d <= r_ref[j]]] = True
+        ref_hit[j[d <= r_gen[i]]] = True
+    return {"precision": float(gen_hit.double().mean()), "recall": float(ref_hit.double().mean())}
 
 
 # ----------------------------------------------------------------------------------------------

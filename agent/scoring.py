@@ -35,6 +35,7 @@ from emascope import estimates as E
 from emascope import metrics as M
 from emascope import racing
 from emascope import runformat as rf
+from emascope import uncertainty as U
 from emascope.batched import BatchedSamplingUnsupported, sample_stacked, stack_weights
 from emascope.config import Hooks, ScoringConfig
 from emascope.features import (
@@ -84,6 +85,13 @@ class Reference:
             self.kid_plans[key] = M.kid_plan(self.features.features, n_gen, subset_size=cfg.kid_subset_size,
                                              subsets=cfg.kid_subsets, seed=cfg.seed, device=device)
         return self.kid_plans[key]
+
+    def prc_radii(self, k: int) -> torch.Tensor:
+        """The reference's precision/recall ball radii for ``k`` neighbours (built once, shared)."""
+        key = ("prc_radii", int(k))
+        if key not in self.cache:
+            self.cache[key] = M.knn_radii(self.features.features, int(k))
+        return self.cache[key]
 
 
 @dataclass
@@ -386,23 +394,33 @@ def draw_variants_batched(model: nn.Module, bank: Any, variants: list[str], samp
 
 
 def feature_metric_jobs(feats: Features, ref: Reference, cfg: ScoringConfig, fd_name: str,
-                        kid_device: torch.device | str | None = None
+                        kid_device: torch.device | str | None = None, cache: dict[str, Any] | None = None,
                         ) -> list[tuple[str, Callable[[], dict[str, float]]]]:
     """The metric groups to compute for one variant, as ``(name, thunk)`` pairs. KID runs with
-    torch on ``kid_device`` (the feature device) and shares the reference side between variants."""
+    torch on ``kid_device`` (the feature device) and shares the reference side between variants.
+    ``cache``: the variant's intervals cache (:func:`emascope.estimates.group_replicates`), given when
+    the sweep computes intervals. KID then leaves its kernel values there for KID's interval, and when
+    the cache holds the variant's k-NN structure (:func:`emascope.estimates.neighbour_structure`) the
+    four k-NN metrics are read from it (:func:`emascope.uncertainty.prdc_values`, equal bit for bit)
+    instead of computed again."""
     gen, real = feats.features, ref.features.features
+    structure = None if cache is None else cache.get(E.STRUCTURE)
+    prdc = U.prdc_values(structure) if structure is not None else None
 
     def fd() -> dict[str, float]:
         return {fd_name: M.frechet_distance_from_statistics(M.frechet_statistics(gen), ref.stats)}
 
     def kid() -> dict[str, float]:
-        return M.kid(gen, real, plan=ref.kid_plan(len(gen), cfg, kid_device))
+        return M.kid(gen, real, plan=ref.kid_plan(len(gen), cfg, kid_device), keep=cache)
 
     jobs: list[tuple[str, Callable[[], dict[str, float]]]] = [
         (fd_name, fd),
         ("kid", kid),
-        ("prc", lambda: M.precision_recall(gen, real, neighborhood=cfg.prc_neighborhood)),
-        ("density_coverage", lambda: M.density_coverage(gen, real, k=ref.nearest_k, ref_radii=ref.radii)),
+        ("prc", (lambda: {k: prdc[k] for k in ("precision", "recall")}) if prdc is not None else
+         (lambda: M.precision_recall(gen, real, neighborhood=cfg.prc_neighborhood,
+                                     ref_radii=ref.prc_radii(cfg.prc_neighborhood)))),
+        ("density_coverage", (lambda: {k: prdc[k] for k in ("density", "coverage")}) if prdc is not None else
+         (lambda: M.density_coverage(gen, real, k=ref.nearest_k, ref_radii=ref.radii))),
     ]
     if feats.logits is not None:
         logits = feats.logits
@@ -652,7 +670,16 @@ def finish_variant(res: SweepResult, writer: RunWriter, variant: str, cfg: Scori
         writer.error("features", step, exc, variant=variant)
         return
     cache: dict[str, Any] = {}
-    for group, job in feature_metric_jobs(feats, reference, cfg, fd_name, kid_device):
+    n = len(feats.features)
+    if halves is not None and n >= E.MIN_SAMPLES:  # the k-NN metrics' values come from their intervals' structure
+        t = time.perf_counter()
+        try:
+            cache[E.STRUCTURE] = E.neighbour_structure(feats, reference, cfg, halves(n))
+        except Exception as exc:  # noqa: BLE001 - the metrics are then computed on their own
+            _uncertainty_error(res, writer, variant, "prc", exc)
+        res.timings["uncertainty"] += time.perf_counter() - t
+    for group, job in feature_metric_jobs(feats, reference, cfg, fd_name, kid_device,
+                                          cache if halves is not None else None):
         t = time.perf_counter()
         try:
             values = job()

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from emascope import distances as D
+from emascope.kid import KIDKernels
 
 #: Confidence level of every interval emascope records unless configured otherwise.
 DEFAULT_LEVEL = 0.95
@@ -344,7 +345,8 @@ def kid_reference_term(ref: torch.Tensor, *, block_bytes: int = DEFAULT_BLOCK_BY
 
 
 def kid_replicates(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tensor, *,
-                   ref_term: float | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES) -> np.ndarray:
+                   ref_term: float | None = None, kernels: KIDKernels | None = None,
+                   block_bytes: int = DEFAULT_BLOCK_BYTES) -> np.ndarray:
     """Unbiased MMD^2 (KID's kernel) between every half-sample of ``gen`` and all of ``ref``:
 
     ``MMD^2_b = sum_{i != i' kept} k(x_i, x_i') / (r (r - 1)) + T_ref - 2 sum_{i kept, j} k(x_i, y_j) / (r m)``
@@ -355,6 +357,8 @@ def kid_replicates(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tensor, *,
     ``(B + 1) n (d + 1)^3``); otherwise ``K`` is built in row blocks and ``M K`` accumulated (cost
     ``n^2 (d + B) + n m d``). These are replicates of the full two-sample U-statistic, whose variance
     is that of KID's subset average up to the subset noise (added by the caller from ``kid_std``).
+    ``kernels``: the variant's kernel values as the KID metric kept them (:meth:`emascope.kid.KIDPlan.values`);
+    then no kernel value is computed again.
     """
     m, r = _masks_f64(masks)
     x = _check("gen", gen, masks.shape[1])
@@ -366,7 +370,11 @@ def kid_replicates(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tensor, *,
     if ref_term is None:
         ref_term = kid_reference_term(y, block_bytes=block_bytes)
     diag = ((x * x).sum(1) * gamma + 1.0) ** 3
-    if _use_feature_map(d, len(x)):
+    if kernels is not None and kernels.gen.shape == (len(x), len(x)) and kernels.cross_sums.shape == (len(x),):
+        kg = kernels.gen.to("cpu", torch.float64)
+        diag, cross = kg.diagonal(), kernels.cross_sums.to("cpu", torch.float64)
+        quad = ((m @ kg) * m).sum(1)
+    elif _use_feature_map(d, len(x)):
         phi = poly_feature_map(x, gamma)
         cross = phi @ poly_feature_map(y, gamma).sum(0)
         quad = ((m @ phi) ** 2).sum(1)
@@ -441,39 +449,41 @@ class NeighbourStructure:
     rec_i: torch.Tensor
     rec_j: torch.Tensor
     rec_d: torch.Tensor
-    radii: torch.Tensor          # [B, n] radius of each generated ball in each replicate
+    radii: torch.Tensor          # [B, n] radius of each generated ball in each replicate (-1: not kept)
     full_radii: torch.Tensor     # [n] with every row kept (torch-fidelity's)
     short_lists: int = 0         # (replicate, point) pairs whose list held fewer than prc_k + 1 kept rows
 
 
 def replicate_radii(nn_idx: torch.Tensor, nn_dist: torch.Tensor, masks: torch.Tensor,
                     k: int) -> tuple[torch.Tensor, int]:
-    """Radius of every generated point's k-NN ball among the kept rows of each replicate:
+    """Radius of every kept generated point's k-NN ball among the kept rows of each replicate:
     the distance to its ``k + 1``-th nearest kept point counting itself (torch-fidelity's
-    ``kthvalue(k + 1)``). Returns ``([B, n], short)``; ``short`` counts lists with too few kept
-    rows (their radius is the list's last distance, a slight under-estimate).
+    ``kthvalue(k + 1)``). Returns ``([B, n], short)``: ``-1`` where the point is not kept (no ball, so
+    no distance is inside it); ``short`` counts lists with too few kept rows (their radius is the
+    list's last distance, a slight under-estimate). ``nn_dist`` rows ascending.
 
-    Two passes: the first ``4 (k + 1)`` list entries hold ``k + 1`` kept rows for all but ~1% of
-    (replicate, point) pairs; only those look further down the list."""
+    Only kept (replicate, point) pairs are looked at, in two passes: the first ``4 (k + 1)`` list
+    entries hold ``k + 1`` kept rows for all but ~1% of them; only those look further down the list."""
     n, L = nn_idx.shape
     first = min(L, 4 * (k + 1))
-    out = torch.empty(len(masks), n, dtype=torch.float64)
+    out = torch.full((len(masks), n), -1.0, dtype=torch.float64)
+    bk, ik = masks.nonzero(as_tuple=True)
     short = 0
-    step = max(1, (32 * 2**20) // max(1, n * first))
-    for b in range(0, len(masks), step):
-        mb = masks[b:b + step]
-        reached = mb[:, nn_idx[:, :first]].to(torch.uint8).cumsum(-1, dtype=torch.uint8) > k   # [b, n, first]
+    step = max(1, (32 * 2**20) // max(1, first))
+    for s in range(0, len(bk), step):
+        bi, ii = bk[s:s + step], ik[s:s + step]
+        reached = masks[bi[:, None], nn_idx[ii, :first]].to(torch.uint8).cumsum(-1, dtype=torch.uint8) > k  # [p, first]
         pos = reached.to(torch.uint8).argmax(-1)
-        rad = nn_dist[:, :first].expand(len(pos), -1, -1).gather(2, pos[..., None]).squeeze(-1)
-        bi, ii = (~reached[..., -1]).nonzero(as_tuple=True)
-        if len(bi):  # the rare pairs with fewer than k + 1 kept rows among the first entries
-            more = mb[bi[:, None], nn_idx[ii]].to(torch.int32).cumsum(-1) > k                   # [p, L]
+        rad = nn_dist[ii, pos]
+        far = (~reached[:, -1]).nonzero(as_tuple=True)[0]
+        if len(far):  # the rare pairs with fewer than k + 1 kept rows among the first entries
+            more = masks[bi[far, None], nn_idx[ii[far]]].to(torch.int32).cumsum(-1) > k          # [f, L]
             p2 = more.to(torch.uint8).argmax(-1)
             missing = ~more[:, -1]
             short += int(missing.sum())
             p2 = torch.where(missing, torch.full_like(p2, L - 1), p2)
-            rad[bi, ii] = nn_dist[ii, p2]
-        out[b:b + step] = rad
+            rad[far] = nn_dist[ii[far], p2]
+        out[bi, ii] = rad
     return out, short
 
 
@@ -509,26 +519,36 @@ def neighbour_structure(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tenso
         from scipy.spatial import cKDTree
 
         tx, ty = cKDTree(x.numpy()), cKDTree(y.numpy())
-        dist, idx = tx.query(x.numpy(), k=L)
-        nn_idx, nn_dist = torch.from_numpy(idx.reshape(n, L)).long(), torch.from_numpy(dist.reshape(n, L))
+        _, idx = tx.query(x.numpy(), k=L)
+        nn_idx = torch.from_numpy(idx.reshape(n, L)).long()
     else:
         nn_idx = torch.empty(n, L, dtype=torch.int64)
-        nn_dist = torch.empty(n, L, dtype=torch.float64)
         step = _rows(n, block_bytes)
         for i in range(0, n, step):
             sq = D.squared(x[i:i + step], x)
             rows = torch.arange(i, min(i + step, n))
-            sq[torch.arange(len(rows)), rows] = -math.inf  # itself first, whatever the rounding
-            v, j = sq.topk(L, dim=1, largest=False)
-            nn_idx[i:i + step], nn_dist[i:i + step] = j, v.clamp_min(0.0).sqrt()
+            sq[torch.arange(len(rows)), rows] = -math.inf  # itself in the list, whatever the rounding
+            nn_idx[i:i + step] = sq.topk(L, dim=1, largest=False).indices
+    nn_idx, nn_dist = _exact_lists(x, nn_idx)
     radii, short = replicate_radii(nn_idx, nn_dist, masks, prc_k)
     full = nn_dist[:, prc_k]
-    reach = torch.maximum(radii.masked_fill(~masks, 0.0).max(0).values, full)
+    reach = torch.maximum(radii.max(0).values, full)
     if tree:
         hit, count, (ci, cj), (ri, rj, rd) = _tree_memberships(x, y, tx, ty, rr_p, rr_d, reach)
     else:
         hit, count, (ci, cj), (ri, rj, rd) = _block_memberships(x, y, rr_p, rr_d, reach, block_bytes)
     return NeighbourStructure(n, m, prc_k, dc_k, nn_idx, nn_dist, hit, count, ci, cj, ri, rj, rd, radii, full, short)
+
+
+def _exact_lists(x: torch.Tensor, nn_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate lists ``[n, L]`` with their exact distances (:func:`emascope.distances.exact_pairs`,
+    the function every ball test of :mod:`emascope.metrics` decides on), each row sorted by them: the
+    ``k``-th entry is then :func:`emascope.metrics.knn_radii`'s radius, bit for bit."""
+    n, L = nn_idx.shape
+    rows = torch.arange(n).repeat_interleave(L)
+    dist = D.exact_pairs(x, x, rows, nn_idx.reshape(-1)).reshape(n, L)
+    dist, order = dist.sort(dim=1, stable=True)
+    return nn_idx.gather(1, order), dist
 
 
 def _pairs(lists: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -546,8 +566,7 @@ def _tree_memberships(x: torch.Tensor, y: torch.Tensor, tx: Any, ty: Any, rr_p: 
     n = len(x)
 
     def dists(i: np.ndarray, j: np.ndarray) -> torch.Tensor:
-        ti, tj = torch.from_numpy(i), torch.from_numpy(j)
-        return (x[ti] - y[tj]).square().sum(1).sqrt()
+        return D.exact_pairs(x, y, torch.from_numpy(i), torch.from_numpy(j))
 
     # precision: generated points inside a reference ball of radius rr_p (<=)
     j, i = _pairs(tx.query_ball_point(y.numpy(), r=rr_p.numpy() * (1 + 1e-9) + 1e-300))
@@ -604,9 +623,8 @@ def prdc_replicates(s: NeighbourStructure, masks: torch.Tensor) -> dict[str, np.
            "density": (mf @ s.density_count) / (s.dc_k * r)}
     rec = []
     step = max(1, (16 * 2**20) // max(1, len(s.rec_i) + s.m))
-    for b in range(0, len(masks), step):
-        mb = masks[b:b + step]
-        ok = mb[:, s.rec_i] & (s.rec_d[None] <= s.radii[b:b + step][:, s.rec_i])
+    for b in range(0, len(masks), step):  # radius -1 where the point is not kept: no pair inside
+        ok = s.rec_d[None] <= s.radii[b:b + step][:, s.rec_i]
         rec.append(_any_per_ref(ok, s.rec_j, s.m))
     out["recall"] = torch.cat(rec)
     out["coverage"] = coverage_delete_one(s)
@@ -632,12 +650,14 @@ def coverage_delete_one(s: NeighbourStructure) -> torch.Tensor:
 
 
 def prdc_values(s: NeighbourStructure) -> dict[str, float]:
-    """The four k-NN metrics with every row kept (equal to torch-fidelity's precision/recall and
-    :func:`emascope.metrics.density_coverage` up to distance rounding on exact ties)."""
+    """The four k-NN metrics with every row kept: equal, bit for bit, to
+    :func:`emascope.metrics.precision_recall` and :func:`emascope.metrics.density_coverage` with the
+    same reference radii (the same exact distances decide every ball test), so a sweep with
+    intervals takes its values from here instead of computing them twice (tested)."""
     ok = s.rec_d <= s.full_radii[s.rec_i]
     return {"precision": float(s.precision_hit.double().mean()),
             "recall": float(_any_per_ref(ok[None], s.rec_j, s.m)[0]),
-            "density": float(s.density_count.mean() / s.dc_k),
+            "density": float(s.density_count.sum()) / (s.dc_k * s.n),
             "coverage": float(_any_per_ref(torch.ones(1, len(s.cov_i), dtype=torch.bool), s.cov_j, s.m)[0])}
 
 

@@ -63,6 +63,32 @@ def test_kid_subsets_are_torch_fidelitys_and_the_plan_is_shared_across_variants(
         plan(_features(149, 8, 1))
 
 
+def test_kid_keeps_its_kernels_for_the_interval_and_computes_whole_set_subsets_once():
+    """With the subset size equal to the number of samples every subset is all of them: the plan keeps
+    one distinct generated row. The kernels the metric keeps give KID's half-sample replicates equal to
+    computing them afresh (:func:`emascope.uncertainty.kid_replicates`), and change no KID value."""
+    from emascope import uncertainty as U
+    from emascope.kid import KERNELS_KEY
+
+    gen, ref = _features(240, 48, 1, 0.2), _features(300, 48, 2)
+    plan = M.kid_plan(ref, 240, subset_size=240, subsets=6, seed=3)
+    assert plan.gen_rows.shape == (1, 240) and plan.gen_of.tolist() == [0] * 6
+    keep = {}
+    out = plan(gen, keep)
+    tf = kid_features_to_metric(gen, ref, kid_subset_size=240, kid_subsets=6, rng_seed=3, verbose=False)
+    assert out["kid_mean"] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-6, abs=1e-9)
+    assert out == plan(gen)
+    kern = keep[KERNELS_KEY]
+    assert kern.gen.shape == (240, 240) and kern.cross_sums.shape == (240,)
+    masks = U.half_sample_masks(240, 30, seed=0)
+    np.testing.assert_allclose(U.kid_replicates(gen, ref, masks, kernels=kern), U.kid_replicates(gen, ref, masks),
+                               rtol=1e-10, atol=1e-14)
+    tight = M.kid_plan(ref, 240, subset_size=100, subsets=6, seed=3)
+    tight.block_bytes = 8 * 240 * 239  # the kernel no longer fits in one block: nothing kept
+    keep = {}
+    assert tight(gen, keep) == M.kid(gen, ref, subset_size=100, subsets=6, seed=3) and not keep
+
+
 # ------------------------------------------------------------------------------- batched sampling
 
 

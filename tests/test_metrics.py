@@ -119,20 +119,40 @@ def test_precision_recall_matches_prdc_definition():
 
 
 def test_precision_recall_batched_never_builds_full_matrix(monkeypatch):
+    from emascope import distances
+
     gen, ref = _sets(n_gen=500, n_ref=600, seed=2)
     widths = []
-    real_cdist = torch.cdist
+    real_squared = distances.squared
 
     def spy(a, b, *args, **kw):
         widths.append(a.shape[0] * b.shape[0])
-        return real_cdist(a, b, *args, **kw)
+        return real_squared(a, b, *args, **kw)
 
     full = prc_features_to_metric(gen.double(), ref.double(), prc_neighborhood=3, verbose=False)
-    monkeypatch.setattr(torch, "cdist", spy)
+    monkeypatch.setattr(distances, "squared", spy)
     small = M.precision_recall(gen, ref, neighborhood=3, block_bytes=8 * 600 * 50)
-    assert max(widths) <= 50 * 600  # blocks of at most 50 rows, never 500 x 600 / 600 x 600
+    assert widths and max(widths) <= 50 * 600  # blocks of at most 50 rows, never 500 x 600 / 600 x 600
     assert small["precision"] == pytest.approx(full["precision"])
     assert small["recall"] == pytest.approx(full["recall"])
+
+
+def test_precision_recall_equals_torch_fidelity_and_shares_reference_radii():
+    """Against torch-fidelity's own ``prc_features_to_metric`` (which recomputes every distance with
+    ``torch.cdist``) on sets of 2 to 64 dimensions: the same counts (torch-fidelity returns float32
+    shares); passing the reference radii changes nothing."""
+    g = torch.Generator().manual_seed(11)
+    for n, m, d in [(300, 400, 2), (500, 450, 64), (200, 260, 8), (420, 380, 16)]:
+        gen = torch.randn(n, d, generator=g, dtype=torch.float64) * 1.1 + 0.2
+        ref = torch.randn(m, d, generator=g, dtype=torch.float64)
+        tf = prc_features_to_metric(gen, ref, prc_neighborhood=3, save_cpu_ram=True, prc_batch_size=10_000,
+                                    verbose=False)
+        ours = M.precision_recall(gen, ref, neighborhood=3)
+        assert round(ours["precision"] * n) == round(float(tf["precision"]) * n)
+        assert round(ours["recall"] * m) == round(float(tf["recall"]) * m)
+        assert M.precision_recall(gen, ref, neighborhood=3, ref_radii=M.knn_radii(ref, 3)) == ours
+    with pytest.raises(ValueError, match="ref_radii"):
+        M.precision_recall(gen, ref, ref_radii=torch.ones(3))
 
 
 def test_frechet_distance_matches_scipy_sqrtm():
@@ -218,8 +238,10 @@ def test_all_metrics_equal_torch_fidelity_calculate_metrics():
     assert k["kid_mean"] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-12)
     assert k["kid_std"] == pytest.approx(tf["kernel_inception_distance_std"], rel=1e-12)
     pr = M.precision_recall(gen, ref)
-    assert pr["precision"] == pytest.approx(tf["precision"], abs=1e-12)
-    assert pr["recall"] == pytest.approx(tf["recall"], abs=1e-12)
+    # the same counts; torch-fidelity returns the shares as float32
+    assert round(pr["precision"] * 180) == round(tf["precision"] * 180)
+    assert round(pr["recall"] * 220) == round(tf["recall"] * 220)
+    assert pr["precision"] == pytest.approx(tf["precision"], abs=1e-7)
     isc = M.inception_score(gen_logits)  # torch-fidelity's isc_splits 10, shuffle, rng_seed 2020
     assert isc["isc_mean"] == pytest.approx(tf["inception_score_mean"], rel=1e-12)
     assert isc["isc_std"] == pytest.approx(tf["inception_score_std"], rel=1e-12)

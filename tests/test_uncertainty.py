@@ -102,6 +102,28 @@ def _structure(x, ref, masks, k=3):
                                  ref_radii_dc=M.knn_radii(ref, 5))
 
 
+@pytest.mark.parametrize("d", [2, 16, 64])
+def test_knn_structure_values_equal_the_metrics_bit_for_bit(d):
+    """A sweep with intervals reads the four k-NN metrics from the structure of their intervals: they
+    must be the metrics' own values exactly, also with duplicated points, a collapsed cluster and
+    gridded data (ties everywhere), in the KD-tree (d <= 8) and the blockwise paths."""
+    g = torch.Generator().manual_seed(d)
+    for case in range(6):
+        n, m = 240 + 30 * case, 260
+        gen = torch.randn(n, d, generator=g, dtype=torch.float64) * 1.1 + 0.2
+        ref = torch.randn(m, d, generator=g, dtype=torch.float64)
+        if case % 2:
+            gen[: n // 3] = gen[0]
+            gen[n // 3: n // 2] = ref[: n // 2 - n // 3]
+        if case >= 4:
+            gen, ref = torch.round(gen * 2) / 2, torch.round(ref * 2) / 2
+        rp, rd = M.knn_radii(ref, 3), M.knn_radii(ref, 5)
+        s = U.neighbour_structure(gen, ref, U.half_sample_masks(n, 10, seed=1), prc_k=3, ref_radii_prc=rp,
+                                  dc_k=5, ref_radii_dc=rd)
+        assert U.prdc_values(s) == {**M.precision_recall(gen, ref, ref_radii=rp),
+                                    **M.density_coverage(gen, ref, ref_radii=rd)}, case
+
+
 def test_precision_and_recall_intervals_cover_known_overlaps():
     """1-D: reference U[0, 1] (fixed), generated U[0.5, 1.5]. Precision's truth is exact: the share of
     U[0.5, 1.5] inside the union of the reference's k-NN balls. Recall's truth (the expected share of
@@ -448,6 +470,18 @@ def test_noise_floor_and_per_sample_metrics(tmp_path):
     assert floor["metrics"]["fd"]["se"] is None  # intervals off: values only
     assert not _events(tmp_path / "e", "comparison")
     assert all("se" not in r for r in _metrics(tmp_path / "e"))
+
+
+def test_intervals_change_no_metric_value(tmp_path):
+    """The same run scored with and without intervals: every metric value is the same, bit for bit
+    (with intervals the k-NN metrics come from their intervals' structure and KID keeps its kernels
+    for its interval)."""
+    _run(tmp_path / "on", steps=60, uncertainty=True)
+    _run(tmp_path / "off", steps=60, uncertainty=False)
+    on = {(r["step"], r["variant"], r["metric"]): r["value"] for r in _metrics(tmp_path / "on")}
+    off = {(r["step"], r["variant"], r["metric"]): r["value"] for r in _metrics(tmp_path / "off")}
+    assert on == off and len(on) >= 3 * 7  # raw, 0.9, 0.999999 x fd, kid x 2, precision .. coverage
+    assert {"precision", "recall", "density", "coverage", "kid_mean"} <= {k[2] for k in on}
 
 
 def test_racing_sweep_keeps_the_full_sweeps_survivors_and_draws_less(tmp_path):
