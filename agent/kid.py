@@ -21,12 +21,15 @@ background thread) and recomputes the reference kernels for every variant. Here 
 value is computed once per variant, subset sums are indicator-matrix products
 (``sum_{i in A, j in B} K_ij = a^T K b``), and the reference side (its subsets and their kernel sums)
 is computed once and shared by every variant scored against the same reference (:class:`KIDPlan`).
+In low dimension the kernel sums go through the kernel's explicit feature map instead (``(d + 1)^3``
+numbers per point: 27 for 2-D features), and subsets that are the whole set are summed once.
 
 Memory: blocks of at most ``block_bytes`` of the kernel matrix plus ``[S, n]`` float64 accumulators.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,7 +62,27 @@ def polynomial_kernel(x: torch.Tensor, y: torch.Tensor, *, degree: int = 3, gamm
                       coef0: float = 1.0) -> torch.Tensor:
     """``k(x, y) = (gamma * x.y + coef0) ** degree`` for all pairs: ``[len(x), len(y)]``; gamma = 1/d."""
     g = 1.0 / x.shape[1] if gamma is None else gamma
-    return (x @ y.T * g + coef0) ** degree
+    k = x @ y.T
+    return k.mul_(g).add_(coef0).pow_(degree)  # in place: the same values as the expression, 3x faster
+
+
+def poly_feature_map(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The explicit feature map of :func:`polynomial_kernel` (degree 3, coef0 1):
+    ``phi(x) = z (x) z (x) z`` with ``z = [sqrt(gamma) x, 1]``, so ``k(x, y) = <phi(x), phi(y)>``;
+    ``[n, (d + 1)^3]``."""
+    z = torch.cat([x * math.sqrt(gamma), torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+    return (z[:, :, None, None] * z[:, None, :, None] * z[:, None, None, :]).reshape(len(x), -1)
+
+
+def _self_kernel(x: torch.Tensor) -> torch.Tensor:
+    """``k(x_i, x_i)`` for every row (degree 3, gamma 1/d, coef0 1)."""
+    return ((x * x).sum(1) / x.shape[1] + 1.0) ** 3
+
+
+def use_feature_map(d: int, n: int) -> bool:
+    """Whether kernel sums over ``n`` points of dimension ``d`` are cheaper through the feature map
+    (``(d + 1)^3`` features per point) than through the ``n x n`` kernel matrix."""
+    return (d + 1) ** 3 <= max(n, 64)
 
 
 def _indicator(idx: np.ndarray, n: int, device: torch.device) -> torch.Tensor:
@@ -116,6 +139,11 @@ class KIDPlan:
     number of samples every subset is all of them) and each reference subset's kernel sum
     ``sum_{i != j in R_s} k(r_i, r_j)``. Build it once with :meth:`build`, then call it on each
     variant's features.
+
+    In low dimension (:func:`use_feature_map`: ``(d + 1)^3 <= n_gen``) every kernel sum goes through
+    the kernel's explicit feature map instead of the kernel matrix: ``a^T K b = (Phi^T a) . (Phi^T b)``,
+    cost ``n (d + 1)^3`` instead of ``n^2`` per subset row (2-D features: 27 numbers per point);
+    ``ref_phi`` then holds each reference subset's feature sum ``Phi_R^T b_s``.
     """
 
     ref: torch.Tensor
@@ -126,6 +154,7 @@ class KIDPlan:
     n_gen: int
     subset_size: int
     block_bytes: int = DEFAULT_BLOCK_BYTES
+    ref_phi: torch.Tensor | None = None  # [S, (d + 1)^3] when the plan uses the feature map
 
     @classmethod
     def build(cls, ref: torch.Tensor, n_gen: int, *, subset_size: int, subsets: int, seed: int,
@@ -144,14 +173,19 @@ class KIDPlan:
         r = ref.detach().to(dev, torch.float64)
         gi, ri = subset_indices(n_gen, n_ref, subset_size, subsets, seed)
         ref_rows = _indicator(ri, n_ref, dev)
-        sums = subset_kernel_sums(r, r, ref_rows, ref_rows, exclude_diagonal=True, block_bytes=block_bytes)
         gen_rows, gen_of = torch.unique(_indicator(gi, n_gen, dev), dim=0, return_inverse=True)
+        if use_feature_map(r.shape[1], n_gen):
+            ref_phi = ref_rows @ poly_feature_map(r, 1.0 / r.shape[1])
+            sums = (ref_phi * ref_phi).sum(1) - ref_rows @ _self_kernel(r)
+            return cls(r, gen_rows, gen_of, ref_rows, sums, n_gen, subset_size, block_bytes, ref_phi)
+        sums = subset_kernel_sums(r, r, ref_rows, ref_rows, exclude_diagonal=True, block_bytes=block_bytes)
         return cls(r, gen_rows, gen_of, ref_rows, sums, n_gen, subset_size, block_bytes)
 
     def values(self, gen: torch.Tensor, keep: dict[str, KIDKernels] | None = None) -> torch.Tensor:
         """The S unbiased MMD^2 values (float64 ``[S]``, on the plan's device) for ``gen``.
 
-        ``keep``: when the generated-generated kernel fits in one block (``n^2 * 8 <= block_bytes``),
+        ``keep``: when the plan uses the kernel matrix and the generated-generated kernel fits in one
+        block (``n^2 * 8 <= block_bytes``),
         ``keep[KERNELS_KEY]`` receives this variant's kernel values (:class:`KIDKernels`) for its
         intervals, so that they are not computed twice."""
         if len(gen) != self.n_gen or gen.dim() != 2 or gen.shape[1] != self.ref.shape[1]:
@@ -159,6 +193,11 @@ class KIDPlan:
                              f"{list(gen.shape)}")
         g = gen.detach().to(self.ref.device, torch.float64)
         m = self.subset_size
+        if self.ref_phi is not None:  # low dimension: through the feature map (nothing to keep)
+            a = self.gen_rows @ poly_feature_map(g, 1.0 / g.shape[1])                     # [U, F]
+            gg = ((a * a).sum(1) - self.gen_rows @ _self_kernel(g))[self.gen_of]
+            gr = (a[self.gen_of] * self.ref_phi).sum(1)
+            return (gg + self.ref_sums) / (m * (m - 1)) - 2.0 * gr / (m * m)
         held = keep is not None and len(g) ** 2 * 8 <= self.block_bytes
         kern = KIDKernels(torch.empty(0), torch.empty(len(g), dtype=torch.float64, device=g.device))
 

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from emascope import distances as D
-from emascope.kid import KIDKernels
+from emascope.kid import KIDKernels, poly_feature_map, polynomial_kernel, use_feature_map
 
 #: Confidence level of every interval emascope records unless configured otherwise.
 DEFAULT_LEVEL = 0.95
@@ -311,35 +311,17 @@ def fd_linear_replicates(x: torch.Tensor, masks: torch.Tensor, mu_ref: torch.Ten
 # KID (Binkowski et al. 2018): unbiased MMD^2, cubic polynomial kernel, from kernel subset sums
 
 
-def poly_kernel(a: torch.Tensor, b: torch.Tensor, gamma: float) -> torch.Tensor:
-    """torch-fidelity's KID kernel ``k(x, y) = (gamma x^T y + 1)^3`` (``gamma = 1 / d``)."""
-    k = (a * gamma) @ b.T
-    k += 1.0
-    return k.pow_(3)
-
-
-def poly_feature_map(x: torch.Tensor, gamma: float) -> torch.Tensor:
-    """The explicit feature map of :func:`poly_kernel`: ``phi(x) = z (x) z (x) z`` with
-    ``z = [sqrt(gamma) x, 1]``, so ``k(x, y) = <phi(x), phi(y)>``; ``[n, (d + 1)^3]``."""
-    z = torch.cat([x * math.sqrt(gamma), torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    return (z[:, :, None, None] * z[:, None, :, None] * z[:, None, None, :]).reshape(len(x), -1)
-
-
-def _use_feature_map(d: int, n: int) -> bool:
-    return (d + 1) ** 3 <= max(n, 64)
-
-
 def kid_reference_term(ref: torch.Tensor, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> float:
     """``sum_{j != j'} k(y_j, y_j') / (m (m - 1))``: the reference's own term of the unbiased MMD^2."""
     y = _check("ref", ref)
     m, gamma = len(y), 1.0 / y.shape[1]
-    if _use_feature_map(y.shape[1], m):
+    if use_feature_map(y.shape[1], m):
         phi = poly_feature_map(y, gamma)
         total = float((phi.sum(0) ** 2).sum() - (phi * phi).sum())
         return total / (m * (m - 1))
     total, step = 0.0, _rows(m, block_bytes)
     for i in range(0, m, step):
-        blk = poly_kernel(y[i:i + step], y, gamma)
+        blk = polynomial_kernel(y[i:i + step], y, gamma=gamma)
         total += float(blk.sum()) - float(blk.diagonal(offset=i).sum())
     return total / (m * (m - 1))
 
@@ -374,7 +356,7 @@ def kid_replicates(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tensor, *,
         kg = kernels.gen.to("cpu", torch.float64)
         diag, cross = kg.diagonal(), kernels.cross_sums.to("cpu", torch.float64)
         quad = ((m @ kg) * m).sum(1)
-    elif _use_feature_map(d, len(x)):
+    elif use_feature_map(d, len(x)):
         phi = poly_feature_map(x, gamma)
         cross = phi @ poly_feature_map(y, gamma).sum(0)
         quad = ((m @ phi) ** 2).sum(1)
@@ -382,11 +364,11 @@ def kid_replicates(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tensor, *,
         cross = torch.zeros(len(x), dtype=torch.float64)
         step = _rows(len(y), block_bytes)
         for i in range(0, len(x), step):
-            cross[i:i + step] = poly_kernel(x[i:i + step], y, gamma).sum(1)
+            cross[i:i + step] = polynomial_kernel(x[i:i + step], y, gamma=gamma).sum(1)
         mk = torch.zeros(len(m), len(x), dtype=torch.float64)
         step = _rows(len(x), block_bytes)
         for i in range(0, len(x), step):
-            mk += m[:, i:i + step] @ poly_kernel(x[i:i + step], x, gamma)
+            mk += m[:, i:i + step] @ polynomial_kernel(x[i:i + step], x, gamma=gamma)
         quad = (mk * m).sum(1)
     gg = (quad - m @ diag) / (r * (r - 1))
     return (gg + ref_term - 2.0 * (m @ cross) / (r * len(y))).numpy()
@@ -449,42 +431,60 @@ class NeighbourStructure:
     rec_i: torch.Tensor
     rec_j: torch.Tensor
     rec_d: torch.Tensor
-    radii: torch.Tensor          # [B, n] radius of each generated ball in each replicate (-1: not kept)
+    within: torch.Tensor         # [n, L + 1, W] int64 bitsets over replicates (:func:`replicate_balls`)
+    rec_s: torch.Tensor          # [P] int64: the first list position of rec_i at distance >= rec_d
     full_radii: torch.Tensor     # [n] with every row kept (torch-fidelity's)
     short_lists: int = 0         # (replicate, point) pairs whose list held fewer than prc_k + 1 kept rows
+    replicate_seconds: float = 0.0  # of the build, the time only the intervals need (replicate radii, rec_q)
 
 
-def replicate_radii(nn_idx: torch.Tensor, nn_dist: torch.Tensor, masks: torch.Tensor,
-                    k: int) -> tuple[torch.Tensor, int]:
-    """Radius of every kept generated point's k-NN ball among the kept rows of each replicate:
-    the distance to its ``k + 1``-th nearest kept point counting itself (torch-fidelity's
-    ``kthvalue(k + 1)``). Returns ``([B, n], short)``: ``-1`` where the point is not kept (no ball, so
-    no distance is inside it); ``short`` counts lists with too few kept rows (their radius is the
-    list's last distance, a slight under-estimate). ``nn_dist`` rows ascending.
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """``[..., B]`` bool -> ``[..., ceil(B / 64)]`` int64 bitsets (bit ``b % 64`` of word ``b // 64``)."""
+    b = flags.shape[-1]
+    words = -(-b // 64)
+    padded = torch.zeros(*flags.shape[:-1], words * 64, dtype=torch.int64)
+    padded[..., :b] = flags
+    shifts = torch.arange(64, dtype=torch.int64)
+    return (padded.view(*flags.shape[:-1], words, 64) << shifts).sum(-1)  # distinct bits: sum is OR
 
-    Only kept (replicate, point) pairs are looked at, in two passes: the first ``4 (k + 1)`` list
-    entries hold ``k + 1`` kept rows for all but ~1% of them; only those look further down the list."""
+
+def count_bits(words: torch.Tensor, b: int) -> torch.Tensor:
+    """``[r, W]`` int64 bitsets -> ``[b]`` int64: for every bit position, how many rows have it set."""
+    raw = np.ascontiguousarray(words.numpy()).view(np.uint8).reshape(len(words), -1)
+    return torch.from_numpy(np.unpackbits(raw, axis=1, bitorder="little")[:, :b].sum(0, dtype=np.int64))
+
+
+def replicate_balls(nn_idx: torch.Tensor, masks: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """Where every kept generated point's k-NN ball radius lies in its list, in each replicate, as bitsets.
+
+    The radius of point ``i`` among the kept rows of replicate ``b`` is the distance to its ``k + 1``-th
+    nearest kept point counting itself (torch-fidelity's ``kthvalue(k + 1)``): ``nn_dist[i, l]`` for the
+    list position ``l`` of that point (lists ordered by distance); with fewer than ``k + 1`` kept rows
+    in the list it is the list's last distance (a slight under-estimate, counted in ``short``).
+
+    Returns ``(within, short)``: ``within [n, L + 1, W]`` int64 bitsets over the ``B`` replicates, bit
+    ``b`` of ``within[i, s]`` set iff ``i`` is kept in replicate ``b`` and its radius there is
+    ``nn_dist[i, l]`` with ``l >= s`` (``s = 0``: kept). A distance ``d`` to point ``i`` is then inside
+    ``i``'s ball in the replicates of ``within[i, searchsorted(nn_dist[i], d)]``. The position is
+    ``>= s`` iff at most ``k`` of the first ``s`` list entries are kept: a saturating bit-sliced count
+    of kept entries down the list (``k + 1`` bitset operations per list entry, all replicates at once).
+    """
     n, L = nn_idx.shape
-    first = min(L, 4 * (k + 1))
-    out = torch.full((len(masks), n), -1.0, dtype=torch.float64)
-    bk, ik = masks.nonzero(as_tuple=True)
-    short = 0
-    step = max(1, (32 * 2**20) // max(1, first))
-    for s in range(0, len(bk), step):
-        bi, ii = bk[s:s + step], ik[s:s + step]
-        reached = masks[bi[:, None], nn_idx[ii, :first]].to(torch.uint8).cumsum(-1, dtype=torch.uint8) > k  # [p, first]
-        pos = reached.to(torch.uint8).argmax(-1)
-        rad = nn_dist[ii, pos]
-        far = (~reached[:, -1]).nonzero(as_tuple=True)[0]
-        if len(far):  # the rare pairs with fewer than k + 1 kept rows among the first entries
-            more = masks[bi[far, None], nn_idx[ii[far]]].to(torch.int32).cumsum(-1) > k          # [f, L]
-            p2 = more.to(torch.uint8).argmax(-1)
-            missing = ~more[:, -1]
-            short += int(missing.sum())
-            p2 = torch.where(missing, torch.full_like(p2, L - 1), p2)
-            rad[far] = nn_dist[ii[far], p2]
-        out[bi, ii] = rad
-    return out, short
+    kept = pack_bits(masks.T)                                       # [n, W]
+    within = torch.zeros(n, L + 1, kept.shape[1], dtype=torch.int64)
+    within[:, 0] = kept
+    at_least = [torch.zeros_like(kept) for _ in range(k + 1)]       # at_least[t]: > t kept entries so far
+    for s in range(1, L):
+        e = kept[nn_idx[:, s - 1]]
+        for t in range(k, 0, -1):
+            at_least[t] |= at_least[t - 1] & e
+        at_least[0] |= e
+        within[:, s] = kept & ~at_least[k]
+    e = kept[nn_idx[:, L - 1]]
+    for t in range(k, 0, -1):
+        at_least[t] |= at_least[t - 1] & e
+    short = int(count_bits(kept & ~at_least[k], len(masks)).sum())
+    return within, short
 
 
 #: Up to this feature dimension the k-NN structure uses KD-trees (scipy), above it blockwise distances.
@@ -530,14 +530,22 @@ def neighbour_structure(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tenso
             sq[torch.arange(len(rows)), rows] = -math.inf  # itself in the list, whatever the rounding
             nn_idx[i:i + step] = sq.topk(L, dim=1, largest=False).indices
     nn_idx, nn_dist = _exact_lists(x, nn_idx)
-    radii, short = replicate_radii(nn_idx, nn_dist, masks, prc_k)
+    t = time.perf_counter()
+    within, short = replicate_balls(nn_idx, masks, prc_k)
+    widest = (within[:, 1:L] != 0).any(-1).sum(1)                       # the largest position any replicate uses
     full = nn_dist[:, prc_k]
-    reach = torch.maximum(radii.max(0).values, full)
+    reach = torch.maximum(nn_dist.gather(1, widest[:, None])[:, 0], full)
+    t = time.perf_counter() - t
     if tree:
         hit, count, (ci, cj), (ri, rj, rd) = _tree_memberships(x, y, tx, ty, rr_p, rr_d, reach)
     else:
         hit, count, (ci, cj), (ri, rj, rd) = _block_memberships(x, y, rr_p, rr_d, reach, block_bytes)
-    return NeighbourStructure(n, m, prc_k, dc_k, nn_idx, nn_dist, hit, count, ci, cj, ri, rj, rd, radii, full, short)
+    t2 = time.perf_counter()
+    # a pair is inside ball i in replicate b iff d <= nn_dist[i, pos] iff pos >= #(list entries < d)
+    q = torch.searchsorted(nn_dist[ri], rd[:, None].contiguous(), side="left")[:, 0]
+    t += time.perf_counter() - t2
+    return NeighbourStructure(n, m, prc_k, dc_k, nn_idx, nn_dist, hit, count, ci, cj, ri, rj, rd, within, q, full,
+                              short, t)
 
 
 def _exact_lists(x: torch.Tensor, nn_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -551,38 +559,27 @@ def _exact_lists(x: torch.Tensor, nn_idx: torch.Tensor) -> tuple[torch.Tensor, t
     return nn_idx.gather(1, order), dist
 
 
-def _pairs(lists: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Object array of index lists (one per query) -> (query index, found index) int64 arrays."""
-    sizes = np.fromiter((len(a) for a in lists), dtype=np.int64, count=len(lists))
-    found = np.concatenate([np.asarray(a, dtype=np.int64) for a in lists]) if sizes.sum() else \
-        np.zeros(0, dtype=np.int64)
-    return np.repeat(np.arange(len(lists), dtype=np.int64), sizes), found
-
-
 def _tree_memberships(x: torch.Tensor, y: torch.Tensor, tx: Any, ty: Any, rr_p: torch.Tensor, rr_d: torch.Tensor,
                       reach: torch.Tensor) -> tuple:
     """Ball memberships from KD-tree range queries; the distances of every candidate pair are then
     recomputed exactly and compared with the same ``<=`` / ``<`` as the blockwise path."""
     n = len(x)
-
-    def dists(i: np.ndarray, j: np.ndarray) -> torch.Tensor:
-        return D.exact_pairs(x, y, torch.from_numpy(i), torch.from_numpy(j))
-
+    xs, ys = x.numpy(), y.numpy()
     # precision: generated points inside a reference ball of radius rr_p (<=)
-    j, i = _pairs(tx.query_ball_point(y.numpy(), r=rr_p.numpy() * (1 + 1e-9) + 1e-300))
-    ok = dists(i, j) <= rr_p[torch.from_numpy(j)]
+    j, i = D.tree_candidates(tx, ys, rr_p, limit=None)
+    ok = D.exact_pairs(x, y, i, j) <= rr_p[j]
     hit = torch.zeros(n, dtype=torch.bool)
-    hit[torch.from_numpy(i)[ok]] = True
+    hit[i[ok]] = True
     # density / coverage: generated points inside a reference ball of radius rr_d (<)
-    j, i = _pairs(tx.query_ball_point(y.numpy(), r=rr_d.numpy() * (1 + 1e-9) + 1e-300))
-    ok = dists(i, j) < rr_d[torch.from_numpy(j)]
-    ci, cj = torch.from_numpy(i)[ok], torch.from_numpy(j)[ok]
+    j, i = D.tree_candidates(tx, ys, rr_d, limit=None)
+    ok = D.exact_pairs(x, y, i, j) < rr_d[j]
+    ci, cj = i[ok], j[ok]
     count = torch.zeros(n, dtype=torch.float64).index_add_(0, ci, torch.ones(len(ci), dtype=torch.float64))
     # recall candidates: reference points within the largest radius each generated ball can take
-    i, j = _pairs(ty.query_ball_point(x.numpy(), r=reach.numpy() * (1 + 1e-9) + 1e-300))
-    d = dists(i, j)
-    ok = d <= reach[torch.from_numpy(i)]
-    return hit, count, (ci, cj), (torch.from_numpy(i)[ok], torch.from_numpy(j)[ok], d[ok])
+    i, j = D.tree_candidates(ty, xs, reach, limit=None)
+    d = D.exact_pairs(x, y, i, j)
+    ok = d <= reach[i]
+    return hit, count, (ci, cj), (i[ok], j[ok], d[ok])
 
 
 def _block_memberships(x: torch.Tensor, y: torch.Tensor, rr_p: torch.Tensor, rr_d: torch.Tensor,
@@ -616,17 +613,20 @@ def prdc_replicates(s: NeighbourStructure, masks: torch.Tensor) -> dict[str, np.
     - density_b = sum over kept points of the reference balls holding them / (dc_k r);
     - coverage: by deleting one sample at a time instead (:func:`coverage_delete_one`, ``[n]``);
     - recall_b = reference points inside the ball of a kept point, radius = the point's k-NN
-      distance among the kept points (:func:`replicate_radii`) / m.
+      distance among the kept points (:func:`replicate_balls`) / m.
     """
     mf, r = _masks_f64(masks)
     out = {"precision": (mf @ s.precision_hit.to(torch.float64)) / r,
            "density": (mf @ s.density_count) / (s.dc_k * r)}
-    rec = []
-    step = max(1, (16 * 2**20) // max(1, len(s.rec_i) + s.m))
-    for b in range(0, len(masks), step):  # radius -1 where the point is not kept: no pair inside
-        ok = s.rec_d[None] <= s.radii[b:b + step][:, s.rec_i]
-        rec.append(_any_per_ref(ok, s.rec_j, s.m))
-    out["recall"] = torch.cat(rec)
+    # recall: the replicates in which each pair is inside its ball, OR-ed per reference point
+    reach = s.within[s.rec_i, s.rec_s]                                   # [P, W] bitsets
+    order = torch.argsort(s.rec_j, stable=True)
+    covered = torch.zeros(0, reach.shape[1], dtype=torch.int64)
+    if len(order):
+        j = s.rec_j[order]
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), (j[1:] != j[:-1]).nonzero()[:, 0] + 1])
+        covered = torch.from_numpy(np.bitwise_or.reduceat(reach[order].numpy(), starts.numpy(), axis=0))
+    out["recall"] = count_bits(covered, len(masks)).to(torch.float64) / s.m
     out["coverage"] = coverage_delete_one(s)
     return {k: v.numpy() for k, v in out.items()}
 

@@ -83,3 +83,49 @@ def test_kth_nearest_equals_the_direct_kthvalue(block_bytes):
     assert torch.equal(M.knn_radii(grid, 5), _direct(grid, grid).kthvalue(6, dim=1).values)
     with pytest.raises(ValueError, match="k must be"):
         D.kth_nearest(grid, 0)
+
+
+def test_exact_pairs_do_not_depend_on_the_chunking(monkeypatch):
+    """Every pair's distance is the direct difference's norm, bit for bit, whatever the chunk size
+    (the k-NN metrics and their intervals' structure compute the same pairs in different batches)."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 40, generator=g, dtype=torch.float64)
+    i, j = torch.randint(0, 300, (5000,), generator=g), torch.randint(0, 200, (5000,), generator=g)
+    direct = torch.linalg.vector_norm(a[i] - b[j], dim=1)
+    assert torch.equal(D.exact_pairs(a, b, i, j), direct)
+    for chunk in (8 * 40 * 64, 8 * 40 * 1000):
+        monkeypatch.setattr(D, "PAIR_CHUNK_BYTES", chunk)
+        assert torch.equal(D.exact_pairs(a, b, i, j), direct)
+        assert torch.equal(D.exact_pairs(a, b, i[17:19], j[17:19]), direct[17:19])
+
+
+@pytest.mark.parametrize("d", [2, 3, 8])
+def test_kdtree_and_blockwise_routes_give_the_same_pairs_and_radii(d, monkeypatch):
+    """In low dimension the candidates come from KD-trees instead of the matrix-product screen: the
+    same pairs, the same distances, the same k-th nearest, bit for bit, also on gridded points full of
+    exact ties and on a collapsed set (every point in one spot: too many candidates, blockwise)."""
+    g = torch.Generator().manual_seed(d)
+    sets = [(torch.randn(400, d, generator=g, dtype=torch.float64), torch.randn(300, d, generator=g,
+                                                                                  dtype=torch.float64) * 1.2),
+            (torch.randint(-2, 3, (250, d), generator=g).double() + 1e4,
+             torch.randint(-2, 3, (200, d), generator=g).double() + 1e4)]
+    for a, b in sets:
+        col, row = M.knn_radii(b, 3), D.kth_nearest(a, 4)
+        tree = [D.pairs_within(a, b, **kw) for kw in ({"col_radius": col}, {"row_radius": row},
+                                                      {"col_radius": col, "row_radius": row})]
+        kth = [D.kth_nearest(a, k) for k in (1, 2, 5)]
+        with monkeypatch.context() as mp:
+            mp.setattr(D, "KDTREE_MAX_DIM", 0)
+            blocks = [D.pairs_within(a, b, **kw) for kw in ({"col_radius": col}, {"row_radius": row},
+                                                            {"col_radius": col, "row_radius": row})]
+            assert all(torch.equal(D.kth_nearest(a, k), x) for k, x in zip((1, 2, 5), kth, strict=True))
+        for t, bl in zip(tree, blocks, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(t, bl, strict=True))
+        bi, bj, bd = _brute(a, b, col, row)
+        assert torch.equal(tree[2][0], bi) and torch.equal(tree[2][1], bj)
+    collapsed = torch.zeros(300, d, dtype=torch.float64)
+    monkeypatch.setattr(D, "KDTREE_MAX_PAIRS", 10_000)  # 300 x 300 candidates: the blockwise route
+    assert torch.equal(D.kth_nearest(collapsed, 4), torch.zeros(300, dtype=torch.float64))
+    i, j, dist = D.pairs_within(collapsed, collapsed[:7], col_radius=torch.zeros(7, dtype=torch.float64))
+    assert len(i) == 300 * 7 and not dist.any()

@@ -34,6 +34,7 @@ def _features(n, d, seed, shift=0.0):
 
 
 @pytest.mark.parametrize("n_gen,n_ref,d,m,subsets", [(300, 300, 48, 300, 5), (400, 250, 16, 100, 30),
+                                                     (600, 700, 2, 600, 9), (500, 450, 3, 200, 11),
                                                      (120, 90, 2048, 40, 7), (12, 10, 3, 2, 9)])
 def test_kid_equals_torch_fidelity_with_the_same_subsets(n_gen, n_ref, d, m, subsets):
     gen, ref = _features(n_gen, d, 1, 0.3), _features(n_ref, d, 2)
@@ -44,6 +45,7 @@ def test_kid_equals_torch_fidelity_with_the_same_subsets(n_gen, n_ref, d, m, sub
     assert ours["kid_std"] == pytest.approx(tf["kernel_inception_distance_std"], rel=1e-6, abs=1e-9)
     # tiny blocks (many kernel blocks, diagonal across block edges) give the same values
     small = KIDPlan.build(ref, n_gen, subset_size=m, subsets=subsets, seed=11, block_bytes=8 * 7 * n_ref)
+    assert (small.ref_phi is not None) == ((d + 1) ** 3 <= max(n_gen, 64))  # low d: the feature map
     np.testing.assert_allclose(small.values(gen).numpy(), KIDPlan.build(
         ref, n_gen, subset_size=m, subsets=subsets, seed=11).values(gen).numpy(), rtol=1e-12, atol=1e-15)
 

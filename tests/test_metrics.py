@@ -121,7 +121,7 @@ def test_precision_recall_matches_prdc_definition():
 def test_precision_recall_batched_never_builds_full_matrix(monkeypatch):
     from emascope import distances
 
-    gen, ref = _sets(n_gen=500, n_ref=600, seed=2)
+    gen, ref = _sets(n_gen=500, n_ref=600, d=16, seed=2)  # above KDTREE_MAX_DIM: the blockwise route
     widths = []
     real_squared = distances.squared
 

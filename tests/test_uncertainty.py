@@ -220,6 +220,7 @@ def test_replicates_equal_the_metric_recomputed_on_each_half():
     g = torch.Generator().manual_seed(5)
     gen = torch.randn(120, 3, generator=g, dtype=torch.float64) * 1.2 + 0.2
     ref = torch.randn(90, 3, generator=g, dtype=torch.float64)
+    gen[100:110] = ref[:10]  # generated points on reference points: distances tie with radii
     masks = U.half_sample_masks(120, 12, seed=1)
     stats = M.frechet_statistics(ref)
     fd = U.fd_replicates(gen, stats, masks, method="exact")
@@ -241,6 +242,8 @@ def test_replicates_equal_the_metric_recomputed_on_each_half():
             assert prdc["precision"][b] == pytest.approx(tf["precision"], abs=1e-6)  # float32 mean there
             assert prdc["recall"][b] == pytest.approx(tf["recall"], abs=1e-6)
             assert prdc["density"][b] == pytest.approx(dc["density"], abs=1e-12)
+            pr = M.precision_recall(x, ref, neighborhood=3)  # exact distances: the same counts exactly
+            assert (prdc["precision"][b], prdc["recall"][b]) == (pr["precision"], pr["recall"])
         # coverage deletes one sample at a time: replicate i is coverage without row i
         assert prdc["coverage"].shape == (len(gen),)
         for i in (0, 7, 63, len(gen) - 1):
