@@ -416,6 +416,8 @@ class NeighbourStructure:
     ``density_count`` ``[n]``: reference balls (``dc_k``, Naeem: ``<``) containing the point.
     ``cov_i``/``cov_j``: pairs (generated i inside reference ball j). ``rec_i``/``rec_j``/``rec_d``:
     pairs (reference j, generated i) closer than the largest radius point ``i`` gets in any replicate.
+    ``within``/``rec_s``: in which replicates each pair lies inside ``i``'s ball, as bitsets over the
+    replicates (:func:`replicate_balls`): ``within[rec_i, rec_s]``.
     """
 
     n: int
