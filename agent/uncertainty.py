@@ -452,6 +452,8 @@ def pack_bits(flags: torch.Tensor) -> torch.Tensor:
 
 def count_bits(words: torch.Tensor, b: int) -> torch.Tensor:
     """``[r, W]`` int64 bitsets -> ``[b]`` int64: for every bit position, how many rows have it set."""
+    if len(words) == 0:
+        return torch.zeros(b, dtype=torch.int64)
     raw = np.ascontiguousarray(words.numpy()).view(np.uint8).reshape(len(words), -1)
     return torch.from_numpy(np.unpackbits(raw, axis=1, bitorder="little")[:, :b].sum(0, dtype=np.int64))
 

@@ -124,6 +124,22 @@ def test_knn_structure_values_equal_the_metrics_bit_for_bit(d):
                                     **M.density_coverage(gen, ref, ref_radii=rd)}, case
 
 
+def test_knn_replicates_when_no_generated_ball_reaches_the_reference():
+    """Generated points far from every reference point: no pair for recall, precision, density or
+    coverage in any half-sample. Every replicate is 0, as the metrics are, in both routes."""
+    g = torch.Generator().manual_seed(4)
+    for d in (2, 16):
+        ref = torch.randn(80, d, generator=g, dtype=torch.float64)
+        gen = torch.randn(60, d, generator=g, dtype=torch.float64) * 0.1 + 1e3
+        masks = U.half_sample_masks(60, 16, seed=0)
+        s = _structure(gen, ref, masks)
+        assert len(s.rec_i) == 0 and len(s.cov_i) == 0
+        reps = U.prdc_replicates(s, masks)
+        assert all(not np.any(reps[k]) for k in ("precision", "recall", "density", "coverage"))
+        assert U.prdc_values(s) == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    assert U.count_bits(torch.zeros(0, 2, dtype=torch.int64), 100).tolist() == [0] * 100
+
+
 def test_precision_and_recall_intervals_cover_known_overlaps():
     """1-D: reference U[0, 1] (fixed), generated U[0.5, 1.5]. Precision's truth is exact: the share of
     U[0.5, 1.5] inside the union of the reference's k-NN balls. Recall's truth (the expected share of
