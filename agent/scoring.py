@@ -670,21 +670,11 @@ def finish_variant(res: SweepResult, writer: RunWriter, variant: str, cfg: Scori
         writer.error("features", step, exc, variant=variant)
         return
     cache: dict[str, Any] = {}
-    n = len(feats.features)
-    if halves is not None and n >= E.MIN_SAMPLES:  # the k-NN metrics' values come from their intervals' structure
-        t = time.perf_counter()
-        only_intervals = 0.0
-        try:
-            cache[E.STRUCTURE] = E.neighbour_structure(feats, reference, cfg, halves(n))
-            only_intervals = cache[E.STRUCTURE].replicate_seconds
-        except Exception as exc:  # noqa: BLE001 - the metrics are then computed on their own
-            _uncertainty_error(res, writer, variant, "prc", exc)
-            only_intervals = time.perf_counter() - t
-        # the structure's lists and ball memberships are the k-NN metrics' own work (their values are
-        # read from it); its replicate radii are the intervals'
-        built = time.perf_counter() - t
-        res.timings["uncertainty"] += only_intervals
-        res.timings["metrics"] += built - only_intervals
+    metric_s, interval_s, exc = _knn_structure(feats, reference, cfg, halves, cache)
+    res.timings["metrics"] += metric_s
+    res.timings["uncertainty"] += interval_s
+    if exc is not None:  # the k-NN metrics are then computed on their own
+        _uncertainty_error(res, writer, variant, "prc", exc)
     for group, job in feature_metric_jobs(feats, reference, cfg, fd_name, kid_device,
                                           cache if halves is not None else None):
         t = time.perf_counter()
@@ -709,6 +699,23 @@ def finish_variant(res: SweepResult, writer: RunWriter, variant: str, cfg: Scori
         estimates.update(group_est)
         for name in values:
             _record(res, writer, variant, name, group_est.get(name), cfg.confidence_level, values[name])
+
+
+def _knn_structure(feats: Features, reference: Reference, cfg: ScoringConfig, halves: E.Halves | None,
+                   cache: dict[str, Any]) -> tuple[float, float, BaseException | None]:
+    """With intervals on, build the variant's k-NN structure into ``cache`` (the k-NN metrics' values
+    are then read from it). Returns ``(metric seconds, interval seconds, error)``: the structure's
+    lists and ball memberships are the metrics' own work, its replicate radii the intervals'."""
+    n = len(feats.features)
+    if halves is None or n < E.MIN_SAMPLES:
+        return 0.0, 0.0, None
+    t = time.perf_counter()
+    try:
+        cache[E.STRUCTURE] = E.neighbour_structure(feats, reference, cfg, halves(n))
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return 0.0, time.perf_counter() - t, exc
+    built, only_intervals = time.perf_counter() - t, cache[E.STRUCTURE].replicate_seconds
+    return built - only_intervals, only_intervals, None
 
 
 def _uncertainty_error(res: SweepResult, writer: RunWriter, variant: str, group: str, exc: BaseException) -> None:
@@ -925,7 +932,9 @@ class Scorer:
             halves = E.Halves(cfg) if cfg.uncertainty else None
             estimates: dict[str, Any] = {}
             cache: dict[str, Any] = {}
-            for group, job in feature_metric_jobs(feats, ref, cfg, self.fd_name()):
+            _knn_structure(feats, ref, cfg, halves, cache)  # on failure the metrics are computed on their own
+            for group, job in feature_metric_jobs(feats, ref, cfg, self.fd_name(),
+                                                  cache=cache if halves is not None else None):
                 try:
                     values = job()
                 except Exception:  # noqa: BLE001 - no floor for it; the variants' own errors say why

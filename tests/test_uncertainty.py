@@ -492,14 +492,17 @@ def test_noise_floor_and_per_sample_metrics(tmp_path):
 
 
 def test_intervals_change_no_metric_value(tmp_path):
-    """The same run scored with and without intervals: every metric value is the same, bit for bit
-    (with intervals the k-NN metrics come from their intervals' structure and KID keeps its kernels
-    for its interval)."""
+    """The same run scored with and without intervals: every metric value, and every value of the
+    noise floor, is the same, bit for bit (with intervals the k-NN metrics come from their intervals'
+    structure and KID keeps its kernels for its interval)."""
     _run(tmp_path / "on", steps=60, uncertainty=True)
     _run(tmp_path / "off", steps=60, uncertainty=False)
     on = {(r["step"], r["variant"], r["metric"]): r["value"] for r in _metrics(tmp_path / "on")}
     off = {(r["step"], r["variant"], r["metric"]): r["value"] for r in _metrics(tmp_path / "off")}
     assert on == off and len(on) >= 3 * 7  # raw, 0.9, 0.999999 x fd, kid x 2, precision .. coverage
+    floor_on, floor_off = (_events(tmp_path / x, "noise_floor")[0]["metrics"] for x in ("on", "off"))
+    assert {k: v["value"] for k, v in floor_on.items()} == {k: v["value"] for k, v in floor_off.items()}
+    assert floor_on["recall"]["se"] > 0 and floor_off["recall"]["se"] is None
     assert {"precision", "recall", "density", "coverage", "kid_mean"} <= {k[2] for k in on}
 
 
