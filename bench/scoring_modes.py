@@ -200,6 +200,36 @@ def part2(a: argparse.Namespace) -> None:
                   f"{tp:11.3f}s {tb:9.3f}s {tp / tb:8.2f}x {diff:11.1e}")
 
 
+def part2_layers(a: argparse.Namespace) -> None:
+    """Why batching does not pay on a CPU core: one linear layer of the tree2d MLP (its three shapes),
+    11 variants x the shipped batch, as 11 ``F.linear`` calls vs one ``vmap(F.linear)`` call (what a
+    vmapped sampler runs), median of interleaved repetitions. Same arithmetic either way."""
+    b, n = 11, 64 if a.quick else 1000
+    print()
+    print(f"part 2, per layer: {b} variants x {n} rows, F.linear one variant at a time vs vmap(F.linear)")
+    print(f"  {'layer (in -> out)':<20} {'11 x F.linear':>14} {'vmap':>10} {'vmap / loop':>12}")
+    g = torch.Generator().manual_seed(0)
+    for fan_in, fan_out in ((18, 128), (128, 128), (128, 2)):
+        x, w = torch.randn(b, n, fan_in, generator=g), torch.randn(b, fan_out, fan_in, generator=g)
+        bias = torch.randn(b, fan_out, generator=g)
+        batched = torch.func.vmap(nn.functional.linear)
+
+        def loop(x=x, w=w, bias=bias) -> list:
+            return [nn.functional.linear(x[i], w[i], bias[i]) for i in range(b)]
+
+        def stacked(x=x, w=w, bias=bias, batched=batched) -> torch.Tensor:
+            return batched(x, w, bias)
+
+        times: dict[str, list[float]] = {"loop": [], "vmap": []}
+        for r in range(20 if not a.quick else 3):
+            for key, fn in ((("loop", loop), ("vmap", stacked)) if r % 2 == 0 else (("vmap", stacked), ("loop", loop))):
+                t = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t)
+        tl, tv = statistics.median(times["loop"]), statistics.median(times["vmap"])
+        print(f"  {f'{fan_in} -> {fan_out}':<20} {tl * 1e3:12.2f}ms {tv * 1e3:8.2f}ms {tv / tl:11.2f}x")
+
+
 # ------------------------------------------------------------------------------------------- part 3
 
 
@@ -261,6 +291,7 @@ def main() -> None:
             part1(a, Path(tmp))
         if "2" in a.parts:
             part2(a)
+            part2_layers(a)
         if "3" in a.parts:
             part3(a)
 

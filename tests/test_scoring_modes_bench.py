@@ -20,6 +20,8 @@ def test_scoring_modes_bench_quick_prints_the_tables():
     for name in ("tree2d", "conv"):
         assert re.search(rf"^  {name} +[\d.]+s +[\d.]+ms +[\d.]+ms +[\d.]+% +[\d.]+x$", text, re.M), text
         assert re.search(rf"^  {name} \(shipped\) +11 x \d+ +[\d.]+s +[\d.]+s +[\d.]+x +[\d.e+-]+$", text, re.M), text
+    for layer in ("18 -> 128", "128 -> 128", "128 -> 2"):  # part 2 per layer: loop vs vmap of F.linear
+        assert re.search(rf"^  {layer} +[\d.]+ms +[\d.]+ms +[\d.]+x$", text, re.M), text
     for label in ("torch-fidelity kid_features_to_metric", "emascope.kid (torch, shared reference)"):
         assert re.search(rf"^  {re.escape(label)} +[\d.]+ s +[\d.]+x torch-fidelity's speed$", text, re.M), text
     err = float(re.search(r"max \|kid_mean - torch-fidelity's\| = ([\d.e+-]+)", text).group(1))
