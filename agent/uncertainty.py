@@ -491,20 +491,17 @@ def replicate_balls(nn_idx: torch.Tensor, masks: torch.Tensor, k: int) -> tuple[
     return within, short
 
 
-#: Up to this feature dimension the k-NN structure uses KD-trees (scipy), above it blockwise distances.
-KDTREE_MAX_DIM = 8
-
-
 def neighbour_structure(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tensor, *, prc_k: int = 3,
                         ref_radii_prc: torch.Tensor, dc_k: int = 5, ref_radii_dc: torch.Tensor,
                         block_bytes: int = DEFAULT_BLOCK_BYTES) -> NeighbourStructure:
     """Precompute the neighbour structure of :func:`prdc_replicates`: each generated point's
-    ``L = 8 (prc_k + 1)`` nearest generated points, then the ball memberships between generated and
-    reference points. Low dimensions (``d <= KDTREE_MAX_DIM``) use KD-trees (``scipy.spatial.cKDTree``),
-    others two blockwise passes of the matmul expansion (:mod:`emascope.distances`): the generated
-    lists from squared distances (relative error ~1e-16: a replicate's ball test flips only on a tie
-    at that level, which moves that replicate by ``1 / r``), the generated-reference pairs inside a
-    ball screened by it and decided on exact distances. ``ref_radii_prc``: reference radii ``kthvalue(prc_k + 1)``
+    ``L = 8 (prc_k + 1)`` nearest generated points, where each ball's radius lies in that list in every
+    replicate (:func:`replicate_balls`), then the ball memberships between generated and reference
+    points. Low dimensions (``d <=`` :data:`emascope.distances.KDTREE_MAX_DIM`) find the candidates
+    with KD-trees (``scipy.spatial.cKDTree``), others with blockwise matrix products
+    (:mod:`emascope.distances`); either way the lists are re-sorted on exact distances and every ball
+    test is decided on exact distances, as in :mod:`emascope.metrics` (so :func:`prdc_values` equals
+    the metrics bit for bit). ``ref_radii_prc``: reference radii ``kthvalue(prc_k + 1)``
     (torch-fidelity's); ``ref_radii_dc``: :func:`emascope.metrics.knn_radii` with ``dc_k``."""
     x = _check("gen", gen, masks.shape[1])
     y = _check("ref", ref)
@@ -518,7 +515,7 @@ def neighbour_structure(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tenso
     if len(rr_p) != m or len(rr_d) != m:
         raise ValueError(f"reference radii must have {m} entries")
     L = min(n, 8 * (prc_k + 1))
-    tree = x.shape[1] <= KDTREE_MAX_DIM
+    tree = x.shape[1] <= D.KDTREE_MAX_DIM
     if tree:
         from scipy.spatial import cKDTree
 

@@ -18,6 +18,7 @@ from scipy.special import gammaln
 from scipy.stats import binom
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from emascope import distances as D
 from emascope import metrics as M
 from emascope import uncertainty as U
 
@@ -242,12 +243,12 @@ def test_replicates_equal_the_metric_recomputed_on_each_half():
     fd = U.fd_replicates(gen, stats, masks, method="exact")
     kid = U.kid_replicates(gen, ref, masks)
     for dim_big in (False, True):  # KD-tree and blockwise neighbour structures
-        old = U.KDTREE_MAX_DIM
-        U.KDTREE_MAX_DIM = 0 if dim_big else 8
+        old = D.KDTREE_MAX_DIM
+        D.KDTREE_MAX_DIM = 0 if dim_big else 8
         try:
             s = _structure(gen, ref, masks)
         finally:
-            U.KDTREE_MAX_DIM = old
+            D.KDTREE_MAX_DIM = old
         prdc = U.prdc_replicates(s, masks)
         assert s.short_lists == 0
         for b in range(len(masks)):
