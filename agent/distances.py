@@ -17,7 +17,8 @@ In low dimension (``d <=`` :data:`KDTREE_MAX_DIM`) the candidates come from KD-t
 (``scipy.spatial.cKDTree``) instead of the matrix product (an ``n x m`` screen costs far more than the
 few pairs inside the balls when ``d`` is 2), with the same relative margin and the same exact decision,
 so both routes return the same pairs and the same distances. A search that would list more than
-:data:`KDTREE_MAX_PAIRS` candidates (e.g. every point in one spot) takes the blockwise route.
+:data:`KDTREE_MAX_PAIRS` candidates (e.g. every point in one spot), or on tensors off the CPU, takes
+the blockwise route.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def iter_pairs_within(a: torch.Tensor, b: torch.Tensor, *, col_radius: torch.Ten
     n, m = len(a64), len(b64)
     col = None if col_radius is None else col_radius.to(torch.float64)
     row = None if row_radius is None else row_radius.to(torch.float64)
-    if a64.shape[1] <= KDTREE_MAX_DIM and n and m:
+    if a64.shape[1] <= KDTREE_MAX_DIM and n and m and a64.device.type == "cpu":
         cand = _tree_pairs(a64, b64, col, row)
         if cand is not None:
             i, j = cand
@@ -190,7 +191,7 @@ def kth_nearest(a: torch.Tensor, k: int, *, block_bytes: int = DEFAULT_BLOCK_BYT
     n = len(a64)
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    if a64.shape[1] <= KDTREE_MAX_DIM:
+    if a64.shape[1] <= KDTREE_MAX_DIM and a64.device.type == "cpu":
         out = _tree_kth_nearest(a64, k)
         if out is not None:
             return out
