@@ -35,6 +35,11 @@ SCREEN_RTOL = 1e-6
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
 
+def rows_per_block(n_cols: int, block_bytes: int = DEFAULT_BLOCK_BYTES, itemsize: int = 8) -> int:
+    """Rows of an ``[rows, n_cols]`` block of ``itemsize``-byte numbers that fit in ``block_bytes`` (at least 1)."""
+    return max(1, int(block_bytes) // max(1, int(n_cols) * itemsize))
+
+
 def squared(a: torch.Tensor, b: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
     """``float64 [len(a), len(b)]`` squared Euclidean distances by the matmul expansion, both sets
     centred on ``centre`` (default ``b``'s mean). Not clamped: an entry can be a rounding below 0."""
@@ -151,7 +156,7 @@ def iter_pairs_within(a: torch.Tensor, b: torch.Tensor, *, col_radius: torch.Ten
     # the screen's squared thresholds, per column and per row (radii >= 0: max commutes with squaring)
     col2 = None if col is None else col * col * (1.0 + SCREEN_RTOL) + slack
     row2 = None if row is None else row * row * (1.0 + SCREEN_RTOL) + slack
-    step = max(1, int(block_bytes) // max(1, m * 8))
+    step = rows_per_block(m, block_bytes)
     for s in range(0, n, step):
         sq = squared(a64[s:s + step], b64, centre)
         if col2 is not None and row2 is not None:
@@ -198,7 +203,7 @@ def kth_nearest(a: torch.Tensor, k: int, *, block_bytes: int = DEFAULT_BLOCK_BYT
     centre = a64.mean(0)
     slack = _slack(centre, a64, a64)
     out = torch.empty(n, dtype=torch.float64)
-    step = max(1, int(block_bytes) // max(1, n * 8))
+    step = rows_per_block(n, block_bytes)
     for s in range(0, n, step):
         sq = squared(a64[s:s + step], a64, centre)
         kth = sq.topk(k, dim=1, largest=False).values[:, -1:]

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from emascope.distances import rows_per_block
+
 #: Memory budget (bytes) of one block of kernel values built at a time.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 #: Key under which :meth:`KIDPlan.values` leaves a variant's :class:`KIDKernels` in its ``keep`` dict.
@@ -104,7 +106,7 @@ def subset_kernel_sums(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: tor
     K is built ``block_bytes`` at a time (rows of x); only ``[U, len(y)]`` accumulates.
     ``on_block(start, k)`` sees every block (rows ``start ..`` of K) as it is built.
     """
-    rows = max(1, int(block_bytes) // max(1, len(y) * 8))
+    rows = rows_per_block(len(y), block_bytes)
     acc = torch.zeros(a.shape[0], len(y), dtype=torch.float64, device=x.device)
     diag = torch.zeros(a.shape[0], dtype=torch.float64, device=x.device)
     for start in range(0, len(x), rows):

@@ -28,6 +28,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_isc import isc_features_to_metric
 
 from emascope import distances
+from emascope.distances import rows_per_block  # noqa: F401 - part of this module's API
 from emascope.kid import KIDPlan
 
 #: Memory budget (bytes) of one block of pairwise distances built at a time.
@@ -68,11 +69,6 @@ def _check_pair(gen: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, tor
     if gen.shape[1] != ref.shape[1]:
         raise ValueError(f"feature dimensions differ: gen has {gen.shape[1]}, ref has {ref.shape[1]}")
     return gen, ref
-
-
-def rows_per_block(n_cols: int, block_bytes: int = DEFAULT_BLOCK_BYTES, itemsize: int = 8) -> int:
-    """Rows of an ``[rows, n_cols]`` distance block that fit in ``block_bytes`` (at least 1)."""
-    return max(1, int(block_bytes) // max(1, int(n_cols) * itemsize))
 
 
 # ----------------------------------------------------------------------------------------------

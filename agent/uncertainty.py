@@ -201,10 +201,6 @@ def _check(name: str, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     return x.detach().to("cpu", torch.float64)
 
 
-def _rows(n_cols: int, block_bytes: int, itemsize: int = 8) -> int:
-    return max(1, int(block_bytes) // max(1, int(n_cols) * itemsize))
-
-
 # ----------------------------------------------------------------------------------------------
 # Frechet distance (Heusel et al. 2017) of each half-sample, from resampled moment sums
 
@@ -319,7 +315,7 @@ def kid_reference_term(ref: torch.Tensor, *, block_bytes: int = DEFAULT_BLOCK_BY
         phi = poly_feature_map(y, gamma)
         total = float((phi.sum(0) ** 2).sum() - (phi * phi).sum())
         return total / (m * (m - 1))
-    total, step = 0.0, _rows(m, block_bytes)
+    total, step = 0.0, D.rows_per_block(m, block_bytes)
     for i in range(0, m, step):
         blk = polynomial_kernel(y[i:i + step], y, gamma=gamma)
         total += float(blk.sum()) - float(blk.diagonal(offset=i).sum())
@@ -362,11 +358,11 @@ def kid_replicates(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tensor, *,
         quad = ((m @ phi) ** 2).sum(1)
     else:
         cross = torch.zeros(len(x), dtype=torch.float64)
-        step = _rows(len(y), block_bytes)
+        step = D.rows_per_block(len(y), block_bytes)
         for i in range(0, len(x), step):
             cross[i:i + step] = polynomial_kernel(x[i:i + step], y, gamma=gamma).sum(1)
         mk = torch.zeros(len(m), len(x), dtype=torch.float64)
-        step = _rows(len(x), block_bytes)
+        step = D.rows_per_block(len(x), block_bytes)
         for i in range(0, len(x), step):
             mk += m[:, i:i + step] @ polynomial_kernel(x[i:i + step], x, gamma=gamma)
         quad = (mk * m).sum(1)
@@ -515,16 +511,14 @@ def neighbour_structure(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tenso
     if len(rr_p) != m or len(rr_d) != m:
         raise ValueError(f"reference radii must have {m} entries")
     L = min(n, 8 * (prc_k + 1))
-    tree = x.shape[1] <= D.KDTREE_MAX_DIM
-    if tree:
+    if x.shape[1] <= D.KDTREE_MAX_DIM:  # the candidate lists from a KD-tree, as emascope.distances does
         from scipy.spatial import cKDTree
 
-        tx, ty = cKDTree(x.numpy()), cKDTree(y.numpy())
-        _, idx = tx.query(x.numpy(), k=L)
+        _, idx = cKDTree(x.numpy()).query(x.numpy(), k=L)
         nn_idx = torch.from_numpy(idx.reshape(n, L)).long()
     else:
         nn_idx = torch.empty(n, L, dtype=torch.int64)
-        step = _rows(n, block_bytes)
+        step = D.rows_per_block(n, block_bytes)
         for i in range(0, n, step):
             sq = D.squared(x[i:i + step], x)
             rows = torch.arange(i, min(i + step, n))
@@ -537,10 +531,7 @@ def neighbour_structure(gen: torch.Tensor, ref: torch.Tensor, masks: torch.Tenso
     full = nn_dist[:, prc_k]
     reach = torch.maximum(nn_dist.gather(1, widest[:, None])[:, 0], full)
     t = time.perf_counter() - t
-    if tree:
-        hit, count, (ci, cj), (ri, rj, rd) = _tree_memberships(x, y, tx, ty, rr_p, rr_d, reach)
-    else:
-        hit, count, (ci, cj), (ri, rj, rd) = _block_memberships(x, y, rr_p, rr_d, reach, block_bytes)
+    hit, count, (ci, cj), (ri, rj, rd) = _memberships(x, y, rr_p, rr_d, reach, block_bytes)
     t2 = time.perf_counter()
     # a pair is inside ball i in replicate b iff d <= nn_dist[i, pos] iff pos >= #(list entries < d)
     q = torch.searchsorted(nn_dist[ri], rd[:, None].contiguous(), side="left")[:, 0]
@@ -560,34 +551,11 @@ def _exact_lists(x: torch.Tensor, nn_idx: torch.Tensor) -> tuple[torch.Tensor, t
     return nn_idx.gather(1, order), dist
 
 
-def _tree_memberships(x: torch.Tensor, y: torch.Tensor, tx: Any, ty: Any, rr_p: torch.Tensor, rr_d: torch.Tensor,
-                      reach: torch.Tensor) -> tuple:
-    """Ball memberships from KD-tree range queries; the distances of every candidate pair are then
-    recomputed exactly and compared with the same ``<=`` / ``<`` as the blockwise path."""
-    n = len(x)
-    xs, ys = x.numpy(), y.numpy()
-    # precision: generated points inside a reference ball of radius rr_p (<=)
-    j, i = D.tree_candidates(tx, ys, rr_p, limit=None)
-    ok = D.exact_pairs(x, y, i, j) <= rr_p[j]
-    hit = torch.zeros(n, dtype=torch.bool)
-    hit[i[ok]] = True
-    # density / coverage: generated points inside a reference ball of radius rr_d (<)
-    j, i = D.tree_candidates(tx, ys, rr_d, limit=None)
-    ok = D.exact_pairs(x, y, i, j) < rr_d[j]
-    ci, cj = i[ok], j[ok]
-    count = torch.zeros(n, dtype=torch.float64).index_add_(0, ci, torch.ones(len(ci), dtype=torch.float64))
-    # recall candidates: reference points within the largest radius each generated ball can take
-    i, j = D.tree_candidates(ty, xs, reach, limit=None)
-    d = D.exact_pairs(x, y, i, j)
-    ok = d <= reach[i]
-    return hit, count, (ci, cj), (i[ok], j[ok], d[ok])
-
-
-def _block_memberships(x: torch.Tensor, y: torch.Tensor, rr_p: torch.Tensor, rr_d: torch.Tensor,
+def _memberships(x: torch.Tensor, y: torch.Tensor, rr_p: torch.Tensor, rr_d: torch.Tensor,
                        reach: torch.Tensor, block_bytes: int) -> tuple:
-    """Ball memberships from the pairs inside any ball (:func:`emascope.distances.pairs_within`: a
-    matmul screen, exact distances for the candidates), compared with the same ``<=`` / ``<`` as the
-    KD-tree path."""
+    """Ball memberships from the pairs inside any ball (:func:`emascope.distances.pairs_within`: KD-tree
+    or matmul-screened candidates, exact distances), with torch-fidelity's ``<=`` for precision and
+    recall and Naeem's ``<`` for density/coverage, as in :mod:`emascope.metrics`."""
     n = len(x)
     i, j, d = D.pairs_within(x, y, col_radius=torch.maximum(rr_p, rr_d), row_radius=reach,
                              block_bytes=block_bytes)
