@@ -181,6 +181,12 @@ def _build_layout(model: nn.Module, average_buffers: bool) -> tuple[list[_Entry]
     return entries, live, n
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory the same way (copying one onto the other is a no-op)."""
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.numel() > 0 and a.data_ptr() == b.data_ptr())
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` in bytes: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of
     ``/proc/meminfo`` (else ``sysconf``) on the CPU; ``None`` when unknown."""
@@ -773,6 +779,27 @@ class EMABank:
         return out
 
     @torch.no_grad()
+    def variant_state(self, variant: str | float) -> dict[str, torch.Tensor]:
+        """``variant``'s state_dict without copying what the bank does not average: averaged entries
+        are fresh tensors (model dtype, the live tensor's device), every other entry (frozen
+        parameters, buffers) is the live tensor itself (the model's, or the snapshot's; do not modify
+        it). For a LoRA model this is the adapters' size, not the base model's. Not for sharded banks."""
+        if self._plan is not None:
+            raise ValueError("variant_state: a sharded bank has no local full state; use stream_variant")
+        v = self.resolve(variant)
+        flat = None if v == RAW else self.variant_flat(v)
+        out: dict[str, torch.Tensor] = {}
+        for i, e in enumerate(self._entries):
+            live = self._live_value(i)
+            if flat is not None and e.kind == "avg":
+                t = flat[e.offset:e.offset + e.numel].view(e.shape).to(device=live.device, dtype=e.dtype, copy=True)
+            else:
+                t = live
+            for key in e.keys:
+                out[key] = t
+        return out
+
+    @torch.no_grad()
     def stream_variant(self, variant: str | float, *, dtype: torch.dtype | None = None,
                        dst: int = 0) -> Iterator[tuple[list[str], torch.Tensor | None]]:
         """``(state_dict keys, tensor)`` for every entry of ``variant``, one entry at a time, the
@@ -850,11 +877,11 @@ class EMABank:
             with swap(target, sd, v):
                 yield model
             return
-        new = self.materialize(v)
+        new = self.variant_state(v)  # fixed entries: the live tensors, not copies
         dsts: dict[int, torch.Tensor] = {}
         for key, t in sd.items():
-            if isinstance(t, torch.Tensor) and key in new:
-                dsts.setdefault(id(t), t)
+            if isinstance(t, torch.Tensor) and key in new and not _same_tensor(t, new[key]):
+                dsts.setdefault(id(t), t)  # a frozen base (LoRA) is its own source: never copied nor backed up
         backup = {i: t.detach().clone() for i, t in dsts.items()}
         key_of = {}
         for key, t in sd.items():
