@@ -8,7 +8,8 @@ consolidated offline with no process group) without the model's Python class and
   :func:`emascope.shardfiles.export_from_run`; default ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``;
 - ``--format transformers`` / ``diffusers``: a folder that ``from_pretrained`` loads (the config
   recorded at attach + the weights), through :func:`emascope.pretrained.export_pretrained`;
-  default ``RUN_DIR/exports/ema-<variant>-step<step>/``.
+  default ``RUN_DIR/exports/ema-<variant>-step<step>/``; for a peft ``PeftModel`` ``transformers``
+  is the merged model and ``--format peft`` the adapter folder (``...-adapter/``, :mod:`emascope.peft_export`).
 
 ``--decay`` (any decay in (0, 1)) or ``--sigma-rel`` (EDM2's power-function EMA): synthesise it
 post hoc from the stage snapshots (:func:`emascope.posthoc.export_synthesized`, docs/synthesis.md)
@@ -51,11 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32"], help="cast floating tensors")
     parser.add_argument("--format", default="safetensors", choices=list(EXPORT_FORMATS),
                         help="safetensors (a state dict file, default), or a folder that transformers' / "
-                             "diffusers' from_pretrained loads (needs the config recorded at attach)")
+                             "diffusers' from_pretrained loads (needs the config recorded at attach); peft: "
+                             "a LoRA run's adapter folder for PeftModel.from_pretrained")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.variant is None:
         if args.format != "safetensors":
-            parser.error("--format transformers/diffusers goes with --variant (a synthesised decay is "
+            parser.error("--format transformers/diffusers/peft goes with --variant (a synthesised decay is "
                          "written as a .safetensors state dict)")
         return _synthesized(args)
     if args.step is not None or args.force or args.report:

@@ -28,8 +28,27 @@ from torch import nn
 from emascope import runformat as rf
 from emascope.atomic import atomic_write_json
 from emascope.bank import EMABank
+from emascope.peft_export import (
+    check_exportable,
+    check_keys,
+    find_peft,
+    merged_state_dict,
+    peft_record,
+    save_adapter,
+    skeleton,
+    strip,
+)
 from emascope.shardfiles import latest_snapshot, load_bank, open_snapshot
-from emascope.snapshot import ExportError, check_export_target, export_checkpoint, snapshot_metadata, write_in_exports
+from emascope.snapshot import (
+    ExportError,
+    check_export_target,
+    export_checkpoint,
+    parse_dtype,
+    snapshot_metadata,
+    write_in_exports,
+    write_state_dict,
+)
+from emascope.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +112,13 @@ def model_config_record(model: nn.Module) -> dict[str, Any] | None:
         prefix, module = found
         library = library_of(module)
         assert library is not None
-        return rf.model_config_body(library=library, cls=type(module).__name__,
+        body = rf.model_config_body(library=library, cls=type(module).__name__,
                                     library_version=_library_version(library), prefix=prefix,
                                     config=config_dict(module, library))
+        adapters = peft_record(model, prefix)
+        if adapters is not None:
+            body["peft"] = adapters
+        return body
     except Exception as exc:  # noqa: BLE001
         log.warning("emascope: could not record the model's config (%s: %s); exports stay plain safetensors",
                     type(exc).__name__, exc)
@@ -128,25 +151,59 @@ def read_model_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return rf.parse_model_config(body)
 
 
+def check_format(record: dict[str, Any], fmt: str) -> None:
+    """``ValueError`` naming the problem when a run with ``record`` cannot be exported as ``fmt``."""
+    if fmt != record["library"] and fmt != "peft":
+        raise ValueError(f"this run's model is a {record['library']} model ({record['class']}): "
+                         f"use --format {record['library']} (or safetensors), not {fmt!r}")
+    check_exportable(record, fmt)
+
+
 def export_pretrained_from_bank(bank: EMABank, variant: str | float, record: dict[str, Any],
                                 out: str | os.PathLike, *, fmt: str, dtype: str | None = None,
-                                run_id: str = "") -> Path:
+                                run_id: str = "", model: nn.Module | None = None) -> Path:
     """Write ``variant`` of ``bank`` as a ``from_pretrained`` folder ``out`` (created if needed):
     ``config.json`` from ``record`` and the weights (keys under ``record["prefix"]``, prefix
     removed) as ``model.safetensors`` / ``diffusion_pytorch_model.safetensors``, both atomic.
-    ``ValueError`` when ``fmt`` does not match the recorded library or ``out`` is a file."""
+
+    A run with a ``peft.PeftModel`` (``record["peft"]``): ``fmt="peft"`` writes the adapter folder,
+    ``fmt="transformers"`` the merged model (:mod:`emascope.peft_export`); ``model``: the attached
+    model when exporting in the training process (its live ``PeftModel`` then writes the adapter).
+    ``ValueError`` when ``fmt`` does not fit the recorded model or ``out`` is a file."""
     record = rf.parse_model_config(record)
-    if fmt != record["library"]:
-        raise ValueError(f"this run's model is a {record['library']} model ({record['class']}): "
-                         f"use --format {record['library']} (or safetensors), not {fmt!r}")
+    check_format(record, fmt)
     variant = bank.resolve(variant)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{str(out)!r} exists and is not a folder (a {fmt} export is a folder)")
+    if record.get("peft") is not None:
+        return _export_peft(bank, variant, record, out, fmt=fmt, dtype=dtype, run_id=run_id, model=model)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / rf.PRETRAINED_CONFIG, record["config"])
     export_checkpoint(bank, variant, out / rf.PRETRAINED_WEIGHTS[fmt], dtype=dtype, run_id=run_id,
                       metadata=dict(rf.PRETRAINED_METADATA), prefix=record["prefix"])
+    return out
+
+
+def _export_peft(bank: EMABank, variant: str, record: dict[str, Any], out: Path, *, fmt: str,
+                 dtype: str | None, run_id: str, model: nn.Module | None) -> Path:
+    info = record["peft"]
+    meta = rf.export_metadata(variant, bank.step, run_id=run_id, emascope_version=__version__)
+    state = strip(bank.variant_state(variant), info["prefix"])  # averaged entries copied, frozen ones not
+    cast = parse_dtype(dtype)
+    live = find_peft(model) if model is not None and fmt == "peft" else None
+    if live is not None:  # in the training process: the live PeftModel writes, its weights are not read
+        return save_adapter(live[1], info["adapter_name"], state, out, metadata=meta, dtype=cast)
+    peft_model = skeleton(record)
+    if fmt == "peft":
+        check_keys(peft_model, state)
+        return save_adapter(peft_model, info["adapter_name"], state, out, metadata=meta, dtype=cast)
+    merged = merged_state_dict(peft_model, state)
+    if cast is not None:
+        merged = {k: t.to(cast) if t.is_floating_point() else t for k, t in merged.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / rf.PRETRAINED_CONFIG, record["config"])
+    write_state_dict(merged, out / rf.PRETRAINED_WEIGHTS[fmt], {**rf.PRETRAINED_METADATA, **meta})
     return out
 
 
@@ -168,9 +225,10 @@ def export_pretrained(run_dir: str | os.PathLike, variant: str, fmt: str, out: s
     if record is None:
         raise ExportError(f"{str(run_dir)!r} has no recorded model config ({rf.MODEL_CONFIG}): the attached model "
                           "was not a transformers or diffusers model; use --format safetensors")
-    if fmt != record["library"]:
-        raise ExportError(f"this run's model is a {record['library']} model ({record['class']}): "
-                          f"use --format {record['library']} (or safetensors), not {fmt!r}")
+    try:
+        check_format(record, fmt)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     snapshot = latest_snapshot(run_dir)  # banks/latest.safetensors, or a sharded run's index
     if snapshot is None:
         raise ExportError(f"{str(run_dir)!r} has no bank snapshot ({rf.SNAPSHOT}); "
@@ -189,7 +247,7 @@ def export_pretrained(run_dir: str | os.PathLike, variant: str, fmt: str, out: s
             rf.run_subdir(run_dir, rf.EXPORTS)
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot export into the run: {exc}") from None
-    path = Path(out) if out is not None else run_dir / rf.export_dir(rf.default_export_name(name, bank.step))
+    path = Path(out) if out is not None else run_dir / rf.export_dir(rf.default_export_name(name, bank.step), fmt)
     if path.exists() and not path.is_dir():
         raise ExportError(f"{str(path)!r} exists and is not a folder (a {fmt} export is a folder)")
     run_id = (open_snapshot(snapshot).run_id if snapshot.name.endswith(".json")

@@ -753,14 +753,16 @@ def status_record(*, request_id: str | None, state: str, variant: str | None, st
     return rec
 
 
-def export_dir(name: str) -> str:
-    """``exports/<name>``: the folder of a ``from_pretrained`` export (``--format transformers|diffusers``)."""
-    return f"{EXPORTS}/{validate_export_name(name)}"
+def export_dir(name: str, fmt: str = "transformers") -> str:
+    """``exports/<name>``: the folder of a ``from_pretrained`` export (``--format transformers|diffusers``);
+    ``exports/<name>-adapter`` for ``--format peft``."""
+    return f"{EXPORTS}/{validate_export_name(name + ('-adapter' if fmt == 'peft' else ''))}"
 
 
 #: Export formats: a plain ``.safetensors`` state dict (default), or a folder that the library's
-#: ``from_pretrained`` loads: ``config.json`` + the weights file under the library's own name.
-EXPORT_FORMATS = ("safetensors", "transformers", "diffusers")
+#: ``from_pretrained`` loads: ``config.json`` + the weights file under the library's own name, or
+#: (``"peft"``) a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+EXPORT_FORMATS = ("safetensors", "transformers", "diffusers", "peft")
 PRETRAINED_CONFIG = "config.json"
 PRETRAINED_WEIGHTS = {"transformers": "model.safetensors", "diffusers": "diffusion_pytorch_model.safetensors"}
 #: safetensors metadata the libraries' loaders expect in a PyTorch weights file.
@@ -800,6 +802,16 @@ def parse_model_config(body: Any) -> dict[str, Any]:
             raise ValueError(f"{MODEL_CONFIG}: {key} must be a string, got {body.get(key)!r}")
     if not isinstance(body.get("config"), dict):
         raise ValueError(f"{MODEL_CONFIG}: config must be a JSON object")
+    info = body.get("peft")
+    if info is not None:
+        if not isinstance(info, dict):
+            raise ValueError(f"{MODEL_CONFIG}: peft must be a JSON object")
+        if info.get("prefix") is not None:  # a PeftModel (None: adapters injected without one)
+            for key in ("prefix", "class", "adapter_name"):
+                if not isinstance(info.get(key), str):
+                    raise ValueError(f"{MODEL_CONFIG}: peft.{key} must be a string, got {info.get(key)!r}")
+            if not isinstance(info.get("config"), dict) or not isinstance(info["config"].get("peft_type"), str):
+                raise ValueError(f"{MODEL_CONFIG}: peft.config must be a JSON object with a peft_type")
     return body
 
 

@@ -481,7 +481,9 @@ class Scope:
         ``format="safetensors"`` (default): one ``.safetensors`` state dict, default path
         ``RUN_DIR/exports/ema-<variant>-step<step>.safetensors``. ``"transformers"`` /
         ``"diffusers"`` (a model whose config was recorded at attach): a folder that the library's
-        ``from_pretrained`` loads, default ``RUN_DIR/exports/ema-<variant>-step<step>/``.
+        ``from_pretrained`` loads, default ``RUN_DIR/exports/ema-<variant>-step<step>/`` (a peft
+        ``PeftModel``: the merged model); ``"peft"``: the adapter folder (``...-adapter/``) that
+        ``PeftModel.from_pretrained(base, folder)`` loads.
         ``dtype``: ``None`` (the model's dtypes) or ``"float32"``/``torch.float32``. Sharded bank: a
         collective (call it on every rank); the entries stream to rank 0 one at a time and rank 0
         writes.
@@ -525,9 +527,10 @@ class Scope:
                 raise ValueError(f"format={format!r} needs a transformers or diffusers model; "
                                  f"{type(self.model).__name__} is neither (use format='safetensors')")
             self._check_export(variant, dtype)
-            out = export_pretrained_from_bank(self.bank, variant, record, path or self.run_dir / rf.export_dir(name),
+            out = export_pretrained_from_bank(self.bank, variant, record,
+                                              path or self.run_dir / rf.export_dir(name, format),
                                               fmt=format, dtype=None if dtype is None else "float32",
-                                              run_id=str(self.run_id))
+                                              run_id=str(self.run_id), model=self.model)
         assert out is not None
         try:  # relative to the run directory when inside it, as in export requests
             shown = out.resolve().relative_to(self.run_dir.resolve()).as_posix()

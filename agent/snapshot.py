@@ -433,6 +433,11 @@ def export_checkpoint(bank: EMABank, variant: str | float, path: str | os.PathLi
     return _atomic_save(_own_all(sd), path, meta)  # tied names share one tensor in sd: own storage each
 
 
+def write_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write a state_dict as ``.safetensors`` atomically (tied tensors stored once each name); returns ``path``."""
+    return _atomic_save(_own_all(state), path, dict(metadata))
+
+
 class ExportError(ValueError):
     """A user-facing export error (``emascope export`` prints it and exits with code 2)."""
 
