@@ -43,7 +43,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,28 @@ log = logging.getLogger(__name__)
 #: Seconds ``attach`` waits at its barrier for every rank when the bank is sharded (gloo groups name
 #: the missing ranks after it).
 ATTACH_TIMEOUT_S = 120.0
+
+
+#: Run directories (real paths) written by a Scope of this process that is not closed yet: a second
+#: attach to one of them (a notebook cell run again with ``overwrite=True``) is refused, since both
+#: Scopes would write the same files.
+_OPEN_RUNS: weakref.WeakValueDictionary[str, Scope] = weakref.WeakValueDictionary()
+_OPEN_RUNS_LOCK = threading.Lock()
+
+
+def _run_key(run_dir: str | os.PathLike) -> str:
+    return os.path.realpath(os.fspath(run_dir))
+
+
+def check_not_open(run_dir: str | os.PathLike) -> None:
+    """``ValueError`` if an open :class:`Scope` of this process writes ``run_dir``."""
+    with _OPEN_RUNS_LOCK:
+        other = _OPEN_RUNS.get(_run_key(run_dir))
+    if other is not None and not other.closed:
+        raise ValueError(
+            f"run_dir {str(run_dir)!r} is written by a Scope of this process that is still open (run "
+            f"{other.run_id}, step {other.current_step}): call its close() first (or use `with attach(...) as "
+            "scope:`), or pick another run_dir; two Scopes on one run directory would overwrite each other's files")
 
 
 def dist_world() -> int:
@@ -354,6 +378,7 @@ class Scope:
         being resumed, build the feature extractor and read the model's config. Raises ``ValueError``
         naming a problem; writes nothing."""
         run = self.run_cfg
+        check_not_open(run.run_dir)
         if self.bank is None:
             self.bank = self._build_bank()
         check_run_dir(run.run_dir, overwrite=run.overwrite, resume=run.resume)
@@ -423,6 +448,8 @@ class Scope:
                 self._hook = self.optimizer.register_step_post_hook(self._optimizer_hook)
             self.writer.start_heartbeat()
             self._note_stage_snapshot_cost()
+            with _OPEN_RUNS_LOCK:
+                _OPEN_RUNS[_run_key(self.run_dir)] = self
         except BaseException:
             if self._hook is not None:
                 self._hook.remove()
@@ -633,6 +660,9 @@ class Scope:
         if self.writer is not None:
             self.writer.event("close", self._step, seconds_alive=time.time() - self.t0)
             self.writer.stop_heartbeat()
+        with _OPEN_RUNS_LOCK:
+            if _OPEN_RUNS.get(_run_key(self.run_dir)) is self:
+                del _OPEN_RUNS[_run_key(self.run_dir)]
         if interrupted is not None:
             raise interrupted
 
