@@ -155,7 +155,12 @@ def _build_layout(model: nn.Module, average_buffers: bool) -> tuple[list[_Entry]
     live: list[torch.Tensor] = []
     by_id: dict[int, int] = {}
     n = 0
-    for key, t in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True)
+    lazy = [k for k, t in state.items() if isinstance(t, torch.Tensor) and nn.parameter.is_lazy(t)]
+    if lazy:
+        raise ValueError(f"the model has uninitialized (lazy) parameters or buffers ({', '.join(lazy[:5])}): "
+                         "run one forward pass to initialize them before building the bank (attach)")
+    for key, t in state.items():
         if not isinstance(t, torch.Tensor):
             continue  # get_extra_state() payloads: not weights, left to the model
         if id(t) in by_id:
@@ -187,6 +192,23 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.numel() > 0 and a.data_ptr() == b.data_ptr())
 
 
+def _owners(model: nn.Module, entries: list[_Entry], live: list[torch.Tensor]) -> list[tuple[nn.Module, str] | None]:
+    """Per entry, the module and attribute name that hold its tensor (``None`` where the state_dict key
+    is not such a path). A module may replace a buffer by a new tensor (``self.buf = self.buf * d``,
+    ``model.half()``, ``model.to(...)``): the bank looks it up there instead of keeping the old one."""
+    out: list[tuple[nn.Module, str] | None] = []
+    for e, t in zip(entries, live, strict=True):
+        prefix, _, name = e.name.rpartition(".")
+        try:
+            mod = model.get_submodule(prefix)
+        except AttributeError:
+            out.append(None)
+            continue
+        found = mod._parameters.get(name) if name in mod._parameters else mod._buffers.get(name)
+        out.append((mod, name) if found is t else None)
+    return out
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` in bytes: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of
     ``/proc/meminfo`` (else ``sysconf``) on the CPU; ``None`` when unknown."""
@@ -214,7 +236,9 @@ class EMABank:
         model: the training model (DDP/DataParallel/``torch.compile`` wrappers are unwrapped; FSDP2
             ``fully_shard`` models are used as they are). Its averaged tensors are read at every
             :meth:`update`; keep the same parameter objects (in-place changes such as
-            ``model.half()`` are fine).
+            ``model.half()`` are fine). Buffers are looked up in their modules at every read, so a
+            buffer the model replaces by a new tensor is followed. What is averaged is fixed here: a
+            parameter unfrozen later is not (:meth:`unaveraged_trainable`).
         decays: decays ``d`` in [0, 1): the weight *kept* from the old average per optimizer step
             (``1 - d`` goes to the new weights); the averaging window is ~``1/(1-d)`` optimizer steps.
             ``None``: :data:`DEFAULT_DECAYS`.
@@ -259,6 +283,7 @@ class EMABank:
             raise ValueError("the model has no trainable floating-point parameters to average")
         self._entries = entries
         self._live = live
+        self._owners = _owners(self._model, entries, live)
         self._n = n
         self._plan = S.resolve(model, [e.name for e in entries], live, shard)
         self._set_segments()
@@ -305,6 +330,9 @@ class EMABank:
         """This rank's segments (``(avg index, a, b, col)``), every rank's, and the local shapes."""
         self._avg_entries = [e for e in self._entries if e.kind == "avg"]
         self._avg_live = [t for e, t in zip(self._entries, self._live, strict=True) if e.kind == "avg"]
+        # averaged buffers (average_buffers=True): looked up again at every update (see _owners)
+        self._avg_buffers = [(j, i) for j, i in enumerate(i for i, e in enumerate(self._entries) if e.kind == "avg")
+                             if not isinstance(self._live[i], nn.Parameter)]
         self._any_dtensor = any(S.is_dtensor(t) for t in self._avg_live)
         plan = self._plan
         world = 1 if plan is None else plan.world
@@ -577,6 +605,8 @@ class EMABank:
         self.step += 1
         if self.step % self.update_every:
             return
+        for j, i in self._avg_buffers:
+            self._avg_live[j] = self._current(i)
         self._events += 1
         if self._feed is not None:
             self._feed.submit(self.step)
@@ -685,6 +715,14 @@ class EMABank:
         """
         self._blocks.lerp_(self._blocked(staging), w)
 
+    def unaveraged_trainable(self) -> list[str]:
+        """Names of parameters that were frozen when the bank was built but require grad now (a layer
+        unfrozen later): the bank does not average them, every variant holds their live values.
+        Empty for a bank without a model."""
+        if self._model is None:
+            return []
+        return [e.name for i, e in enumerate(self._entries) if e.kind == "frozen" and self._current(i).requires_grad]
+
     # ------------------------------------------------------------------ reading out
     def resolve(self, variant: str | float) -> str:
         """The canonical variant string, or a ValueError listing the available ones."""
@@ -693,10 +731,25 @@ class EMABank:
             raise ValueError(f"unknown variant {variant!r}; this bank has: {', '.join(self.variants)}")
         return v
 
+    def _current(self, i: int) -> torch.Tensor:
+        """The model's tensor of entry ``i`` now: the one its module holds (a buffer may have been
+        replaced since the bank was built), else the one seen at construction."""
+        owner = self._owners[i] if self._model is not None else None
+        if owner is not None:
+            mod, name = owner
+            t = mod._parameters.get(name) if name in mod._parameters else mod._buffers.get(name)
+            if t is not None and t is not self._live[i]:
+                e = self._entries[i]
+                if tuple(t.shape) != e.shape:
+                    raise ValueError(f"entry {e.name!r} has shape {tuple(t.shape)} in the model but "
+                                     f"{e.shape} when the bank was built")
+                self._live[i] = t
+        return self._live[i]
+
     def _live_value(self, i: int) -> torch.Tensor:
         """The current live value of entry ``i`` (model or snapshot), not a copy (DTensor: as is)."""
         if self._model is not None:
-            return self._live[i].detach()
+            return self._current(i).detach()
         assert self._stored is not None
         return self._stored[self._entries[i].name]
 
@@ -768,7 +821,9 @@ class EMABank:
             if S.is_dtensor(live):
                 live = live.full_tensor()  # type: ignore[attr-defined]  # a collective, same order everywhere
             dev = torch.device(device) if device is not None else live.device
-            dt = dtype if (dtype is not None and e.dtype.is_floating_point) else e.dtype
+            # the model's dtype now (model.half() after construction), else the recorded one
+            own = live.dtype if self._model is not None else e.dtype
+            dt = dtype if (dtype is not None and own.is_floating_point) else own
             if flat is not None and e.kind == "avg":
                 src = flat[e.offset:e.offset + e.numel].view(e.shape)
             else:
@@ -792,7 +847,7 @@ class EMABank:
         for i, e in enumerate(self._entries):
             live = self._live_value(i)
             if flat is not None and e.kind == "avg":
-                t = flat[e.offset:e.offset + e.numel].view(e.shape).to(device=live.device, dtype=e.dtype, copy=True)
+                t = flat[e.offset:e.offset + e.numel].view(e.shape).to(device=live.device, dtype=live.dtype, copy=True)
             else:
                 t = live
             for key in e.keys:
@@ -823,8 +878,9 @@ class EMABank:
         local = None if v == RAW else self._variant_local(v)  # raw: the live tensors (exact in any dtype)
         avg_index = {id(e): i for i, e in enumerate(self._avg_entries)}
         for idx, e in enumerate(self._entries):
-            dt = dtype if (dtype is not None and e.dtype.is_floating_point) else e.dtype
             live = self._live_value(idx)
+            own = live.dtype if self._model is not None else e.dtype
+            dt = dtype if (dtype is not None and own.is_floating_point) else own
             if e.kind == "avg" and local is not None:
                 pieces = self._pieces_of_entry[avg_index[id(e)]]
                 if me == dst:

@@ -120,6 +120,29 @@ def group_estimates(group: str, values: Mapping[str, Any], feats: Features, ref:
     return out
 
 
+def unusable_values(out: Mapping[str, Any], n: int | None = None) -> list[str]:
+    """The entries of a hook's result that follow none of the conventions above (and are not
+    ``None``, recorded as null like NaN), each as ``"'name' (what it is)"``; they are recorded as
+    null. ``n``: the number of samples (``sample_metrics``), for per-sample arrays."""
+    bad = []
+    for name, value in out.items():
+        if value is None or _pair(value) is not None or _per_sample(value, n) is not None:
+            continue
+        try:
+            float(value)
+            continue
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        if isinstance(value, (np.ndarray, torch.Tensor)):
+            what = f"{type(value).__name__} of shape {tuple(value.shape)}"
+            if value.ndim == 1 and n is not None:
+                what += f"; a per-sample array needs {n} values, one per sample"
+        else:
+            what = type(value).__name__
+        bad.append(f"{name!r} ({what})")
+    return bad
+
+
 def _pair(value: Any) -> tuple[float, float] | None:
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(
             isinstance(x, numbers.Real) and not isinstance(x, bool) for x in value):

@@ -308,6 +308,7 @@ class Scope:
         self._last_scored: int | None = None
         self._last_snapshot: int | None = None
         self._bank_ok, self._skipped_seen = True, 0
+        self._unaveraged_told: set[str] = set()
         self._housekeeping_at = -float("inf")
         self._hook = None
         self._failed = False
@@ -716,6 +717,7 @@ class Scope:
                 # at most about once a second: reading the skip counter syncs a GPU bank
                 self._housekeeping_at = now
                 self._check_skipped()
+                self._check_unfrozen()
                 if not self.sharded:
                     self.requests.poll(step)
                 if self._background is not None:
@@ -773,6 +775,21 @@ class Scope:
         if skipped != self._skipped_seen:
             self._skipped_seen = skipped
             self.writer.event("nonfinite_skip", self._step, count=skipped)
+
+    def _check_unfrozen(self) -> None:
+        """Say once (``notice``, ``where: "bank"``) which parameters frozen at attach are trainable now:
+        the bank does not average them (its layout is fixed at attach)."""
+        if not self._bank_ok:
+            return
+        new = [k for k in self.bank.unaveraged_trainable() if k not in self._unaveraged_told]
+        if not new:
+            return
+        self._unaveraged_told.update(new)
+        shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+        message = (f"{len(new)} parameter(s) frozen at attach are trainable now ({shown}): the bank does not "
+                   "average them, every variant holds their live values; attach after unfreezing to average them")
+        log.warning("emascope: %s", message)
+        self.writer.event("notice", self._step, where="bank", entries=new, message=message)
 
     def _score(self, *, force: bool = False, wait: bool = False) -> SweepResult | None:
         """A scoring point: score inline, freeze for the background worker, or write the stage

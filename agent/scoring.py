@@ -665,6 +665,11 @@ def finish_variant(res: SweepResult, writer: RunWriter, variant: str, cfg: Scori
         return
     try:
         check_finite_features(feats)
+        d, d_ref = feats.features.shape[-1], reference.features.features.shape[-1]
+        if d != d_ref:
+            shape = "" if samples is None else f" (samples of shape {tuple(samples.shape[1:])})"
+            raise ValueError(f"the samples give {d}-dimensional features{shape} but the reference gives {d_ref}: "
+                             "the sampler's output does not match the reference data")
     except ValueError as exc:  # one error for the variant, no metric values
         res.errors += 1
         writer.error("features", step, exc, variant=variant)
@@ -728,17 +733,27 @@ def _uncertainty_error(res: SweepResult, writer: RunWriter, variant: str, group:
 def _user_hook(where: str, hook: Callable[[Any], Any], arg: Any, res: SweepResult, writer: RunWriter,
                variant: str, timing: str) -> dict[str, Any]:
     """Call ``evaluate(model)`` or ``sample_metrics(samples)``; a raise or a non-dict result is an
-    ``error`` event named ``where`` and gives ``{}``. Time goes to ``res.timings[timing]``."""
+    ``error`` event named ``where`` and gives ``{}``; values that are not numbers (nor the other
+    conventions of :mod:`emascope.estimates`) are one ``error`` event naming them, and are kept
+    (written as null). Time goes to ``res.timings[timing]``."""
     t = time.perf_counter()
     try:
         out = hook(arg)
         if not isinstance(out, dict):
             raise ValueError(f"{where} must return dict[str, float], got {type(out).__name__}")
-        return dict(out)
     except Exception as exc:  # noqa: BLE001
         res.errors += 1
         writer.error(where, res.step, exc, variant=variant)
         return {}
+    else:
+        bad = E.unusable_values(out, len(arg) if where == "sample_metrics" else None)
+        if bad:  # recorded as null, said once per variant
+            res.errors += 1
+            writer.error(where, res.step, ValueError(
+                f"{where} returned values that are not numbers, written as null: {', '.join(bad)}; a value must be "
+                "a number, a (value, standard_error) pair or, from sample_metrics, one number per sample"),
+                variant=variant)
+        return dict(out)
     finally:
         res.timings[timing] += time.perf_counter() - t
 
