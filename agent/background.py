@@ -30,7 +30,13 @@ Rules:
 
 Memory: the frozen copy is ``4 * numel * (rows) + live weights`` bytes (:func:`frozen_nbytes`);
 the worker's model-less bank holds it again in host memory while the sweep runs, plus the eval copy
-of the model.
+of the model. **Frozen parameters** (``requires_grad`` False, not averaged: a LoRA fine-tune's base)
+are never copied: training does not change them, so the stage holds the training model's own
+tensors, and the eval copy shares them too (nothing is written into them: ``EMABank.swap`` skips an
+entry whose source is the target itself). Their version counters are read at the scoring point: a
+sweep during which one changed (a layer unfrozen and trained, weights loaded in place) is not
+recorded (``score_skipped``, ``reason: "frozen_changed"``), and from the next stage on that
+parameter is copied like the others (the eval copy is rebuilt without it).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ import torch
 from torch import nn
 
 from emascope import runformat as rf
-from emascope.bank import EMABank
+from emascope.bank import EMABank, same_tensor
 from emascope.claims import mark_done
 from emascope.rundir import RunWriter, StageWriter
 from emascope.scoring import Scorer, SweepResult, cuda_devices, model_device
@@ -61,10 +67,17 @@ HEADROOM = 0.5
 
 def frozen_nbytes(bank: EMABank) -> int:
     """Bytes of a frozen copy of ``bank``: its fp32 rows (every variant but ``raw``) and its live
-    values (each in its own dtype)."""
+    values (each in its own dtype) but the frozen parameters (read in place, not copied)."""
     rows = len(bank.variants) - 1
-    live = sum(t.numel() * t.element_size() for t in bank.live_values().values())
+    shared = set(bank.still_frozen())
+    live = sum(t.numel() * t.element_size() for k, t in bank.live_values().items() if k not in shared)
     return 4 * int(bank.numel) * rows + int(live)
+
+
+def frozen_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters that do not require grad, by ``named_parameters`` name (tied ones under
+    each name): what background scoring reads in place instead of copying."""
+    return {name: p for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def host_available_bytes() -> int | None:
@@ -150,9 +163,11 @@ class FrozenStage:
     """What a background sweep of one stage needs, copied at the scoring point.
 
     ``state``/``live``: ``EMABank.state_dict()`` and copies of ``live_values()`` (placement
-    ``"device"`` or ``"pinned"``); ``path``: the stage snapshot (``"disk"``); a disabled bank
-    freezes only the model's state dict (``live``, ``bank_less``). ``ready``: a CUDA event the copies
-    were recorded behind, one per device (``None`` on CPU).
+    ``"device"`` or ``"pinned"``; frozen parameters: the live tensors themselves); ``path``: the
+    stage snapshot (``"disk"``), whose frozen parameters are replaced by the live ones in
+    ``shared`` when it is opened; a disabled bank freezes only the model's state dict (``live``,
+    ``bank_less``). ``ready``: a CUDA event the copies were recorded behind, one per device
+    (``None`` on CPU).
     """
 
     step: int
@@ -163,6 +178,8 @@ class FrozenStage:
     path: Path | None = None
     bank_less: bool = False
     ready: Any = None
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    versions: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
     blocked: float = 0.0
     nbytes: int = 0
 
@@ -174,20 +191,27 @@ class FrozenStage:
             if self.bank_less:
                 return None
             if self.path is not None:
-                return load_snapshot(self.path)
+                bank = load_snapshot(self.path)
+                bank.share_stored(self.shared)  # the same values, held once (the training model's)
+                return bank
             assert self.state is not None and self.live is not None
             return EMABank.from_state(self.state, self.live)
         finally:
             if not self.bank_less:
                 self.state = self.live = None
+                self.shared = {}
 
 
-def _copy_tensors(tree: dict[str, Any], placement: str) -> dict[str, Any]:
-    """Own copies of the tensors of a (flat) dict: clones on their device, or pinned host copies."""
+def _copy_tensors(tree: dict[str, Any], placement: str,
+                  keep: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Own copies of the tensors of a (flat) dict: clones on their device, or pinned host copies;
+    the entries named in ``keep`` are passed on as they are (detached, not copied)."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         if not torch.is_tensor(v):
             out[k] = v
+        elif k in keep:
+            out[k] = v.detach()
         elif placement == "pinned" and v.device.type != "cpu":
             dst = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
             out[k] = dst.copy_(v.detach(), non_blocking=True)
@@ -208,34 +232,68 @@ def freeze_stage(bank: EMABank | None, model: nn.Module, step: int, *, placement
     """
     t = time.perf_counter()
     if bank is None:
-        live = _copy_tensors(model.state_dict(), "device" if placement == "disk" else placement)
+        live = _copy_tensors(model.state_dict(), "device" if placement == "disk" else placement,
+                             keep=set(frozen_parameters(model)))
         frozen = FrozenStage(step, placement, [rf.RAW], live=live, bank_less=True)
     elif placement == "disk":
         path = Path(run_dir) / rf.stage_snapshot_file(step)
         nbytes = save_snapshot(bank, path, metadata={"run_id": str(run_id), "step": str(step)})
-        frozen = FrozenStage(step, placement, list(bank.variants), path=path, nbytes=nbytes)
+        values = bank.live_values()
+        shared = {k: values[k].detach() for k in bank.still_frozen()}
+        frozen = FrozenStage(step, placement, list(bank.variants), path=path, nbytes=nbytes, shared=shared)
     else:
         state = bank.state_dict()  # its tensors are fresh copies already (on the bank's device)
         if placement == "pinned":
             state = _copy_tensors(state, placement)
-        live = _copy_tensors(bank.live_values(), placement)
-        nbytes = sum(v.numel() * v.element_size() for d in (state, live) for v in d.values() if torch.is_tensor(v))
+        live = _copy_tensors(bank.live_values(), placement, keep=set(bank.still_frozen()))
+        shared = set(bank.still_frozen())
+        nbytes = sum(v.numel() * v.element_size() for d in (state, live) for k, v in d.items()
+                     if torch.is_tensor(v) and not (d is live and k in shared))
         frozen = FrozenStage(step, placement, list(bank.variants), state=state, live=live, nbytes=nbytes)
     for index in cuda_devices(model):  # the copies were queued on these devices' current streams
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(index))
         frozen.ready = [*(frozen.ready or []), event]
+    kept = frozen.shared if frozen.path is not None else {
+        k: v for k, v in (frozen.live or {}).items() if k in (set(bank.still_frozen()) if bank is not None
+                                                              else set(frozen_parameters(model)))}
+    frozen.versions = {k: (v, v._version) for k, v in kept.items()}  # detach() shares the counter
     frozen.blocked = time.perf_counter() - t
     return frozen
 
 
+def changed_in_place(frozen: FrozenStage) -> list[str]:
+    """The frozen parameters a stage holds in place that changed since its scoring point."""
+    return [k for k, (t, v) in frozen.versions.items() if t._version != v]
+
+
 def eval_copy(model: nn.Module) -> nn.Module:
-    """The worker's own copy of the model (``copy.deepcopy``, no gradients, eval mode)."""
-    twin = copy.deepcopy(model)
+    """The worker's own copy of the model (``copy.deepcopy``, no gradients, eval mode), sharing the
+    frozen parameters (:func:`frozen_parameters`) with ``model`` instead of copying them."""
+    shared = {id(p): p for p in frozen_parameters(model).values()}
+    twin = copy.deepcopy(model, memo=dict(shared))
     for p in twin.parameters():
-        p.grad = None
-        p.requires_grad_(False)
+        if id(p) not in shared:
+            p.grad = None
+            p.requires_grad_(False)
     return twin.eval()
+
+
+def _shares_trainable(twin: nn.Module, model: nn.Module) -> bool:
+    """Whether ``twin`` shares a parameter with ``model`` that requires grad now (unfrozen since)."""
+    mine = {id(p) for p in model.parameters() if p.requires_grad}
+    return any(id(p) in mine for p in twin.parameters())
+
+
+def _load_live(model: nn.Module, live: dict[str, Any]) -> None:
+    """``model.load_state_dict(live)``, skipping the entries ``model`` already holds as the very same
+    tensor (shared frozen parameters: nothing is written into the training model's weights)."""
+    own = model.state_dict(keep_vars=True)
+    todo = {k: v for k, v in live.items() if not (torch.is_tensor(v) and k in own and same_tensor(own[k], v))}
+    missing = set(own) - set(live)
+    model.load_state_dict(todo, strict=False)
+    if missing:
+        raise RuntimeError(f"the frozen stage lacks {sorted(missing)[:5]} of the model's state")
 
 
 @dataclass
@@ -309,7 +367,7 @@ class BackgroundScorer:
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         """The worker's eval copy, made (in the training thread) the first time and after a hang."""
-        if self._eval_model is None:
+        if self._eval_model is None or _shares_trainable(self._eval_model, model):
             self._eval_model = eval_copy(model)
         return self._eval_model
 
@@ -434,13 +492,22 @@ class BackgroundScorer:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 bank = frozen.open_bank()
                 if bank is None:
-                    job.model.load_state_dict(frozen.live)  # a disabled bank: score the live weights
+                    _load_live(job.model, frozen.live)  # a disabled bank: score the live weights
                 job.tick()
                 result = self.scorer.sweep(job.model, bank, frozen.variants, step, writer=writer,
                                            scorer=rf.SCORER_BACKGROUND, isolate_rng=False,
                                            on_progress=job.tick)
                 if stream is not None:
                     stream.synchronize()
+            changed = changed_in_place(frozen)
+            if changed:  # the sweep read weights that are not the stage's any more: record nothing of it
+                writer.event("score_skipped", step, reason="frozen_changed", scorer=rf.SCORER_BACKGROUND,
+                                  entries=changed[:20], message=(
+                                      f"{len(changed)} frozen parameter(s) changed in place while stage {step} "
+                                      "was scored (a layer unfrozen, weights loaded): the stage is not recorded; "
+                                      "from the next stage on they are copied"))
+                writer.mute()
+                return
             n = writer.commit(then=lambda n: mark_done(self.run_dir, step, rf.done_record(
                 step=step, scorer=rf.SCORER_BACKGROUND, seconds=result.seconds, records=n, time=time.time())))
             if n is not None:

@@ -186,7 +186,7 @@ def _build_layout(model: nn.Module, average_buffers: bool) -> tuple[list[_Entry]
     return entries, live, n
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` view the same memory the same way (copying one onto the other is a no-op)."""
     return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
             and a.numel() > 0 and a.data_ptr() == b.data_ptr())
@@ -723,6 +723,33 @@ class EMABank:
             return []
         return [e.name for i, e in enumerate(self._entries) if e.kind == "frozen" and self._current(i).requires_grad]
 
+    def still_frozen(self) -> list[str]:
+        """Names of the frozen-parameter entries (kind ``"frozen"``: not averaged) that are still
+        frozen now (``requires_grad`` False). Training does not change them, so background scoring
+        reads them in place instead of copying them (a LoRA base). Empty for a bank without a model
+        or a sharded one."""
+        if self._model is None or self._plan is not None:
+            return []
+        return [e.name for i, e in enumerate(self._entries)
+                if e.kind == "frozen" and not self._current(i).requires_grad]
+
+    def share_stored(self, values: dict[str, torch.Tensor]) -> None:
+        """Model-less bank: hold ``values[name]`` itself (not a copy) as the live value of each fixed
+        entry ``name`` (same shape and dtype), e.g. the training model's frozen parameters in place of
+        equal copies read from a snapshot. ``ValueError`` for an averaged or unknown entry."""
+        if self._stored is None:
+            raise ValueError("share_stored: only a model-less bank stores its live values")
+        kinds = {e.name: e for e in self._entries}
+        for name, t in values.items():
+            e = kinds.get(name)
+            if e is None or e.kind == "avg":
+                raise ValueError(f"share_stored: {name!r} is not a fixed entry of this bank")
+            old = self._stored[name]
+            if tuple(t.shape) != tuple(old.shape) or t.dtype != old.dtype:
+                raise ValueError(f"share_stored: {name!r} is {t.dtype} {tuple(t.shape)}, the bank holds "
+                                 f"{old.dtype} {tuple(old.shape)}")
+            self._stored[name] = t.detach()
+
     # ------------------------------------------------------------------ reading out
     def resolve(self, variant: str | float) -> str:
         """The canonical variant string, or a ValueError listing the available ones."""
@@ -936,7 +963,7 @@ class EMABank:
         new = self.variant_state(v)  # fixed entries: the live tensors, not copies
         dsts: dict[int, torch.Tensor] = {}
         for key, t in sd.items():
-            if isinstance(t, torch.Tensor) and key in new and not _same_tensor(t, new[key]):
+            if isinstance(t, torch.Tensor) and key in new and not same_tensor(t, new[key]):
                 dsts.setdefault(id(t), t)  # a frozen base (LoRA) is its own source: never copied nor backed up
         backup = {i: t.detach().clone() for i, t in dsts.items()}
         key_of = {}
