@@ -15,22 +15,24 @@ consolidated offline with no process group) without the model's Python class and
 post hoc from the stage snapshots (:func:`emascope.posthoc.export_synthesized`, docs/synthesis.md)
 at ``--step`` (default: the latest stage snapshot), streaming tensor by tensor, and print its error
 report (profile residual, leave-one-out calibrated weight-space error and bound); ``--report
-PATH`` also writes the report as JSON. A target the snapshots cannot represent is refused (exit
-code 2) unless ``--force``. Default output: ``RUN_DIR/exports/ema-<decay>-synth-step<step>.safetensors``
-(``phema-<sigma_rel>-step<step>``); ``--format safetensors`` only.
+PATH`` also writes the report as JSON (checked like ``--out`` before anything is written). A target
+the snapshots cannot represent is refused (exit code 2) unless ``--force``. Default output:
+``RUN_DIR/exports/ema-<decay>-synth-step<step>.safetensors`` (``phema-<sigma_rel>-step<step>``);
+``--format safetensors`` only.
 
-``--out`` may be any path outside the run directory or under its ``exports/``; a folder (for a
-file export), an unwritable place or a file of the run itself (``RUN/run.json``) is refused.
+``--out`` may be any path outside the run directory or under its ``exports/`` (an existing file
+there is replaced, atomically); a folder (for a file export), an unwritable place or a file of the
+run itself (``RUN/run.json``) is refused, as is a run of a newer ``format_version``.
 Exit codes: 0 done, 2 bad input (a message naming the problem) or a refused synthesis.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
+from emascope import runformat as rf
 from emascope.runformat import EXPORT_FORMATS
 
 
@@ -42,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", help="run directory (holds banks/latest.safetensors or a sharded snapshot)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--variant", help='a variant the bank holds: decay such as 0.999, or "raw" / "bema"')
-    what.add_argument("--decay", type=float, help="any decay in (0, 1), synthesised post hoc if not in the bank")
+    what.add_argument("--decay", type=float,
+                      help="any decay in (0, 1), synthesised post hoc from the bank snapshots (also one the bank "
+                           "holds: --variant exports the bank's own row)")
     what.add_argument("--sigma-rel", type=float, help="EDM2 power-function EMA length (e.g. 0.05), synthesised")
     parser.add_argument("--step", type=int, default=None,
                         help="synthesise the average as of this optimizer step (default: the latest stage snapshot)")
@@ -62,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _synthesized(args)
     if args.step is not None or args.force or args.report:
         parser.error("--step, --force and --report go with --decay / --sigma-rel")
+    try:
+        rf.check_run_dir(args.run_dir)
+    except ValueError as exc:
+        print(f"emascope export: error: {exc}", file=sys.stderr)
+        return 2
     # torch is imported only here
     from emascope.pretrained import export_pretrained
     from emascope.shardfiles import export_from_run
@@ -86,20 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _synthesized(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from emascope import runformat as rf
-
     try:
         rf.check_synthesis_target(args.decay, args.sigma_rel)
+        rf.check_run_dir(args.run_dir)
     except ValueError as exc:
         print(f"emascope export: error: {exc}", file=sys.stderr)
         return 2
-    if not Path(args.run_dir).is_dir():
-        print(f"emascope export: error: run directory {args.run_dir!r} does not exist", file=sys.stderr)
-        return 2
+    from emascope.atomic import atomic_write_json
     from emascope.posthoc import export_synthesized  # torch is imported only here
+    from emascope.snapshot import check_export_target
     from emascope.synthesis import SynthesisError
 
     try:
+        if args.report:  # checked like --out, before anything is written
+            check_export_target(args.run_dir, args.report, option="--report")
         path, report = export_synthesized(args.run_dir, args.out, decay=args.decay, sigma_rel=args.sigma_rel,
                                           step=args.step, dtype=args.dtype, force=args.force)
     except (SynthesisError, ValueError, OSError) as exc:
@@ -110,7 +119,13 @@ def _synthesized(args: argparse.Namespace) -> int:
     for w in report.warnings:
         print(f"warning: {w}")
     if args.report:
-        Path(args.report).write_text(json.dumps(report.as_json(), indent=2) + "\n", encoding="utf-8")
+        try:
+            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(args.report, report.as_json())
+        except OSError as exc:
+            print(f"emascope export: error: cannot write --report {args.report!r}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     return 0
 
 

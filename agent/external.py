@@ -87,8 +87,10 @@ def load_entry(spec: str) -> Callable[[], Any]:
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     """run.json of a run attached with ``scoring="external"``; :class:`ScoreError` otherwise."""
-    if not run_dir.is_dir():
-        raise ScoreError(f"run directory {str(run_dir)!r} does not exist")
+    try:
+        rf.check_run_dir(run_dir)
+    except ValueError as exc:
+        raise ScoreError(str(exc)) from None
     try:
         info = json.loads((run_dir / rf.RUN_JSON).read_text(encoding="utf-8"))
     except FileNotFoundError:

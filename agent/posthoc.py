@@ -152,13 +152,13 @@ def export_synthesized(run_dir: str | os.PathLike, out: str | os.PathLike | None
     rf.validate_export_dtype(dtype)
     if out is not None:
         out = check_export_target(run_dir, out)
-    else:
+    sd, report = synthesize(run_dir, decay=decay, sigma_rel=sigma_rel, step=step, dtype=dtype, force=force)
+    if out is None:  # made only once the synthesis succeeded: a refusal leaves the run as it was
         try:
             (Path(run_dir) / rf.EXPORTS).mkdir(exist_ok=True)
             rf.run_subdir(run_dir, rf.EXPORTS)
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot export into the run: {exc}") from None
-    sd, report = synthesize(run_dir, decay=decay, sigma_rel=sigma_rel, step=step, dtype=dtype, force=force)
     filename = Path(rf.export_file(rf.default_synthesized_export_name(decay, sigma_rel, report.step))).name
     run_id = ""
     try:
@@ -171,9 +171,13 @@ def export_synthesized(run_dir: str | os.PathLike, out: str | os.PathLike | None
         decay=decay, sigma_rel=sigma_rel, step=report.step, run_id=run_id, emascope_version=__version__,
         profile_residual=report.profile_residual, predicted_error=report.predicted_error,
         error_bound=report.error_bound)
-    if out is not None:
-        return save_checkpoint(sd, Path(out), meta), report
-    return write_in_exports(run_dir, filename, lambda p: save_checkpoint(sd, p, meta)), report
+    path = Path(out) if out is not None else Path(run_dir) / rf.EXPORTS / filename
+    try:
+        if out is not None:
+            return save_checkpoint(sd, path, meta), report
+        return write_in_exports(run_dir, filename, lambda p: save_checkpoint(sd, p, meta)), report
+    except OSError as exc:
+        raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
 
 
 class StateSwap:

@@ -215,10 +215,8 @@ def export_pretrained(run_dir: str | os.PathLike, variant: str, fmt: str, out: s
     the problem (no recorded config, wrong library, missing, malformed or corrupt snapshot, unknown
     variant, an ``out`` inside the run but not under its ``exports/``, see
     :func:`~emascope.snapshot.check_export_target`). ``notice``: see :func:`~emascope.snapshot.load_snapshot`."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ExportError(f"run directory {str(run_dir)!r} does not exist")
     try:
+        run_dir = rf.check_run_dir(run_dir)
         record = read_model_config(run_dir)
     except ValueError as exc:
         raise ExportError(str(exc)) from None

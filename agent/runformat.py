@@ -14,6 +14,7 @@ Conventions: ``step`` is an optimizer step (int); ``decay`` is the EMA decay ``d
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -497,6 +498,29 @@ def check_format_version(info: dict[str, Any]) -> None:
         raise FormatVersionError(
             f"this run uses run-directory format_version {version}, but this emascope only knows "
             f"format_version {FORMAT_VERSION}: upgrade emascope to view it")
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    """``run_dir`` as a ``Path`` if it is a folder whose run.json (when present and readable) is of a
+    format this emascope knows; ``ValueError`` naming the problem: a missing path, a file, a newer
+    ``format_version`` (:class:`FormatVersionError`). An unreadable or malformed run.json is left to
+    the caller (an export reads only the bank snapshot)."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise ValueError(f"run directory {str(run_dir)!r} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"run directory {str(run_dir)!r} is not a directory")
+    if not (path / RUN_JSON).is_file():  # a FIFO would block the read
+        return path
+    try:
+        with open(path / RUN_JSON, "rb") as f:
+            info = json.loads(f.read(MAX_RUN_JSON_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return path
+    version = info.get("format_version") if isinstance(info, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        check_format_version(info)
+    return path
 
 
 def run_state(heartbeat: dict[str, Any] | None, now: float) -> str:

@@ -569,7 +569,8 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
         rf.validate_export_dtype(dtype)
     except ValueError as exc:
         raise ExportError(f"--dtype: {exc}") from None
-    out = single.export_target(run_dir, out)
+    if out is not None:
+        out = single.check_export_target(run_dir, out)
     try:
         snap = open_snapshot(latest)
         name = snap.resolve(variant)
@@ -579,6 +580,7 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
         msg = str(exc)
         raise ExportError(msg if msg.startswith("unknown variant") else
                           f"cannot read sharded bank snapshot {str(latest)!r}: {msg}") from None
+    out = single.export_target(run_dir, out)  # exports/ is made only for a variant the bank holds
     if out is not None:
         return export_variant(snap, name, Path(out), dtype=dtype)
     filename = Path(rf.export_file(rf.default_export_name(name, snap.step))).name

@@ -469,7 +469,8 @@ def write_in_exports(run_dir: str | os.PathLike, filename: str, write: Callable[
     return Path(run_dir) / rf.EXPORTS / filename
 
 
-def check_export_target(run_dir: str | os.PathLike, out: str | os.PathLike, *, folder: bool = False) -> Path:
+def check_export_target(run_dir: str | os.PathLike, out: str | os.PathLike, *, folder: bool = False,
+                        option: str = "--out") -> Path:
     """``out`` as a checked output path for an export of the run in ``run_dir``; :class:`ExportError`
     naming the problem.
 
@@ -478,28 +479,28 @@ def check_export_target(run_dir: str | os.PathLike, out: str | os.PathLike, *, f
     run directory other than under its ``exports/`` (``--out RUN/run.json`` would replace a file
     of the run itself). ``out`` may otherwise point anywhere: the user named it. Symlinks in the
     parent folders are followed (the file is replaced where they lead); a symlink at ``out``
-    itself is replaced, never written through.
+    itself is replaced, never written through. ``option``: the flag named in the messages.
     """
     out = Path(out)
     if folder and out.exists() and not out.is_dir():
-        raise ExportError(f"--out {str(out)!r} exists and is not a folder (this export is a folder)")
+        raise ExportError(f"{option} {str(out)!r} exists and is not a folder (this export is a folder)")
     if not folder and out.is_dir():
-        raise ExportError(f"--out {str(out)!r} is a folder; give a file path such as "
+        raise ExportError(f"{option} {str(out)!r} is a folder; give a file path such as "
                           f"{str(out / 'ema.safetensors')!r}")
     parent = out.parent
     for p in (parent, *parent.parents):  # the nearest existing ancestor must be a folder
         if p.exists():
             if not p.is_dir():
-                raise ExportError(f"--out {str(out)!r}: {str(p)!r} is not a folder")
+                raise ExportError(f"{option} {str(out)!r}: {str(p)!r} is not a folder")
             break
     try:
         target = parent.resolve() / out.name
         base = Path(run_dir).resolve()
     except (OSError, RuntimeError) as exc:
-        raise ExportError(f"--out {str(out)!r}: cannot resolve the path: {exc}") from None
+        raise ExportError(f"{option} {str(out)!r}: cannot resolve the path: {exc}") from None
     if (target == base or base in target.parents) and (base / rf.EXPORTS) not in target.parents:
         rel = target.relative_to(base).as_posix() if target != base else "."
-        raise ExportError(f"--out {str(out)!r} would replace {rel!r}, a file of the run itself; exports go "
+        raise ExportError(f"{option} {str(out)!r} would replace {rel!r}, a file of the run itself; exports go "
                           f"under the run's {rf.EXPORTS}/ or outside the run directory")
     return out
 
@@ -514,9 +515,10 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
     snapshot, unknown variant listing the available ones, bad dtype, a refused or unwritable
     ``out``, a corrupt snapshot) before anything is written. ``notice``: see :func:`load_snapshot`.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ExportError(f"run directory {str(run_dir)!r} does not exist")
+    try:
+        run_dir = rf.check_run_dir(run_dir)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     snapshot = run_dir / rf.SNAPSHOT
     if not snapshot.is_file():
         raise ExportError(f"{str(run_dir)!r} has no bank snapshot ({rf.SNAPSHOT}); "
@@ -525,7 +527,8 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
         rf.validate_export_dtype(dtype)
     except ValueError as exc:
         raise ExportError(f"--dtype: {exc}") from None
-    out = export_target(run_dir, out)
+    if out is not None:
+        out = check_export_target(run_dir, out)
     try:
         bank = load_snapshot(snapshot, notice=notice)
     except Exception as exc:  # noqa: BLE001
@@ -534,6 +537,7 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
         name = bank.resolve(variant)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
+    out = export_target(run_dir, out)  # exports/ is made only for a variant the bank holds
     run_id = snapshot_metadata(snapshot).get("run_id", "")
     filename = Path(rf.export_file(rf.default_export_name(name, bank.step))).name
     path = Path(out) if out is not None else run_dir / rf.EXPORTS / filename
