@@ -295,15 +295,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"emascope demo: --run-dir {str(run_dir)!r} exists and is not an empty directory; "
               "the demo writes a fresh run", file=sys.stderr)
         return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
+    port = None
+    if not args.no_dashboard:  # a taken --port is refused before anything is written or trained
+        from emascope.dashboard.launch import PortError, choose_port
+
+        try:
+            port = choose_port("127.0.0.1", args.port)
+        except PortError as exc:
+            print(f"emascope demo: {exc}", file=sys.stderr)
+            return 2
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"emascope demo: cannot create --run-dir {str(run_dir)!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     run_dir = run_dir.resolve()
     bar = ProgressBar(args.steps, run_dir)
     bar.say(f"emascope demo: training {args.sample} for {args.steps} steps, "
             f"{NUM_STAGES} scoring stages -> {run_dir}")
     dash: Dashboard | None = None
     try:
-        if not args.no_dashboard:
-            port = args.port or free_port()
+        if port is not None:
             dash = Dashboard(run_dir, port, open_browser=not args.no_browser, say=bar.say)
         bar.start()
         try:
@@ -319,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not dash.wait_up(timeout=120.0):
                     print("emascope demo: the dashboard did not come up", file=sys.stderr)
                     return 1
+            elif dash.proc.poll() is not None:
+                print(f"emascope demo: the dashboard is not running (exit code {dash.proc.returncode}); "
+                      f"log: {dash.log.name}", file=sys.stderr)
+                return 1
             else:
                 bar.say(f"emascope demo: the dashboard keeps running at {dash.url}; Ctrl-C to stop")
                 dash.proc.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,17 @@ def test_synthesised_export_to_an_unwritable_place_names_the_path(run, capsys):
     _refused(capsys, ["export", str(run), "--decay", "0.995", "--out", "/proc/x.safetensors"],
              "cannot write '/proc/x.safetensors'")
 
+
+def test_demo_refuses_an_unwritable_run_dir(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    _refused(capsys, ["demo", "--no-dashboard", "--run-dir", str(tmp_path / "afile" / "run")], "--run-dir")
+
+
+def test_demo_refuses_a_taken_port_before_training(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        _refused(capsys, ["demo", "--no-browser", "--port", str(port), "--run-dir", str(tmp_path / "run")],
+                 f"port {port} is taken")
+    assert not (tmp_path / "run").exists()
