@@ -138,3 +138,23 @@ def test_agent_md_documents_every_attach_argument_with_its_default():
         assert name in rows, f"docs/agent.md lacks a row for attach argument {name!r}"
         if p.default is inspect.Parameter.empty:
             assert rows[name].strip() == "required", name
+
+
+def test_agent_md_defaults_are_attachs_defaults():
+    """The `default` column of attach's table in docs/agent.md is the real default (literal or a named constant)."""
+    import ast
+    import inspect
+
+    import emascope
+    from emascope import attach
+
+    text = (REPO / "docs" / "agent.md").read_text()
+    table = text[text.index("| argument | default | meaning |"):]
+    table = table[:table.index("\n\n")]  # attach's table only (others have a `feature_extractor` row too)
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", table, flags=re.M))
+    for name, p in inspect.signature(attach).parameters.items():
+        if p.default is inspect.Parameter.empty:
+            continue
+        shown = rows[name].strip().strip("`")
+        value = getattr(emascope, shown) if shown.isidentifier() and shown.isupper() else ast.literal_eval(shown)
+        assert value == p.default and type(value) is type(p.default), (name, shown, p.default)
