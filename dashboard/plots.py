@@ -83,6 +83,16 @@ def _decay_axis(pos: Mapping[str, float], title: str = "EMA decay") -> dict:
     )
 
 
+def _step_axis(steps: Sequence[int] | np.ndarray) -> dict:
+    """An x axis of optimizer steps: whole numbers only; with few stages, a tick at each one (one
+    stage alone would otherwise get ticks at fractional steps around it)."""
+    axis: dict = dict(title="step", tickformat=",d")
+    distinct = sorted({int(s) for s in steps})
+    if 0 < len(distinct) <= 12:
+        axis.update(tickmode="array", tickvals=distinct)
+    return axis
+
+
 def stage_colors(steps: Sequence[int]) -> dict[int, str]:
     """An ordered colour (Viridis, early = dark) per stage."""
     steps = sorted(steps)
@@ -522,7 +532,8 @@ def best_decay_over_training(drift: pd.DataFrame, metrics_shown: Sequence[str] |
         )
     axis = _decay_axis(pos, "best EMA decay")
     axis["tickangle"] = 0
-    fig.update_layout(**_LAYOUT, title="best decay over training, per metric", xaxis_title="step", yaxis=axis)
+    fig.update_layout(**_LAYOUT, title="best decay over training, per metric", xaxis=_step_axis(drift["step"]),
+                      yaxis=axis)
     return fig
 
 
@@ -551,7 +562,7 @@ def compare_runs_figure(
     fig.update_layout(
         **_LAYOUT,
         title=f"{metric}: runs at decay {fixed} (dashed) vs at their best decay (solid)",
-        xaxis_title="step",
+        xaxis=_step_axis(comparison["step"]),
         yaxis_title=metric,
     )
     return fig

@@ -244,6 +244,16 @@ def test_drift_and_compare_figures():
     assert {t.name for t in fig.data} == {"fid", "precision", "recall"}
     comp = ranking.compare_runs({"a": frame, "b": _frame(range(1000, 5001, 1000))}, "fid", "lower")
     assert len(plots.compare_runs_figure(comp, "fid").data) == 4
+    assert list(fig.layout.xaxis.tickvals) == [1000, 2000, 3000, 4000, 5000] and fig.layout.xaxis.tickformat == ",d"
+
+
+def test_a_single_shared_stage_gets_one_whole_step_tick():
+    """Two runs sharing one stage: the step axis shows that step, not fractional steps around it."""
+    comp = ranking.compare_runs({"a": _frame([5000]), "b": _frame([5000, 6000])}, "fid", "lower")
+    axis = plots.compare_runs_figure(comp, "fid").layout.xaxis
+    assert list(axis.tickvals) == [5000] and axis.tickformat == ",d" and axis.title.text == "step"
+    many = plots.best_decay_over_training(ranking.best_decay_drift(_frame(range(1000, 30001, 1000)), DIRECTIONS))
+    assert many.layout.xaxis.tickvals is None and many.layout.xaxis.tickformat == ",d"  # plotly's own ticks
 
 
 def test_points_gallery_panels(tmp_path):
