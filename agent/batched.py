@@ -23,7 +23,9 @@ of the model*:
 
 A sampler that breaks the contract in a way ``vmap`` notices raises; the sweep then draws one
 variant at a time (recorded once per run as a ``notice``). Memory: the stacked weights (one copy
-per variant, model dtype) and one batch of samples per variant at a time.
+per variant, model dtype, of the averaged entries only: what the bank does not average, such as a
+frozen LoRA base, is the same in every variant and passed once, unstacked) and one batch of samples
+per variant at a time.
 """
 
 from __future__ import annotations
@@ -88,33 +90,43 @@ def weight_names(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def stack_weights(model: nn.Module, states: Sequence[Callable[[], dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-    """``{name: [V, *shape]}``: every variant's weights stacked on a new leading dimension.
+def stack_weights(model: nn.Module, states: Sequence[Callable[[], dict[str, torch.Tensor]]],
+                  shared: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``({name: [V, *shape]}, {name: tensor})``: every variant's weights stacked on a new leading
+    dimension, and the weights named in ``shared`` (the same in every variant, e.g.
+    ``bank.fixed_keys()``) once, as the first state gives them (not copied).
 
-    ``states[i]()`` returns variant ``i``'s full state dict (e.g. ``bank.materialize(v)``); they are
-    asked for one at a time and copied in, so only one extra state dict exists at any moment.
-    Tensors land on the model's own tensors' devices and dtypes.
+    ``states[i]()`` returns variant ``i``'s full state dict (e.g. ``bank.variant_state(v)``); they
+    are asked for one at a time and copied in, so only one extra state dict exists at any moment.
+    Stacked tensors land on the model's own tensors' devices and dtypes.
     """
     names = weight_names(model)
+    keep = set(shared)
     live = model.state_dict(keep_vars=True)
     out = {k: torch.empty((len(states), *live[k].shape), dtype=live[k].dtype, device=live[k].device)
-           for k in names}
+           for k in names if k not in keep}
+    once: dict[str, torch.Tensor] = {}
     for i, state in enumerate(states):
         sd = state()
-        for k in names:
+        if i == 0:
+            once = {k: sd[k].to(device=live[k].device) for k in names if k in keep}
+        for k in out:
             out[k][i].copy_(sd[k])
-    return out
+    return out, once
 
 
 def sample_stacked(model: nn.Module, weights: dict[str, torch.Tensor], sampler: Callable[..., Any], n: int,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator, shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """``[V, n, ...]``: ``sampler(variant_model, n, generator)`` for all V variants in one vmapped call.
 
-    ``generator`` is consumed once (its draws are shared by all variants). Raises whatever the
-    sampler or ``vmap`` raises; the caller falls back to one variant at a time.
+    ``weights``/``shared``: what :func:`stack_weights` returns (``shared``: unbatched, the same for
+    every variant). ``generator`` is consumed once (its draws are shared by all variants). Raises
+    whatever the sampler or ``vmap`` raises; the caller falls back to one variant at a time.
     """
+    fixed = dict(shared or {})
+
     def one(w: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = sampler(StackedModel(model, w), n, generator)
+        out = sampler(StackedModel(model, {**w, **fixed}), n, generator)
         if not torch.is_tensor(out):
             raise BatchedSamplingUnsupported(f"the sampler returned {type(out).__name__}, not a tensor")
         return out

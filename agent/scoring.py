@@ -360,7 +360,9 @@ def draw_variants_batched(model: nn.Module, bank: Any, variants: list[str], samp
     """
     device = model_device(model)
     t = time.perf_counter()
-    weights = stack_weights(model, [functools.partial(bank.materialize, v) for v in variants])
+    # fixed entries (a frozen base) once, unstacked; a one-process bank gives them without copies
+    state_of = bank.materialize if bank.sharded else bank.variant_state
+    weights, shared = stack_weights(model, [functools.partial(state_of, v) for v in variants], bank.fixed_keys())
     timings["sampling"] += time.perf_counter() - t
     cols = [_Collector(cfg, extractor, keep_all) for _ in variants]
     failed: dict[int, Drawn] = {}  # variants whose samples were refused, as draw_and_extract returns them
@@ -368,7 +370,7 @@ def draw_variants_batched(model: nn.Module, bank: Any, variants: list[str], samp
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
         t = time.perf_counter()
         try:
-            out = sample_stacked(model, weights, sampler, n, gen)
+            out = sample_stacked(model, weights, sampler, n, gen, shared)
             if out.dim() < 2 or out.shape[0] != len(variants):
                 raise BatchedSamplingUnsupported(f"batched sampler output has shape {tuple(out.shape)}")
             outs: list[torch.Tensor | None] = []

@@ -163,8 +163,9 @@ def sample_per_variant(model: nn.Module, bank: EMABank, variants: list[str], sam
 def sample_batched(model: nn.Module, bank: EMABank, variants: list[str], sampler, n: int) -> torch.Tensor:
     """The same batch of every variant in one vmapped call (stacking the weights included)."""
     with torch.no_grad():
-        weights = stack_weights(model, [functools.partial(bank.materialize, v) for v in variants])
-        return sample_stacked(model, weights, sampler, n, torch.Generator().manual_seed(7))
+        weights, shared = stack_weights(model, [functools.partial(bank.variant_state, v) for v in variants],
+                                        bank.fixed_keys())
+        return sample_stacked(model, weights, sampler, n, torch.Generator().manual_seed(7), shared)
 
 
 def part2(a: argparse.Namespace) -> None:

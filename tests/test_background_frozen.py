@@ -104,3 +104,31 @@ def test_a_layer_unfrozen_during_a_sweep_drops_that_stage_and_is_copied_from_the
     assert {k: v for k, v in bg.items() if k[0] not in dropped} == \
         {k: v for k, v in inline.items() if k[0] not in dropped}
     assert {k[0] for k in bg} == {4, 8, 12} - dropped
+
+
+def test_batched_sampling_stacks_only_the_averaged_weights(tmp_path):
+    """A frozen base is passed once, unstacked (the live tensors themselves, no copy per variant), and
+    the batched samples equal one-variant-at-a-time samples."""
+    from emascope.batched import sample_stacked, stack_weights
+
+    model, opt, g = _setup()
+    data = mixture(128, 0)
+    with attach(model, opt, run_dir=tmp_path / "run", score_every=None, decays=(0.5, 0.9)) as scope:
+        for _ in range(5):
+            train_step(model, opt, data, g)
+        bank, variants = scope.bank, list(scope.bank.variants)
+        weights, shared = stack_weights(model, [lambda v=v: bank.variant_state(v) for v in variants],
+                                        bank.fixed_keys())
+        assert set(weights) == {"head.weight", "head.bias"}
+        assert set(shared) == {f"trunk.{k}" for k, _ in model.trunk.named_parameters()}
+        assert all(shared[k].data_ptr() == p.data_ptr() for k, p in
+                   ((f"trunk.{k}", p) for k, p in model.trunk.named_parameters()))
+        model.eval()
+        with torch.no_grad():
+            batched = sample_stacked(model, weights, sampler, 32, torch.Generator().manual_seed(3), shared)
+            single = []
+            for v in variants:
+                with bank.swap(model, v):
+                    single.append(sampler(model, 32, torch.Generator().manual_seed(3)))
+        model.train()
+    assert torch.equal(batched, torch.stack(single))

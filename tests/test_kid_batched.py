@@ -113,7 +113,7 @@ def test_batched_samples_equal_per_variant_samples(kind):
     bank = _bank(model)
     variants = list(bank.variants)
     assert len(variants) == 5
-    weights = stack_weights(model, [lambda v=v: bank.materialize(v) for v in variants])
+    weights, _ = stack_weights(model, [lambda v=v: bank.materialize(v) for v in variants])
     n = 48
     with torch.no_grad():
         batched = sample_stacked(model, weights, sampler, n, torch.Generator().manual_seed(9))
@@ -180,7 +180,7 @@ def test_batched_sampling_falls_back_once_when_the_sampler_is_not_pure(tmp_path)
         y = m(torch.randn(n, 2, generator=generator), torch.full((n,), 0.5))
         return y * 0 if float(y.abs().max()) > 1e9 else y  # Python control flow on the model's output
 
-    weights = stack_weights(model, [lambda v=v: bank.materialize(v) for v in bank.variants])
+    weights, _ = stack_weights(model, [lambda v=v: bank.materialize(v) for v in bank.variants])
     with pytest.raises(BatchedSamplingUnsupported, match="model.denoise"):
         sample_stacked(model, weights, calls_a_method, 4, torch.Generator().manual_seed(0))
     for sampler in (calls_a_method, branches_on_values):
@@ -228,11 +228,16 @@ def test_a_variants_nonfinite_samples_fail_that_variant_only_in_a_batched_draw()
     variants = list(bank.variants)
     bad = variants[2]
 
-    class NaNWeights:  # the bank, with one variant's weights all NaN
-        def materialize(self, v, **kw):
-            sd = bank.materialize(v, **kw)
-            return {k: torch.full_like(t, float("nan")) if v == bad and t.is_floating_point() else t
-                    for k, t in sd.items()}
+    class NaNWeights:  # the bank, with one variant's averaged weights all NaN
+        sharded = False
+
+        def fixed_keys(self):
+            return bank.fixed_keys()
+
+        def variant_state(self, v):
+            sd, fixed = bank.variant_state(v), set(bank.fixed_keys())
+            return {k: torch.full_like(t, float("nan")) if v == bad and t.is_floating_point() and k not in fixed
+                    else t for k, t in sd.items()}
 
     cfg = ScoringConfig(num_samples=64, batch_size=32, seed=5, preview_points=16)
     timings = dict.fromkeys(("sampling", "features"), 0.0)
