@@ -57,6 +57,7 @@ from torch import nn
 from emascope import runformat as rf
 from emascope.bank import EMABank, same_tensor
 from emascope.claims import mark_done
+from emascope.frozenfile import FrozenStore
 from emascope.rundir import RunWriter, StageWriter
 from emascope.scoring import Scorer, SweepResult, cuda_devices, model_device
 from emascope.snapshot import load_snapshot, save_snapshot
@@ -222,13 +223,13 @@ def _copy_tensors(tree: dict[str, Any], placement: str,
 
 @torch.no_grad()
 def freeze_stage(bank: EMABank | None, model: nn.Module, step: int, *, placement: str,
-                 run_dir: Path, run_id: str = "") -> FrozenStage:
+                 run_dir: Path, run_id: str = "", frozen_files: FrozenStore | None = None) -> FrozenStage:
     """Copy what the sweep of ``step`` needs (runs in the training thread; this is its cost).
 
     ``bank=None`` (a disabled bank): only the model's state dict, scored as ``raw``. Placement
     ``"disk"`` writes the stage snapshot (``emascope.runformat.stage_snapshot_file``) instead of
     copying in memory; ``state_dict()`` already returns copies, so ``"device"`` only clones the
-    live values.
+    live values. ``frozen_files``: the run's frozen side-file store, for the ``"disk"`` snapshot.
     """
     t = time.perf_counter()
     if bank is None:
@@ -237,7 +238,7 @@ def freeze_stage(bank: EMABank | None, model: nn.Module, step: int, *, placement
         frozen = FrozenStage(step, placement, [rf.RAW], live=live, bank_less=True)
     elif placement == "disk":
         path = Path(run_dir) / rf.stage_snapshot_file(step)
-        nbytes = save_snapshot(bank, path, metadata={"run_id": str(run_id), "step": str(step)})
+        nbytes = save_snapshot(bank, path, metadata={"run_id": str(run_id), "step": str(step)}, frozen=frozen_files)
         values = bank.live_values()
         shared = {k: values[k].detach() for k in bank.still_frozen()}
         frozen = FrozenStage(step, placement, list(bank.variants), path=path, nbytes=nbytes, shared=shared)

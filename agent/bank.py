@@ -1220,6 +1220,10 @@ class EMABank:
                              "(emascope.shardfiles writes them per rank)")
         return {e.name: self._live_value(i) for i, e in enumerate(self._entries)}
 
+    def entry_kinds(self) -> dict[str, str]:
+        """Each state entry's kind by entry name: ``"avg"``, ``"frozen"``, ``"buffer"`` or ``"int"``."""
+        return {e.name: e.kind for e in self._entries}
+
     def live_pieces(self) -> list[tuple[str, int, int, torch.Tensor]]:
         """The live values this rank stores in its shard of a snapshot: ``(entry name, a, b, data)``
         with ``data`` elements ``[a, b)`` of the entry's flattening (model dtype, not a copy).

@@ -566,6 +566,53 @@ SNAPSHOT_META_KEY = "emascope"
 SNAPSHOT_CHECKSUM_KEY = "emascope_sha256"
 #: Most decays a bank (and a snapshot read back) may hold.
 MAX_DECAYS = 4096
+#: Metadata keys of a bank snapshot whose frozen parameters (entries of kind ``"frozen"``) are not
+#: stored in it but in a side file of the same ``banks/`` folder (:func:`frozen_file_name`): the
+#: side file's name and its checksum (``"sha256:<hex>"``). Absent: every live value is inline (the
+#: only form before snapshot format 2, and still that of sharded rank files and of
+#: ``emascope.save_snapshot`` called without a side-file store).
+SNAPSHOT_FROZEN_FILE_KEY = "emascope_frozen_file"
+SNAPSHOT_FROZEN_SHA_KEY = "emascope_frozen_sha256"
+#: Metadata key of a frozen side file naming its format (value :data:`FROZEN_FORMAT`); it also
+#: carries :data:`SNAPSHOT_CHECKSUM_KEY` over its own metadata and tensors, like a snapshot.
+FROZEN_FORMAT_KEY = "emascope_frozen"
+FROZEN_FORMAT = "emascope-frozen/1"
+_FROZEN_RE = re.compile(r"frozen-([0-9a-f]{16})\.safetensors")
+_SHA_RE = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+class FrozenFileError(ValueError):
+    """A snapshot's frozen side file is missing, corrupt, does not match the snapshot's reference,
+    or its name in the snapshot is not one this format writes (message names the file)."""
+
+
+def frozen_file_name(checksum: str) -> str:
+    """``frozen-<first 16 hex of the sha256>.safetensors``: the content-addressed name (inside
+    ``banks/``) of a frozen side file whose checksum is ``checksum`` (``"sha256:<hex>"``)."""
+    m = _SHA_RE.fullmatch(checksum)
+    if m is None:
+        raise ValueError(f"not a sha256 checksum: {checksum!r}")
+    return f"frozen-{m.group(1)[:16]}.safetensors"
+
+
+def is_frozen_file_name(name: str) -> bool:
+    """Whether ``name`` (a bare file name) is a frozen side file's name."""
+    return _FROZEN_RE.fullmatch(name) is not None
+
+
+def frozen_reference(meta: dict[str, str], snapshot: str = "the snapshot") -> tuple[str, str] | None:
+    """``(file name, checksum)`` of the frozen side file a snapshot's metadata references, ``None``
+    when it has none (every value inline). The name comes from a file: :class:`FrozenFileError`
+    unless it is exactly ``frozen-<16 hex>.safetensors`` (no folder part, so never outside the
+    snapshot's own ``banks/`` folder) agreeing with the checksum."""
+    name, sha = meta.get(SNAPSHOT_FROZEN_FILE_KEY), meta.get(SNAPSHOT_FROZEN_SHA_KEY)
+    if name is None and sha is None:
+        return None
+    if not isinstance(name, str) or not isinstance(sha, str) or not is_frozen_file_name(name) \
+            or _SHA_RE.fullmatch(sha) is None or frozen_file_name(sha) != name:
+        raise FrozenFileError(f"{snapshot}: bad frozen side-file reference {str(name)[:200]!r} / {str(sha)[:80]!r} "
+                              "(expected frozen-<16 hex>.safetensors in its own folder and its sha256)")
+    return name, sha
 
 
 def validate_request_id(rid: Any) -> str:

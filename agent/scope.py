@@ -78,6 +78,7 @@ from emascope.config import (
     check_together,
     settings_of,
 )
+from emascope.frozenfile import FrozenStore
 from emascope.plan import format_bytes, format_plan
 from emascope.pretrained import export_pretrained_from_bank, model_config_record, write_model_config
 from emascope.requests import RequestPoller
@@ -296,6 +297,7 @@ class Scope:
         self._hooks, self._scoring = hooks, scoring
         self._extractor: Any = None
         self.run_dir = Path(run.run_dir)
+        self._frozen_files: FrozenStore | None = None
         self.bank: EMABank | None = None
         self.writer: RunWriter | None = None
         self.scorer: Scorer | None = None
@@ -848,7 +850,7 @@ class Scope:
             placement = choose_copy_placement(frozen_nbytes(bank), bank.device, requested=self.run_cfg.score_copy,
                                               free_device=free_d, free_host=free_h)
         frozen = freeze_stage(bank, self.model, step, placement=placement, run_dir=self.run_dir,
-                              run_id=str(self.run_id))
+                              run_id=str(self.run_id), frozen_files=self._frozen())
         blocked = time.perf_counter() - t
         self.writer.event("stage_pending", step, mode=rf.SCORER_BACKGROUND, copy=placement,
                           bytes=int(frozen.nbytes), blocked_seconds=blocked, freeze_seconds=frozen.blocked,
@@ -875,7 +877,7 @@ class Scope:
         try:
             clear_stage(self.run_dir, step)  # a stage written again (restart from an older checkpoint)
             nbytes = save_snapshot(self.bank, self.run_dir / rel,
-                                   metadata={"run_id": str(self.run_id), "step": str(step)})
+                                   metadata={"run_id": str(self.run_id), "step": str(step)}, frozen=self._frozen())
         except Exception as exc:  # noqa: BLE001 (OSError: full disk, ...)
             self.writer.error("snapshot", step, exc)
             return
@@ -888,6 +890,16 @@ class Scope:
                 self._retain_stages((), upcoming)
             except Exception as exc:  # noqa: BLE001 - never into training
                 self.writer.error("snapshot", step, exc)
+
+    def _frozen(self) -> FrozenStore | None:
+        """The run's frozen side-file store (``banks/frozen-*.safetensors``: the frozen parameters
+        written once, not in every snapshot); ``None`` for a sharded bank (rank files keep them inline)."""
+        if self.sharded:
+            return None
+        folder = self.run_dir / rf.BANKS
+        if self._frozen_files is None or self._frozen_files.folder != folder:
+            self._frozen_files = FrozenStore(folder)
+        return self._frozen_files
 
     # ------------------------------------------------------------------ post-hoc synthesis
 
@@ -902,7 +914,7 @@ class Scope:
         t = time.perf_counter()
         try:
             rel, nbytes = stages.write_stage_snapshot(self.bank, self.run_dir, self._step, run_id=str(self.run_id),
-                                                      dtype=run.stage_snapshot_dtype)
+                                                      dtype=run.stage_snapshot_dtype, frozen=self._frozen())
         except Exception as exc:  # noqa: BLE001 (full disk, ...)
             self.writer.error("snapshot", self._step, exc)
             return None
@@ -934,7 +946,8 @@ class Scope:
         t = time.perf_counter()
         try:
             out = stages.write_lead_in_snapshot(self.bank, self.run_dir, self._step, stage, lead_in=run.stage_lead_in,
-                                                run_id=str(self.run_id), dtype=run.stage_snapshot_dtype)
+                                                run_id=str(self.run_id), dtype=run.stage_snapshot_dtype,
+                                                frozen=self._frozen())
         except Exception as exc:  # noqa: BLE001
             self.writer.error("snapshot", self._step, exc)
             return
@@ -1048,7 +1061,8 @@ class Scope:
                                                   run_id=str(self.run_id), group=self._cpu_group)
             else:
                 nbytes = save_snapshot(self.bank, self.run_dir / rf.SNAPSHOT,
-                                       metadata={"run_id": self.run_id, "step": str(self._step)})
+                                       metadata={"run_id": self.run_id, "step": str(self._step)},
+                                       frozen=self._frozen())
         except Exception as exc:  # noqa: BLE001 (OSError: full disk, a rank that failed, ...)
             if self.writer is not None:
                 self.writer.error("snapshot", self._step, exc)

@@ -44,11 +44,14 @@ from emascope.atomic import atomic_write_json
 from emascope.bank import EMABank
 from emascope.collectives import all_gather_ints
 from emascope.ema_math import BEMAConfig, bema_alpha
+from emascope.frozenfile import remove_unreferenced
 from emascope.snapshot import (
     ExportError,
+    FrozenSide,
     _atomic_save,
     _check_metadata,
     _own_all,
+    frozen_side,
     load_snapshot,
     parse_dtype,
     snapshot_metadata,
@@ -97,6 +100,8 @@ def verify_rank_files(snap: Snapshot, ranks: list[int] | None = None) -> list[in
     unverified = []
     for k in range(len(snap.files)) if ranks is None else ranks:
         path = snap.files[k].path
+        if snap.files[k].side is not None:
+            snap.files[k].side.verify()
         with safe_open(str(path), framework="pt") as f:
             stored = (f.metadata() or {}).get(rf.SNAPSHOT_CHECKSUM_KEY)
             if stored is None:
@@ -154,7 +159,9 @@ def save_sharded_snapshot(bank: EMABank, run_dir: str | os.PathLike, index: str,
 def prune_latest(run_dir: str | os.PathLike, keep: Path | None) -> list[str]:
     """Remove the latest-snapshot files that ``keep`` (the snapshot just written, a single file or an
     index) does not use: the other kind of latest snapshot and rank files of earlier sets. Returns
-    the names removed. Only files named by :mod:`emascope.runformat` are touched."""
+    the names removed, with the frozen side files no snapshot references any more
+    (:func:`emascope.frozenfile.remove_unreferenced`). Only files named by :mod:`emascope.runformat`
+    are touched."""
     banks = Path(run_dir) / rf.BANKS
     used: set[str] = set()
     if keep is not None:
@@ -181,7 +188,7 @@ def prune_latest(run_dir: str | os.PathLike, keep: Path | None) -> list[str]:
         with contextlib.suppress(OSError):
             (banks / name).unlink()
             removed.append(name)
-    return removed
+    return removed + [Path(p).name for p in remove_unreferenced(run_dir)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +201,7 @@ class _File:
     state: dict[str, Any]
     segments: list[tuple[str, int, int, int]]            # (name, a, b, local col)
     live: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)  # name -> (a, b, tensor key)
+    side: FrozenSide | None = None  # a single-file snapshot's frozen side file: the keys it holds are there
 
 
 @dataclass
@@ -276,7 +284,13 @@ def open_snapshot(path: str | os.PathLike) -> Snapshot:
         segs = [(e["name"], 0, int(e["numel"]), int(e["offset"])) for e in layout if e["kind"] == "avg"]
         live = {e["name"]: [(0, _entry_size(e), _LIVE + e["name"])] for e in layout}
         meta = state.pop("_meta")
-        return Snapshot(path, "single", state, [_File(path, state, segs, live)], str(meta.get("run_id", "")),
+        side = frozen_side(path, meta)
+        if side is not None:
+            frozen = {_LIVE + e["name"] for e in layout if e["kind"] == "frozen"}
+            if set(side.infos) != frozen:
+                raise rf.FrozenFileError(f"{str(side.path)!r} does not hold exactly the frozen entries of "
+                                         f"{str(path)!r}")
+        return Snapshot(path, "single", state, [_File(path, state, segs, live, side)], str(meta.get("run_id", "")),
                         int(state.get("step", 0)))
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
@@ -359,7 +373,7 @@ class _Reader:
     def __init__(self, snap: Snapshot, stack: contextlib.ExitStack) -> None:
         self.snap = snap
         self._stack = stack
-        self._handles: dict[int, Any] = {}
+        self._handles: dict[int | tuple[int], Any] = {}
         offs = {e["name"]: int(e["offset"]) for e in snap.layout()}
         spans = sorted((offs[n] + a, offs[n] + b, k, col) for k, f in enumerate(snap.files)
                        for n, a, b, col in f.segments)
@@ -370,6 +384,15 @@ class _Reader:
         if k not in self._handles:
             self._handles[k] = self._stack.enter_context(safe_open(str(self.snap.files[k].path), framework="pt"))
         return self._handles[k]
+
+    def _live_h(self, k: int, key: str) -> Any:
+        """The handle holding live tensor ``key`` of file ``k``: the file, or its frozen side file."""
+        side = self.snap.files[k].side
+        if side is None or key not in side.infos:
+            return self._h(k)
+        if (k,) not in self._handles:
+            self._handles[(k,)] = self._stack.enter_context(safe_open(str(side.path), framework="pt"))
+        return self._handles[(k,)]
 
     def columns(self, key: str, g0: int, g1: int, row: int | None = None) -> torch.Tensor:
         """Global columns ``[g0, g1)`` of ``bank`` (all rows, or ``row``) or of ``theta0``."""
@@ -397,7 +420,8 @@ class _Reader:
         """An entry's whole live value (its dtype, full shape)."""
         name = entry["name"]
         pieces = sorted((a, b, k, key) for k, f in enumerate(self.snap.files) for a, b, key in f.live.get(name, []))
-        flat = torch.cat([self._h(k).get_tensor(key).reshape(-1) for _, _, k, key in pieces]) if pieces else None
+        flat = torch.cat([self._live_h(k, key).get_tensor(key).reshape(-1) for _, _, k, key in pieces]) \
+            if pieces else None
         shape = tuple(int(s) for s in entry["shape"])
         if flat is None:
             raise ValueError(f"{str(self.snap.path)!r}: no live value of {name!r}")

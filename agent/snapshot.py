@@ -28,7 +28,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -38,6 +38,9 @@ from emascope import runformat as rf
 from emascope.atomic import atomic_write_with, pinned_folder
 from emascope.bank import EMABank
 from emascope.version import __version__
+
+if TYPE_CHECKING:
+    from emascope.frozenfile import FrozenStore
 
 _LIVE = "live/"
 
@@ -50,9 +53,10 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     for k, v in metadata.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise ValueError(f"metadata must map str to str; got {k!r}: {v!r}")
-    for key in (rf.SNAPSHOT_META_KEY, rf.SNAPSHOT_CHECKSUM_KEY):
+    reserved = (rf.SNAPSHOT_META_KEY, rf.SNAPSHOT_CHECKSUM_KEY, rf.SNAPSHOT_FROZEN_FILE_KEY, rf.SNAPSHOT_FROZEN_SHA_KEY)
+    for key in reserved:
         if key in metadata:
-            raise ValueError(f"metadata key {key!r} is reserved (bank layout and checksum)")
+            raise ValueError(f"metadata key {key!r} is reserved (bank layout, checksum, frozen side file)")
     return dict(metadata)
 
 
@@ -163,18 +167,33 @@ def _digest(metadata: dict[str, str], names: list[str], get: Callable[[str], tor
 
 
 def save_snapshot(bank: EMABank, path: str | os.PathLike, metadata: dict[str, str] | None = None, *,
-                  dtype: torch.dtype | None = None, decays: Any = None) -> int:
+                  dtype: torch.dtype | None = None, decays: Any = None, frozen: FrozenStore | None = None) -> int:
     """Write ``bank``'s whole state (bank rows + live weights) to ``path`` (.safetensors, atomic).
 
     ``metadata``: extra string keys (e.g. ``run_id``, ``step``). ``dtype`` / ``decays``: store the
     rows in a smaller floating dtype / only some decays' rows (see :func:`snapshot_tensors`; stage
     and lead-in snapshots use them). The metadata key
     :data:`~emascope.runformat.SNAPSHOT_CHECKSUM_KEY` holds :func:`snapshot_checksum` of what is
-    written, verified by :func:`load_snapshot`. Returns the file size in bytes.
+    written, verified by :func:`load_snapshot`. ``frozen``: a
+    :class:`~emascope.frozenfile.FrozenStore` of ``path``'s folder: the frozen parameters go to its
+    side file (written only when they changed) and the snapshot names it instead of holding them;
+    ``None``: every live value inline (a self-contained file). Returns the snapshot's size in bytes
+    (without the side file).
     """
     meta = _check_metadata(metadata)
     tensors, state = snapshot_tensors(bank, dtype=dtype, decays=decays)
     meta[rf.SNAPSHOT_META_KEY] = json.dumps(state, allow_nan=False, separators=(",", ":"))
+    if frozen is not None:
+        if Path(os.path.abspath(frozen.folder)) != Path(os.path.abspath(Path(path).parent)):
+            raise ValueError(f"the frozen side-file store writes into {str(frozen.folder)!r}, not the snapshot's "
+                             f"folder {str(Path(path).parent)!r}")
+        ref = frozen.reference(bank)
+        if ref is not None:
+            from emascope.frozenfile import frozen_names
+
+            for name in frozen_names(bank):
+                del tensors[_LIVE + name]
+            meta[rf.SNAPSHOT_FROZEN_FILE_KEY], meta[rf.SNAPSHOT_FROZEN_SHA_KEY] = ref
     owned = _own_all(tensors)
     meta[rf.SNAPSHOT_CHECKSUM_KEY] = snapshot_checksum(owned, meta)
     return _atomic_save(owned, path, meta).stat().st_size
@@ -290,9 +309,64 @@ def validate_snapshot_header(state: Any, infos: dict[str, tuple[str, tuple[int, 
         raise ValueError(f"unexpected tensors {extra[:5]}")
 
 
-def _checked_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """(metadata, JSON state) of a snapshot whose header passed :func:`validate_snapshot_header`;
-    ``ValueError`` naming the file otherwise. Reads no tensor data."""
+class FrozenSide:
+    """A snapshot's frozen side file, its header checked against the snapshot's reference."""
+
+    def __init__(self, path: Path, meta: dict[str, str], infos: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        self.path, self.meta, self.infos = path, meta, infos
+
+    def verify(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Check its checksum (over ``tensors`` when already read, else one tensor at a time from
+        the file); :class:`~emascope.runformat.FrozenFileError` naming it on a mismatch."""
+        try:
+            if tensors is not None:
+                digest = snapshot_checksum(tensors, self.meta)
+            else:
+                with safe_open(str(self.path), framework="pt") as f:
+                    digest = _digest(self.meta, list(f.keys()), f.get_tensor)
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error types for a torn file
+            raise rf.FrozenFileError(f"{str(self.path)!r}: cannot read the frozen side file: {exc}") from None
+        if digest != self.meta.get(rf.SNAPSHOT_CHECKSUM_KEY):
+            raise rf.FrozenFileError(f"{str(self.path)!r} is corrupt: its contents do not match its checksum "
+                                     f"(the frozen side file was damaged after it was written)")
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """Its tensors (``live/<name>``), verified."""
+        try:
+            tensors = load_file(str(self.path))
+        except Exception as exc:  # noqa: BLE001
+            raise rf.FrozenFileError(f"{str(self.path)!r}: cannot read the frozen side file: {exc}") from None
+        self.verify(tensors)
+        return tensors
+
+
+def frozen_side(path: str | os.PathLike, meta: dict[str, str]) -> FrozenSide | None:
+    """The frozen side file the snapshot at ``path`` (metadata ``meta``) references, header checked:
+    ``None`` when its values are all inline. :class:`~emascope.runformat.FrozenFileError` naming the
+    file when the reference is malformed (a name outside the pattern, e.g. with ``../``), the side
+    file is missing or unreadable, or its stated checksum is not the one the snapshot references."""
+    path = Path(path)
+    ref = rf.frozen_reference(meta, repr(str(path)))
+    if ref is None:
+        return None
+    side = path.parent / ref[0]
+    if not side.is_file():
+        raise rf.FrozenFileError(f"{str(path)!r}: its frozen side file {str(side)!r} is missing (it holds the "
+                                 "frozen parameters of the snapshot)")
+    try:
+        side_meta, infos = _read_header(side)
+    except (ValueError, OSError) as exc:
+        raise rf.FrozenFileError(f"{str(path)!r}: frozen side file: {exc}") from None
+    if side_meta.get(rf.FROZEN_FORMAT_KEY) != rf.FROZEN_FORMAT or side_meta.get(rf.SNAPSHOT_CHECKSUM_KEY) != ref[1]:
+        raise rf.FrozenFileError(f"{str(side)!r} is not the frozen side file {str(path)!r} references (its "
+                                 f"checksum {side_meta.get(rf.SNAPSHOT_CHECKSUM_KEY)!r}, the snapshot's {ref[1]!r})")
+    return FrozenSide(side, side_meta, infos)
+
+
+def _checked_header(path: Path) -> tuple[dict[str, str], dict[str, Any], FrozenSide | None]:
+    """(metadata, JSON state, frozen side file or ``None``) of a snapshot whose header (with its side
+    file's) passed :func:`validate_snapshot_header`; ``ValueError`` naming the file otherwise. Reads
+    no tensor data."""
     header, infos = _read_header(path)
     if rf.SNAPSHOT_META_KEY not in header:
         raise ValueError(f"{str(path)!r} is not an emascope bank snapshot (no {rf.SNAPSHOT_META_KEY!r} metadata)")
@@ -300,11 +374,19 @@ def _checked_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
         state: dict[str, Any] = json.loads(header[rf.SNAPSHOT_META_KEY])
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"{str(path)!r}: bad {rf.SNAPSHOT_META_KEY!r} metadata: {type(exc).__name__}") from None
+    side = frozen_side(path, header)
+    if side is not None:
+        layout = state.get("layout") if isinstance(state, dict) else None
+        frozen = {_LIVE + e["name"] for e in layout if isinstance(e, dict) and e.get("kind") == "frozen"
+                  and isinstance(e.get("name"), str)} if isinstance(layout, list) else set()
+        if set(side.infos) != frozen or set(side.infos) & set(infos):
+            raise rf.FrozenFileError(f"{str(side.path)!r} does not hold exactly the frozen entries of {str(path)!r}")
+        infos = {**infos, **side.infos}
     try:
         validate_snapshot_header(state, infos)
     except ValueError as exc:
         raise ValueError(f"{str(path)!r}: malformed bank snapshot: {exc}") from None
-    return header, state
+    return header, state, side
 
 
 def _unverified(path: Path, notice: Callable[[str], None] | None, what: str) -> None:
@@ -332,7 +414,7 @@ def verify_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | 
     snapshot without a checksum gives ``notice(message)`` (or an :class:`UnverifiedSnapshotWarning`).
     """
     path = Path(path)
-    header, state = _checked_header(path)
+    header, state, side = _checked_header(path)
     stored = header.get(rf.SNAPSHOT_CHECKSUM_KEY)
     if stored is None:
         _unverified(path, notice, "used")
@@ -344,6 +426,8 @@ def verify_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | 
         raise ValueError(f"{str(path)!r}: cannot read the snapshot tensors: {exc}") from None
     if digest != stored:
         raise ValueError(_corrupt(path))
+    if side is not None:
+        side.verify()
     return state
 
 
@@ -358,7 +442,7 @@ def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | No
     :class:`UnverifiedSnapshotWarning` is issued when ``notice`` is None.
     """
     path = Path(path)
-    header, state = _checked_header(path)
+    header, state, side = _checked_header(path)
     try:
         tensors = load_file(str(path))
     except Exception as exc:
@@ -368,6 +452,8 @@ def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | No
         _unverified(path, notice, "loaded")
     elif snapshot_checksum(tensors, header) != stored:
         raise ValueError(_corrupt(path))
+    if side is not None:
+        tensors.update(side.load())  # the frozen parameters (keys checked disjoint from the snapshot's)
     try:
         state = dict(state)
         state["applied"] = tensors["applied"].reshape(())

@@ -36,6 +36,7 @@ import torch
 
 from emascope import runformat as rf
 from emascope.bank import EMABank
+from emascope.frozenfile import FrozenStore, frozen_names, remove_unreferenced
 from emascope.snapshot import save_snapshot
 from emascope.synthesis import read_safetensors_header
 
@@ -86,24 +87,26 @@ def _metadata(run_id: str, step: int, role: str, stage: int) -> dict[str, str]:
 
 
 def write_stage_snapshot(bank: EMABank, run_dir: str | os.PathLike, step: int, *, run_id: str = "",
-                         dtype: str = "float32") -> tuple[str, int]:
-    """Write ``banks/step_<step>.safetensors`` (atomic); returns ``(relative path, bytes)``."""
+                         dtype: str = "float32", frozen: FrozenStore | None = None) -> tuple[str, int]:
+    """Write ``banks/step_<step>.safetensors`` (atomic); returns ``(relative path, bytes)``.
+    ``frozen``: the run's frozen side-file store (:func:`emascope.snapshot.save_snapshot`)."""
     rel = rf.stage_snapshot_file(step)
     nbytes = save_snapshot(bank, Path(run_dir) / rel, _metadata(run_id, step, rf.ROLE_STAGE, step),
-                           dtype=storage_dtype(dtype))
+                           dtype=storage_dtype(dtype), frozen=frozen)
     return rel, nbytes
 
 
 def write_lead_in_snapshot(bank: EMABank, run_dir: str | os.PathLike, step: int, stage: int, *,
-                           lead_in: Sequence[int], run_id: str = "", dtype: str = "float32") -> tuple[str, int] | None:
+                           lead_in: Sequence[int], run_id: str = "", dtype: str = "float32",
+                           frozen: FrozenStore | None = None) -> tuple[str, int] | None:
     """Write ``banks/lead_<step>.safetensors`` with the short decays' rows (atomic); ``None`` when the
-    bank has no decay short enough. Returns ``(relative path, bytes)``."""
+    bank has no decay short enough. Returns ``(relative path, bytes)``. ``frozen``: as for stages."""
     decays = lead_in_decays(bank.decays, lead_in)
     if not decays:
         return None
     rel = rf.lead_in_snapshot_file(step)
     nbytes = save_snapshot(bank, Path(run_dir) / rel, _metadata(run_id, step, rf.ROLE_LEAD_IN, stage),
-                           dtype=storage_dtype(dtype), decays=decays)
+                           dtype=storage_dtype(dtype), decays=decays, frozen=frozen)
     return rel, nbytes
 
 
@@ -170,8 +173,8 @@ def retain(run_dir: str | os.PathLike, keep: int | None, *, protected: Iterable[
            upcoming: int | None = None) -> list[str]:
     """Apply the retention policy to ``banks/``: keep at most ``keep`` stage snapshots (``None``: all)
     and the lead-ins of the newest :data:`LEAD_IN_STAGES` kept stages (and of the ``upcoming``
-    stage); returns the deleted paths (relative). Deletion failures are ignored (the next call
-    retries)."""
+    stage), then the frozen side files no snapshot references any more; returns the deleted paths
+    (relative). Deletion failures are ignored (the next call retries)."""
     run_dir = Path(run_dir)
     stages, leads = _listing(run_dir)
     protected = set(int(s) for s in protected)
@@ -196,7 +199,7 @@ def retain(run_dir: str | os.PathLike, keep: int | None, *, protected: Iterable[
                     gone.append(rf.lead_in_snapshot_file(s))
                 except OSError:
                     pass
-    return gone
+    return gone + (remove_unreferenced(run_dir) if gone else [])
 
 
 def _lead_owner(path: Path) -> int | None:
@@ -210,7 +213,8 @@ def _lead_owner(path: Path) -> int | None:
 
 def drop_after(run_dir: str | os.PathLike, step: int) -> list[str]:
     """Delete stage and lead-in snapshots taken after ``step`` (a rewind to an older training
-    checkpoint: they belong to an abandoned trajectory). Returns the deleted relative paths."""
+    checkpoint: they belong to an abandoned trajectory), then the frozen side files no snapshot
+    references any more. Returns the deleted relative paths."""
     stages, leads = _listing(Path(run_dir))
     gone = []
     for table, name in ((stages, rf.stage_snapshot_file), (leads, rf.lead_in_snapshot_file)):
@@ -221,28 +225,33 @@ def drop_after(run_dir: str | os.PathLike, step: int) -> list[str]:
                     gone.append(name(s))
                 except OSError:
                     pass
-    return gone
+    return gone + (remove_unreferenced(run_dir) if gone else [])
 
 
 def disk_cost(bank: EMABank, *, keep: int | None, lead_in: Sequence[int], dtype: str = "float32",
-              num_stages: int | None = None) -> dict[str, Any]:
+              num_stages: int | None = None, side_file: bool = True) -> dict[str, Any]:
     """Bytes of one stage snapshot and of one stage's lead-ins, and the most kept at once
     (``keep`` stages and the lead-ins of :data:`LEAD_IN_STAGES` of them, or ``num_stages`` stages
     when ``keep`` is None and the count of stages is known).
 
     Estimated from the bank's shape: rows x averaged scalars x the storage dtype's size, plus the
-    live weights (each entry in its own dtype), which every snapshot stores once.
+    live weights (each entry in its own dtype), which every snapshot stores once; with
+    ``side_file`` the frozen parameters are counted once (``frozen_bytes``, their side file
+    ``banks/frozen-*.safetensors`` shared by every snapshot), not per snapshot.
     """
     item = torch.empty(0, dtype=storage_dtype(dtype)).element_size()
-    live = sum(t.numel() * t.element_size() for t in bank.live_values().values())
+    values = bank.live_values()
+    shared = set(frozen_names(bank)) if side_file else set()
+    frozen = sum(t.numel() * t.element_size() for n, t in values.items() if n in shared)
+    live = sum(t.numel() * t.element_size() for n, t in values.items() if n not in shared)
     rows = len(bank.decays)
     stage = rows * bank.numel * item + live
     lead_rows = len(lead_in_decays(bank.decays, lead_in))
     leads = len(lead_in) * (lead_rows * bank.numel * item + live) if lead_rows else 0
     count = keep if keep is not None else num_stages
-    total = None if count is None else count * stage + min(count, LEAD_IN_STAGES) * leads
-    return {"stage_bytes": int(stage), "lead_in_bytes": int(leads), "max_stages": count,
-            "max_bytes": None if total is None else int(total), "dtype": dtype}
+    total = None if count is None else count * stage + min(count, LEAD_IN_STAGES) * leads + frozen
+    return {"stage_bytes": int(stage), "lead_in_bytes": int(leads), "frozen_bytes": int(frozen),
+            "max_stages": count, "max_bytes": None if total is None else int(total), "dtype": dtype}
 
 
 def describe_cost(cost: dict[str, Any]) -> str:
@@ -253,7 +262,10 @@ def describe_cost(cost: dict[str, Any]) -> str:
     per = cost["stage_bytes"] + cost["lead_in_bytes"]
     head = (f"stage snapshots ({cost['dtype']}): {mb(cost['stage_bytes'])} each"
             + (f" + {mb(cost['lead_in_bytes'])} of lead-ins" if cost["lead_in_bytes"] else ""))
+    frozen = cost.get("frozen_bytes") or 0
     if cost["max_bytes"] is None:
-        return head + f" = {mb(per)} per scoring stage, all stages kept (stage_snapshots=None)"
+        return head + f" = {mb(per)} per scoring stage, all stages kept (stage_snapshots=None)" + (
+            f", + {mb(frozen)} of frozen parameters once" if frozen else "")
     return head + (f"; at most {cost['max_stages']} stages kept (lead-ins for the newest {LEAD_IN_STAGES}): up to "
-                   f"{mb(cost['max_bytes'])} under banks/")
+                   f"{mb(cost['max_bytes'])} under banks/"
+                   + (f" (the {mb(frozen)} of frozen parameters written once)" if frozen else ""))

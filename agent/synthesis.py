@@ -154,6 +154,7 @@ class Snapshot:
 
     def __init__(self, path: str | os.PathLike, role: str, rel: str) -> None:
         self.path, self.role, self.rel = Path(path), role, rel
+        self._side_fd: int | None = None
         self._fd: int | None = _open_regular(self.path)
         try:
             self._open()
@@ -189,6 +190,7 @@ class Snapshot:
         self.bank_dtype = str(bank["dtype"])
         self._bank_at = self._start + int(bank["data_offsets"][0])
         self._live = {k[len("live/"):]: v for k, v in header.items() if k.startswith("live/")}
+        self._open_side(meta)
         for e in self.layout:
             live = self._live.get(e.name)
             if live is None or tuple(live["shape"]) != e.shape:
@@ -200,16 +202,43 @@ class Snapshot:
         if "applied" in header:
             self.applied = int(self._read(header["applied"], 0, 1)[0])
 
-    def _raw(self, at: int, dtype: str, count: int) -> np.ndarray:
-        """``count`` elements of safetensors dtype ``dtype`` at byte ``at`` of the file (a fresh buffer)."""
+    def _open_side(self, meta: dict[str, Any]) -> None:
+        """Open the frozen side file the snapshot references (if any; its header only, checked
+        against the reference): its ``live/<name>`` entries join :attr:`_live`, marked ``"side"``.
+        :class:`~emascope.runformat.FrozenFileError` naming it when missing or not the one referenced.
+        Its checksum is not verified here (as for the snapshot itself: docs/synthesis.md#limits)."""
+        ref = rf.frozen_reference(meta, repr(str(self.path)))
+        if ref is None:
+            return
+        side = self.path.parent / ref[0]
+        try:
+            self._side_fd = _open_regular(side)
+            header, self._side_start, _ = _header_of(self._side_fd, side)
+        except ValueError as exc:
+            raise rf.FrozenFileError(f"{str(self.path)!r}: its frozen side file cannot be read: {exc}") from None
+        smeta = header.get("__metadata__") or {}
+        if smeta.get(rf.FROZEN_FORMAT_KEY) != rf.FROZEN_FORMAT or smeta.get(rf.SNAPSHOT_CHECKSUM_KEY) != ref[1]:
+            raise rf.FrozenFileError(f"{str(side)!r} is not the frozen side file {str(self.path)!r} references")
+        frozen = {e.name for e in self.layout if e.kind == "frozen"}
+        names = {k[len("live/"):] for k in header if k.startswith("live/")}
+        if names != frozen or names & set(self._live):
+            raise rf.FrozenFileError(f"{str(side)!r} does not hold exactly the frozen entries of {str(self.path)!r}")
+        for k, v in header.items():
+            if k.startswith("live/"):
+                self._live[k[len("live/"):]] = {**v, "side": True}
+
+    def _raw(self, at: int, dtype: str, count: int, side: bool = False) -> np.ndarray:
+        """``count`` elements of safetensors dtype ``dtype`` at byte ``at`` of the file (``side``: of
+        its frozen side file), a fresh buffer."""
         dt = np.dtype(_NP_DTYPES[dtype])
         nbytes = count * dt.itemsize
-        if self._fd is None:
+        fd = self._side_fd if side else self._fd
+        if fd is None or self._fd is None:
             raise ValueError(f"{str(self.path)!r} is closed")
         buf = bytearray(nbytes)
         view, done = memoryview(buf), 0
         while done < nbytes:
-            chunk = os.preadv(self._fd, [view[done:]], at + done)
+            chunk = os.preadv(fd, [view[done:]], at + done)
             if chunk <= 0:
                 raise ValueError(f"{str(self.path)!r} ended early (truncated?)")
             done += chunk
@@ -217,8 +246,9 @@ class Snapshot:
 
     def _read(self, info: dict[str, Any], first: int, count: int) -> np.ndarray:
         item = np.dtype(_NP_DTYPES[info["dtype"]]).itemsize
-        at = self._start + int(info["data_offsets"][0]) + first * item
-        return _to_float64(self._raw(at, info["dtype"], count), info["dtype"])
+        side = bool(info.get("side"))
+        at = (self._side_start if side else self._start) + int(info["data_offsets"][0]) + first * item
+        return _to_float64(self._raw(at, info["dtype"], count, side), info["dtype"])
 
     def row(self, r: int, first: int, count: int) -> np.ndarray:
         """Columns ``[first, first + count)`` of bank row ``r`` (decay ``decays[r]``) as float64."""
@@ -241,8 +271,9 @@ class Snapshot:
         if info is None:
             raise ValueError(f"{str(self.path)!r} has no live value of {name!r}")
         n = math.prod(info["shape"])
-        at = self._start + int(info["data_offsets"][0])
-        return self._raw(at, info["dtype"], n).reshape(info["shape"]), str(info["dtype"])
+        side = bool(info.get("side"))
+        at = (self._side_start if side else self._start) + int(info["data_offsets"][0])
+        return self._raw(at, info["dtype"], n, side).reshape(info["shape"]), str(info["dtype"])
 
     def live_roundoff(self) -> float:
         """Unit roundoff of the raw weights' storage (the coarsest averaged entry's dtype)."""
@@ -260,6 +291,9 @@ class Snapshot:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if getattr(self, "_side_fd", None) is not None:
+            os.close(self._side_fd)
+            self._side_fd = None
 
     def __del__(self) -> None:
         try:
@@ -290,6 +324,9 @@ def open_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
     for rel, role in found:
         try:
             snaps.append(Snapshot(run_dir / rel, role, rel))
+        except rf.FrozenFileError as exc:  # not a torn file: the run's frozen parameters are gone or damaged
+            close_all(snaps)
+            raise SynthesisError(str(exc)) from None
         except (ValueError, OSError):
             continue
     if not snaps and (run_dir / rf.SNAPSHOT_INDEX).exists():
