@@ -98,9 +98,9 @@ def _holds(path: Path, checksum: str) -> bool:
 
 
 def referenced(banks: str | os.PathLike) -> set[str] | None:
-    """Names of the side files the snapshots (``*.safetensors`` but side files and temp files) of
-    the ``banks`` folder reference, from their headers only; ``None`` when a snapshot's header
-    cannot be read (then nothing may be deleted)."""
+    """Names of the side files the snapshots of the ``banks`` folder (``latest.safetensors``, stage
+    and lead-in snapshots: the names :mod:`emascope.runformat` gives them) reference, from their
+    headers only; ``None`` when a snapshot's header cannot be read (then nothing may be deleted)."""
     from emascope.synthesis import read_safetensors_header
 
     out: set[str] = set()
@@ -110,7 +110,8 @@ def referenced(banks: str | os.PathLike) -> set[str] | None:
         return None
     for p in entries:
         name = p.name
-        if not name.endswith(".safetensors") or rf.is_frozen_file_name(name) or rf.is_temp_file_name(name):
+        if name != Path(rf.SNAPSHOT).name and rf.parse_stage_snapshot_name(name) is None \
+                and rf.parse_lead_in_snapshot_name(name) is None:
             continue
         try:
             header, _, _ = read_safetensors_header(p)

@@ -586,6 +586,12 @@ class FrozenFileError(ValueError):
     or its name in the snapshot is not one this format writes (message names the file)."""
 
 
+def frozen_file_missing(snapshot: str | os.PathLike, side: str | os.PathLike) -> FrozenFileError:
+    """The error for a snapshot whose referenced side file is not there (one wording for every reader)."""
+    return FrozenFileError(f"{str(snapshot)!r}: its frozen side file {str(side)!r} is missing (it holds the "
+                           "frozen parameters of the snapshot)")
+
+
 def frozen_file_name(checksum: str) -> str:
     """``frozen-<first 16 hex of the sha256>.safetensors``: the content-addressed name (inside
     ``banks/``) of a frozen side file whose checksum is ``checksum`` (``"sha256:<hex>"``)."""

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 _LIVE = "live/"
 
 
+#: Metadata keys the snapshot format owns (not caller metadata).
+_RESERVED = (rf.SNAPSHOT_META_KEY, rf.SNAPSHOT_CHECKSUM_KEY, rf.SNAPSHOT_FROZEN_FILE_KEY, rf.SNAPSHOT_FROZEN_SHA_KEY)
+
+
 def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     if metadata is None:
         return {}
@@ -53,8 +57,7 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     for k, v in metadata.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise ValueError(f"metadata must map str to str; got {k!r}: {v!r}")
-    reserved = (rf.SNAPSHOT_META_KEY, rf.SNAPSHOT_CHECKSUM_KEY, rf.SNAPSHOT_FROZEN_FILE_KEY, rf.SNAPSHOT_FROZEN_SHA_KEY)
-    for key in reserved:
+    for key in _RESERVED:
         if key in metadata:
             raise ValueError(f"metadata key {key!r} is reserved (bank layout, checksum, frozen side file)")
     return dict(metadata)
@@ -217,7 +220,7 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple
 def snapshot_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The caller metadata of a snapshot (``run_id``, ``step``, ...), without reading its tensors."""
     meta, _ = _read_header(Path(path))
-    return {k: v for k, v in meta.items() if k not in (rf.SNAPSHOT_META_KEY, rf.SNAPSHOT_CHECKSUM_KEY)}
+    return {k: v for k, v in meta.items() if k not in _RESERVED}
 
 
 def _int(state: dict[str, Any], key: str, minimum: int = 0) -> int:
@@ -351,8 +354,7 @@ def frozen_side(path: str | os.PathLike, meta: dict[str, str]) -> FrozenSide | N
         return None
     side = path.parent / ref[0]
     if not side.is_file():
-        raise rf.FrozenFileError(f"{str(path)!r}: its frozen side file {str(side)!r} is missing (it holds the "
-                                 "frozen parameters of the snapshot)")
+        raise rf.frozen_file_missing(path, side)
     try:
         side_meta, infos = _read_header(side)
     except (ValueError, OSError) as exc:

@@ -211,6 +211,8 @@ class Snapshot:
         if ref is None:
             return
         side = self.path.parent / ref[0]
+        if not side.is_file():
+            raise rf.frozen_file_missing(self.path, side)
         try:
             self._side_fd = _open_regular(side)
             header, self._side_start, _ = _header_of(self._side_fd, side)
