@@ -143,6 +143,25 @@ def test_scoring_swaps_the_ema_adapters_in_and_restores_the_live_weights_exactly
         assert p._version == version and torch.equal(p, value), k
 
 
+def test_the_frozen_base_is_written_once_not_in_every_snapshot(lora_run):
+    from emascope import runformat as rf
+    from emascope.snapshot import load_snapshot
+
+    banks = lora_run["run_dir"] / rf.BANKS
+    sides = [p for p in banks.iterdir() if rf.is_frozen_file_name(p.name)]
+    snaps = [p for p in banks.glob("*.safetensors") if p not in sides]
+    assert len(sides) == 1 and len(snaps) >= 4  # latest, stage snapshots at 10/20/30, lead-ins
+    model = lora_run["model"]
+    base = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    adapters_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert base <= sides[0].stat().st_size < base + 64 * 1024
+    for p in snaps:  # rows of 2 decays, the live adapters and the buffers: no base weights
+        assert p.stat().st_size < 4 * adapters_bytes + 16 * 1024 < base / 2, p.name
+    live = load_snapshot(banks / "latest.safetensors").live_values()
+    for k, p in model.named_parameters():
+        assert torch.equal(live[k], p.detach()), k
+
+
 def test_peft_export_loads_with_peftmodel_from_pretrained(lora_run):
     run_dir, tmp = lora_run["run_dir"], lora_run["tmp"]
     scored = lora_run["scores"]["0.9"]["val_loss"]
