@@ -30,6 +30,8 @@ import torch
 
 from emascope import runformat as rf
 from emascope.bank import EMABank
+from emascope.snapshot import _atomic_save, _own_all, snapshot_checksum
+from emascope.synthesis import read_safetensors_header
 
 
 def frozen_names(bank: EMABank) -> list[str]:
@@ -71,8 +73,6 @@ class FrozenStore:
             return self._ref
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
-        from emascope.snapshot import _atomic_save, _own_all, snapshot_checksum  # (snapshot imports this module)
-
         owned = _own_all({f"live/{n}": t for n, t in tensors.items()})
         meta = {rf.FROZEN_FORMAT_KEY: rf.FROZEN_FORMAT}
         checksum = snapshot_checksum(owned, meta)
@@ -87,8 +87,6 @@ class FrozenStore:
 
 def _holds(path: Path, checksum: str) -> bool:
     """Whether ``path`` is a side file whose header states ``checksum`` (a regular file, not read further)."""
-    from emascope.synthesis import read_safetensors_header
-
     try:
         header, _, _ = read_safetensors_header(path)
     except (ValueError, OSError):
@@ -101,8 +99,6 @@ def referenced(banks: str | os.PathLike) -> set[str] | None:
     """Names of the side files the snapshots of the ``banks`` folder (``latest.safetensors``, stage
     and lead-in snapshots: the names :mod:`emascope.runformat` gives them) reference, from their
     headers only; ``None`` when a snapshot's header cannot be read (then nothing may be deleted)."""
-    from emascope.synthesis import read_safetensors_header
-
     out: set[str] = set()
     try:
         entries = list(Path(banks).iterdir())

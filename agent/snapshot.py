@@ -11,6 +11,10 @@ Snapshot (:func:`save_snapshot`, ``banks/latest.safetensors`` of a run): tensors
 bias_correction, average_buffers, bema settings, step and event counters, and the layout (per
 entry: name, all state_dict keys, shape, dtype, kind avg/frozen/buffer/int, offset and numel in the
 flat buffer). Caller metadata goes in other (string) keys.
+Format 2 (``save_snapshot(..., frozen=store)``, the agent): the ``live/<name>`` of the frozen
+entries are in a side file of the same folder (:mod:`emascope.frozenfile`) that the metadata keys
+:data:`~emascope.runformat.SNAPSHOT_FROZEN_FILE_KEY` / :data:`~emascope.runformat.SNAPSHOT_FROZEN_SHA_KEY`
+name; every reader here resolves and checks it (:func:`frozen_side`).
 
 Export (:func:`export_checkpoint`, the one export function behind ``scope.export``, live export
 requests and ``emascope export``): a plain state_dict loadable with
@@ -28,7 +32,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -39,10 +43,16 @@ from emascope.atomic import atomic_write_with, pinned_folder
 from emascope.bank import EMABank
 from emascope.version import __version__
 
-if TYPE_CHECKING:
-    from emascope.frozenfile import FrozenStore
-
 _LIVE = "live/"
+
+
+class FrozenFiles(Protocol):
+    """Where a snapshot's frozen entries go (:class:`emascope.frozenfile.FrozenStore`): a side file
+    of ``folder`` whose ``(name, checksum)`` :meth:`reference` returns (``None``: keep them inline)."""
+
+    folder: Path
+
+    def reference(self, bank: EMABank) -> tuple[str, str] | None: ...
 
 
 #: Metadata keys the snapshot format owns (not caller metadata).
@@ -170,7 +180,7 @@ def _digest(metadata: dict[str, str], names: list[str], get: Callable[[str], tor
 
 
 def save_snapshot(bank: EMABank, path: str | os.PathLike, metadata: dict[str, str] | None = None, *,
-                  dtype: torch.dtype | None = None, decays: Any = None, frozen: FrozenStore | None = None) -> int:
+                  dtype: torch.dtype | None = None, decays: Any = None, frozen: FrozenFiles | None = None) -> int:
     """Write ``bank``'s whole state (bank rows + live weights) to ``path`` (.safetensors, atomic).
 
     ``metadata``: extra string keys (e.g. ``run_id``, ``step``). ``dtype`` / ``decays``: store the
@@ -192,10 +202,9 @@ def save_snapshot(bank: EMABank, path: str | os.PathLike, metadata: dict[str, st
                              f"folder {str(Path(path).parent)!r}")
         ref = frozen.reference(bank)
         if ref is not None:
-            from emascope.frozenfile import frozen_names
-
-            for name in frozen_names(bank):
-                del tensors[_LIVE + name]
+            for name, kind in bank.entry_kinds().items():
+                if kind == "frozen":
+                    del tensors[_LIVE + name]
             meta[rf.SNAPSHOT_FROZEN_FILE_KEY], meta[rf.SNAPSHOT_FROZEN_SHA_KEY] = ref
     owned = _own_all(tensors)
     meta[rf.SNAPSHOT_CHECKSUM_KEY] = snapshot_checksum(owned, meta)
