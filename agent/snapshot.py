@@ -421,7 +421,8 @@ def verify_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | 
 
     The same checks as :func:`load_snapshot`: the header (:func:`validate_snapshot_header`) before
     any tensor is read, then the checksum, hashing one tensor at a time (memory: the largest
-    tensor, the ``bank`` rows). ``ValueError`` naming the file when malformed or corrupt; a
+    tensor, the ``bank`` rows), and that of its frozen side file if it has one
+    (:func:`frozen_side`). ``ValueError`` naming the file when malformed or corrupt; a
     snapshot without a checksum gives ``notice(message)`` (or an :class:`UnverifiedSnapshotWarning`).
     """
     path = Path(path)
@@ -446,8 +447,9 @@ def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | No
     """A model-less bank (cpu) from a snapshot written by :func:`save_snapshot`.
 
     ``materialize``/``swap``/:func:`export_checkpoint` work on it; ``update`` raises. Before any
-    tensor is read the header is checked (:func:`validate_snapshot_header`); after reading, the
-    checksum (:func:`snapshot_checksum`) must match. A file that is not a bank snapshot, torn,
+    tensor is read the header is checked (:func:`validate_snapshot_header`, with the frozen side
+    file's header when the snapshot references one: :func:`frozen_side`); after reading, the
+    checksums (:func:`snapshot_checksum`, the side file's too) must match. A file that is not a bank snapshot, torn,
     malformed or corrupt is a ``ValueError`` naming it. A snapshot without a checksum (written
     before checksums existed) still loads: ``notice(message)`` is called, or an
     :class:`UnverifiedSnapshotWarning` is issued when ``notice`` is None.
