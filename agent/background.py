@@ -192,8 +192,9 @@ class FrozenStage:
             if self.bank_less:
                 return None
             if self.path is not None:
-                bank = load_snapshot(self.path)
-                bank.share_stored(self.shared)  # the same values, held once (the training model's)
+                # the frozen base: the training model's own tensors, not read back from the side file
+                bank = load_snapshot(self.path, frozen=self.shared or None)
+                bank.share_stored(self.shared)  # (an inline snapshot: the same values, held once)
                 return bank
             assert self.state is not None and self.live is not None
             return EMABank.from_state(self.state, self.live)

@@ -443,8 +443,14 @@ def verify_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | 
     return state
 
 
-def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | None = None) -> EMABank:
+def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | None = None,
+                  frozen: dict[str, torch.Tensor] | None = None) -> EMABank:
     """A model-less bank (cpu) from a snapshot written by :func:`save_snapshot`.
+
+    ``frozen``: ``{entry name: tensor}`` of every frozen parameter, used as is instead of reading the
+    snapshot's frozen side file (the caller holds the very values it was written from, e.g. the
+    training model's frozen base for a background stage); names, shapes and dtypes are checked
+    against the side file's header. Ignored for a snapshot whose values are all inline.
 
     ``materialize``/``swap``/:func:`export_checkpoint` work on it; ``update`` raises. Before any
     tensor is read the header is checked (:func:`validate_snapshot_header`, with the frozen side
@@ -466,7 +472,14 @@ def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | No
     elif snapshot_checksum(tensors, header) != stored:
         raise ValueError(_corrupt(path))
     if side is not None:
-        tensors.update(side.load())  # the frozen parameters (keys checked disjoint from the snapshot's)
+        if frozen is None:
+            tensors.update(side.load())  # the frozen parameters (keys checked disjoint from the snapshot's)
+        else:
+            given = {_LIVE + k: t for k, t in frozen.items()}
+            seen = {k: (_ST_DTYPES.get(str(t.dtype).removeprefix("torch.")), tuple(t.shape)) for k, t in given.items()}
+            if seen != {k: (d, tuple(shape)) for k, (d, shape) in side.infos.items()}:
+                raise ValueError(f"{str(path)!r}: the frozen values given do not match its frozen side file")
+            tensors.update(given)
     try:
         state = dict(state)
         state["applied"] = tensors["applied"].reshape(())

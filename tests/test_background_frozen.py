@@ -13,6 +13,7 @@ from torch import nn
 
 from emascope import attach
 from emascope.background import eval_copy, freeze_stage, frozen_nbytes
+from emascope.snapshot import load_snapshot
 
 
 class Tuned(nn.Module):
@@ -132,3 +133,26 @@ def test_batched_sampling_stacks_only_the_averaged_weights(tmp_path):
                     single.append(sampler(model, 32, torch.Generator().manual_seed(3)))
         model.train()
     assert torch.equal(batched, torch.stack(single))
+
+
+def test_a_disk_stage_takes_the_frozen_base_from_the_model_not_the_side_file(tmp_path):
+    """score_copy="disk": the stage snapshot references the run's frozen side file; opening the stage
+    uses the training model's frozen tensors instead of reading the base back (the side file's
+    header is still checked)."""
+    model, opt, g = _setup()
+    with attach(model, opt, run_dir=tmp_path / "run", score_every=None, decays=(0.9,)) as scope:
+        train_step(model, opt, mixture(64, 0), g)
+        stage = freeze_stage(scope.bank, model, 1, placement="disk", run_dir=tmp_path / "run",
+                             frozen_files=scope._frozen())
+        (side,) = (tmp_path / "run" / "banks").glob("frozen-*.safetensors")
+        raw = side.read_bytes()
+        head = 8 + int.from_bytes(raw[:8], "little")
+        side.write_bytes(raw[:head] + bytes(len(raw) - head))  # zeroed data: reading it fails the checksum
+        with pytest.raises(ValueError, match="corrupt"):
+            load_snapshot(stage.path)
+        bank = stage.open_bank()
+        assert bank.live_values()["trunk.0.weight"].data_ptr() == model.trunk[0].weight.data_ptr()
+        twin = Tuned()
+        with bank.swap(twin, "0.9"):
+            assert torch.equal(twin.trunk[2].weight, model.trunk[2].weight)
+            assert not torch.equal(twin.head.weight, model.head.weight)  # the EMA, not the live head
