@@ -30,13 +30,20 @@ Rules:
 
 Memory: the frozen copy is ``4 * numel * (rows) + live weights`` bytes (:func:`frozen_nbytes`);
 the worker's model-less bank holds it again in host memory while the sweep runs, plus the eval copy
-of the model. **Frozen parameters** (``requires_grad`` False, not averaged: a LoRA fine-tune's base)
-are never copied: training does not change them, so the stage holds the training model's own
-tensors, and the eval copy shares them too (nothing is written into them: ``EMABank.swap`` skips an
-entry whose source is the target itself). Their version counters are read at the scoring point: a
-sweep during which one changed (a layer unfrozen and trained, weights loaded in place) is not
-recorded (``score_skipped``, ``reason: "frozen_changed"``), and from the next stage on that
-parameter is copied like the others (the eval copy is rebuilt without it).
+of the model.
+
+**Sharing the frozen base** (``attach(score_share_frozen=True)``, off by default): the frozen
+parameters the bank does not average and that are still frozen (:meth:`EMABank.still_frozen`, a
+LoRA fine-tune's base) are then not copied: the stage holds the training model's own tensors and
+the eval copy shares the very ``Parameter`` objects, which nothing writes (the copy names them in
+:data:`emascope.bank.SHARED_ATTR`; ``EMABank.swap``, post-hoc ``StateSwap`` and a disabled bank's
+load leave them alone). The job must not
+change frozen weights in place while a sweep runs. What can be seen is checked when the sweep
+ends: a version counter that moved (an in-place op, ``load_state_dict``, a layer unfrozen and
+trained) or a tensor swapped under a ``Parameter`` (``p.data = ...``, ``model.half()``) drops the
+stage (``score_skipped``, ``reason: "frozen_changed"``), and the eval copy is rebuilt for the next
+one. Not seen: in-place writes through ``.data`` (e.g. peft's ``merge_adapter``/``unmerge``, which
+TRL's vLLM weight sync runs around generation): keep the default there.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ import torch
 from torch import nn
 
 from emascope import runformat as rf
-from emascope.bank import EMABank, same_tensor
+from emascope.bank import SHARED_ATTR, EMABank, same_tensor, shared_with_training, unwrap_model
 from emascope.claims import mark_done
 from emascope.frozenfile import FrozenStore
 from emascope.rundir import RunWriter, StageWriter
@@ -66,19 +73,22 @@ from emascope.snapshot import load_snapshot, save_snapshot
 HEADROOM = 0.5
 
 
-def frozen_nbytes(bank: EMABank) -> int:
+def frozen_nbytes(bank: EMABank, *, share_frozen: bool = False) -> int:
     """Bytes of a frozen copy of ``bank``: its fp32 rows (every variant but ``raw``) and its live
-    values (each in its own dtype) but the frozen parameters (read in place, not copied)."""
+    values (each in its own dtype), but the shared frozen parameters (``share_frozen``)."""
     rows = len(bank.variants) - 1
-    shared = set(bank.still_frozen())
+    shared = set(bank.still_frozen()) if share_frozen else set()
     live = sum(t.numel() * t.element_size() for k, t in bank.live_values().items() if k not in shared)
     return 4 * int(bank.numel) * rows + int(live)
 
 
-def frozen_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's parameters that do not require grad, by ``named_parameters`` name (tied ones under
-    each name): what background scoring reads in place instead of copying."""
-    return {name: p for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+def shared_keys(bank: EMABank, model: nn.Module) -> frozenset[str]:
+    """State-dict keys (of the unwrapped ``model``) of the bank's still-frozen entries, tied names
+    included: what ``score_share_frozen=True`` reads in place."""
+    names = set(bank.still_frozen())
+    target = unwrap_model(model)
+    by_id = {id(p) for n, p in target.named_parameters(remove_duplicate=False) if n in names}
+    return frozenset(n for n, p in target.named_parameters(remove_duplicate=False) if id(p) in by_id)
 
 
 def host_available_bytes() -> int | None:
@@ -164,10 +174,11 @@ class FrozenStage:
     """What a background sweep of one stage needs, copied at the scoring point.
 
     ``state``/``live``: ``EMABank.state_dict()`` and copies of ``live_values()`` (placement
-    ``"device"`` or ``"pinned"``; frozen parameters: the live tensors themselves); ``path``: the
-    stage snapshot (``"disk"``), whose frozen parameters are replaced by the live ones in
-    ``shared`` when it is opened; a disabled bank freezes only the model's state dict (``live``,
-    ``bank_less``). ``ready``: a CUDA event the copies were recorded behind, one per device
+    ``"device"`` or ``"pinned"``); ``path``: the stage snapshot (``"disk"``); a disabled bank
+    freezes only the model's state dict (``live``, ``bank_less``). ``shared``: the entries read in
+    place (``score_share_frozen``): the training model's tensors, held in ``live`` or, for
+    ``"disk"``, used instead of the snapshot's side file; ``versions`` their version counters at
+    the scoring point. ``ready``: a CUDA event the copies were recorded behind, one per device
     (``None`` on CPU).
     """
 
@@ -192,12 +203,13 @@ class FrozenStage:
             if self.bank_less:
                 return None
             if self.path is not None:
-                # the frozen base: the training model's own tensors, not read back from the side file
+                # the shared base: the training model's own tensors, not read back from the side file
                 bank = load_snapshot(self.path, frozen=self.shared or None)
                 bank.share_stored(self.shared)  # (an inline snapshot: the same values, held once)
-                return bank
-            assert self.state is not None and self.live is not None
-            return EMABank.from_state(self.state, self.live)
+            else:
+                assert self.state is not None and self.live is not None
+                bank = EMABank.from_state(self.state, self.live)
+            return bank
         finally:
             if not self.bank_less:
                 self.state = self.live = None
@@ -224,78 +236,92 @@ def _copy_tensors(tree: dict[str, Any], placement: str,
 
 @torch.no_grad()
 def freeze_stage(bank: EMABank | None, model: nn.Module, step: int, *, placement: str,
-                 run_dir: Path, run_id: str = "", frozen_files: FrozenStore | None = None) -> FrozenStage:
+                 run_dir: Path, run_id: str = "", frozen_files: FrozenStore | None = None,
+                 share_frozen: bool = False) -> FrozenStage:
     """Copy what the sweep of ``step`` needs (runs in the training thread; this is its cost).
 
     ``bank=None`` (a disabled bank): only the model's state dict, scored as ``raw``. Placement
     ``"disk"`` writes the stage snapshot (``emascope.runformat.stage_snapshot_file``) instead of
     copying in memory; ``state_dict()`` already returns copies, so ``"device"`` only clones the
     live values. ``frozen_files``: the run's frozen side-file store, for the ``"disk"`` snapshot.
+    ``share_frozen``: hold the bank's still-frozen entries in place instead of copying them (see
+    the module docstring); a disabled bank's stage copies everything.
     """
     t = time.perf_counter()
+    shared: dict[str, torch.Tensor] = {}
+    if bank is not None and share_frozen:
+        values = bank.live_values()
+        shared = {k: values[k].detach() for k in bank.still_frozen()}
     if bank is None:
-        live = _copy_tensors(model.state_dict(), "device" if placement == "disk" else placement,
-                             keep=set(frozen_parameters(model)))
+        live = _copy_tensors(model.state_dict(), "device" if placement == "disk" else placement)
         frozen = FrozenStage(step, placement, [rf.RAW], live=live, bank_less=True)
     elif placement == "disk":
         path = Path(run_dir) / rf.stage_snapshot_file(step)
         nbytes = save_snapshot(bank, path, metadata={"run_id": str(run_id), "step": str(step)}, frozen=frozen_files)
-        values = bank.live_values()
-        shared = {k: values[k].detach() for k in bank.still_frozen()}
         frozen = FrozenStage(step, placement, list(bank.variants), path=path, nbytes=nbytes, shared=shared)
     else:
         state = bank.state_dict()  # its tensors are fresh copies already (on the bank's device)
         if placement == "pinned":
             state = _copy_tensors(state, placement)
-        live = _copy_tensors(bank.live_values(), placement, keep=set(bank.still_frozen()))
-        shared = set(bank.still_frozen())
+        live = {**_copy_tensors({k: v for k, v in bank.live_values().items() if k not in shared}, placement),
+                **shared}
         nbytes = sum(v.numel() * v.element_size() for d in (state, live) for k, v in d.items()
                      if torch.is_tensor(v) and not (d is live and k in shared))
-        frozen = FrozenStage(step, placement, list(bank.variants), state=state, live=live, nbytes=nbytes)
+        frozen = FrozenStage(step, placement, list(bank.variants), state=state, live=live, nbytes=nbytes,
+                             shared=shared)
     for index in cuda_devices(model):  # the copies were queued on these devices' current streams
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(index))
         frozen.ready = [*(frozen.ready or []), event]
-    kept = frozen.shared if frozen.path is not None else {
-        k: v for k, v in (frozen.live or {}).items() if k in (set(bank.still_frozen()) if bank is not None
-                                                              else set(frozen_parameters(model)))}
-    frozen.versions = {k: (v, v._version) for k, v in kept.items()}  # detach() shares the counter
+    frozen.versions = {k: (v, v._version) for k, v in shared.items()}  # detach() shares the counter
     frozen.blocked = time.perf_counter() - t
     return frozen
 
 
-def changed_in_place(frozen: FrozenStage) -> list[str]:
-    """The frozen parameters a stage holds in place that changed since its scoring point."""
-    return [k for k, (t, v) in frozen.versions.items() if t._version != v]
+def changed_in_place(frozen: FrozenStage, twin: nn.Module, keys: frozenset[str]) -> list[str]:
+    """The shared frozen parameters that changed since the stage's scoring point: a version counter
+    that moved, or a ``Parameter`` of the eval copy (``keys``: the ones it shares) that no longer
+    holds the tensor the stage saw (``p.data = ...``). Writes through ``.data`` are not seen."""
+    out = [k for k, (t, v) in frozen.versions.items() if t._version != v]
+    sd = unwrap_model(twin).state_dict(keep_vars=True)
+    out += [k for k, (t, _) in frozen.versions.items()
+            if k not in out and k in keys and k in sd and not same_tensor(sd[k], t)]
+    return out
 
 
-def eval_copy(model: nn.Module) -> nn.Module:
-    """The worker's own copy of the model (``copy.deepcopy``, no gradients, eval mode), sharing the
-    frozen parameters (:func:`frozen_parameters`) with ``model`` instead of copying them."""
-    shared = {id(p): p for p in frozen_parameters(model).values()}
-    twin = copy.deepcopy(model, memo=dict(shared))
+def eval_copy(model: nn.Module, share: frozenset[str] = frozenset()) -> nn.Module:
+    """The worker's own copy of the model (``copy.deepcopy``, no gradients, eval mode). ``share``:
+    parameter names (of the unwrapped model) whose ``Parameter`` objects the copy shares with
+    ``model`` instead of copying them (:func:`shared_keys`); they are left untouched."""
+    params = dict(unwrap_model(model).named_parameters(remove_duplicate=False))
+    memo = {id(params[k]): params[k] for k in share if k in params}
+    twin = copy.deepcopy(model, memo=dict(memo))
     for p in twin.parameters():
-        if id(p) not in shared:
+        if id(p) not in memo:
             p.grad = None
             p.requires_grad_(False)
+    setattr(unwrap_model(twin), SHARED_ATTR, frozenset(k for k in share if k in params))
     return twin.eval()
 
 
-def _shares_trainable(twin: nn.Module, model: nn.Module) -> bool:
-    """Whether ``twin`` shares a parameter with ``model`` that requires grad now (unfrozen since)."""
-    mine = {id(p) for p in model.parameters() if p.requires_grad}
-    return any(id(p) in mine for p in twin.parameters())
+def _still_shareable(twin: nn.Module, model: nn.Module, share: frozenset[str]) -> bool:
+    """Whether ``twin`` shares exactly the parameters ``share`` names with ``model`` as it is now
+    (no parameter unfrozen since, none replaced by a new ``Parameter`` object)."""
+    mine = dict(unwrap_model(model).named_parameters(remove_duplicate=False))
+    theirs = dict(unwrap_model(twin).named_parameters(remove_duplicate=False))
+    shared = {k for k, p in theirs.items() if k in mine and p is mine[k]}
+    return shared == set(share)
 
 
 def _load_live(model: nn.Module, live: dict[str, Any]) -> None:
-    """``model.load_state_dict(live)``, skipping the entries ``model`` already holds as the very same
-    tensor (shared frozen parameters: nothing is written into the training model's weights)."""
-    own = model.state_dict(keep_vars=True)
-    todo = {k: v for k, v in live.items() if not (torch.is_tensor(v) and k in own and same_tensor(own[k], v))}
-    missing = set(own) - set(live)
-    model.load_state_dict(todo, strict=False)
+    """``model.load_state_dict(live)`` but the parameters the eval copy shares with the training
+    model (:func:`emascope.bank.shared_with_training`: never written)."""
+    target = unwrap_model(model)
+    missing = set(target.state_dict()) - set(live)
     if missing:
         raise RuntimeError(f"the frozen stage lacks {sorted(missing)[:5]} of the model's state")
+    leave = shared_with_training(target)
+    target.load_state_dict({k: v for k, v in live.items() if k not in leave}, strict=False)
 
 
 @dataclass
@@ -367,10 +393,11 @@ class BackgroundScorer:
         """Whether a stage frozen now would be scored or queued (``False``: ``"skip"`` policy and busy)."""
         return not (self.policy == "skip" and self.busy)
 
-    def model_copy(self, model: nn.Module) -> nn.Module:
-        """The worker's eval copy, made (in the training thread) the first time and after a hang."""
-        if self._eval_model is None or _shares_trainable(self._eval_model, model):
-            self._eval_model = eval_copy(model)
+    def model_copy(self, model: nn.Module, share: frozenset[str] = frozenset()) -> nn.Module:
+        """The worker's eval copy, made (in the training thread) the first time, after a hang, and
+        whenever the parameters it should share (``share``, :func:`shared_keys`) changed."""
+        if self._eval_model is None or not _still_shareable(self._eval_model, model, share):
+            self._eval_model = eval_copy(model, share)
         return self._eval_model
 
     def submit(self, frozen: FrozenStage, model: nn.Module, *, force_queue: bool = False) -> None:
@@ -501,7 +528,7 @@ class BackgroundScorer:
                                            on_progress=job.tick)
                 if stream is not None:
                     stream.synchronize()
-            changed = changed_in_place(frozen)
+            changed = changed_in_place(frozen, job.model, shared_with_training(job.model))
             if changed:  # the sweep read weights that are not the stage's any more: record nothing of it
                 writer.event("score_skipped", step, reason="frozen_changed", scorer=rf.SCORER_BACKGROUND,
                                   entries=changed[:20], message=(

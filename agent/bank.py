@@ -209,6 +209,17 @@ def _owners(model: nn.Module, entries: list[_Entry], live: list[torch.Tensor]) -
     return out
 
 
+#: Attribute an eval copy of the training model carries (``emascope.background.eval_copy``): the
+#: state-dict keys of the parameters it shares with the training model, which nothing may write.
+SHARED_ATTR = "_emascope_shared_with_training"
+
+
+def shared_with_training(model: nn.Module) -> frozenset[str]:
+    """Keys of the parameters ``model`` (unwrapped) shares with the training model
+    (:data:`SHARED_ATTR`; empty for any other model): swaps and loads leave them alone."""
+    return frozenset(getattr(unwrap_model(model), SHARED_ATTR, None) or ())
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` in bytes: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of
     ``/proc/meminfo`` (else ``sysconf``) on the CPU; ``None`` when unknown."""
@@ -966,10 +977,11 @@ class EMABank:
                 yield model
             return
         new = self.variant_state(v)  # fixed entries: the live tensors, not copies
+        untouched = self._untouched_keys(target, sd, new)
         dsts: dict[int, torch.Tensor] = {}
         for key, t in sd.items():
-            if isinstance(t, torch.Tensor) and key in new and not same_tensor(t, new[key]):
-                dsts.setdefault(id(t), t)  # a frozen base (LoRA) is its own source: never copied nor backed up
+            if isinstance(t, torch.Tensor) and key in new and key not in untouched:
+                dsts.setdefault(id(t), t)
         backup = {i: t.detach().clone() for i, t in dsts.items()}
         key_of = {}
         for key, t in sd.items():
@@ -984,6 +996,19 @@ class EMABank:
             with torch.no_grad():
                 for i, t in dsts.items():
                     t.copy_(backup[i])
+
+    def _untouched_keys(self, target: nn.Module, sd: dict[str, Any], new: dict[str, torch.Tensor]) -> set[str]:
+        """Keys :meth:`swap` neither writes nor restores: frozen parameters that are their own source
+        (the model's frozen base, e.g. LoRA's: no copy of it, and nothing written into it) and those
+        the target shares with the training model (:func:`shared_with_training`). Buffers are always
+        copied and restored."""
+        frozen = {k for e in self._entries if e.kind == "frozen" for k in e.keys}
+        own = {k for k in frozen if isinstance(sd.get(k), torch.Tensor) and k in new and same_tensor(sd[k], new[k])}
+        shared = shared_with_training(target)
+        if shared - frozen:
+            raise RuntimeError(f"the model shares {sorted(shared - frozen)[:5]} with the training model, but this bank "
+                               "does not hold them as frozen parameters: refusing to write into the training weights")
+        return own | shared
 
     def _fixed_backup(self, sd: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Clones of the plain (not sharded) buffers of a model, restored after a sharded swap."""

@@ -241,7 +241,10 @@ class RunConfig:
     ``"skip"``-ped, or ``"wait"``-s (training blocks while another stage already waits).
     ``score_copy``: where the frozen copy lives (``"auto"``: device if it fits, else pinned host
     memory, else the stage snapshot on disk; see
-    :func:`emascope.background.choose_copy_placement`). ``score_timeout``: seconds a background
+    :func:`emascope.background.choose_copy_placement`). ``score_share_frozen``: background sweeps
+    read the frozen parameters (``requires_grad`` False at attach: a LoRA base) in place instead of
+    copying them, for jobs that never change frozen weights while a sweep runs (see
+    :mod:`emascope.background`). ``score_timeout``: seconds a background
     sweep may go without progress (a sample batch, a variant, a metric) before it is declared hung,
     abandoned and recorded (``None``: never). ``close_timeout``: seconds ``close()`` waits for
     background sweeps in all (``None``: as long as they make progress).
@@ -262,6 +265,7 @@ class RunConfig:
     scoring: str = "background"
     score_busy: str = "queue"
     score_copy: str = "auto"
+    score_share_frozen: bool = False
     score_timeout: float | None = 1800.0
     close_timeout: float | None = None
 
@@ -274,6 +278,7 @@ class RunConfig:
         check_bool("overwrite", self.overwrite)
         check_bool("resume", self.resume)
         check_bool("score_at_close", self.score_at_close)
+        check_bool("score_share_frozen", self.score_share_frozen)
         if self.overwrite and self.resume:
             raise ValueError("overwrite=True and resume=True exclude each other")
         check_int("score_every", self.score_every, 1, allow_none=True)

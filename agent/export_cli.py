@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.step is not None or args.force or args.report:
         parser.error("--step, --force and --report go with --decay / --sigma-rel")
     try:
-        rf.check_run_dir(args.run_dir)
+        rf.check_readable_run_dir(args.run_dir)
     except ValueError as exc:
         print(f"emascope export: error: {exc}", file=sys.stderr)
         return 2
@@ -97,7 +97,7 @@ def _synthesized(args: argparse.Namespace) -> int:
 
     try:
         rf.check_synthesis_target(args.decay, args.sigma_rel)
-        rf.check_run_dir(args.run_dir)
+        rf.check_readable_run_dir(args.run_dir)
     except ValueError as exc:
         print(f"emascope export: error: {exc}", file=sys.stderr)
         return 2

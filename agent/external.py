@@ -88,7 +88,7 @@ def load_entry(spec: str) -> Callable[[], Any]:
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     """run.json of a run attached with ``scoring="external"``; :class:`ScoreError` otherwise."""
     try:
-        rf.check_run_dir(run_dir)
+        rf.check_readable_run_dir(run_dir)
     except ValueError as exc:
         raise ScoreError(str(exc)) from None
     try:

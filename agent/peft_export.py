@@ -36,6 +36,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from emascope.snapshot import write_state_dict
+
 #: File names peft writes (``peft.utils.constants``), the ones :func:`save_adapter` moves into place.
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
 
@@ -146,8 +148,6 @@ def save_adapter(peft_model: nn.Module, adapter_name: str, state: dict[str, torc
     peft writes into a temp folder inside ``out``; each file then replaces its namesake in ``out``
     atomically (the weights re-saved with ``metadata`` added to peft's ``format: pt``). ``dtype``
     casts floating tensors."""
-    from emascope.snapshot import write_state_dict
-
     if dtype is not None:
         state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
     out.mkdir(parents=True, exist_ok=True)

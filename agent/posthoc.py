@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from emascope import runformat as rf
 from emascope.atomic import atomic_write_with
+from emascope.bank import shared_with_training
 from emascope.decay_search import SearchResult, search_between
 from emascope.snapshot import ExportError, check_export_target, write_in_exports
 from emascope.synthesis import (
@@ -195,7 +196,10 @@ class StateSwap:
         if missing:
             raise ValueError(f"the synthesised state has entries the model lacks: {missing[:5]}")
         targets: dict[int, tuple[torch.Tensor, str]] = {}
+        leave = shared_with_training(model)  # an eval copy's shared frozen base: never written
         for k in new:
+            if k in leave:
+                continue
             t = live[k]
             targets.setdefault(id(t), (t, k))
         backup = {i: t.detach().clone() for i, (t, _) in targets.items()}

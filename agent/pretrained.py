@@ -216,7 +216,7 @@ def export_pretrained(run_dir: str | os.PathLike, variant: str, fmt: str, out: s
     variant, an ``out`` inside the run but not under its ``exports/``, see
     :func:`~emascope.snapshot.check_export_target`). ``notice``: see :func:`~emascope.snapshot.load_snapshot`."""
     try:
-        run_dir = rf.check_run_dir(run_dir)
+        run_dir = rf.check_readable_run_dir(run_dir)
         record = read_model_config(run_dir)
     except ValueError as exc:
         raise ExportError(str(exc)) from None

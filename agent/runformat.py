@@ -500,7 +500,7 @@ def check_format_version(info: dict[str, Any]) -> None:
             f"format_version {FORMAT_VERSION}: upgrade emascope to view it")
 
 
-def check_run_dir(run_dir: str | os.PathLike) -> Path:
+def check_readable_run_dir(run_dir: str | os.PathLike) -> Path:
     """``run_dir`` as a ``Path`` if it is a folder whose run.json (when present and readable) is of a
     format this emascope knows; ``ValueError`` naming the problem: a missing path, a file, a newer
     ``format_version`` (:class:`FormatVersionError`). An unreadable or malformed run.json is left to

@@ -65,6 +65,7 @@ from emascope.background import (
     freeze_stage,
     frozen_nbytes,
     host_available_bytes,
+    shared_keys,
 )
 from emascope.bank import EMABank, unwrap_model
 from emascope.claims import clear_stage, done_steps, mark_done
@@ -838,8 +839,9 @@ class Scope:
         waited = bg.wait_for_slot() if bg.policy == "wait" else 0.0
         with torch.random.fork_rng(devices=cuda_devices(self.model)):
             self.scorer.prepare(self.model, step)  # extractor + reference data: may draw random numbers
-        twin = bg.model_copy(self.model)
         bank = self.bank if self._bank_ok else None
+        share = self.run_cfg.score_share_frozen and bank is not None
+        twin = bg.model_copy(self.model, shared_keys(bank, self.model) if share else frozenset())
         placement = "device"
         if bank is not None:
             auto = self.run_cfg.score_copy == "auto"
@@ -847,9 +849,10 @@ class Scope:
                 getattr(bank, "memory_plan", None), bank.placement,
                 device_now=device_free_bytes(bank.device) if auto else None,
                 host_now=host_available_bytes() if auto and bank.device.type != "cpu" else None)
-            placement = choose_copy_placement(frozen_nbytes(bank), bank.device, requested=self.run_cfg.score_copy,
+            placement = choose_copy_placement(frozen_nbytes(bank, share_frozen=share), bank.device,
+                                              requested=self.run_cfg.score_copy,
                                               free_device=free_d, free_host=free_h)
-        frozen = freeze_stage(bank, self.model, step, placement=placement, run_dir=self.run_dir,
+        frozen = freeze_stage(bank, self.model, step, placement=placement, run_dir=self.run_dir, share_frozen=share,
                               run_id=str(self.run_id), frozen_files=self._frozen())
         blocked = time.perf_counter() - t
         self.writer.event("stage_pending", step, mode=rf.SCORER_BACKGROUND, copy=placement,

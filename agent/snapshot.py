@@ -447,10 +447,11 @@ def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | No
                   frozen: dict[str, torch.Tensor] | None = None) -> EMABank:
     """A model-less bank (cpu) from a snapshot written by :func:`save_snapshot`.
 
-    ``frozen``: ``{entry name: tensor}`` of every frozen parameter, used as is instead of reading the
+    ``frozen``: ``{entry name: tensor}`` of frozen parameters, used as they are instead of the
     snapshot's frozen side file (the caller holds the very values it was written from, e.g. the
     training model's frozen base for a background stage); names, shapes and dtypes are checked
-    against the side file's header. Ignored for a snapshot whose values are all inline.
+    against the side file's header, and the side file is read only for the ones not given.
+    Ignored for a snapshot whose values are all inline.
 
     ``materialize``/``swap``/:func:`export_checkpoint` work on it; ``update`` raises. Before any
     tensor is read the header is checked (:func:`validate_snapshot_header`, with the frozen side
@@ -472,14 +473,13 @@ def load_snapshot(path: str | os.PathLike, *, notice: Callable[[str], None] | No
     elif snapshot_checksum(tensors, header) != stored:
         raise ValueError(_corrupt(path))
     if side is not None:
-        if frozen is None:
-            tensors.update(side.load())  # the frozen parameters (keys checked disjoint from the snapshot's)
-        else:
-            given = {_LIVE + k: t for k, t in frozen.items()}
-            seen = {k: (_ST_DTYPES.get(str(t.dtype).removeprefix("torch.")), tuple(t.shape)) for k, t in given.items()}
-            if seen != {k: (d, tuple(shape)) for k, (d, shape) in side.infos.items()}:
-                raise ValueError(f"{str(path)!r}: the frozen values given do not match its frozen side file")
-            tensors.update(given)
+        given = {_LIVE + k: t for k, t in (frozen or {}).items()}
+        seen = {k: (_ST_DTYPES.get(str(t.dtype).removeprefix("torch.")), tuple(t.shape)) for k, t in given.items()}
+        if any(k not in side.infos or (side.infos[k][0], tuple(side.infos[k][1])) != v for k, v in seen.items()):
+            raise ValueError(f"{str(path)!r}: the frozen values given do not match its frozen side file")
+        if set(given) != set(side.infos):  # some (or all) frozen values from the side file, verified
+            tensors.update(side.load())  # (keys checked disjoint from the snapshot's)
+        tensors.update(given)
     try:
         state = dict(state)
         state["applied"] = tensors["applied"].reshape(())
@@ -628,7 +628,7 @@ def export_from_run(run_dir: str | os.PathLike, variant: str, out: str | os.Path
     ``out``, a corrupt snapshot) before anything is written. ``notice``: see :func:`load_snapshot`.
     """
     try:
-        run_dir = rf.check_run_dir(run_dir)
+        run_dir = rf.check_readable_run_dir(run_dir)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     snapshot = run_dir / rf.SNAPSHOT

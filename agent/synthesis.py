@@ -74,7 +74,8 @@ class SynthesisError(ValueError):
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
     """``(header, data_start, file_size)`` of a .safetensors file, validated: tensor entries have a
-    known dtype and in-bounds, shape-consistent offsets. ``ValueError`` naming the file otherwise."""
+    known dtype and in-bounds, shape-consistent offsets, ``__metadata__`` (if any) maps strings to
+    strings. ``ValueError`` naming the file otherwise."""
     fd = _open_regular(Path(path))
     try:
         return _header_of(fd, Path(path))
@@ -105,6 +106,10 @@ def _header_of(fd: int, path: Path) -> tuple[dict[str, Any], int, int]:
         raise ValueError(f"{str(path)!r} is not a readable .safetensors file: {exc}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{str(path)!r}: safetensors header is not an object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise ValueError(f"{str(path)!r}: safetensors __metadata__ is not an object of strings")
     start = 8 + n
     for key, info in header.items():
         if key == "__metadata__":
@@ -324,13 +329,19 @@ def open_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
         found.append((rf.SNAPSHOT, "latest"))
     snaps = []
     for rel, role in found:
-        try:
-            snaps.append(Snapshot(run_dir / rel, role, rel))
-        except rf.FrozenFileError as exc:  # not a torn file: the run's frozen parameters are gone or damaged
-            close_all(snaps)
-            raise SynthesisError(str(exc)) from None
-        except (ValueError, OSError):
-            continue
+        for attempt in (0, 1):
+            try:
+                snaps.append(Snapshot(run_dir / rel, role, rel))
+            except rf.FrozenFileError as exc:  # the run's frozen parameters gone or damaged, or a race:
+                if not (run_dir / rel).exists():  # the training run removed this snapshot (and its side file)
+                    break
+                if attempt == 0:  # latest replaced (its old side file removed) meanwhile: open the new one
+                    continue
+                close_all(snaps)
+                raise SynthesisError(str(exc)) from None
+            except (ValueError, OSError):
+                pass
+            break
     if not snaps and (run_dir / rf.SNAPSHOT_INDEX).exists():
         raise SynthesisError(f"{str(run_dir)!r} has a sharded bank ({rf.SNAPSHOT_INDEX}, per-rank files): post-hoc "
                              "synthesis reads one-process stage snapshots only, which a sharded run does not write "

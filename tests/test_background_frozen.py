@@ -5,6 +5,7 @@ Real training of a small denoiser whose first layers are frozen, real files."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from scope_helpers import mixture, sampler, train_step, val_loss
 from torch import nn
 
 from emascope import attach
-from emascope.background import eval_copy, freeze_stage, frozen_nbytes
+from emascope.background import eval_copy, freeze_stage, frozen_nbytes, shared_keys
+from emascope.bank import shared_with_training
 from emascope.snapshot import load_snapshot
 
 
@@ -42,11 +44,13 @@ def _values(run) -> dict:
     return {(r["step"], r["variant"], r["metric"]): r["value"] for r in recs}
 
 
-def _train(run, scoring: str, *, score_copy: str = "auto", unfreeze_at: int | None = None, steps: int = 12):
+def _train(run, scoring: str, *, score_copy: str = "auto", share: bool = True, unfreeze_at: int | None = None,
+           steps: int = 12):
     model, opt, g = _setup()
     data = mixture(256, 0)
     versions = {n: p._version for n, p in model.trunk.named_parameters()}
-    extra = {"score_busy": "wait", "score_copy": score_copy} if scoring == "background" else {}
+    extra = {"score_busy": "wait", "score_copy": score_copy, "score_share_frozen": share} \
+        if scoring == "background" else {}
     with attach(model, opt, run_dir=run, score_every=4, decays=(0.5, 0.9), scoring=scoring, sampler=sampler,
                 reference=data, num_samples=200, evaluate=lambda m: {"val": val_loss(m, data)}, **extra) as scope:
         for step in range(steps):
@@ -57,16 +61,21 @@ def _train(run, scoring: str, *, score_copy: str = "auto", unfreeze_at: int | No
     return model, versions, scope
 
 
-@pytest.mark.parametrize("copy", ["device", "disk"])
-def test_background_with_a_frozen_base_equals_inline_and_never_writes_the_base(tmp_path, copy):
+def _events(run, type_: str) -> list[dict]:
+    return [e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines()) if e["type"] == type_]
+
+
+@pytest.mark.parametrize(("copy", "share"), [("device", True), ("disk", True), ("device", False)])
+def test_background_with_a_frozen_base_equals_inline_and_never_writes_the_base(tmp_path, copy, share):
     inline_model, _, _ = _train(tmp_path / "inline", "inline")
-    model, versions, _ = _train(tmp_path / "bg", "background", score_copy=copy)
+    model, versions, _ = _train(tmp_path / "bg", "background", score_copy=copy, share=share)
     assert _values(tmp_path / "bg") == _values(tmp_path / "inline")
     assert {k[0] for k in _values(tmp_path / "bg")} == {4, 8, 12}
     for (name, p), q in zip(model.named_parameters(), inline_model.parameters(), strict=True):
         assert torch.equal(p, q), name  # training itself is unchanged by the mode
-    # the worker never wrote into the frozen trunk it shares (no copy_ onto it, not even of equal values)
+    # the worker never wrote into the frozen trunk (no copy_ onto it, not even of equal values)
     assert {n: p._version for n, p in model.trunk.named_parameters()} == versions
+    assert not _events(tmp_path / "bg", "score_failed") and not _events(tmp_path / "bg", "error")
 
 
 def test_a_stage_holds_the_frozen_base_in_place_and_the_eval_copy_shares_it(tmp_path):
@@ -74,37 +83,96 @@ def test_a_stage_holds_the_frozen_base_in_place_and_the_eval_copy_shares_it(tmp_
     with attach(model, opt, run_dir=tmp_path / "run", score_every=None, decays=(0.9,)) as scope:
         train_step(model, opt, mixture(64, 0), g)
         bank = scope.bank
-        assert sorted(bank.still_frozen()) == sorted(f"trunk.{k}" for k, _ in model.trunk.named_parameters())
+        trunk_names = sorted(f"trunk.{k}" for k, _ in model.trunk.named_parameters())
+        assert sorted(bank.still_frozen()) == trunk_names
         head = sum(p.numel() for p in model.head.parameters())
-        assert frozen_nbytes(bank) == 4 * head * 1 + 4 * head  # one decay row + the live head, no trunk
-        stage = freeze_stage(bank, model, 1, placement="device", run_dir=tmp_path / "run")
+        trunk = 4 * sum(p.numel() for p in model.trunk.parameters())
+        assert frozen_nbytes(bank, share_frozen=True) == 4 * head * 1 + 4 * head  # one row + live head, no trunk
+        assert frozen_nbytes(bank) == 4 * head * 2 + trunk  # the default copies the trunk too
+        stage = freeze_stage(bank, model, 1, placement="device", run_dir=tmp_path / "run", share_frozen=True)
         for name, p in model.trunk.named_parameters():
             assert stage.live[f"trunk.{name}"].data_ptr() == p.data_ptr()  # not copied
         assert stage.live["head.weight"].data_ptr() != model.head.weight.data_ptr()  # copied
-        trunk = 4 * sum(p.numel() for p in model.trunk.parameters())
         assert stage.nbytes < 4 * head * 2 + 64 < trunk  # one row + the live head (+ counters), no trunk
-        twin = eval_copy(model)
+        copied = freeze_stage(bank, model, 1, placement="device", run_dir=tmp_path / "run")
+        assert copied.live["trunk.0.weight"].data_ptr() != model.trunk[0].weight.data_ptr()
+        assert sorted(shared_keys(bank, model)) == trunk_names
+        twin = eval_copy(model, shared_keys(bank, model))
         assert twin.trunk[0].weight is model.trunk[0].weight
         assert twin.head.weight is not model.head.weight and not twin.head.weight.requires_grad
         assert model.head.weight.requires_grad  # eval_copy did not touch the training model
+        assert shared_with_training(twin) == frozenset(trunk_names) and not shared_with_training(model)
+        assert eval_copy(model).trunk[0].weight is not model.trunk[0].weight  # sharing is asked for
 
 
-def test_a_layer_unfrozen_during_a_sweep_drops_that_stage_and_is_copied_from_then_on(tmp_path):
-    """Gradual unfreezing: the stage whose sweep saw the trunk layer change is not recorded (an event
-    says why); the stages after it copy that layer and equal the inline run's."""
-    _train(tmp_path / "inline", "inline", unfreeze_at=6)
-    _train(tmp_path / "bg", "background", unfreeze_at=6)
-    inline, bg = _values(tmp_path / "inline"), _values(tmp_path / "bg")
-    events = [json.loads(line) for line in (tmp_path / "bg" / "events.jsonl").read_text().splitlines()]
-    dropped = {e["step"] for e in events if e["type"] == "score_skipped" and e["reason"] == "frozen_changed"}
-    assert dropped <= {4}  # only the stage frozen before the unfreeze can have been running then
-    for e in events:
-        if e["type"] == "score_skipped" and e["reason"] == "frozen_changed":
-            assert e["entries"] == ["trunk.2.weight", "trunk.2.bias"]
-    assert {k for k in bg if k[0] not in dropped} == {k for k in inline if k[0] not in dropped}
-    assert {k: v for k, v in bg.items() if k[0] not in dropped} == \
-        {k: v for k, v in inline.items() if k[0] not in dropped}
-    assert {k[0] for k in bg} == {4, 8, 12} - dropped
+def test_a_frozen_weight_changed_during_a_sweep_drops_the_stage(tmp_path):
+    """Deterministic: the sampler waits until the training thread has changed a shared frozen weight
+    in place (after the scoring point), so the sweep saw a weight that is not the stage's."""
+    model, opt, g = _setup()
+    data, go = mixture(128, 0), threading.Event()
+
+    def gated(m, n, gen):
+        assert go.wait(30)
+        return sampler(m, n, gen)
+
+    with attach(model, opt, run_dir=tmp_path / "run", score_every=2, decays=(0.9,), sampler=gated, reference=data,
+                num_samples=64, score_share_frozen=True, score_at_close=False) as scope:
+        for _ in range(2):
+            train_step(model, opt, data, g)
+        with torch.no_grad():
+            model.trunk[0].weight.mul_(1.0)  # same values, but an in-place write the stage cannot rule out
+        go.set()
+        scope.wait()
+    (event,) = _events(tmp_path / "run", "score_skipped")
+    assert event["reason"] == "frozen_changed" and event["step"] == 2 and event["entries"] == ["trunk.0.weight"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not _values(tmp_path / "run")
+
+
+def test_a_parameter_frozen_after_attach_is_never_written_by_the_worker(tmp_path):
+    """The head is averaged (trainable at attach) and frozen later: the eval copy does not share it,
+    so the worker's swap of the EMA goes into the copy, never into the training model."""
+    model, opt, g = _setup()
+    data = mixture(128, 0)
+    with attach(model, opt, run_dir=tmp_path / "run", score_every=None, decays=(0.9,), score_share_frozen=True,
+                evaluate=lambda m: {"val": val_loss(m, data)}, score_at_close=False) as scope:
+        for _ in range(3):
+            train_step(model, opt, data, g)
+        model.head.requires_grad_(False)
+        before = (model.head.weight._version, model.head.weight.clone())
+        scope.score_now(wait=True)
+        assert model.head.weight._version == before[0]
+        assert torch.equal(model.head.weight, before[1])
+    assert set(_values(tmp_path / "run")) == {(3, v, "val") for v in ("raw", "0.9")}
+
+
+def test_a_layer_unfrozen_on_a_disk_stage_still_scores(tmp_path):
+    """score_copy="disk" after a trunk layer is unfrozen: its side-file entry is no longer shared,
+    the stage reads it from the side file and the rest from the model."""
+    inline, _, _ = _train(tmp_path / "inline", "inline", unfreeze_at=5)
+    _train(tmp_path / "bg", "background", score_copy="disk", unfreeze_at=5)
+    got = _values(tmp_path / "bg")
+    assert not _events(tmp_path / "bg", "score_failed")
+    dropped = {e["step"] for e in _events(tmp_path / "bg", "score_skipped")}
+    assert {8, 12} <= {k[0] for k in got} and dropped <= {4}
+    assert got == {k: v for k, v in _values(tmp_path / "inline").items() if k[0] not in dropped}
+
+
+def test_swap_restores_buffers_the_body_changed():
+    """A forward in train mode inside a swap (an evaluate hook) updates BatchNorm's running stats;
+    the swap restores them, as it restores every weight it wrote."""
+    from emascope.bank import EMABank
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    bank = EMABank(model, decays=(0.9,))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    bank.update()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with bank.swap(model, "0.9"):
+        model.train()(torch.randn(8, 3))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_batched_sampling_stacks_only_the_averaged_weights(tmp_path):
@@ -143,7 +211,7 @@ def test_a_disk_stage_takes_the_frozen_base_from_the_model_not_the_side_file(tmp
     with attach(model, opt, run_dir=tmp_path / "run", score_every=None, decays=(0.9,)) as scope:
         train_step(model, opt, mixture(64, 0), g)
         stage = freeze_stage(scope.bank, model, 1, placement="disk", run_dir=tmp_path / "run",
-                             frozen_files=scope._frozen())
+                             frozen_files=scope._frozen(), share_frozen=True)
         (side,) = (tmp_path / "run" / "banks").glob("frozen-*.safetensors")
         raw = side.read_bytes()
         head = 8 + int.from_bytes(raw[:8], "little")

@@ -279,6 +279,17 @@ def test_missing_tampered_foreign_or_escaping_side_files_are_clear_errors(frozen
     for snap in (latest, stage):
         _all_readers_refuse(run_dir, snap, "is not the frozen side file")
     side.write_bytes(good)
+    # hostile: the side file's __metadata__ is a list, not an object of strings
+    n = int.from_bytes(good[:8], "little")
+    head = json.loads(good[8:8 + n])
+    head["__metadata__"] = ["x"]
+    raw = json.dumps(head).encode()
+    raw += b" " * (-len(raw) % 8)
+    side.write_bytes(len(raw).to_bytes(8, "little") + raw + good[8 + n:])
+    for snap in (latest, stage):
+        _all_readers_refuse(run_dir, snap, "side file")
+    assert remove_unreferenced(run_dir) == []
+    side.write_bytes(good)
     # a reference outside banks/ (a valid side file is there, it must not be followed)
     shutil.copy(side, run_dir / name)
     for ref in (f"../{name}", f"/{run_dir}/{name}", "frozen-XYZ.safetensors"):
