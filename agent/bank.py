@@ -783,6 +783,10 @@ class EMABank:
             t = mod._parameters.get(name) if name in mod._parameters else mod._buffers.get(name)
             if t is not None and t is not self._live[i]:
                 e = self._entries[i]
+                if e.kind == "avg" and isinstance(self._live[i], nn.Parameter):
+                    raise ValueError(f"parameter {e.name!r} was replaced by a new Parameter object after the bank "
+                                     "was built (e.g. load_state_dict(assign=True)): the bank averages the old one; "
+                                     "attach again (resume=True keeps the run) to follow the new one")
                 if tuple(t.shape) != e.shape:
                     raise ValueError(f"entry {e.name!r} has shape {tuple(t.shape)} in the model but "
                                      f"{e.shape} when the bank was built")

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from scope_helpers import Denoiser, mixture, sampler, train_step
+from scope_helpers import Denoiser, mixture, sampler, train_step, val_loss
 from torch import nn
 
 from emascope import attach
@@ -240,3 +240,19 @@ def test_a_buffer_replaced_by_the_model_is_followed(tmp_path, average_buffers):
     expected = ema if average_buffers else live
     assert seen["0.9"] == pytest.approx(expected, rel=1e-6)
     assert float(exported) == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_averaged_parameter_replaced_after_attach_is_a_clear_scoring_error(tmp_path):
+    """load_state_dict(assign=True) after attach puts new Parameter objects in the model: the bank
+    still averages the old ones, so reading the model's weights through the bank is refused with a
+    message (an error event; training goes on) instead of mixing the two."""
+    data, run = mixture(200, 0), tmp_path / "run"
+    model, opt, g = _setup()
+    with attach(model, opt, run_dir=run, score_every=None, decays=(0.9,), scoring="inline",
+                evaluate=lambda m: {"val": val_loss(m, data)}) as scope:
+        train_step(model, opt, data, g)
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        scope.score_now()
+        train_step(model, opt, data, g)  # training goes on
+    errors = [e for e in _events(run) if e["type"] == "error"]
+    assert errors and any("replaced by a new Parameter" in e["message"] for e in errors)
