@@ -967,7 +967,9 @@ class EMABank:
         """Load ``variant`` into ``model`` for the ``with`` body; restore the live weights bit-exactly.
 
         The live state is restored also when the body raises. Parameter objects keep their identity
-        (values are copied in place), so optimizers and hooks are unaffected. Sharded banks: FSDP2
+        (values are copied in place), so optimizers and hooks are unaffected. Frozen parameters the
+        variant shares with ``model`` (its own frozen base, e.g. LoRA's) are neither copied nor backed
+        up: the body must not write them (nothing else does). Sharded banks: FSDP2
         writes each rank's own shards (no communication; FSDP's next forward gathers them); DDP
         all-gathers the variant once into every replica and all-gathers the rank's saved columns back
         on exit (collectives: every rank swaps the same variants in the same order).
