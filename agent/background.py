@@ -37,13 +37,15 @@ parameters the bank does not average and that are still frozen (:meth:`EMABank.s
 LoRA fine-tune's base) are then not copied: the stage holds the training model's own tensors and
 the eval copy shares the very ``Parameter`` objects, which nothing writes (the copy names them in
 :data:`emascope.bank.SHARED_ATTR`; ``EMABank.swap``, post-hoc ``StateSwap`` and a disabled bank's
-load leave them alone). The job must not
-change frozen weights in place while a sweep runs. What can be seen is checked when the sweep
-ends: a version counter that moved (an in-place op, ``load_state_dict``, a layer unfrozen and
-trained) or a tensor swapped under a ``Parameter`` (``p.data = ...``, ``model.half()``) drops the
-stage (``score_skipped``, ``reason: "frozen_changed"``), and the eval copy is rebuilt for the next
-one. Not seen: in-place writes through ``.data`` (e.g. peft's ``merge_adapter``/``unmerge``, which
-TRL's vLLM weight sync runs around generation): keep the default there.
+load leave them alone). The job must not change frozen weights in place while a sweep runs. What
+can be seen is checked when the sweep ends: a version counter that moved (an in-place op,
+``load_state_dict``, a layer unfrozen and trained) or a tensor swapped under a ``Parameter``
+(``p.data = ...``) drops the stage (``score_skipped``, ``reason: "frozen_changed"``); after the
+search between grid decays it is an ``error`` event (``where: "search"``: its records are written
+by then). The eval copy is rebuilt when the parameters to share change (a layer unfrozen, a
+``Parameter`` replaced). Not seen: in-place writes through ``.data`` (e.g. peft's
+``merge_adapter``/``unmerge``, which TRL's vLLM weight sync runs around generation): keep the
+default there.
 """
 
 from __future__ import annotations
@@ -304,13 +306,10 @@ def eval_copy(model: nn.Module, share: frozenset[str] = frozenset()) -> nn.Modul
     return twin.eval()
 
 
-def _still_shareable(twin: nn.Module, model: nn.Module, share: frozenset[str]) -> bool:
-    """Whether ``twin`` shares exactly the parameters ``share`` names with ``model`` as it is now
-    (no parameter unfrozen since, none replaced by a new ``Parameter`` object)."""
-    mine = dict(unwrap_model(model).named_parameters(remove_duplicate=False))
-    theirs = dict(unwrap_model(twin).named_parameters(remove_duplicate=False))
-    shared = {k for k, p in theirs.items() if k in mine and p is mine[k]}
-    return shared == set(share)
+def _shared_ids(model: nn.Module, share: frozenset[str]) -> dict[str, int]:
+    """``{name: id(parameter)}`` of the parameters ``share`` names in ``model`` (unwrapped) now."""
+    params = dict(unwrap_model(model).named_parameters(remove_duplicate=False))
+    return {k: id(params[k]) for k in share if k in params}
 
 
 def _load_live(model: nn.Module, live: dict[str, Any]) -> None:
@@ -362,6 +361,7 @@ class BackgroundScorer:
         self._pending: _Job | None = None
         self._thread: threading.Thread | None = None
         self._eval_model: nn.Module | None = None
+        self._eval_share: tuple[frozenset[str], dict[str, int]] = (frozenset(), {})  # what it was built sharing
         self._stopping = False
 
     # ---------------------------------------------------------------- training-thread side
@@ -395,9 +395,14 @@ class BackgroundScorer:
 
     def model_copy(self, model: nn.Module, share: frozenset[str] = frozenset()) -> nn.Module:
         """The worker's eval copy, made (in the training thread) the first time, after a hang, and
-        whenever the parameters it should share (``share``, :func:`shared_keys`) changed."""
-        if self._eval_model is None or not _still_shareable(self._eval_model, model, share):
+        whenever the parameters it should share (``share``, :func:`shared_keys`) are other names or
+        other ``Parameter`` objects than those it was built with (a layer unfrozen, a parameter
+        replaced). Compared with what was recorded at build time: the copy itself is not read (the
+        worker may be using it)."""
+        ids = _shared_ids(model, share)
+        if self._eval_model is None or self._eval_share != (frozenset(share), ids):
             self._eval_model = eval_copy(model, share)
+            self._eval_share = (frozenset(share), ids)
         return self._eval_model
 
     def submit(self, frozen: FrozenStage, model: nn.Module, *, force_queue: bool = False) -> None:
@@ -532,9 +537,9 @@ class BackgroundScorer:
             if changed:  # the sweep read weights that are not the stage's any more: record nothing of it
                 writer.event("score_skipped", step, reason="frozen_changed", scorer=rf.SCORER_BACKGROUND,
                                   entries=changed[:20], message=(
-                                      f"{len(changed)} frozen parameter(s) changed in place while stage {step} "
-                                      "was scored (a layer unfrozen, weights loaded): the stage is not recorded; "
-                                      "from the next stage on they are copied"))
+                                      f"{len(changed)} shared frozen parameter(s) changed in place while stage "
+                                      f"{step} was scored (a layer unfrozen and trained, weights loaded): the stage "
+                                      "is not recorded; parameters no longer frozen are copied from the next stage on"))
                 writer.mute()
                 return
             n = writer.commit(then=lambda n: mark_done(self.run_dir, step, rf.done_record(
@@ -544,6 +549,12 @@ class BackgroundScorer:
                 self.on_result(result)
                 if self.after is not None and not job.abandoned:
                     self.after(result, job.model, job.tick)
+                    late = changed_in_place(frozen, job.model, shared_with_training(job.model))
+                    if late and not job.abandoned:  # the search read the training model's frozen weights
+                        writer.error("search", step, RuntimeError(
+                            f"{len(late)} shared frozen parameter(s) changed in place while the search after stage "
+                            f"{step} ran ({', '.join(late[:5])}): its synthesised decays may have been scored with "
+                            "the changed weights"))
         except Exception as exc:  # noqa: BLE001 - never let the worker die silently
             writer.error("background", step, exc)
             writer.event("score_failed", step, scorer=rf.SCORER_BACKGROUND,

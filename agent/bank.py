@@ -744,10 +744,10 @@ class EMABank:
         return [e.name for i, e in enumerate(self._entries)
                 if e.kind == "frozen" and not self._current(i).requires_grad]
 
-    def fixed_keys(self) -> list[str]:
-        """State-dict keys of the entries the bank does not average (frozen parameters, buffers
-        unless averaged, integer buffers): every variant holds their live values."""
-        return [k for e in self._entries if e.kind != "avg" for k in e.keys]
+    def frozen_keys(self) -> list[str]:
+        """State-dict keys of the frozen parameters (entries of kind ``"frozen"``: not averaged, e.g.
+        a LoRA base): every variant holds their live values. Buffers are not among them."""
+        return [k for e in self._entries if e.kind == "frozen" for k in e.keys]
 
     def share_stored(self, values: dict[str, torch.Tensor]) -> None:
         """Model-less bank: hold ``values[name]`` itself (not a copy) as the live value of each fixed

@@ -23,9 +23,8 @@ of the model*:
 
 A sampler that breaks the contract in a way ``vmap`` notices raises; the sweep then draws one
 variant at a time (recorded once per run as a ``notice``). Memory: the stacked weights (one copy
-per variant, model dtype, of the averaged entries only: what the bank does not average, such as a
-frozen LoRA base, is the same in every variant and passed once, unstacked) and one batch of samples
-per variant at a time.
+per variant, model dtype, of all but the frozen parameters: a frozen LoRA base is the same in every
+variant and passed once, unstacked) and one batch of samples per variant at a time.
 """
 
 from __future__ import annotations
@@ -93,8 +92,9 @@ def weight_names(model: nn.Module) -> list[str]:
 def stack_weights(model: nn.Module, states: Sequence[Callable[[], dict[str, torch.Tensor]]],
                   shared: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``({name: [V, *shape]}, {name: tensor})``: every variant's weights stacked on a new leading
-    dimension, and the weights named in ``shared`` (the same in every variant, e.g.
-    ``bank.fixed_keys()``) once, as the first state gives them (not copied).
+    dimension, and the weights named in ``shared`` (the same in every variant and never written
+    by a forward: ``bank.frozen_keys()``, the frozen parameters) once, as the first state gives
+    them (not copied; buffers are stacked, since a forward may update them).
 
     ``states[i]()`` returns variant ``i``'s full state dict (e.g. ``bank.variant_state(v)``); they
     are asked for one at a time and copied in, so only one extra state dict exists at any moment.
@@ -109,7 +109,7 @@ def stack_weights(model: nn.Module, states: Sequence[Callable[[], dict[str, torc
     for i, state in enumerate(states):
         sd = state()
         if i == 0:
-            once = {k: sd[k].to(device=live[k].device) for k in names if k in keep}
+            once = {k: sd[k].to(device=live[k].device, dtype=live[k].dtype) for k in names if k in keep}
         for k in out:
             out[k][i].copy_(sd[k])
     return out, once

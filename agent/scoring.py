@@ -360,9 +360,9 @@ def draw_variants_batched(model: nn.Module, bank: Any, variants: list[str], samp
     """
     device = model_device(model)
     t = time.perf_counter()
-    # fixed entries (a frozen base) once, unstacked; a one-process bank gives them without copies
+    # frozen parameters (a LoRA base) once, unstacked; a one-process bank gives them without copies
     state_of = bank.materialize if bank.sharded else bank.variant_state
-    weights, shared = stack_weights(model, [functools.partial(state_of, v) for v in variants], bank.fixed_keys())
+    weights, shared = stack_weights(model, [functools.partial(state_of, v) for v in variants], bank.frozen_keys())
     timings["sampling"] += time.perf_counter() - t
     cols = [_Collector(cfg, extractor, keep_all) for _ in variants]
     failed: dict[int, Drawn] = {}  # variants whose samples were refused, as draw_and_extract returns them

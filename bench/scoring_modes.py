@@ -164,7 +164,7 @@ def sample_batched(model: nn.Module, bank: EMABank, variants: list[str], sampler
     """The same batch of every variant in one vmapped call (stacking the weights included)."""
     with torch.no_grad():
         weights, shared = stack_weights(model, [functools.partial(bank.variant_state, v) for v in variants],
-                                        bank.fixed_keys())
+                                        bank.frozen_keys())
         return sample_stacked(model, weights, sampler, n, torch.Generator().manual_seed(7), shared)
 
 

@@ -187,7 +187,7 @@ def test_batched_sampling_stacks_only_the_averaged_weights(tmp_path):
             train_step(model, opt, data, g)
         bank, variants = scope.bank, list(scope.bank.variants)
         weights, shared = stack_weights(model, [lambda v=v: bank.variant_state(v) for v in variants],
-                                        bank.fixed_keys())
+                                        bank.frozen_keys())
         assert set(weights) == {"head.weight", "head.bias"}
         assert set(shared) == {f"trunk.{k}" for k, _ in model.trunk.named_parameters()}
         assert all(shared[k].data_ptr() == p.data_ptr() for k, p in
@@ -224,3 +224,54 @@ def test_a_disk_stage_takes_the_frozen_base_from_the_model_not_the_side_file(tmp
         with bank.swap(twin, "0.9"):
             assert torch.equal(twin.trunk[2].weight, model.trunk[2].weight)
             assert not torch.equal(twin.head.weight, model.head.weight)  # the EMA, not the live head
+
+
+def test_a_frozen_parameter_replaced_by_a_trainable_one_is_scored_like_inline(tmp_path):
+    """A frozen trunk weight replaced by a new trainable Parameter object: the eval copy must stop
+    sharing it (it is rebuilt), so the background numbers stay those of an inline run."""
+    def run(path, scoring):
+        model, opt, g = _setup()
+        data = mixture(256, 0)
+        extra = {"score_busy": "wait", "score_share_frozen": True} if scoring == "background" else {}
+        with attach(model, opt, run_dir=path, score_every=4, decays=(0.5,), scoring=scoring,
+                    evaluate=lambda m: {"val": val_loss(m, data)}, **extra):
+            for step in range(12):
+                if step == 5:
+                    model.trunk[2].weight = nn.Parameter(model.trunk[2].weight.detach() * 1.5)
+                    opt.add_param_group({"params": [model.trunk[2].weight]})
+                train_step(model, opt, data, g)
+        return _values(path)
+
+    inline, bg = run(tmp_path / "inline", "inline"), run(tmp_path / "bg", "background")
+    dropped = {e["step"] for e in _events(tmp_path / "bg", "score_skipped")}
+    assert dropped <= {4} and {8, 12} <= {k[0] for k in bg}
+    assert bg == {k: v for k, v in inline.items() if k[0] not in dropped}
+
+
+def test_batched_sampling_never_writes_the_models_buffers(tmp_path):
+    """A forward that updates a buffer: batched sampling stacks buffers (only frozen parameters are
+    passed unstacked), so the model's own buffer is not written."""
+    from emascope.batched import sample_stacked, stack_weights
+
+    class Counting(Tuned):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x, sigma):
+            self.calls.add_(1)
+            return super().forward(x, sigma)
+
+    torch.manual_seed(0)
+    model = Counting()
+    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    with attach(model, opt, run_dir=tmp_path / "run", score_every=None, decays=(0.9,)) as scope:
+        train_step(model, opt, mixture(64, 0), torch.Generator().manual_seed(1))
+        bank, before = scope.bank, model.calls.clone()
+        weights, shared = stack_weights(model, [lambda v=v: bank.variant_state(v) for v in bank.variants],
+                                        bank.frozen_keys())
+        assert "calls" in weights and "calls" not in shared
+        with torch.no_grad():
+            sample_stacked(model.eval(), weights, sampler, 8, torch.Generator().manual_seed(0), shared)
+        model.train()
+        assert torch.equal(model.calls, before)

@@ -228,14 +228,14 @@ def test_a_variants_nonfinite_samples_fail_that_variant_only_in_a_batched_draw()
     variants = list(bank.variants)
     bad = variants[2]
 
-    class NaNWeights:  # the bank, with one variant's averaged weights all NaN
+    class NaNWeights:  # the bank, with one variant's weights (but the frozen ones) all NaN
         sharded = False
 
-        def fixed_keys(self):
-            return bank.fixed_keys()
+        def frozen_keys(self):
+            return bank.frozen_keys()
 
         def variant_state(self, v):
-            sd, fixed = bank.variant_state(v), set(bank.fixed_keys())
+            sd, fixed = bank.variant_state(v), set(bank.frozen_keys())
             return {k: torch.full_like(t, float("nan")) if v == bad and t.is_floating_point() and k not in fixed
                     else t for k, t in sd.items()}
 
