@@ -275,3 +275,35 @@ def test_batched_sampling_never_writes_the_models_buffers(tmp_path):
             sample_stacked(model.eval(), weights, sampler, 8, torch.Generator().manual_seed(0), shared)
         model.train()
         assert torch.equal(model.calls, before)
+
+
+def test_a_frozen_weight_changed_during_the_search_after_a_sweep_is_an_error_event(tmp_path):
+    """search_evals: the search between grid decays runs on the worker's eval copy after the sweep;
+    a shared frozen weight changed while it runs (gated: the first probe waits for the change) is
+    said as an error event (its records are written by then)."""
+    model, opt, g = _setup()
+    data, reached, go, calls = mixture(128, 0), threading.Event(), threading.Event(), {"n": 0}
+
+    def evaluate(m):
+        calls["n"] += 1
+        if calls["n"] == 5:  # raw + 3 decays in the sweep, then the search's first probe
+            reached.set()
+            assert go.wait(30)
+        return {"val": val_loss(m, data)}
+
+    scope = attach(model, opt, run_dir=tmp_path / "run", score_every=20, decays=(0.9, 0.99, 0.999),
+                   evaluate=evaluate, metric_directions={"val": "lower"}, search_evals=2, score_busy="wait",
+                   score_share_frozen=True, score_at_close=False)
+    try:
+        for _ in range(20):
+            train_step(model, opt, data, g)
+        assert reached.wait(60)
+        with torch.no_grad():
+            model.trunk[0].bias.mul_(1.0)
+        go.set()
+    finally:
+        go.set()
+        scope.close()
+    errors = [e for e in _events(tmp_path / "run", "error") if e["where"] == "search"]
+    assert len(errors) == 1 and "trunk.0.bias" in errors[0]["message"] and "changed in place" in errors[0]["message"]
+    assert not _events(tmp_path / "run", "score_skipped")  # the sweep itself was done before the change
