@@ -37,7 +37,6 @@ import copy
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -49,11 +48,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import GPT2Config, GPT2LMHeadModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from emascope import attach  # noqa: E402
-from emascope import runformat as rf  # noqa: E402
-from emascope.snapshot import load_snapshot, save_snapshot, snapshot_metadata  # noqa: E402
+from emascope import attach
+from emascope import runformat as rf
+from emascope.snapshot import load_snapshot, save_snapshot, snapshot_metadata
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
