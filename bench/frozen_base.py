@@ -25,6 +25,10 @@ model's own (neither copied nor backed up), vs a model-less bank (``load_snapsho
 ``latest``) swapped into a fresh deep copy of the model (every live value is copied in and restored),
 median of interleaved repetitions.
 
+Part 4, the training step (scoring off): a plain LoRA loop and an attached one on their own batches,
+blocks alternating A B B A; and the check for layers unfrozen after attach (run at most once a
+second by the agent's housekeeping) timed against one bank update.
+
     .venv/bin/python bench/frozen_base.py [--quick] [--threads 1]
 
 Asserts nothing; times depend on the (shared, noisy) machine, the bytes do not.
@@ -253,6 +257,56 @@ def part3(a: argparse.Namespace, root: Path) -> float:
     return t_loaded / t_own
 
 
+def part4(a: argparse.Namespace, root: Path) -> tuple[float, float]:
+    """The agent on the training step with a frozen base (scoring off): a plain run and an attached
+    run on the same batches, blocks alternating A B B A; and the housekeeping check for layers
+    unfrozen after attach (``EMABank.unaveraged_trainable``, at most once a second) against one
+    bank update."""
+    attached = Arm(a, root / "step", score_every=None, snapshot_every=None, stage_snapshots=0)
+    plain = lora_gpt2(a.layers, a.width, a.vocab, a.length)
+    plain_opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-3)
+    g = torch.Generator().manual_seed(2)
+
+    def plain_step() -> None:
+        batch = torch.randint(0, a.vocab, (a.batch, a.length), generator=g)
+        plain(input_ids=batch, labels=batch).loss.backward()
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+
+    arms = {"plain": plain_step, "attached": attached.step}
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(2):
+        plain_step(), attached.step()  # warm-up
+    for b in range(a.blocks):
+        for key in (("plain", "attached") if b % 2 == 0 else ("attached", "plain")):
+            t = time.perf_counter()
+            for _ in range(a.block_steps):
+                arms[key]()
+            times[key].append((time.perf_counter() - t) / a.block_steps)
+    t_plain, t_att = statistics.median(times["plain"]), statistics.median(times["attached"])
+    bank = attached.scope.bank
+    check, update = [], []
+    for _ in range(a.reps):
+        t = time.perf_counter()
+        bank.unaveraged_trainable()
+        check.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        bank.update()
+        update.append(time.perf_counter() - t)
+    attached.scope.close(score=False)
+    t_check, t_update = statistics.median(check), statistics.median(update)
+    n_frozen = sum(1 for k in bank.entry_kinds().values() if k == "frozen")
+    print()
+    print(f"part 4: the training step (scoring off), {a.blocks} alternating blocks of {a.block_steps} steps; "
+          f"{n_frozen} frozen entries")
+    print(f"  {'arm':<44} {'ms / step':>10} {'ratio':>8}")
+    print(f"  {'plain loop':<44} {1e3 * t_plain:>10.2f} {1.0:>7.3f}x")
+    print(f"  {'attached (bank update, housekeeping)':<44} {1e3 * t_att:>10.2f} {t_att / t_plain:>7.3f}x")
+    print(f"  {'unfrozen-layer check, once a second (ms)':<44} {1e3 * t_check:>10.3f} "
+          f"{t_check / t_update:>7.3f}x of one bank update")
+    return t_att / t_plain, t_check / t_update
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: a smaller model, fewer steps")
@@ -262,12 +316,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--snapshot-every", type=int, default=10, help="steps between latest snapshots (part 1)")
     ap.add_argument("--stages", type=int, default=4, help="scoring points per arm (part 2)")
     ap.add_argument("--reps", type=int, default=21, help="swap repetitions per contender (part 3)")
-    ap.add_argument("--parts", default="123", help="which parts to run, e.g. 13")
+    ap.add_argument("--blocks", type=int, default=20, help="alternating blocks per arm (part 4)")
+    ap.add_argument("--block-steps", type=int, default=5, help="training steps per block (part 4)")
+    ap.add_argument("--parts", default="1234", help="which parts to run, e.g. 13")
     a = ap.parse_args(argv)
     a.layers, a.width, a.vocab, a.length, a.batch, a.swap_train_steps = 4, 256, 2000, 32, 8, 5
     if a.quick:
         a.layers, a.width, a.vocab, a.length, a.batch = 2, 128, 1000, 16, 4
         a.steps, a.score_every, a.snapshot_every, a.stages, a.reps, a.swap_train_steps = 12, 6, 3, 2, 5, 2
+        a.blocks, a.block_steps = 4, 2
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
             part2(a, Path(tmp))
         if "3" in a.parts:
             part3(a, Path(tmp))
+        if "4" in a.parts:
+            part4(a, Path(tmp))
 
 
 if __name__ == "__main__":

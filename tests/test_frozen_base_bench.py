@@ -53,3 +53,9 @@ def test_frozen_base_bench_quick_prints_the_tables(capsys):
     # part 3: both swaps timed (no time asserted)
     assert re.search(r"^  run bank, the frozen base its own source +[\d.]+ +1\.00x$", text, re.M), text
     assert re.search(r"^  model-less bank \(load_snapshot\) into a fresh copy +[\d.]+ +[\d.]+x$", text, re.M), text
+    # part 4: both arms of the training step and the housekeeping check timed (no time asserted)
+    assert re.search(r"^part 4: .* (\d+) frozen entries$", text, re.M), text
+    assert re.search(r"^  plain loop +[\d.]+ +1\.000x$", text, re.M), text
+    assert re.search(r"^  attached \(bank update, housekeeping\) +[\d.]+ +[\d.]+x$", text, re.M), text
+    assert re.search(r"^  unfrozen-layer check, once a second \(ms\) +[\d.]+ +[\d.]+x of one bank update$",
+                     text, re.M), text
